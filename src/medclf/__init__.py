@@ -1,0 +1,30 @@
+"""medclf: deep-learning classification of medical images.
+
+The public API (imported lazily, so ``import medclf`` stays fast)::
+
+    medclf.train(data, out, **settings) -> TrainResult
+    medclf.evaluate(bundle, data, out, split="test") -> dict
+    medclf.audit(data) -> AuditReport
+    medclf.load_bundle(path) -> Bundle        # Bundle.predict(paths_or_arrays)
+    medclf.predict(bundle, inputs) -> list[dict]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_API = {"train", "evaluate", "audit", "load_bundle", "predict", "Bundle", "TrainConfig", "TrainResult"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        from medclf import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'medclf' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _API)

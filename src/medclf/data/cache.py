@@ -1,0 +1,198 @@
+"""Decode and preprocess a dataset once; keep the result on disk as memory-mapped tensors.
+
+One pass (:func:`medclf.data.audit.scan`) decodes every file in parallel workers, computes what the audit
+needs (content hash, near-duplicate signature, sizes, intensities) and applies the preprocessing spec. The
+tensors land in ``<cache>/<key>/tensors.npy`` (float16, opened memory-mapped), the facts beside them, so
+later epochs, later runs and ``evaluate`` never decode again. The key covers the files (paths, sizes,
+modification times, or the array bytes of a ``.npz``) and the spec: change either and the cache is rebuilt.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from medclf.data.audit import (
+    NEAR_THRESHOLD,
+    ScanResult,
+    scan,
+    train_copy_flags,
+)
+from medclf.data.samples import SampleSet
+from medclf.data.sources import fingerprint_files
+from medclf.preprocess import PreprocessSpec, preprocess
+
+CACHE_VERSION = 1
+_LIST_FIELDS = ("reasons", "messages", "hashes", "formats", "modes")
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("MEDCLF_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "medclf"
+
+
+@dataclass
+class PreparedData:
+    """A dataset decoded, audited and preprocessed: row ``i`` belongs to sample ``i``."""
+
+    samples: SampleSet
+    spec: PreprocessSpec
+    tensors: np.ndarray
+    scan: ScanResult
+    train_copy: np.ndarray
+    fingerprint: str
+    path: Path | None
+
+    @property
+    def ok(self) -> np.ndarray:
+        return self.scan.ok
+
+    @property
+    def hashes(self) -> list[str | None]:
+        return self.scan.hashes
+
+    @property
+    def errors(self) -> list[dict[str, str]]:
+        return [
+            {
+                "path": self.samples.display_ref(int(i)),
+                "reason": str(self.scan.reasons[i]),
+                "message": str(self.scan.messages[i]),
+            }
+            for i in self.scan.failed()
+        ]
+
+
+def _preprocess_f16(image: Any, spec: PreprocessSpec) -> np.ndarray:
+    return preprocess(image, spec).astype(np.float16)
+
+
+def cache_key(samples: SampleSet, spec: PreprocessSpec) -> str:
+    h = hashlib.sha256()
+    h.update(f"v{CACHE_VERSION}\0{spec.digest()}\0".encode())
+    h.update(fingerprint_files(samples, include_splits=False).encode())
+    return h.hexdigest()[:24]
+
+
+def prepare(
+    samples: SampleSet,
+    spec: PreprocessSpec,
+    *,
+    cache_dir: str | Path | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    console: Console | None = None,
+    use_cache: bool = True,
+    extra_train_hashes: set[str] | None = None,
+    near_threshold: float = NEAR_THRESHOLD,
+) -> PreparedData:
+    """Decode + preprocess every sample (or reuse the cache) and flag copies of training samples."""
+    console = console or Console(stderr=True, soft_wrap=True)
+    workers = workers or min(4, os.cpu_count() or 1)
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    key = cache_key(samples, spec)
+    folder = root / key
+    loaded = _load(folder, len(samples)) if use_cache else None
+    if loaded is None:
+        console.print(f"Decoding and preprocessing {len(samples)} samples ({workers} workers)...")
+        result = scan(
+            samples, workers=workers, extra=functools.partial(_preprocess_f16, spec=spec), progress=progress
+        )
+        tensors = np.zeros((len(samples), *spec.input_shape), dtype=np.float16)
+        assert result.extra is not None
+        for i, t in enumerate(result.extra):
+            if t is not None:
+                tensors[i] = t
+        result.extra = None
+        console.print(f"  done in {result.seconds:.1f} s; {int((~result.ok).sum())} unreadable")
+        if use_cache:
+            try:
+                _store(folder, tensors, result, samples, spec)
+                tensors = np.load(folder / "tensors.npy", mmap_mode="r", allow_pickle=False)
+            except OSError as exc:
+                console.print(f"[yellow]could not write the cache at {folder} ({exc}); continuing without[/]")
+                folder = None  # type: ignore[assignment]
+        else:
+            folder = None  # type: ignore[assignment]
+    else:
+        tensors, result = loaded
+    flags = train_copy_flags(
+        samples, result, near_threshold=near_threshold, extra_train_hashes=extra_train_hashes
+    )
+    return PreparedData(
+        samples=samples,
+        spec=spec,
+        tensors=tensors,
+        scan=result,
+        train_copy=flags,
+        fingerprint=fingerprint_files(samples),
+        path=folder,
+    )
+
+
+def _store(
+    folder: Path, tensors: np.ndarray, result: ScanResult, samples: SampleSet, spec: PreprocessSpec
+) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        np.save(tmp / "tensors.npy", tensors, allow_pickle=False)
+        np.save(tmp / "signatures.npy", result.signatures, allow_pickle=False)
+        np.save(tmp / "stats.npy", result.stats, allow_pickle=False)
+        meta = {
+            "version": CACHE_VERSION,
+            "n": len(samples),
+            "source": samples.source,
+            "spec": spec.to_dict(),
+            "ok": result.ok.tolist(),
+            "decoded": result.decoded.tolist(),
+            "constant": result.constant.tolist(),
+            "channels": result.channels.tolist(),
+            "shapes": [list(s) if s is not None else None for s in result.shapes],
+            "seconds": result.seconds,
+            **{f: getattr(result, f) for f in _LIST_FIELDS},
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        os.rename(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load(folder: Path, n: int) -> tuple[np.ndarray, ScanResult] | None:
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        if meta.get("version") != CACHE_VERSION or meta.get("n") != n:
+            return None
+        tensors = np.load(folder / "tensors.npy", mmap_mode="r", allow_pickle=False)
+        sigs = np.load(folder / "signatures.npy", allow_pickle=False)
+        stats = np.load(folder / "stats.npy", allow_pickle=False)
+    except (OSError, ValueError, json.JSONDecodeError):
+        return None  # missing or damaged: rebuild
+    result = ScanResult(
+        ok=np.array(meta["ok"], dtype=bool),
+        decoded=np.array(meta["decoded"], dtype=bool),
+        signatures=sigs,
+        constant=np.array(meta["constant"], dtype=bool),
+        shapes=[tuple(s) if s is not None else None for s in meta["shapes"]],
+        channels=np.array(meta["channels"], dtype=np.int64),
+        stats=stats,
+        seconds=0.0,
+        **{f: meta[f] for f in _LIST_FIELDS},
+    )
+    return tensors, result

@@ -1,0 +1,104 @@
+"""The table of samples every data source produces."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from medclf.io import Image, image_from_array, read_image
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class SampleSet:
+    """Labelled samples of one dataset, whatever its layout.
+
+    ``refs`` are file paths, or ``"<split>/<index>"`` for samples held in a ``.npz`` array (then
+    ``arrays`` maps the npz split name to its image array). ``labels`` index into ``classes`` (-1 when
+    unknown). ``splits`` is one of :data:`SPLITS` per sample. ``patient_ids`` group samples that must never
+    be separated by a split (``None`` when the source has no ids).
+    """
+
+    refs: list[str]
+    labels: np.ndarray
+    splits: list[str]
+    patient_ids: list[str | None]
+    classes: list[str]
+    source: str
+    kind: str
+    arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    # Paths relative to the dataset root keep fingerprints stable when a dataset moves.
+    root: str | None = None
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        n = len(self.refs)
+        if not (len(self.labels) == len(self.splits) == len(self.patient_ids) == n):
+            raise ValueError("refs, labels, splits and patient_ids must have the same length")
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def load(self, i: int) -> Image:
+        """Decode sample ``i`` (raises :class:`InputRejected` for a file that cannot be used)."""
+        ref = self.refs[i]
+        if self.arrays:
+            split, index = ref.split("/")
+            return image_from_array(self.arrays[split][int(index)], source=f"{self.source}:{ref}")
+        return read_image(ref)
+
+    def content_hash(self, i: int) -> str:
+        """sha256 of the sample's stored bytes (the file, or the array's raw bytes for ``.npz``)."""
+        ref = self.refs[i]
+        if self.arrays:
+            split, index = ref.split("/")
+            arr = np.ascontiguousarray(self.arrays[split][int(index)])
+            return hashlib.sha256(arr.tobytes()).hexdigest()
+        h = hashlib.sha256()
+        with open(ref, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    def display_ref(self, i: int) -> str:
+        """The reference as users should see it: relative to the dataset root when possible."""
+        ref = self.refs[i]
+        if self.root and not self.arrays:
+            try:
+                return str(Path(ref).relative_to(self.root))
+            except ValueError:
+                return ref
+        return ref
+
+    def indices(self, split: str) -> np.ndarray:
+        return np.array([i for i, s in enumerate(self.splits) if s == split], dtype=np.int64)
+
+    def has_split(self, split: str) -> bool:
+        return split in self.splits
+
+    def subset(self, idx: Sequence[int] | np.ndarray) -> SampleSet:
+        idx = [int(i) for i in idx]
+        return replace(
+            self,
+            refs=[self.refs[i] for i in idx],
+            labels=self.labels[idx],
+            splits=[self.splits[i] for i in idx],
+            patient_ids=[self.patient_ids[i] for i in idx],
+        )
+
+    def with_splits(self, splits: Sequence[str]) -> SampleSet:
+        return replace(self, splits=list(splits))
+
+    def class_counts(self, split: str | None = None) -> dict[str, int]:
+        mask = np.ones(len(self), bool) if split is None else np.array([s == split for s in self.splits])
+        counts = np.bincount(self.labels[mask & (self.labels >= 0)], minlength=len(self.classes))
+        return {c: int(n) for c, n in zip(self.classes, counts, strict=True)}
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        """Counts per split and class, for printing and for bundle.json."""
+        return {s: self.class_counts(s) for s in SPLITS if s in self.splits}

@@ -1,0 +1,49 @@
+"""Validation splits carved from training data: stratified, grouped by patient, seeded."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedShuffleSplit
+
+from medclf.data.samples import SampleSet
+from medclf.errors import DataError
+
+
+def ensure_validation(samples: SampleSet, *, fraction: float = 0.15, seed: int = 0) -> SampleSet:
+    """Return ``samples`` with a ``val`` split, carving one from ``train`` when the source has none.
+
+    Stratified by class so rare classes appear in validation; when patient ids exist, all samples of a
+    patient land on the same side (StratifiedGroupKFold), so validation never sees a training patient.
+    """
+    if samples.has_split("val"):
+        return samples
+    train_idx = samples.indices("train")
+    if len(train_idx) < 4:
+        raise DataError(f"{samples.source}: only {len(train_idx)} training samples; need at least 4")
+    val_local = carve(samples.labels[train_idx], [samples.patient_ids[i] for i in train_idx], fraction, seed)
+    splits = list(samples.splits)
+    for j in val_local:
+        splits[int(train_idx[j])] = "val"
+    return samples.with_splits(splits)
+
+
+def carve(labels: np.ndarray, patient_ids: list[str | None], fraction: float, seed: int) -> np.ndarray:
+    """Indices (into ``labels``) of a held-out part of about ``fraction`` of the samples."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError("fraction must be between 0 and 1")
+    n = len(labels)
+    counts = np.bincount(labels[labels >= 0]) if (labels >= 0).any() else np.array([n])
+    stratify_ok = counts[counts > 0].min() >= 2
+    y = labels if stratify_ok else np.zeros(n, dtype=np.int64)
+    if any(p is not None for p in patient_ids):
+        groups = np.array([p if p is not None else f"__sample{i}" for i, p in enumerate(patient_ids)])
+        n_splits = max(2, round(1.0 / fraction))
+        n_groups = len(set(groups.tolist()))
+        if n_groups < n_splits:
+            raise DataError(f"only {n_groups} patients: too few to carve a patient-grouped validation split")
+        sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        _, held = next(sgkf.split(np.zeros(n), y, groups))
+        return np.sort(held)
+    sss = StratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+    _, held = next(sss.split(np.zeros(n), y))
+    return np.sort(held)

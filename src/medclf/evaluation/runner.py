@@ -1,0 +1,199 @@
+"""``medclf evaluate``: a bundle on a dataset split -> metrics.json, predictions.csv, plots, report.html.
+
+Headline figures leave out every sample of the split that copies a training sample (exact bytes, or the
+same picture re-encoded/resized: see :mod:`medclf.data.audit`); the same figures on the whole split, as
+published protocols compute them, are kept under ``all_samples``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from medclf.bundle import Bundle, load_bundle
+from medclf.data.cache import prepare
+from medclf.data.samples import SampleSet
+from medclf.data.sources import load_source
+from medclf.errors import DataError
+from medclf.evaluation.metrics import compute_metrics
+from medclf.evaluation.plots import plot_confusion, plot_reliability, plot_roc
+from medclf.evaluation.report import write_report
+
+PROTOCOL = (
+    "Headline metrics use the split minus every sample that is an exact or near copy (re-encoded or "
+    "resized) of a training sample; 'all_samples' holds the same metrics on the whole split."
+)
+
+
+def evaluate(
+    bundle: str | Path | Bundle,
+    data: str | Path,
+    out: str | Path,
+    *,
+    split: str = "test",
+    include_train_copies: bool = False,
+    cache_dir: str | Path | None = None,
+    workers: int | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    progress: bool = True,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``bundle`` on ``split`` of ``data``; write the outputs to ``out`` and return the metrics."""
+    console = console or Console(stderr=True, soft_wrap=True)
+    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    samples = load_source(data, default_split="test")
+    if not samples.has_split(split):
+        have = ", ".join(sorted(set(samples.splits)))
+        raise DataError(f"{data}: no {split!r} split (it has: {have}); choose one with --split")
+    keep = np.array([s in ("train", split) for s in samples.splits])
+    samples = samples.subset(np.flatnonzero(keep))
+    labels = _map_labels(samples, b.classes, data)
+    train_hashes = _bundle_train_hashes(b)
+    prepared = prepare(
+        samples,
+        b.spec,
+        cache_dir=cache_dir,
+        workers=workers,
+        progress=progress,
+        console=console,
+        extra_train_hashes=train_hashes,
+    )
+    in_split = np.array([s == split for s in samples.splits])
+    idx = np.flatnonzero(in_split)
+    usable = idx[prepared.ok[idx] & (labels[idx] >= 0)]
+    probs = np.full((len(samples), len(b.classes)), np.nan)
+    if len(usable):
+        probs[usable] = b.predict_tensors(np.asarray(prepared.tensors[usable]), batch_size=128)
+    copies = prepared.train_copy & in_split
+    clean = usable[~copies[usable]] if include_train_copies is False else usable
+    if len(clean) == 0:
+        raise DataError(f"no usable samples in split {split!r} after removing unreadable files and copies")
+
+    metrics = compute_metrics(labels[clean], probs[clean], b.classes, n_bootstrap=n_bootstrap, seed=seed)
+    all_metrics = compute_metrics(
+        labels[usable], probs[usable], b.classes, n_bootstrap=n_bootstrap, seed=seed
+    )
+    n_removed = int(copies[usable].sum()) if not include_train_copies else 0
+    metrics.update(
+        split=split,
+        n_removed_duplicates=n_removed,
+        n_train_copies_in_split=int(copies[idx].sum()),
+        n_unreadable=int((~prepared.ok[idx]).sum()),
+        protocol=PROTOCOL if not include_train_copies else "all samples of the split (copies kept)",
+        bundle_sha256=b.sha256,
+        all_samples=all_metrics,
+    )
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _write_predictions(out / "predictions.csv", samples, labels, probs, prepared, idx, b.classes)
+    figures = {
+        "ROC curves": plot_roc(labels[clean], probs[clean], b.classes, out / "roc.png"),
+        "Confusion matrix": plot_confusion(metrics["confusion_matrix"], b.classes, out / "confusion.png"),
+        "Reliability diagram": plot_reliability(labels[clean], probs[clean], out / "reliability.png"),
+    }
+    write_report(
+        out / "report.html",
+        title=f"medclf evaluation: {Path(str(data)).name} / {split}",
+        metrics=metrics,
+        figures=figures,
+        sections=_report_sections(b, prepared.errors, data, split),
+    )
+    console.print(
+        f"[bold]{split}[/] n={metrics['n']} (removed {n_removed} copies of training samples)  "
+        f"accuracy {metrics['accuracy']:.4f} {_ci(metrics, 'accuracy')}  AUC {_f(metrics['auc'])} {_ci(metrics, 'auc')}"
+    )
+    console.print(
+        f"  all samples (n={all_metrics['n']}): accuracy {all_metrics['accuracy']:.4f}  AUC {_f(all_metrics['auc'])}"
+    )
+    console.print(f"Report: {out / 'report.html'}")
+    return metrics
+
+
+def _f(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def _ci(m: dict[str, Any], key: str) -> str:
+    ci = m.get("ci", {}).get(key)
+    return f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci and ci[0] is not None else ""
+
+
+def _map_labels(samples: SampleSet, classes: list[str], data: str | Path) -> np.ndarray:
+    """The dataset's labels as indices into the bundle's classes (matched by name)."""
+    unknown = [c for c in samples.classes if c not in classes]
+    if unknown:
+        raise DataError(
+            f"{data}: classes {unknown} are not among the model's classes {classes}; "
+            "class folders / labels must use the model's class names"
+        )
+    lut = np.array([classes.index(c) for c in samples.classes], dtype=np.int64)
+    return np.where(samples.labels >= 0, lut[np.maximum(samples.labels, 0)], -1)
+
+
+def _bundle_train_hashes(b: Bundle) -> set[str]:
+    if "train_hashes.json" not in b.manifest.get("files", {}):
+        return set()
+    return set(json.loads((b.path / "train_hashes.json").read_text()))
+
+
+def _write_predictions(
+    path: Path,
+    samples: SampleSet,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    prepared: Any,
+    idx: np.ndarray,
+    classes: list[str],
+) -> None:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "predicted", "train_copy", *[f"prob_{c}" for c in classes], "error"])
+        for i in idx:
+            label = classes[labels[i]] if labels[i] >= 0 else ""
+            if prepared.ok[i] and not np.isnan(probs[i]).any():
+                pred = classes[int(np.argmax(probs[i]))]
+                row_probs = [f"{p:.6f}" for p in probs[i]]
+                err = ""
+            else:
+                pred, row_probs = "", [""] * len(classes)
+                err = str(prepared.scan.messages[i] or "unreadable")
+            w.writerow(
+                [samples.display_ref(int(i)), label, pred, bool(prepared.train_copy[i]), *row_probs, err]
+            )
+
+
+def _report_sections(b: Bundle, errors: list[dict[str, str]], data: str | Path, split: str) -> dict[str, Any]:
+    recipe = b.manifest.get("recipe", {})
+    sections: dict[str, Any] = {
+        "Model": {
+            "bundle": str(b.path),
+            "bundle sha256": b.sha256,
+            "architecture": f"{b.arch} {b.manifest['model'].get('kwargs', {})}",
+            "classes": ", ".join(b.classes),
+            "input": str(b.spec.input_shape),
+            "trained": b.manifest.get("created", ""),
+            "epochs run / best": f"{recipe.get('epochs_run')} / {recipe.get('best_epoch')}",
+            "training time (s)": recipe.get("seconds"),
+        },
+        "Preprocessing": b.spec.to_dict(),
+        "Evaluation protocol": PROTOCOL + f" Data: {data}, split: {split}.",
+    }
+    val = b.manifest.get("metrics", {}).get("val", {})
+    if val:
+        sections["Validation (model selection)"] = {
+            "n": val.get("n"),
+            "accuracy": val.get("accuracy"),
+            "AUC": val.get("auc"),
+            "copies of training samples left out": val.get("n_removed_duplicates"),
+        }
+    if errors:
+        sections["Unreadable files (left out)"] = errors[:50]
+    return sections

@@ -1,0 +1,364 @@
+"""What every reader checks before it trusts a file: size, format by content, header dimensions.
+
+Everything here works on bytes and header values only, so a hostile or broken file is refused before any
+pixel is decoded. Every refusal is an :class:`~medclf.errors.InputRejected` whose ``reason`` is one of:
+
+=========================  ===================================================================
+``not_found``              the path does not exist
+``not_a_file``             the path is a folder or a device
+``unreadable``             the file exists but cannot be opened (permissions, I/O error)
+``empty``                  zero bytes
+``file_too_large``         more bytes than ``ReadLimits.max_file_bytes``
+``unsupported_format``     the content is none of DICOM, NIfTI, PNG, JPEG, TIFF, NPZ
+``too_large``              the header declares more voxels, a longer side or more data than allowed
+``too_small``              an in-plane side shorter than ``ReadLimits.min_side``
+``aspect_ratio``           an in-plane aspect ratio above ``ReadLimits.max_aspect_ratio``
+``too_many_channels``      more channels than ``ReadLimits.max_channels``
+``decompression_bomb``     a decoder's own bomb guard fired
+``malformed``              the header cannot be parsed
+``inconsistent_header``    header values contradict each other or the format's rules
+``truncated``              the file ends before the pixel data it declares
+``decode_failed``          the pixel data could not be decoded
+``unsupported_*``          a valid file using a feature medclf does not handle (compression,
+                           photometric interpretation, dtype, layout)
+``no_pixels``              a valid file with no image in it (e.g. a DICOM structured report)
+``nonfinite``              every value is NaN or infinite
+``pickle``                 an ``.npz`` holding object (pickled) arrays; never loaded
+``dataset_npz``            a MedMNIST-style dataset ``.npz``: use it as data, not as one image
+``ambiguous_npz``          an ``.npz`` with several arrays and none named ``image``
+=========================  ===================================================================
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import struct
+import zipfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medclf.errors import InputRejected
+
+FORMATS = ("dicom", "nifti", "png", "jpeg", "tiff", "npz")
+
+_GIB = 1 << 30
+_HEAD_BYTES = 1024  # enough for the DICOM preamble + first elements and a NIfTI-2 header (540)
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """Bounds a file must satisfy, checked from its header before pixels are decoded.
+
+    ``max_pixels`` counts every stored value: rows x columns x frames (or slices) x channels.
+    ``min_side`` and ``max_aspect_ratio`` apply to the in-plane (last two) axes: a 1x1 or 3x4000 image is
+    almost certainly an icon, a mistake or an attack, not a medical image. ``max_npz_bytes`` bounds the
+    total decoded size of all arrays in an ``.npz`` (dataset files hold many images).
+    """
+
+    max_file_bytes: int = 2 * _GIB
+    max_pixels: int = 512 * 1024 * 1024
+    max_dim: int = 65535
+    min_side: int = 8
+    max_aspect_ratio: float = 50.0
+    max_channels: int = 4
+    max_npz_bytes: int = 8 * _GIB
+
+    def __post_init__(self) -> None:
+        for name in ("max_file_bytes", "max_pixels", "max_dim", "min_side", "max_channels", "max_npz_bytes"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"ReadLimits.{name} must be at least 1")
+        if not self.max_aspect_ratio >= 1:
+            raise ValueError("ReadLimits.max_aspect_ratio must be at least 1")
+
+
+@dataclass(frozen=True)
+class Sniffed:
+    """The outcome of content sniffing: the format plus how the reader must open it."""
+
+    format: str
+    gzipped: bool = False  # NIfTI inside a gzip stream
+    bare_dicom: bool = False  # DICOM data set without the 128-byte preamble and "DICM"
+
+
+def reject(message: str, reason: str, path: str | Path | None) -> InputRejected:
+    """Build the one exception type readers raise (``raise reject(...)`` keeps call sites short)."""
+    return InputRejected(message, reason=reason, path=str(path) if path is not None else None)
+
+
+def check_file(path: Path, limits: ReadLimits | None) -> int:
+    """Refuse missing, non-regular, empty or (with ``limits``) oversized files; return the size in bytes."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise reject("no such file", "not_found", path) from None
+    except OSError as exc:
+        raise reject(f"cannot read file: {exc.strerror or exc}", "unreadable", path) from None
+    if path.is_dir():
+        raise reject("is a folder, not an image file", "not_a_file", path)
+    if not path.is_file():
+        raise reject("is not a regular file", "not_a_file", path)
+    if st.st_size == 0:
+        raise reject("the file is empty (0 bytes)", "empty", path)
+    if limits is not None and st.st_size > limits.max_file_bytes:
+        raise reject(
+            f"the file has {st.st_size} bytes, more than the limit of {limits.max_file_bytes}",
+            "file_too_large",
+            path,
+        )
+    return int(st.st_size)
+
+
+def _read_head(path: Path, n: int = _HEAD_BYTES) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(n)
+    except OSError as exc:
+        raise reject(f"cannot read file: {exc.strerror or exc}", "unreadable", path) from None
+
+
+def _nifti_header_kind(head: bytes) -> int | None:
+    """1 or 2 when ``head`` starts a single-file NIfTI (``n+1`` / ``n+2``), else None."""
+    if len(head) >= 348:
+        for endian in "<>":
+            if struct.unpack(endian + "i", head[:4])[0] == 348 and head[344:348] == b"n+1\x00":
+                return 1
+    if len(head) >= 540:
+        for endian in "<>":
+            if struct.unpack(endian + "i", head[:4])[0] == 540 and head[4:8] == b"n+2\x00":
+                return 2
+    return None
+
+
+def _element_at(head: bytes, pos: int, endian: str) -> tuple[int, int, int] | None:
+    """Parse one data element header at ``pos``: (group, value length, next position), or None."""
+    from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR  # lazy: pydicom is a heavy import
+
+    if pos + 8 > len(head):
+        return None
+    group, _elem = struct.unpack(endian + "HH", head[pos : pos + 4])
+    vr = head[pos + 4 : pos + 6]
+    try:
+        vr_name = vr.decode("ascii")
+    except UnicodeDecodeError:
+        vr_name = ""
+    if vr_name in VR.__members__:
+        if VR(vr_name) in EXPLICIT_VR_LENGTH_32:
+            if pos + 12 > len(head) or head[pos + 6 : pos + 8] != b"\x00\x00":
+                return None
+            length = struct.unpack(endian + "I", head[pos + 8 : pos + 12])[0]
+            start = pos + 12
+        else:
+            length = struct.unpack(endian + "H", head[pos + 6 : pos + 8])[0]
+            start = pos + 8
+    elif endian == "<":  # implicit VR is little endian only
+        length = struct.unpack("<I", head[pos + 4 : pos + 8])[0]
+        start = pos + 8
+    else:
+        return None
+    return group, length, start + length
+
+
+def _looks_like_bare_dicom(head: bytes, size: int) -> bool:
+    """True only for data sets that plainly start with a file meta (0002) or identifying (0008) element.
+
+    Old or hand-made DICOM files may lack the preamble. We accept them only when the first two element
+    headers parse, belong to group 0002 or 0008 and have short values that fit in the file, so that random
+    data is never handed to pydicom's permissive ``force=True`` parser.
+    """
+    for endian in "<>":
+        first = _element_at(head, 0, endian)
+        if first is None:
+            continue
+        group, length, nxt = first
+        if group not in (0x0002, 0x0008) or (group == 0x0002 and endian == ">"):
+            continue  # the file meta group is always little endian
+        if length > 1024 or nxt > size:  # the first elements of these groups are short strings or UL
+            continue
+        second = _element_at(head, nxt, endian)
+        if second is None or nxt + 8 > size:
+            continue
+        group2, length2, nxt2 = second
+        if group2 in (group, 0x0008) and (length2 == 0xFFFFFFFF or nxt2 <= size):
+            return True
+    return False
+
+
+def _peek_gzip(path: Path, n: int = 544) -> bytes:
+    """The first ``n`` decompressed bytes of a gzip file (never the whole stream)."""
+    try:
+        with gzip.open(path, "rb") as gz:
+            return gz.read(n)
+    except Exception as exc:  # BadGzipFile (OSError), EOFError, zlib.error, ...
+        raise reject(f"a gzip file that cannot be decompressed ({exc})", "malformed", path) from None
+
+
+def _is_npz(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except Exception:  # zipfile raises several types (BadZipFile, NotImplementedError, ...) on junk
+        return False
+    return bool(names) and all(n.endswith(".npy") for n in names)
+
+
+def sniff(path: Path, size: int | None = None) -> Sniffed:
+    """Decide the format from the file's bytes; the file name is never consulted."""
+    head = _read_head(path)
+    if not head:
+        raise reject("the file is empty (0 bytes)", "empty", path)
+    size = len(head) if size is None else size
+    # The DICOM check comes first: a DICOM preamble may legally contain another format's magic.
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return Sniffed("dicom")
+    if _nifti_header_kind(head):
+        return Sniffed("nifti")
+    if head.startswith(_PNG_MAGIC):
+        return Sniffed("png")
+    if head.startswith(_JPEG_MAGIC):
+        return Sniffed("jpeg")
+    if head[:4] in _TIFF_MAGICS:
+        return Sniffed("tiff")
+    if head.startswith(_GZIP_MAGIC):
+        if _nifti_header_kind(_peek_gzip(path)):
+            return Sniffed("nifti", gzipped=True)
+        raise reject("a gzip file that does not contain a NIfTI image", "unsupported_format", path)
+    if head.startswith(_ZIP_MAGIC):
+        if _is_npz(path):
+            return Sniffed("npz")
+        raise reject("a ZIP archive that is not a readable NumPy .npz file", "unsupported_format", path)
+    if _looks_like_bare_dicom(head, size):
+        return Sniffed("dicom", bare_dicom=True)
+    raise reject(
+        "unsupported or unrecognised file content (expected DICOM, NIfTI, PNG, JPEG, TIFF or NPZ)",
+        "unsupported_format",
+        path,
+    )
+
+
+def sniff_format(path: str | Path) -> str:
+    """Return the format of ``path`` by content: one of :data:`FORMATS`; else raise InputRejected."""
+    p = Path(path)
+    size = check_file(p, None)
+    return sniff(p, size).format
+
+
+def check_shape(
+    spatial: Sequence[int], channels: int, limits: ReadLimits, path: str | Path | None, what: str = "image"
+) -> None:
+    """Refuse dimensions outside ``limits``; ``spatial`` is (H, W) or (D, H, W), in-plane last."""
+    dims = [int(s) for s in spatial]
+    if len(dims) < 2 or any(d < 1 for d in dims) or channels < 1:
+        raise reject(
+            f"the {what} has invalid dimensions {tuple(dims)} x {channels} channels",
+            "inconsistent_header",
+            path,
+        )
+    if max(dims) > limits.max_dim:
+        raise reject(
+            f"the {what} declares a side of {max(dims)} pixels, more than the limit of {limits.max_dim}",
+            "too_large",
+            path,
+        )
+    total = math.prod(dims) * int(channels)
+    if total > limits.max_pixels:
+        raise reject(
+            f"the {what} declares {total} values ({' x '.join(map(str, dims))} x {channels} channels), "
+            f"more than the limit of {limits.max_pixels}",
+            "too_large",
+            path,
+        )
+    if channels > limits.max_channels:
+        raise reject(
+            f"the {what} has {channels} channels, more than the limit of {limits.max_channels}",
+            "too_many_channels",
+            path,
+        )
+    h, w = dims[-2:]
+    if min(h, w) < limits.min_side:
+        raise reject(
+            f"the {what} is {h} x {w} pixels; each side must be at least {limits.min_side}", "too_small", path
+        )
+    if max(h, w) / min(h, w) > limits.max_aspect_ratio:
+        raise reject(
+            f"the {what} is {h} x {w} pixels, an aspect ratio above {limits.max_aspect_ratio:g}",
+            "aspect_ratio",
+            path,
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    # Library messages can quote header values; keep them short.
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+@contextmanager
+def library_errors(path: str | Path, what: str, reason: str = "decode_failed") -> Iterator[None]:
+    """Turn whatever a third-party decoder raises into InputRejected(reason).
+
+    pydicom, Pillow, nibabel, zlib and numpy raise a zoo of types on malformed input (ValueError, OSError,
+    EOFError, struct.error, KeyError, AttributeError, ...); callers of :func:`read_image` must only ever see
+    InputRejected. Wrap library calls only, not medclf's own logic, so real bugs still surface.
+    """
+    try:
+        yield
+    except InputRejected:
+        raise
+    except MemoryError:
+        raise reject(f"not enough memory to decode the {what}", "too_large", path) from None
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:
+        # BaseException, not Exception: Rust-based decoders (pylibjpeg-rle via pyo3) signal a panic on
+        # malformed data with pyo3's PanicException, which derives from BaseException.
+        raise reject(f"cannot decode the {what}: {_describe(exc)}", reason, path) from exc
+
+
+def replace_nonfinite(pixels: np.ndarray, meta: dict[str, Any], path: str | Path | None) -> np.ndarray:
+    """Replace NaN/Inf by 0 (counted in ``meta["nonfinite_replaced"]``); refuse all-non-finite images."""
+    if not np.issubdtype(pixels.dtype, np.floating):
+        return pixels
+    bad = ~np.isfinite(pixels)
+    count = int(bad.sum())
+    if count == 0:
+        return pixels
+    if count == pixels.size:
+        raise reject("every pixel value is NaN or infinite", "nonfinite", path)
+    pixels = np.where(bad, np.float32(0), pixels)
+    meta["nonfinite_replaced"] = count
+    return pixels
+
+
+def collapse_grey(pixels: np.ndarray, meta: dict[str, Any], tolerance: float = 0.0) -> np.ndarray:
+    """Return one channel when a 3-channel image has R == G == B (within ``tolerance``) everywhere.
+
+    Datasets mix greyscale images stored as RGB (typically JPEGs) with true greyscale ones; downstream code
+    needs one channel count per kind of content. Sets ``meta["was_rgb_grey"]`` when it collapses.
+    """
+    if pixels.shape[0] != 3:
+        return pixels
+    r, g, b = pixels[0], pixels[1], pixels[2]
+    if tolerance <= 0:
+        grey = np.array_equal(r, g) and np.array_equal(g, b)
+    else:
+        rf, gf, bf = (c.astype(np.float32) for c in (r, g, b))
+        grey = bool(np.abs(rf - gf).max() <= tolerance and np.abs(gf - bf).max() <= tolerance)
+    if not grey:
+        return pixels
+    meta["was_rgb_grey"] = True
+    if tolerance <= 0:
+        return pixels[:1]
+    # Lossy chroma noise: average rather than pick one channel.
+    return pixels.astype(np.float32).mean(axis=0, keepdims=True)

@@ -1,0 +1,68 @@
+"""A registry of named model builders: ``create_model(name, in_channels, n_classes, spatial_dims)``.
+
+In the spirit of timm's ``create_model``: builders register themselves by name, callers never branch on
+architecture names, and tests iterate over :func:`list_models`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from medclf.errors import ConfigError
+
+Builder = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    builder: Builder
+    description: str
+    # Names of the top-level children, in input-to-output order, that --freeze may name.
+    layer_groups: tuple[str, ...]
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register_model(
+    name: str, *, description: str, layer_groups: tuple[str, ...]
+) -> Callable[[Builder], Builder]:
+    def decorate(fn: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = ModelInfo(name, fn, description, layer_groups)
+        return fn
+
+    return decorate
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def model_info(name: str) -> ModelInfo:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown architecture {name!r}; choose one of {', '.join(list_models())}"
+        ) from None
+
+
+def create_model(
+    name: str, in_channels: int, n_classes: int, spatial_dims: int = 2, **kwargs: object
+) -> nn.Module:
+    """Build a fresh, randomly initialised model. Extra keyword arguments go to the builder."""
+    if spatial_dims not in (2, 3):
+        raise ConfigError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if n_classes < 2:
+        raise ConfigError(f"need at least 2 classes, got {n_classes}")
+    info = model_info(name)
+    try:
+        return info.builder(in_channels=in_channels, n_classes=n_classes, spatial_dims=spatial_dims, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"bad arguments for architecture {name!r}: {exc}") from exc

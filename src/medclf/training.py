@@ -1,0 +1,689 @@
+"""Training (``medclf.train``): data -> plan -> cached tensors -> the loop -> a verified bundle.
+
+The loop trains on preprocessed tensors cached once (decoding never repeats across epochs or runs),
+augments whole batches, uses bf16 autocast and channels-last where the hardware profits, keeps an
+exponential moving average of the weights, selects the model on validation AUC computed without any
+validation sample that copies a training sample, checkpoints every epoch (atomically, without pickle) and
+resumes after a kill.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from medclf import augment as augment_mod
+from medclf.bundle import save_bundle
+from medclf.data.cache import PreparedData, prepare
+from medclf.data.samples import SampleSet
+from medclf.data.sources import load_source
+from medclf.data.splits import ensure_validation
+from medclf.errors import ConfigError, DataError, MedclfError
+from medclf.evaluation.metrics import compute_metrics
+from medclf.planner import Fingerprint, Plan, choose_size_and_epochs, fingerprint, initial_plan
+
+CHECKPOINT_SUFFIX = ".ckpt"
+
+
+def parse_duration(text: str | float | int) -> float:
+    """'90s', '10m', '2h', '1h30m', or a number of seconds -> seconds."""
+    if isinstance(text, (int, float)):
+        if text <= 0:
+            raise ConfigError("a time budget must be positive")
+        return float(text)
+    s = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        return parse_duration(float(s))
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*(h|m|min|s|sec)", s)
+    if not parts or "".join(a + b for a, b in parts) != s.replace(" ", ""):
+        raise ConfigError(f"cannot read the duration {text!r}: use e.g. 90s, 10m, 2h or 1h30m")
+    unit = {"h": 3600, "m": 60, "min": 60, "s": 1, "sec": 1}
+    return parse_duration(sum(float(a) * unit[b] for a, b in parts))
+
+
+@dataclass
+class TrainConfig:
+    """User settings. ``None`` means: let the planner decide."""
+
+    arch: str | None = None
+    size: int | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float = 0.05
+    seed: int = 0
+    time_budget: float = 600.0
+    augment: str | None = None
+    denoise: str | None = None
+    val_fraction: float = 0.15
+    patience: int | None = None
+    amp: str = "auto"
+    ema: bool = True
+    label_smoothing: float = 0.0
+    workers: int | None = None
+    cache_dir: str | None = None
+    include_train_copies: bool = False
+    device: str = "auto"
+    keep_checkpoints: bool = False
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{p}: cannot read the config file ({exc.strerror})") from exc
+        try:
+            if p.suffix.lower() in (".yaml", ".yml"):
+                raise ConfigError(f"{p}: use a JSON or TOML config file")
+            if p.suffix.lower() == ".toml":
+                import tomllib
+
+                data = tomllib.loads(text)
+            else:
+                data = json.loads(text)
+        except (ValueError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{p}: not a valid config file: {exc}") from exc
+        return cls().updated(data.get("train", data))
+
+    def updated(self, changes: dict[str, Any]) -> TrainConfig:
+        known = set(asdict(self))
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown training settings: {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+            )
+        kw = {**asdict(self), **{k: v for k, v in changes.items() if v is not None}}
+        if isinstance(kw["time_budget"], str):
+            kw["time_budget"] = parse_duration(kw["time_budget"])
+        return TrainConfig(**kw)
+
+    def overrides(self) -> dict[str, Any]:
+        keys = ("arch", "size", "epochs", "batch_size", "lr", "augment", "denoise", "patience", "amp", "ema")
+        d = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        d["weight_decay"] = self.weight_decay
+        d["label_smoothing"] = self.label_smoothing
+        return d
+
+
+@dataclass
+class TrainResult:
+    bundle: Path
+    plan: Plan
+    history: list[dict[str, float]]
+    val_metrics: dict[str, Any]
+    best_epoch: int
+    seconds: float
+    n_val_copies_removed: int
+    unreadable: list[dict[str, str]] = field(default_factory=list)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but no CUDA GPU is available")
+    return device
+
+
+def train(
+    data: str | Path,
+    out: str | Path,
+    *,
+    config: TrainConfig | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    console: Console | None = None,
+    **settings: Any,
+) -> TrainResult:
+    """Train a classifier on ``data`` and write a bundle to ``out``.
+
+    ``settings`` override fields of ``config`` (e.g. ``epochs=5, arch="resnet18"``; ``time_budget`` may be
+    a string such as ``"10m"``). With ``resume=True`` training continues from ``<out>.ckpt`` with the plan
+    saved there.
+    """
+    t_start = time.perf_counter()
+    cfg = (config or TrainConfig()).updated(settings)
+    console = console or Console(stderr=True, soft_wrap=True)
+    out = Path(out)
+    ckpt_dir = out.with_name(out.name + CHECKPOINT_SUFFIX)
+    device = resolve_device(cfg.device)
+    _seed_everything(cfg.seed)
+
+    samples = load_source(data, default_split="train")
+    if not samples.has_split("train"):
+        raise DataError(f"{data}: no training split found")
+    samples = ensure_validation(samples, fraction=cfg.val_fraction, seed=cfg.seed)
+    state = _load_checkpoint_state(ckpt_dir) if resume else None
+    if resume and state is None:
+        raise ConfigError(f"--resume: no checkpoint at {ckpt_dir} (nothing to resume)")
+
+    t_fp = time.perf_counter()
+    fp = fingerprint(samples, seed=cfg.seed)
+    probe_s = (time.perf_counter() - t_fp) / max(fp.n_probed, 1)
+    n_train = len(samples.indices("train"))
+    if state is not None:
+        plan = Plan.from_dict(state["plan"])
+        console.print(f"[bold]Resuming[/] from epoch {state['epoch'] + 1} of {plan.epochs} ({ckpt_dir})")
+    else:
+        plan = initial_plan(fp, n_train, cfg.overrides())
+        if cfg.size is not None and cfg.size < 4:
+            raise ConfigError("--size must be at least 4")
+        workers = cfg.workers or min(4, os.cpu_count() or 1)
+        decode_estimate = probe_s * len(samples) / workers * 1.3
+        budget_left = cfg.time_budget - (time.perf_counter() - t_start) - decode_estimate
+        budget_left = budget_left * 0.92 - 5  # headroom for per-epoch validation and writing the bundle
+        if budget_left <= 0 and not cfg.epochs:
+            raise ConfigError(
+                f"the time budget ({cfg.time_budget:.0f} s) is spent on reading the data alone "
+                f"(about {decode_estimate:.0f} s); give a larger --time-budget"
+            )
+        plan = choose_size_and_epochs(
+            plan,
+            n_train=n_train,
+            budget_s=max(budget_left, 1.0),
+            fp=fp,
+            overrides=cfg.overrides(),
+            device=device,
+        )
+    _print_plan(console, plan, fp, samples)
+
+    prepared = prepare(
+        samples, plan.spec, cache_dir=cfg.cache_dir, workers=cfg.workers, progress=progress, console=console
+    )
+    train_idx = np.flatnonzero(prepared.ok & (np.array(samples.splits) == "train") & (samples.labels >= 0))
+    val_mask = prepared.ok & (np.array(samples.splits) == "val") & (samples.labels >= 0)
+    n_copies = int((val_mask & prepared.train_copy).sum())
+    if not cfg.include_train_copies:
+        val_mask &= ~prepared.train_copy
+    val_idx = np.flatnonzero(val_mask)
+    if prepared.errors:
+        console.print(f"[yellow]{len(prepared.errors)} unreadable file(s) left out[/] (see `medclf audit`)")
+    if n_copies:
+        verb = "kept in" if cfg.include_train_copies else "left out of"
+        console.print(f"{n_copies} validation sample(s) copy a training sample: {verb} model selection")
+    if len(train_idx) == 0 or len(val_idx) == 0:
+        raise DataError(
+            "after removing unreadable files and copies, no training or validation samples remain"
+        )
+    present = np.unique(samples.labels[train_idx])
+    if len(present) < 2:
+        raise DataError("the training split holds a single class: nothing to learn")
+
+    # Re-fit the epoch count to the time that is really left (decoding may have been faster or cached).
+    if state is None and not cfg.epochs and plan.epoch_seconds:
+        left = cfg.time_budget - (time.perf_counter() - t_start)
+        fit = int((left * 0.92 - 5) // plan.epoch_seconds)
+        plan.epochs = max(1, min(plan.epochs, fit)) if fit < plan.epochs else plan.epochs
+
+    loop = _Loop(plan, samples, prepared, train_idx, val_idx, cfg, device, ckpt_dir, console, progress)
+    deadline = t_start + cfg.time_budget if not cfg.epochs else None
+    history, best_epoch, val_probs = loop.run(state, deadline)
+
+    val_y = samples.labels[val_idx]
+    val_metrics = compute_metrics(val_y, val_probs, samples.classes, n_bootstrap=200, seed=cfg.seed)
+    val_metrics["n_removed_duplicates"] = n_copies if not cfg.include_train_copies else 0
+    train_hashes = sorted({prepared.hashes[i] for i in train_idx})
+    manifest = {
+        "model": {
+            "arch": plan.arch,
+            "kwargs": plan.arch_kwargs,
+            "in_channels": plan.spec.channels,
+            "n_classes": len(samples.classes),
+            "spatial_dims": plan.spec.spatial_dims,
+        },
+        "classes": samples.classes,
+        "preprocess": plan.spec.to_dict(),
+        "input": {"shape": list(plan.spec.input_shape), "dtype": "float32", "value_range": [0.0, 1.0]},
+        "recipe": {
+            **plan.to_dict(),
+            "seed": cfg.seed,
+            "time_budget_s": cfg.time_budget,
+            "device": device,
+            "best_epoch": best_epoch,
+            "epochs_run": len(history),
+            "seconds": round(time.perf_counter() - t_start, 1),
+            "augmentation": augment_mod.describe(plan.augment),
+        },
+        "data": {
+            "source": Path(samples.source).name,
+            "kind": samples.kind,
+            "fingerprint": prepared.fingerprint,
+            "counts": samples.summary(),
+            "fingerprint_stats": fp.to_dict(),
+            "n_unreadable": len(prepared.errors),
+            "n_val_train_copies": n_copies,
+            "val_train_copies_excluded": not cfg.include_train_copies,
+        },
+        "metrics": {"val": val_metrics},
+        "history": history,
+        "calibration": {"temperature": 1.0},
+    }
+    bundle = save_bundle(
+        out,
+        model=loop.best_model(),
+        manifest=manifest,
+        extra_files={"train_hashes.json": json.dumps(train_hashes)},
+    )
+    if not cfg.keep_checkpoints:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    seconds = time.perf_counter() - t_start
+    console.print(
+        f"[bold green]Bundle written[/] to {bundle}  (val AUC {_fmt(val_metrics.get('auc'))}, "
+        f"accuracy {_fmt(val_metrics.get('accuracy'))}, best epoch {best_epoch}, {seconds / 60:.1f} min)"
+    )
+    return TrainResult(
+        bundle=bundle,
+        plan=plan,
+        history=history,
+        val_metrics=val_metrics,
+        best_epoch=best_epoch,
+        seconds=seconds,
+        n_val_copies_removed=n_copies,
+        unreadable=prepared.errors,
+    )
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    # Deterministic oneDNN/ATen kernels on CPU for a given seed and thread count.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _print_plan(console: Console, plan: Plan, fp: Fingerprint, samples: SampleSet) -> None:
+    counts = ", ".join(f"{s}: {sum(c.values())}" for s, c in samples.summary().items())
+    console.print(
+        f"[bold]Data[/] {samples.source} ({samples.kind}; {counts}; classes {', '.join(samples.classes)})"
+    )
+    console.print(
+        f"[bold]Plan[/] arch={plan.arch} {plan.arch_kwargs} input={plan.spec.input_shape} "
+        f"batch={plan.batch_size} epochs={plan.epochs} lr={plan.lr:g} augment={plan.augment} amp={plan.amp} "
+        f"ema={plan.ema} denoise={plan.spec.denoise}"
+    )
+    for r in plan.reasons:
+        console.print(f"  - {r}")
+
+
+class _Loop:
+    """The epoch loop, its checkpoints and its progress display."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        samples: SampleSet,
+        prepared: PreparedData,
+        train_idx: np.ndarray,
+        val_idx: np.ndarray,
+        cfg: TrainConfig,
+        device: str,
+        ckpt_dir: Path,
+        console: Console,
+        progress: bool,
+    ) -> None:
+        self.plan, self.samples, self.prepared, self.cfg = plan, samples, prepared, cfg
+        self.device, self.ckpt_dir, self.console, self.progress = device, ckpt_dir, console, progress
+        self.train_idx, self.val_idx = train_idx, val_idx
+        dims = plan.spec.spatial_dims
+        self.fmt = (
+            (torch.channels_last if dims == 2 else torch.channels_last_3d) if plan.channels_last else None
+        )
+        n_classes = len(samples.classes)
+        self.model = self._to_device(_create(plan, n_classes))
+        self.ema: torch.optim.swa_utils.AveragedModel | None = None
+        steps_per_epoch = max(1, len(train_idx) // plan.batch_size)
+        self.total_steps = steps_per_epoch * plan.epochs
+        if plan.ema:
+            # Average over roughly the last tenth of training (at least 10 steps).
+            decay = min(0.9995, 1.0 - 1.0 / max(10.0, self.total_steps / 10))
+            self.ema = torch.optim.swa_utils.AveragedModel(
+                self.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True
+            )
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=plan.lr, weight_decay=plan.weight_decay
+        )
+        warmup = min(max(1, steps_per_epoch), self.total_steps // 5 + 1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _warmup_cosine(warmup, self.total_steps)
+        )
+        counts = np.bincount(samples.labels[train_idx], minlength=n_classes).astype(np.float64)
+        # Balanced class weights (n / (K n_c)), so a rare class counts as much as a common one.
+        weights = np.where(counts > 0, counts.sum() / (n_classes * np.maximum(counts, 1)), 0.0)
+        self.class_weights = torch.tensor(weights, dtype=torch.float32, device=device)
+        self.aug = augment_mod.build_augmentation(plan.augment, dims)
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.amp)
+        self.scaler = (
+            torch.amp.GradScaler("cuda") if plan.amp == "fp16" and device.startswith("cuda") else None
+        )
+        self.train_x = _materialise(prepared.tensors, train_idx)
+        self.val_x = _materialise(prepared.tensors, val_idx)
+        self.train_y = torch.from_numpy(samples.labels[train_idx])
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def _to_device(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        return model.to(memory_format=self.fmt) if self.fmt is not None else model
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.train_idx)
+        perm = torch.randperm(n, generator=self.gen)
+        bs = self.plan.batch_size
+        # Drop the ragged last batch: a batch of 1 breaks batch norm, and the order is reshuffled anyway.
+        for start in range(0, n - bs + 1 if n >= bs else 1, bs):
+            idx = perm[start : start + bs]
+            x = self.train_x[idx].float()
+            x = self.aug(x, self.gen)
+            yield x, self.train_y[idx]
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        dev_type = "cuda" if self.device.startswith("cuda") else "cpu"
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(dev_type, dtype=self.amp_dtype)
+
+    def train_epoch(self) -> float:
+        self.model.train()
+        total, count = 0.0, 0
+        for x, y in self._batches():
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            if self.fmt is not None:
+                x = x.contiguous(memory_format=self.fmt)
+            with self._autocast():
+                logits = self.model(x)
+            loss = F.cross_entropy(
+                logits.float(), y, weight=self.class_weights, label_smoothing=self.plan.label_smoothing
+            )
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
+            self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
+            total += loss.item() * len(y)
+            count += len(y)
+        return total / max(count, 1)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, model: nn.Module) -> np.ndarray:
+        model.eval()
+        out = []
+        for start in range(0, len(x), 256):
+            xb = x[start : start + 256].float().to(self.device)
+            if self.fmt is not None:
+                xb = xb.contiguous(memory_format=self.fmt)
+            with self._autocast():
+                out.append(torch.softmax(model(xb).float(), dim=1).cpu())
+        return torch.cat(out).numpy().astype(np.float64)
+
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def best_model(self) -> nn.Module:
+        # Building a model draws initial weights: keep the training RNG stream untouched (exact resume).
+        with torch.random.fork_rng(devices=[]):
+            model = _create(self.plan, len(self.samples.classes))
+        assert self.best_state is not None
+        model.load_state_dict(self.best_state)
+        return model.eval()
+
+    def run(
+        self, state: dict[str, Any] | None, deadline: float | None
+    ) -> tuple[list[dict[str, float]], int, np.ndarray]:
+        history: list[dict[str, float]] = []
+        best_auc, best_loss, best_epoch, start_epoch = -1.0, float("inf"), 0, 0
+        if state is not None:
+            self._restore(state)
+            history = state["history"]
+            best_auc, best_loss, best_epoch = state["best_auc"], state["best_loss"], state["best_epoch"]
+            start_epoch = state["epoch"] + 1
+        val_y = self.samples.labels[self.val_idx]
+        epoch_times: list[float] = []
+        bar = _ProgressDisplay(self.console, self.plan.epochs, start_epoch, enabled=self.progress)
+        with bar:
+            for epoch in range(start_epoch, self.plan.epochs):
+                t0 = time.perf_counter()
+                loss = self.train_epoch()
+                probs = self.predict(self.val_x, self.eval_model())
+                val_auc = _auc(val_y, probs, len(self.samples.classes))
+                val_loss = float(
+                    F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)), torch.from_numpy(val_y))
+                )
+                val_acc = float((probs.argmax(1) == val_y).mean())
+                epoch_times.append(time.perf_counter() - t0)
+                improved = val_auc > best_auc + 1e-6 or (
+                    abs(val_auc - best_auc) <= 1e-6 and val_loss < best_loss
+                )
+                if improved:
+                    best_auc, best_loss, best_epoch = val_auc, val_loss, epoch + 1
+                    self.best_state = {
+                        k: v.detach().cpu().contiguous().clone()
+                        for k, v in _plain_state(self.eval_model()).items()
+                    }
+                    self.best_probs = probs
+                lr = self.optimizer.param_groups[0]["lr"]
+                row = {
+                    "epoch": epoch + 1,
+                    "loss": loss,
+                    "val_auc": val_auc,
+                    "val_acc": val_acc,
+                    "val_loss": val_loss,
+                    "lr": lr,
+                    "seconds": epoch_times[-1],
+                }
+                history.append(row)
+                self._checkpoint(epoch, history, best_auc, best_loss, best_epoch)
+                remaining = (self.plan.epochs - epoch - 1) * float(np.mean(epoch_times[-3:]))
+                if deadline is not None:
+                    remaining = min(remaining, max(deadline - time.perf_counter(), 0.0))
+                bar.update(row, best_auc, remaining)
+                if epoch + 1 - best_epoch >= self.plan.patience:
+                    self.console.print(
+                        f"Early stop: no better validation AUC for {self.plan.patience} epochs"
+                    )
+                    break
+                if (
+                    deadline is not None
+                    and time.perf_counter() + float(np.mean(epoch_times[-3:])) * 1.05 > deadline
+                ):
+                    if epoch + 1 < self.plan.epochs:
+                        self.console.print("Time budget reached: stopping with the best model so far")
+                    break
+        if self.best_state is None:
+            # Resumed after the last epoch had already run: rebuild the best model from its checkpoint.
+            self.best_state = load_file(str(self.ckpt_dir / "best.safetensors"))
+            model = self.best_model()
+            self.best_probs = self.predict(self.val_x, self._to_device(model))
+        return history, best_epoch, self.best_probs
+
+    # --- checkpoints: safetensors for tensors, JSON for the rest (no pickle) ---
+
+    def _checkpoint(
+        self, epoch: int, history: list[dict[str, float]], best_auc: float, best_loss: float, best_epoch: int
+    ) -> None:
+        d = self.ckpt_dir
+        d.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        for k, v in _plain_state(self.model).items():
+            tensors[f"model.{k}"] = v
+        if self.ema is not None:
+            for k, v in self.ema.state_dict().items():
+                tensors[f"ema.{k}"] = v
+        opt_state = self.optimizer.state_dict()
+        for pid, st in opt_state["state"].items():
+            for k, v in st.items():
+                tensors[f"optim.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.gen"] = self.gen.get_state()
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        _atomic_save_tensors(tensors, d / "last.safetensors")
+        if self.best_state is not None and best_epoch == epoch + 1:
+            _atomic_save_tensors(self.best_state, d / "best.safetensors")
+        meta = {
+            "epoch": epoch,
+            "plan": self.plan.to_dict(),
+            "history": history,
+            "best_auc": best_auc,
+            "best_loss": best_loss,
+            "best_epoch": best_epoch,
+            "scheduler": self.scheduler.state_dict(),
+            "optim_param_groups": opt_state["param_groups"],
+            "data_fingerprint": self.prepared.fingerprint,
+        }
+        tmp = d / "state.json.tmp"
+        tmp.write_text(json.dumps(meta, default=_json_safe))
+        os.replace(tmp, d / "state.json")
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        if state.get("data_fingerprint") != self.prepared.fingerprint:
+            raise ConfigError("--resume: the data changed since the checkpoint was written; start a new run")
+        tensors = load_file(str(self.ckpt_dir / "last.safetensors"))
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        if self.ema is not None:
+            self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        opt_state: dict[str, Any] = {"state": {}, "param_groups": state["optim_param_groups"]}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, pid, name = k.split(".", 2)
+                opt_state["state"].setdefault(int(pid), {})[name] = v
+        self.optimizer.load_state_dict(opt_state)
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.gen.set_state(tensors["rng.gen"])
+        best = self.ckpt_dir / "best.safetensors"
+        if best.exists():
+            self.best_state = load_file(str(best))
+            self.best_probs = self.predict(self.val_x, self._to_device(self.best_model()))
+
+
+def _create(plan: Plan, n_classes: int) -> nn.Module:
+    from medclf.models import create_model
+
+    return create_model(plan.arch, plan.spec.channels, n_classes, plan.spec.spatial_dims, **plan.arch_kwargs)
+
+
+def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    # AveragedModel adds n_averaged; a bundle stores the plain network's state only.
+    return {k: v for k, v in model.state_dict().items() if k != "n_averaged"}
+
+
+def _materialise(tensors: np.ndarray, idx: np.ndarray) -> torch.Tensor:
+    """The rows ``idx`` of the cache as one in-memory float16 tensor (sorted reads from the memmap)."""
+    order = np.argsort(idx)
+    rows = np.empty((len(idx), *tensors.shape[1:]), dtype=np.float16)
+    rows[order] = tensors[idx[order]]
+    return torch.from_numpy(rows)
+
+
+def _auc(y: np.ndarray, probs: np.ndarray, n_classes: int) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    present = np.unique(y)
+    if len(present) < 2:
+        return float("nan")
+    if n_classes == 2:
+        return float(roc_auc_score(y, probs[:, 1]))
+    scores = [roc_auc_score(y == c, probs[:, c]) for c in present]
+    return float(np.mean(scores))
+
+
+def _warmup_cosine(warmup: int, total: int) -> Any:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + np.cos(np.pi * min(progress, 1.0)))
+
+    return f
+
+
+def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def _json_safe(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o).__name__)
+
+
+def _load_checkpoint_state(ckpt_dir: Path) -> dict[str, Any] | None:
+    p = ckpt_dir / "state.json"
+    if not p.exists() or not (ckpt_dir / "last.safetensors").exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise MedclfError(f"{p}: the checkpoint state is damaged ({exc}); start a new run") from exc
+
+
+class _ProgressDisplay:
+    """A rich progress bar on a terminal; one plain line per epoch otherwise (logs, CI)."""
+
+    def __init__(self, console: Console, total: int, start: int, enabled: bool) -> None:
+        self.console, self.total, self.enabled = console, total, enabled
+        self.live = enabled and console.is_terminal
+        self.progress: Any = None
+        self.start = start
+
+    def __enter__(self) -> _ProgressDisplay:
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(
+                TextColumn("epoch"),
+                MofNCompleteColumn(),
+                BarColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=False,
+            )
+            self.progress.__enter__()
+            self.task = self.progress.add_task("train", total=self.total, completed=self.start, info="")
+        return self
+
+    def update(self, row: dict[str, float], best: float, remaining_s: float) -> None:
+        info = (
+            f"loss {row['loss']:.4f}  val AUC {row['val_auc']:.4f} (best {best:.4f})  "
+            f"acc {row['val_acc']:.3f}  left ~{remaining_s / 60:.1f} min"
+        )
+        if self.progress is not None:
+            self.progress.update(self.task, completed=int(row["epoch"]), info=info)
+        elif self.enabled:
+            self.console.print(f"epoch {int(row['epoch'])}/{self.total}  {info}  ({row['seconds']:.1f} s)")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+
+__all__ = ["TrainConfig", "TrainResult", "parse_duration", "train"]

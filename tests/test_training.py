@@ -1,0 +1,124 @@
+"""Training end to end on simulated data: bundle, determinism, resume, planner, time budget parsing."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medclf import training
+from medclf.bundle import load_bundle
+from medclf.errors import ConfigError
+from medclf.training import TrainConfig, parse_duration, train
+
+
+def _weights(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_parse_duration():
+    assert parse_duration("90s") == 90 and parse_duration("10m") == 600 and parse_duration("2h") == 7200
+    assert parse_duration("1h30m") == 5400 and parse_duration(45) == 45 and parse_duration("120") == 120
+    for bad in ("ten minutes", "10x", "-5", "0"):
+        with pytest.raises(ConfigError):
+            parse_duration(bad)
+
+
+def test_config_file_and_unknown_settings(tmp_path):
+    (tmp_path / "c.json").write_text('{"epochs": 3, "time_budget": "2m"}')
+    cfg = TrainConfig.from_file(tmp_path / "c.json")
+    assert cfg.epochs == 3 and cfg.time_budget == 120
+    (tmp_path / "c.toml").write_text("[train]\narch = 'resnet18'\n")
+    assert TrainConfig.from_file(tmp_path / "c.toml").arch == "resnet18"
+    (tmp_path / "bad.json").write_text('{"epoch": 3}')
+    with pytest.raises(ConfigError, match="unknown training settings: epoch"):
+        TrainConfig.from_file(tmp_path / "bad.json")
+
+
+def test_bundle_from_training(tiny_bundle):
+    b = load_bundle(tiny_bundle)
+    m = b.manifest
+    assert b.classes == ["normal", "oedema", "tumour"]
+    assert b.spec.size == (32, 32) and m["model"]["arch"] == "compact-s"
+    assert m["recipe"]["epochs_run"] == 2 and len(m["history"]) == 2
+    assert 0.0 <= m["metrics"]["val"]["auc"] <= 1.0
+    assert "train_hashes.json" in m["files"]
+    assert not tiny_bundle.with_name(tiny_bundle.name + ".ckpt").exists(), "checkpoints are cleaned up"
+
+
+def test_same_seed_same_weights(sim_data, tmp_path):
+    kw = dict(epochs=2, size=24, batch_size=16, arch="compact-s", progress=False, seed=3)
+    a = train(sim_data, tmp_path / "a", **kw)
+    b = train(sim_data, tmp_path / "b", **kw)
+    wa, wb = _weights(a.bundle), _weights(b.bundle)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    c = train(sim_data, tmp_path / "c", **{**kw, "seed": 4})
+    assert not all(torch.equal(wa[k], _weights(c.bundle)[k]) for k in wa)
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(sim_data, tmp_path, monkeypatch):
+    kw = dict(epochs=4, size=24, batch_size=16, arch="compact-s", progress=False, seed=1, ema=False)
+    full = train(sim_data, tmp_path / "full", **kw)
+
+    calls = {"n": 0}
+    original = training._Loop.train_epoch
+
+    def crash_in_third_epoch(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self)
+
+    monkeypatch.setattr(training._Loop, "train_epoch", crash_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(sim_data, tmp_path / "part", **kw)
+    ckpt = tmp_path / "part.ckpt"
+    assert (ckpt / "last.safetensors").exists() and not (tmp_path / "part").exists()
+    monkeypatch.setattr(training._Loop, "train_epoch", original)
+    resumed = train(sim_data, tmp_path / "part", resume=True, **kw)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+    assert np.allclose([h["loss"] for h in resumed.history], [h["loss"] for h in full.history], rtol=1e-5)
+    wf, wr = _weights(full.bundle), _weights(resumed.bundle)
+    assert all(torch.allclose(wf[k].float(), wr[k].float(), atol=1e-6) for k in wf)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(sim_data, tmp_path):
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        train(sim_data, tmp_path / "x", resume=True, epochs=1, progress=False)
+
+
+def test_planner_fits_the_time_budget(sim_data, tmp_path, capsys):
+    result = train(sim_data, tmp_path / "planned", time_budget="40s", progress=False)
+    plan = result.plan
+    assert plan.spec.size[0] <= 64 and plan.epochs >= 1
+    assert plan.throughput and plan.throughput > 0
+    assert result.seconds < 40 * 1.25
+    assert any("img/s measured" in r for r in plan.reasons)
+
+
+def _shapes_dataset(root, n_per_class=50, size=32, seed=0):
+    """Discs vs rings of equal brightness at random places on noise: needs spatial features to tell apart."""
+    from PIL import Image as PILImage
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    for split, n in (("train", n_per_class), ("test", n_per_class // 2)):
+        for cls in ("disc", "ring"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                cy, cx = rng.uniform(9, size - 9, 2)
+                r = np.hypot(yy - cy, xx - cx)
+                shape = (r < 6) if cls == "disc" else ((r > 4) & (r < 7))
+                img = 0.2 + 0.1 * rng.standard_normal((size, size)) + rng.uniform(0.4, 0.7) * shape
+                PILImage.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(
+                    root / split / cls / f"{i}.png"
+                )
+    return root
+
+
+def test_learns_a_spatial_task(tmp_path):
+    from medclf.evaluation.runner import evaluate
+
+    data = _shapes_dataset(tmp_path / "d")
+    res = train(data, tmp_path / "m", epochs=30, size=32, progress=False)
+    metrics = evaluate(res.bundle, data, tmp_path / "eval", progress=False)
+    assert metrics["auc"] > 0.9 and metrics["accuracy"] > 0.8, metrics
