@@ -186,3 +186,12 @@ def test_python_api_mirrors_the_cli(tiny_bundle, sim_data):
     out = b.predict([img, sorted((sim_data / "test" / "normal").glob("*.png"))[0]])
     assert out[0]["probabilities"] == pytest.approx(out[1]["probabilities"], abs=1e-6)
     assert callable(medclf.train) and callable(medclf.evaluate) and callable(medclf.audit)
+
+
+def test_demo_runs_end_to_end_small(tmp_path):
+    from medclf.demo import run_demo
+
+    metrics = run_demo(tmp_path / "demo", n_per_class=12, time_budget="15s", size=64)
+    assert metrics["n_removed_duplicates"] == 2, "the two planted copies must be found and left out"
+    assert (tmp_path / "demo" / "eval" / "report.html").exists()
+    assert (tmp_path / "demo" / "audit.json").exists()

@@ -21,6 +21,7 @@ from medclf.data import simulate
 from medclf.data.simulate import (
     BRAIN,
     CLASSES,
+    DIFFICULTIES,
     FOV_MM,
     LESION,
     OEDEMA,
@@ -94,13 +95,18 @@ def test_bad_arguments_are_refused() -> None:
         make_dataset("unused", splits={"train": 0.5, "test": 0.3})
     with pytest.raises(ValueError, match="slices_per_patient"):
         make_dataset("unused", dims=3, slices_per_patient=2)
+    with pytest.raises(ValueError, match="unknown difficulty"):
+        simulate_case("tumour", rng=rng, difficulty="easy")
+    with pytest.raises(ValueError, match="unknown difficulty"):
+        make_dataset("unused", difficulty="easy")
 
 
+@pytest.mark.parametrize("difficulty", sorted(DIFFICULTIES))
 @pytest.mark.parametrize("label", ["tumour", "oedema"])
-def test_the_lesion_is_really_there_and_inside_the_brain(label: str) -> None:
+def test_the_lesion_is_really_there_and_inside_the_brain(label: str, difficulty: str) -> None:
     rng = np.random.default_rng(3)
     for _ in range(4):
-        params = sample_case_params(label, rng=rng, size=64)
+        params = sample_case_params(label, rng=rng, size=64, difficulty=difficulty)
         img, labels = render_case_with_labels(params)
         clean, clean_labels = render_case_with_labels(params, lesion=False)
         assert not np.isin(clean_labels, [OEDEMA, LESION]).any()
@@ -121,14 +127,49 @@ def test_a_normal_case_has_nothing_to_remove() -> None:
     np.testing.assert_array_equal(render_case(params), render_case(params, lesion=False))
 
 
-def test_intensity_statistics_alone_do_not_separate_the_classes() -> None:
+def test_hard_is_the_default_and_moderate_is_a_different_draw() -> None:
+    """``difficulty="hard"`` is the original simulator (the default); the other levels change the lesion."""
+    for label in CLASSES:
+        default = simulate_case(label, rng=np.random.default_rng(5), size=48)
+        hard = simulate_case(label, rng=np.random.default_rng(5), size=48, difficulty="hard")
+        moderate = simulate_case(label, rng=np.random.default_rng(5), size=48, difficulty="moderate")
+        np.testing.assert_array_equal(default, hard)
+        assert moderate.shape == hard.shape and moderate.dtype == np.float32
+        assert not np.array_equal(moderate, hard)  # blur and noise ranges differ even without a lesion
+
+
+def _lesion_stats(label: str, difficulty: str, n: int = 10) -> tuple[float, float]:
+    """Median area (pixels) and median contrast (mean |with - without lesion|) of the class's pathology."""
+    rng = np.random.default_rng(11)
+    areas, contrasts = [], []
+    for _ in range(n):
+        params = sample_case_params(label, rng=rng, size=48, difficulty=difficulty)
+        img, labels = render_case_with_labels(params)
+        region = labels >= (LESION if label == "tumour" else OEDEMA)
+        areas.append(region.sum())
+        contrasts.append(
+            np.abs(img - render_case(params, lesion=False))[region].mean() if region.any() else 0.0
+        )
+    return float(np.median(areas)), float(np.median(contrasts))
+
+
+@pytest.mark.parametrize("label", ["tumour", "oedema"])
+def test_moderate_lesions_are_more_conspicuous_than_hard_ones(label: str) -> None:
+    hard_area, hard_contrast = _lesion_stats(label, "hard")
+    area, contrast = _lesion_stats(label, "moderate")
+    assert area > 1.1 * hard_area
+    assert contrast > 1.1 * hard_contrast
+
+
+@pytest.mark.parametrize("difficulty", sorted(DIFFICULTIES))
+def test_intensity_statistics_alone_do_not_separate_the_classes(difficulty: str) -> None:
     """A histogram-level rule (mean, std, percentiles) must stay near chance: the classes need spatial cues."""
     rng = np.random.default_rng(2024)
     n = 60
     feats, y = [], []
     for _ in range(n):
         for k, label in enumerate(CLASSES):
-            img = simulate_case(label, rng=rng, size=64)
+            img = simulate_case(label, rng=rng, size=64, difficulty=difficulty)
             feats.append([img.mean(), img.std(), *np.percentile(img, np.linspace(5, 95, 10))])
             y.append(k)
     x, y_arr = np.asarray(feats), np.asarray(y)
@@ -136,7 +177,9 @@ def test_intensity_statistics_alone_do_not_separate_the_classes() -> None:
     train, test = order[: len(order) // 2], order[len(order) // 2 :]
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x[train], y_arr[train])
     score = balanced_accuracy_score(y_arr[test], clf.predict(x[test]))
-    assert score < 0.6, f"intensity statistics separate the classes (balanced accuracy {score:.2f})"
+    assert score < 0.6, (
+        f"{difficulty}: intensity statistics separate the classes (balanced accuracy {score:.2f})"
+    )
 
 
 def test_folder_dataset_layout_and_determinism(tmp_path: Path) -> None:
@@ -153,6 +196,9 @@ def test_folder_dataset_layout_and_determinism(tmp_path: Path) -> None:
     assert _digest(out) == _digest(make_dataset(tmp_path / "b", n_per_class=4, size=32, seed=5))
     other = _digest(make_dataset(tmp_path / "c", n_per_class=4, size=32, seed=6))
     assert set(other.values()) != set(_digest(out).values())
+    # The difficulty changes the pixels, never the layout, the names or the splits.
+    moderate = _digest(make_dataset(tmp_path / "m", n_per_class=4, size=32, seed=5, difficulty="moderate"))
+    assert moderate.keys() == _digest(out).keys() and moderate != _digest(out)
 
 
 def test_no_split_level_and_manifest(tmp_path: Path) -> None:

@@ -122,3 +122,36 @@ def test_learns_a_spatial_task(tmp_path):
     res = train(data, tmp_path / "m", epochs=30, size=32, progress=False)
     metrics = evaluate(res.bundle, data, tmp_path / "eval", progress=False)
     assert metrics["auc"] > 0.9 and metrics["accuracy"] > 0.8, metrics
+
+
+def test_3d_volumes_train_3d_networks_without_flags(tmp_path):
+    from medclf.data.simulate import make_dataset
+
+    data = make_dataset(tmp_path / "vol", n_per_class=4, dims=3, size=24, seed=2)
+    res = train(data, tmp_path / "m3d", epochs=1, progress=False, time_budget="60s")
+    b = load_bundle(res.bundle)
+    assert b.spec.spatial_dims == 3 and b.manifest["model"]["spatial_dims"] == 3
+    assert len(b.spec.size) == 3
+    out = b.predict(sorted((data / "test").rglob("*.nii.gz"))[:2])
+    assert all("predicted" in r for r in out)
+
+
+def test_3d_npz_and_csv_manifest_with_patients(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 12), ("val", 4), ("test", 4)):
+        arrays[f"{split}_images"] = rng.integers(0, 255, (n, 16, 16, 16), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 2).reshape(-1, 1)
+    np.savez(tmp_path / "vol3d.npz", **arrays)
+    res = train(tmp_path / "vol3d.npz", tmp_path / "npz3d", epochs=1, progress=False)
+    assert load_bundle(res.bundle).spec.spatial_dims == 3
+
+    from PIL import Image as PILImage
+
+    rows = ["path,label,patient_id"]
+    for i in range(24):
+        PILImage.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{'a' if i % 2 else 'b'},p{i // 2}")
+    (tmp_path / "m.csv").write_text("\n".join(rows))
+    res = train(tmp_path / "m.csv", tmp_path / "csvm", epochs=1, size=16, progress=False)
+    assert load_bundle(res.bundle).classes == ["a", "b"]

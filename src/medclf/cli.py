@@ -206,7 +206,7 @@ def demo(
         Path, typer.Option("--out", "-o", help="Folder for the demo's data, bundle and report")
     ] = Path("demo-out"),
     n_per_class: Annotated[int, typer.Option(help="Simulated cases per class")] = 200,
-    time_budget: Annotated[str, typer.Option(help="Training time budget")] = "75s",
+    time_budget: Annotated[str, typer.Option(help="Training time budget")] = "120s",
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
 ) -> None:
     """Simulated brain MRI (from the MNI152 template): audit, train, evaluate, report, predict."""

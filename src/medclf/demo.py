@@ -26,8 +26,10 @@ def run_demo(
     out: str | Path,
     *,
     n_per_class: int = 200,
-    time_budget: str = "75s",
+    time_budget: str = "120s",
+    size: int = 96,
     seed: int = 0,
+    difficulty: str = "moderate",
     console: Console | None = None,
 ) -> dict[str, object]:
     """Run the demo into ``out`` and return the test metrics."""
@@ -43,9 +45,17 @@ def run_demo(
             shutil.rmtree(p)
     console.rule("[bold]1. Simulated brain MRI[/]")
     make_dataset(
-        data, n_per_class=n_per_class, dims=2, size=128, seed=seed, splits={"train": 0.7, "test": 0.3}
+        data,
+        n_per_class=n_per_class,
+        dims=2,
+        size=size,
+        seed=seed,
+        splits={"train": 0.7, "test": 0.3},
+        difficulty=difficulty,
     )
-    make_dataset(new_cases, n_per_class=2, dims=2, size=128, seed=seed + 1000, splits=None)
+    make_dataset(
+        new_cases, n_per_class=2, dims=2, size=size, seed=seed + 1000, splits=None, difficulty=difficulty
+    )
     planted = _plant_leakage(data)
     console.print(
         f"{3 * n_per_class} cases in {data} ({', '.join(CLASSES)}); planted {len(planted)} test "

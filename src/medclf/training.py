@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,13 +149,16 @@ def train(
     resume: bool = False,
     progress: bool = True,
     console: Console | None = None,
+    epoch_callback: Callable[[dict[str, Any], nn.Module, Plan], dict[str, Any] | None] | None = None,
     **settings: Any,
 ) -> TrainResult:
     """Train a classifier on ``data`` and write a bundle to ``out``.
 
     ``settings`` override fields of ``config`` (e.g. ``epochs=5, arch="resnet18"``; ``time_budget`` may be
     a string such as ``"10m"``). With ``resume=True`` training continues from ``<out>.ckpt`` with the plan
-    saved there.
+    saved there. ``epoch_callback(row, model, plan)``, when given, runs after every epoch with that epoch's
+    history row and the model being selected (EMA when enabled); a dict it returns is merged into the row
+    (benchmarks use it to record test scores against wall time; it never influences training).
     """
     t_start = time.perf_counter()
     cfg = (config or TrainConfig()).updated(settings)
@@ -232,6 +235,8 @@ def train(
         plan.epochs = max(1, min(plan.epochs, fit)) if fit < plan.epochs else plan.epochs
 
     loop = _Loop(plan, samples, prepared, train_idx, val_idx, cfg, device, ckpt_dir, console, progress)
+    loop.epoch_callback = epoch_callback
+    loop.t_start = t_start
     deadline = t_start + cfg.time_budget if not cfg.epochs else None
     history, best_epoch, val_probs = loop.run(state, deadline)
 
@@ -355,7 +360,7 @@ class _Loop:
             # Average over roughly the last tenth of training (at least 10 steps).
             decay = min(0.9995, 1.0 - 1.0 / max(10.0, self.total_steps / 10))
             self.ema = torch.optim.swa_utils.AveragedModel(
-                self.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True
+                self.model, multi_avg_fn=_warmup_ema(decay), use_buffers=True
             )
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=plan.lr, weight_decay=plan.weight_decay
@@ -378,6 +383,8 @@ class _Loop:
         self.val_x = _materialise(prepared.tensors, val_idx)
         self.train_y = torch.from_numpy(samples.labels[train_idx])
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.epoch_callback: Callable[[dict[str, Any], nn.Module, Plan], dict[str, Any] | None] | None = None
+        self.t_start = time.perf_counter()
 
     def _to_device(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
@@ -494,7 +501,11 @@ class _Loop:
                     "val_loss": val_loss,
                     "lr": lr,
                     "seconds": epoch_times[-1],
+                    "wall_s": time.perf_counter() - self.t_start,
                 }
+                if self.epoch_callback is not None:
+                    with torch.random.fork_rng(devices=[]):
+                        row.update(self.epoch_callback(dict(row), self.eval_model(), self.plan) or {})
                 history.append(row)
                 self._checkpoint(epoch, history, best_auc, best_loss, best_epoch)
                 remaining = (self.plan.epochs - epoch - 1) * float(np.mean(epoch_times[-3:]))
@@ -611,6 +622,23 @@ def _auc(y: np.ndarray, probs: np.ndarray, n_classes: int) -> float:
     return float(np.mean(scores))
 
 
+def _warmup_ema(decay: float) -> Any:
+    """EMA whose decay ramps up as (1 + n) / (10 + n) (as timm's ModelEmaV3 warm-up): early on the average
+    follows the fast-changing network instead of mixing weights from incompatible points."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = float(num_averaged)
+        d = min(decay, (1.0 + n) / (10.0 + n))
+        for a, c in zip(averaged, current, strict=True):
+            if a.dtype.is_floating_point:
+                a.lerp_(c, 1.0 - d)
+            else:
+                a.copy_(c)  # integer buffers (BatchNorm's num_batches_tracked)
+
+    return update
+
+
 def _warmup_cosine(warmup: int, total: int) -> Any:
     def f(step: int) -> float:
         if step < warmup:
@@ -646,10 +674,11 @@ def _load_checkpoint_state(ckpt_dir: Path) -> dict[str, Any] | None:
 
 
 class _ProgressDisplay:
-    """A rich progress bar on a terminal; one plain line per epoch otherwise (logs, CI)."""
+    """A live progress bar on a terminal (unless disabled); one plain line per epoch otherwise, so logs
+    and CI output still show how training went."""
 
     def __init__(self, console: Console, total: int, start: int, enabled: bool) -> None:
-        self.console, self.total, self.enabled = console, total, enabled
+        self.console, self.total = console, total
         self.live = enabled and console.is_terminal
         self.progress: Any = None
         self.start = start
@@ -678,7 +707,7 @@ class _ProgressDisplay:
         )
         if self.progress is not None:
             self.progress.update(self.task, completed=int(row["epoch"]), info=info)
-        elif self.enabled:
+        else:
             self.console.print(f"epoch {int(row['epoch'])}/{self.total}  {info}  ({row['seconds']:.1f} s)")
 
     def __exit__(self, *exc: object) -> None:

@@ -24,6 +24,13 @@ pose (rotation, scale, shift), elastic head deformation and slice level, and les
 overlap between the classes. ``tests/test_simulate.py`` checks that a classifier on intensity histograms
 stays near chance.
 
+``difficulty`` (:data:`DIFFICULTIES`) sets how conspicuous the pathology is: ``"hard"`` (the default, and
+the original simulator draw for draw: same seed, same bytes) keeps deliberately subtle cases (small or
+solid low-contrast tumours, faint oedema, peritumoural oedema that mimics the oedema class);
+``"moderate"`` (what ``medclf demo`` uses) draws larger, mostly necrotic and rim-enhancing masses with more
+mass effect, wider and darker oedema, and less blur and noise. Anatomy, pose, contrast, bias field and
+brightness vary as much at both levels, so intensity histograms stay uninformative at both.
+
 Geometry is computed by *backward mapping*: each output pixel is mapped through pose -> elastic ->
 ventricle size -> mass effect into template millimetres and the template is sampled there with
 ``scipy.ndimage.map_coordinates``. A 2D slice therefore only costs the pixels of that slice; the volume is
@@ -53,6 +60,7 @@ from scipy import ndimage as ndi
 __all__ = [
     "BRAIN",
     "CLASSES",
+    "DIFFICULTIES",
     "FOV_MM",
     "LESION",
     "OEDEMA",
@@ -83,6 +91,86 @@ _TEMPLATE_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
     "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
 }
+
+
+@dataclass(frozen=True)
+class _Difficulty:
+    """How conspicuous the pathology is: the ranges that :func:`sample_case_params` draws from.
+
+    Intensities are in tissue units (0 = CSF, 1 = white matter); lengths in mm; ``p_*`` are probabilities.
+    Only the lesion and the acquisition's degradation change with the difficulty: anatomy, pose, bias
+    field, gamma and brightness vary as much at every level, so no global intensity rule appears.
+    """
+
+    tumour_radius: tuple[float, float]
+    p_tumour_oedema: float  # a thin peritumoural oedema (the main tumour/oedema look-alike)
+    tumour_oedema_extent: tuple[float, float]  # in tumour radii
+    oedema_lesion_radius: tuple[float, float]
+    oedema_radius: tuple[float, float]
+    p_tumour_core: float
+    tumour_core: tuple[float, float]
+    tumour_rim: tuple[float, float]
+    p_tumour_rim: float
+    tumour_push: tuple[float, float]
+    hypo_level: tuple[float, float]  # solid part, T1-hypointense (80 % of lesions)
+    hyper_level: tuple[float, float]  # solid part, hyperintense (haemorrhage, enhancement)
+    edge_mm: tuple[float, float]
+    tumour_rim_mm: tuple[float, float]
+    oedema_level: tuple[float, float]
+    blur_mm: tuple[float, float]
+    noise: tuple[float, float]
+
+
+#: ``"hard"``: subtle cases on purpose (small or solid tumours, faint oedema, peritumoural oedema around
+#: 40 % of tumours), the original simulator. ``"moderate"``: the same anatomy and acquisition variability,
+#: with lesions that a radiologist would call obvious: larger masses, usually necrotic and rim-enhancing,
+#: sharper and darker, with more mass effect; wider and darker oedema; less blur and noise.
+DIFFICULTIES: dict[str, _Difficulty] = {
+    "hard": _Difficulty(
+        tumour_radius=(12.0, 28.0),
+        p_tumour_oedema=0.4,
+        tumour_oedema_extent=(1.15, 1.5),
+        oedema_lesion_radius=(3.0, 8.0),
+        oedema_radius=(16.0, 36.0),
+        p_tumour_core=0.65,
+        tumour_core=(0.35, 0.7),
+        tumour_rim=(0.5, 1.0),
+        p_tumour_rim=0.65,
+        tumour_push=(0.35, 0.75),
+        hypo_level=(0.2, 0.65),
+        hyper_level=(1.05, 1.25),
+        edge_mm=(0.6, 2.5),
+        tumour_rim_mm=(1.2, 4.0),
+        oedema_level=(0.1, 0.45),
+        blur_mm=(0.0, 1.6),
+        noise=(0.008, 0.04),
+    ),
+    "moderate": _Difficulty(
+        tumour_radius=(16.0, 30.0),
+        p_tumour_oedema=0.25,
+        tumour_oedema_extent=(1.1, 1.35),
+        oedema_lesion_radius=(3.5, 8.0),
+        oedema_radius=(22.0, 38.0),
+        p_tumour_core=0.85,
+        tumour_core=(0.4, 0.7),
+        tumour_rim=(0.75, 1.0),
+        p_tumour_rim=0.85,
+        tumour_push=(0.5, 0.85),
+        hypo_level=(0.1, 0.5),
+        hyper_level=(1.2, 1.4),
+        edge_mm=(0.6, 1.5),
+        tumour_rim_mm=(2.0, 4.0),
+        oedema_level=(0.02, 0.3),
+        blur_mm=(0.0, 1.1),
+        noise=(0.008, 0.03),
+    ),
+}
+
+
+def _difficulty(name: str) -> _Difficulty:
+    if name not in DIFFICULTIES:
+        raise ValueError(f"unknown difficulty {name!r}; expected one of {tuple(DIFFICULTIES)}")
+    return DIFFICULTIES[name]
 
 
 # ----------------------------------------------------------------------------------------------- template
@@ -293,9 +381,20 @@ def _rotation(ax: float, ay: float, az: float) -> np.ndarray:
 
 
 def sample_case_params(
-    label: str, *, rng: np.random.Generator, dims: int = 2, size: int = 96, n_slices: int = 1
+    label: str,
+    *,
+    rng: np.random.Generator,
+    dims: int = 2,
+    size: int = 96,
+    n_slices: int = 1,
+    difficulty: str = "hard",
 ) -> CaseParams:
-    """Draw one simulated patient of class ``label`` (see the module docstring for what varies)."""
+    """Draw one simulated patient of class ``label`` (see the module docstring for what varies).
+
+    ``difficulty`` (a key of :data:`DIFFICULTIES`) sets how conspicuous the lesion is; ``"hard"`` is the
+    original simulator, draw for draw.
+    """
+    diff = _difficulty(difficulty)
     if label not in CLASSES:
         raise ValueError(f"unknown class {label!r}; expected one of {CLASSES}")
     if dims not in (2, 3):
@@ -363,7 +462,7 @@ def sample_case_params(
         else:
             pts, normal = tpl.candidates, np.zeros(3)
         half_extent = SLICE_GAP_MM * (n_slices - 1) / 2.0
-        lesion = _draw_lesion(label, rng, tpl, pts, normal, half_extent)
+        lesion = _draw_lesion(label, rng, tpl, pts, normal, half_extent, diff)
 
     # Acquisition. Gamma and brightness: scanner/protocol contrast; bias: receive-coil inhomogeneity
     # modelled as a smooth multiplicative field, exp(cubic polynomial) as in TorchIO's RandomBiasField
@@ -390,9 +489,9 @@ def sample_case_params(
         lesion=lesion,
         gamma=gamma,
         bias=bias,
-        blur_mm=float(rng.uniform(0.0, 1.6)),
+        blur_mm=float(rng.uniform(*diff.blur_mm)),
         brightness=float(rng.uniform(0.6, 1.0)),
-        noise=float(rng.uniform(0.008, 0.04)),
+        noise=float(rng.uniform(*diff.noise)),
         rician=bool(rng.random() < 0.8),
         noise_seed=int(rng.integers(0, 2**63 - 1)),
     )
@@ -405,6 +504,7 @@ def _draw_lesion(
     pts: np.ndarray,
     normal: np.ndarray,
     half_extent: float,
+    diff: _Difficulty,
 ) -> Lesion:
     """Draw size, shape and contrast, and a centre among ``pts`` (3, N) that lies in brain tissue.
 
@@ -413,15 +513,15 @@ def _draw_lesion(
     """
     tumour = label == "tumour"
     if tumour:
-        radius = rng.uniform(12.0, 28.0)
+        radius = rng.uniform(*diff.tumour_radius)
         radius = max(radius, half_extent + 5.0)  # every slice of a multi-slice patient shows the mass
     else:
-        radius = rng.uniform(3.0, 8.0)
+        radius = rng.uniform(*diff.oedema_lesion_radius)
     oedema_radius = 0.0
-    if tumour and rng.random() < 0.4:  # many tumours carry a thin peritumoural oedema too
-        oedema_radius = radius * rng.uniform(1.15, 1.5)
+    if tumour and rng.random() < diff.p_tumour_oedema:  # many tumours carry a thin peritumoural oedema too
+        oedema_radius = radius * rng.uniform(*diff.tumour_oedema_extent)
     elif not tumour:
-        oedema_radius = max(rng.uniform(16.0, 36.0), half_extent + 10.0)
+        oedema_radius = max(rng.uniform(*diff.oedema_radius), half_extent + 10.0)
 
     # Candidate centres: tissue (not CSF), supratentorial, deep enough for the lesion to stay in the brain.
     depth = -_sample(tpl.sdist, tpl.sdist_origin, 2.0, pts)
@@ -447,10 +547,10 @@ def _draw_lesion(
     stretch = rng.uniform(0.75, 1.3, size=3)
     axes = np.diag(1.0 / stretch) @ axes_rot.T
     if tumour:
-        has_core = rng.random() < 0.65
-        core = rng.uniform(0.35, 0.7) if has_core else 0.0
-        rim = rng.uniform(0.5, 1.0) if rng.random() < 0.65 else 0.0
-        push, decay = rng.uniform(0.35, 0.75), rng.uniform(0.8, 1.6)
+        has_core = rng.random() < diff.p_tumour_core
+        core = rng.uniform(*diff.tumour_core) if has_core else 0.0
+        rim = rng.uniform(*diff.tumour_rim) if rng.random() < diff.p_tumour_rim else 0.0
+        push, decay = rng.uniform(*diff.tumour_push), rng.uniform(0.8, 1.6)
     else:
         has_core = rng.random() < 0.4
         core = rng.uniform(0.3, 0.6) if has_core else 0.0
@@ -458,7 +558,7 @@ def _draw_lesion(
         push, decay = rng.uniform(0.0, 0.25), rng.uniform(0.8, 1.5)
     # Solid-part contrast, the same distribution for both classes so intensity alone is ambiguous: mostly
     # T1-hypointense (between CSF and white matter), sometimes hyperintense (haemorrhage, enhancement).
-    level = rng.uniform(0.2, 0.65) if rng.random() < 0.8 else rng.uniform(1.05, 1.25)
+    level = rng.uniform(*diff.hypo_level) if rng.random() < 0.8 else rng.uniform(*diff.hyper_level)
     return Lesion(
         kind=label,
         centre=c,
@@ -466,11 +566,11 @@ def _draw_lesion(
         axes=axes,
         shape=_Fourier.draw(rng, (0.8 * radius, 3.0 * radius), rng.uniform(0.06, 0.2)),
         texture=_Fourier.draw(rng, (4.0, 12.0), rng.uniform(0.04, 0.15), m=12),
-        edge_mm=float(rng.uniform(0.6, 2.5)),
+        edge_mm=float(rng.uniform(*diff.edge_mm)),
         level=float(level),
         core=float(core),
         core_shape=_Fourier.draw(rng, (0.5 * radius, 1.5 * radius), rng.uniform(0.04, 0.12)),
-        rim_mm=float(rng.uniform(1.2, 4.0) if tumour else rng.uniform(0.8, 2.0)),
+        rim_mm=float(rng.uniform(*diff.tumour_rim_mm) if tumour else rng.uniform(0.8, 2.0)),
         core_level=float(rng.uniform(-0.1, 0.3)),  # necrosis / cyst: near CSF
         rim=float(rim),
         rim_level=float(rng.uniform(1.2, 1.6)),  # enhancement: brighter than white matter
@@ -478,7 +578,7 @@ def _draw_lesion(
         push_decay=float(decay),
         oedema_radius=float(oedema_radius),
         oedema_shape=_Fourier.draw(rng, (10.0, 40.0), 0.3, m=10),
-        oedema_level=float(rng.uniform(0.1, 0.45)),  # darker than white matter, often GM-like
+        oedema_level=float(rng.uniform(*diff.oedema_level)),  # darker than white matter, often GM-like
     )
 
 
@@ -676,13 +776,16 @@ def render_case_with_labels(params: CaseParams, *, lesion: bool = True) -> tuple
     return np.clip(img, 0.0, 1.0).astype(np.float32), labels.reshape(shape)
 
 
-def simulate_case(label: str, *, rng: np.random.Generator, dims: int = 2, size: int = 96) -> np.ndarray:
+def simulate_case(
+    label: str, *, rng: np.random.Generator, dims: int = 2, size: int = 96, difficulty: str = "hard"
+) -> np.ndarray:
     """One simulated T1 brain MRI of class ``label``: 2D (size, size) or 3D (size, size, size), float32 in [0, 1].
 
     2D images are axial slices through the lateral ventricles (anterior up, radiological left/right);
-    3D volumes are ``[x, y, z]`` in RAS order with ``FOV_MM / size`` mm voxels.
+    3D volumes are ``[x, y, z]`` in RAS order with ``FOV_MM / size`` mm voxels. ``difficulty``: see
+    :data:`DIFFICULTIES`.
     """
-    img = render_case(sample_case_params(label, rng=rng, dims=dims, size=size))
+    img = render_case(sample_case_params(label, rng=rng, dims=dims, size=size, difficulty=difficulty))
     return img[0] if dims == 2 else img
 
 
@@ -722,6 +825,7 @@ def make_dataset(
     slices_per_patient: int = 1,
     manifest: bool = False,
     overwrite: bool = False,
+    difficulty: str = "hard",
 ) -> Path:
     """Write a folder dataset of simulated brain MRI and return ``out_dir``.
 
@@ -732,8 +836,10 @@ def make_dataset(
     and all slices of a patient land in the same split. Splits are stratified by class. ``manifest``
     adds ``manifest.csv`` (``path,label,patient_id,split``; paths relative to ``out_dir``). Output is
     byte-identical for the same arguments. An existing non-empty ``out_dir`` is refused unless
-    ``overwrite``, which replaces only what this function writes.
+    ``overwrite``, which replaces only what this function writes. ``difficulty`` (``"hard"`` or
+    ``"moderate"``, see :data:`DIFFICULTIES`) sets how conspicuous the lesions are.
     """
+    _difficulty(difficulty)  # refuse a bad name before touching the disk
     if n_per_class < 1:
         raise ValueError("n_per_class must be >= 1")
     if slices_per_patient < 1 or (dims == 3 and slices_per_patient != 1):
@@ -774,7 +880,9 @@ def make_dataset(
     rows: list[tuple[str, str, str, str]] = []
     for k in range(n_total):
         rng = np.random.default_rng(case_seqs[k])
-        params = sample_case_params(labels[k], rng=rng, dims=dims, size=size, n_slices=slices_per_patient)
+        params = sample_case_params(
+            labels[k], rng=rng, dims=dims, size=size, n_slices=slices_per_patient, difficulty=difficulty
+        )
         img = render_case(params)
         pid = f"p{ids[k]:04d}"
         folder = out / split_of[k] / labels[k] if split_of[k] else out / labels[k]

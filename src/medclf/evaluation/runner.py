@@ -51,8 +51,8 @@ def evaluate(
     if not samples.has_split(split):
         have = ", ".join(sorted(set(samples.splits)))
         raise DataError(f"{data}: no {split!r} split (it has: {have}); choose one with --split")
-    keep = np.array([s in ("train", split) for s in samples.splits])
-    samples = samples.subset(np.flatnonzero(keep))
+    # Decode the whole dataset (not just train + split): the cache key then matches training's, so a
+    # dataset already seen by `train` is not decoded again.
     labels = _map_labels(samples, b.classes, data)
     train_hashes = _bundle_train_hashes(b)
     prepared = prepare(
@@ -70,42 +70,81 @@ def evaluate(
     probs = np.full((len(samples), len(b.classes)), np.nan)
     if len(usable):
         probs[usable] = b.predict_tensors(np.asarray(prepared.tensors[usable]), batch_size=128)
-    copies = prepared.train_copy & in_split
-    clean = usable[~copies[usable]] if include_train_copies is False else usable
+    return write_evaluation(
+        out,
+        samples=samples,
+        labels=labels,
+        probs=probs,
+        ok=prepared.ok,
+        train_copy=prepared.train_copy,
+        errors=[str(m or "unreadable") for m in prepared.scan.messages],
+        split=split,
+        classes=b.classes,
+        include_train_copies=include_train_copies,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        title=f"medclf evaluation: {Path(str(data)).name} / {split}",
+        sections=_report_sections(b, prepared.errors, data, split),
+        extra={"bundle_sha256": b.sha256},
+        console=console,
+    )
+
+
+def write_evaluation(
+    out: str | Path,
+    *,
+    samples: SampleSet,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    ok: np.ndarray,
+    train_copy: np.ndarray,
+    errors: list[str],
+    split: str,
+    classes: list[str],
+    include_train_copies: bool = False,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    title: str = "medclf evaluation",
+    sections: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Metrics (headline without copies of training samples, and ``all_samples``), predictions.csv, plots
+    and report.html for class probabilities ``probs`` (rows for every sample; NaN where unusable).
+
+    Shared by ``evaluate`` and by anything else that produces probabilities (baselines, ensembles), so every
+    method is scored and reported the same way.
+    """
+    console = console or Console(stderr=True, soft_wrap=True)
+    in_split = np.array([s == split for s in samples.splits])
+    idx = np.flatnonzero(in_split)
+    usable = idx[ok[idx] & (labels[idx] >= 0) & ~np.isnan(probs[idx]).any(axis=1)]
+    copies = train_copy & in_split
+    clean = usable if include_train_copies else usable[~copies[usable]]
     if len(clean) == 0:
         raise DataError(f"no usable samples in split {split!r} after removing unreadable files and copies")
-
-    metrics = compute_metrics(labels[clean], probs[clean], b.classes, n_bootstrap=n_bootstrap, seed=seed)
-    all_metrics = compute_metrics(
-        labels[usable], probs[usable], b.classes, n_bootstrap=n_bootstrap, seed=seed
-    )
-    n_removed = int(copies[usable].sum()) if not include_train_copies else 0
+    metrics = compute_metrics(labels[clean], probs[clean], classes, n_bootstrap=n_bootstrap, seed=seed)
+    all_metrics = compute_metrics(labels[usable], probs[usable], classes, n_bootstrap=n_bootstrap, seed=seed)
+    n_removed = 0 if include_train_copies else int(copies[usable].sum())
     metrics.update(
         split=split,
         n_removed_duplicates=n_removed,
         n_train_copies_in_split=int(copies[idx].sum()),
-        n_unreadable=int((~prepared.ok[idx]).sum()),
+        n_unreadable=int((~ok[idx]).sum()),
         protocol=PROTOCOL if not include_train_copies else "all samples of the split (copies kept)",
-        bundle_sha256=b.sha256,
+        **(extra or {}),
         all_samples=all_metrics,
     )
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    _write_predictions(out / "predictions.csv", samples, labels, probs, prepared, idx, b.classes)
+    _write_predictions(out / "predictions.csv", samples, labels, probs, ok, train_copy, errors, idx, classes)
     figures = {
-        "ROC curves": plot_roc(labels[clean], probs[clean], b.classes, out / "roc.png"),
-        "Confusion matrix": plot_confusion(metrics["confusion_matrix"], b.classes, out / "confusion.png"),
+        "ROC curves": plot_roc(labels[clean], probs[clean], classes, out / "roc.png"),
+        "Confusion matrix": plot_confusion(metrics["confusion_matrix"], classes, out / "confusion.png"),
         "Reliability diagram": plot_reliability(labels[clean], probs[clean], out / "reliability.png"),
     }
-    write_report(
-        out / "report.html",
-        title=f"medclf evaluation: {Path(str(data)).name} / {split}",
-        metrics=metrics,
-        figures=figures,
-        sections=_report_sections(b, prepared.errors, data, split),
-    )
+    write_report(out / "report.html", title=title, metrics=metrics, figures=figures, sections=sections)
     console.print(
         f"[bold]{split}[/] n={metrics['n']} (removed {n_removed} copies of training samples)  "
         f"accuracy {metrics['accuracy']:.4f} {_ci(metrics, 'accuracy')}  AUC {_f(metrics['auc'])} {_ci(metrics, 'auc')}"
@@ -149,7 +188,9 @@ def _write_predictions(
     samples: SampleSet,
     labels: np.ndarray,
     probs: np.ndarray,
-    prepared: Any,
+    ok: np.ndarray,
+    train_copy: np.ndarray,
+    errors: list[str],
     idx: np.ndarray,
     classes: list[str],
 ) -> None:
@@ -158,16 +199,14 @@ def _write_predictions(
         w.writerow(["path", "label", "predicted", "train_copy", *[f"prob_{c}" for c in classes], "error"])
         for i in idx:
             label = classes[labels[i]] if labels[i] >= 0 else ""
-            if prepared.ok[i] and not np.isnan(probs[i]).any():
+            if ok[i] and not np.isnan(probs[i]).any():
                 pred = classes[int(np.argmax(probs[i]))]
                 row_probs = [f"{p:.6f}" for p in probs[i]]
                 err = ""
             else:
                 pred, row_probs = "", [""] * len(classes)
-                err = str(prepared.scan.messages[i] or "unreadable")
-            w.writerow(
-                [samples.display_ref(int(i)), label, pred, bool(prepared.train_copy[i]), *row_probs, err]
-            )
+                err = errors[i]
+            w.writerow([samples.display_ref(int(i)), label, pred, bool(train_copy[i]), *row_probs, err])
 
 
 def _report_sections(b: Bundle, errors: list[dict[str, str]], data: str | Path, split: str) -> dict[str, Any]:
