@@ -34,6 +34,8 @@ def test_forward_backward(name, dims):
     groups = model_info(name).layer_groups
     names = {n for n, _ in model.named_children()}
     assert set(groups) <= names, f"layer groups {groups} must be children of the model ({names})"
+    cam = dict(model.named_modules())[model_info(name).cam_layer]
+    assert cam is not None
 
 
 def test_three_channel_input():

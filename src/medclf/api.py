@@ -9,8 +9,9 @@ bundle.predict(["scan.dcm", "slice.png"])
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medclf.bundle import Bundle, load_bundle
 from medclf.data.audit import NEAR_THRESHOLD, AuditReport
@@ -19,7 +20,20 @@ from medclf.data.sources import load_source
 from medclf.evaluation.runner import evaluate
 from medclf.training import TrainConfig, TrainResult, train
 
-__all__ = ["Bundle", "TrainConfig", "TrainResult", "audit", "evaluate", "load_bundle", "predict", "train"]
+if TYPE_CHECKING:
+    from rich.console import Console
+
+__all__ = [
+    "Bundle",
+    "TrainConfig",
+    "TrainResult",
+    "audit",
+    "baseline",
+    "evaluate",
+    "load_bundle",
+    "predict",
+    "train",
+]
 
 
 def audit(
@@ -36,3 +50,36 @@ def predict(bundle: str | Path | Bundle, inputs: Any, *, batch_size: int = 32) -
     """Classify files, folders or arrays with a bundle (see :meth:`Bundle.predict`)."""
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     return b.predict(inputs, batch_size=batch_size)
+
+
+def baseline(
+    data: str | Path,
+    out: str | Path,
+    *,
+    size: int | None = None,
+    methods: Sequence[str] | str = ("logreg", "rf", "svm"),
+    seed: int = 0,
+    workers: int | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Traditional-ML baseline: hand-crafted features (intensity, GLCM, LBP, HOG) and classical classifiers
+    chosen on validation AUC; writes the ``evaluate`` outputs for the test split plus ``baseline.json``.
+
+    Returns the test metrics (headline without copies of training samples, ``all_samples`` with them) and
+    a ``baseline`` key holding the selection table. See :mod:`medclf.baseline`.
+    """
+    from medclf.baseline import run_baseline
+
+    return run_baseline(
+        data,
+        out,
+        size=size,
+        methods=methods,
+        seed=seed,
+        workers=workers,
+        cache_dir=cache_dir,
+        progress=progress,
+        console=console,
+    )

@@ -215,6 +215,38 @@ def demo(
     run_demo(out, n_per_class=n_per_class, time_budget=time_budget, seed=seed, console=err)
 
 
+@app.command()
+def baseline(
+    data: Annotated[str, typer.Argument(help="Dataset: folder, CSV manifest or MedMNIST .npz (2D)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder")] = Path("baseline"),
+    size: Annotated[
+        int | None, typer.Option(help="Image size for the features; default: native up to 64 px, else 128")
+    ] = None,
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated classifiers among logreg, rf, svm, gbm")
+    ] = "logreg,rf,svm",
+    seed: Annotated[int, typer.Option(help="Random seed (validation split, forests, SVM)")] = 0,
+    workers: Annotated[int | None, typer.Option(help="Processes for decoding and features")] = None,
+    cache_dir: Annotated[str | None, typer.Option(help="Where preprocessed tensors are cached")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+) -> None:
+    """Traditional-ML baseline: GLCM/LBP/HOG/intensity features and classical classifiers chosen on
+    validation AUC; writes the evaluate outputs for the test split and baseline.json."""
+    from medclf.api import baseline as run_baseline
+
+    run_baseline(
+        data,
+        out,
+        size=size,
+        methods=methods,
+        seed=seed,
+        workers=workers,
+        cache_dir=cache_dir,
+        progress=progress,
+        console=err,
+    )
+
+
 def main() -> None:
     """Entry point of the console script: user errors exit 2 with one line, never a traceback."""
     try:

@@ -33,7 +33,12 @@ def resnet34(in_channels: int, n_classes: int, spatial_dims: int = 2, small_inpu
     return _resnet(34, in_channels, n_classes, spatial_dims, small_input)
 
 
-@register_model("densenet121", description="DenseNet-121 (MONAI)", layer_groups=("features", "class_layers"))
+@register_model(
+    "densenet121",
+    description="DenseNet-121 (MONAI)",
+    layer_groups=("features", "class_layers"),
+    cam_layer="class_layers.relu",
+)
 def densenet121(in_channels: int, n_classes: int, spatial_dims: int = 2, dropout: float = 0.0) -> nn.Module:
     return nets.DenseNet121(
         spatial_dims=spatial_dims, in_channels=in_channels, out_channels=n_classes, dropout_prob=dropout

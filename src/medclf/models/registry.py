@@ -23,18 +23,20 @@ class ModelInfo:
     description: str
     # Names of the top-level children, in input-to-output order, that --freeze may name.
     layer_groups: tuple[str, ...]
+    # The module whose activations Grad-CAM explains (the last spatial feature map).
+    cam_layer: str = "layer4"
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
 
 
 def register_model(
-    name: str, *, description: str, layer_groups: tuple[str, ...]
+    name: str, *, description: str, layer_groups: tuple[str, ...], cam_layer: str = "layer4"
 ) -> Callable[[Builder], Builder]:
     def decorate(fn: Builder) -> Builder:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = ModelInfo(name, fn, description, layer_groups)
+        _REGISTRY[name] = ModelInfo(name, fn, description, layer_groups, cam_layer)
         return fn
 
     return decorate
