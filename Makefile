@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install system-deps demo test lint bench clean
 
 install: $(STAMP)
 
@@ -18,7 +18,21 @@ $(STAMP): pyproject.toml requirements.lock
 demo: install
 	$(BIN)/medclf demo --out demo-out
 
-test: install
+# Programs the tests drive that are not Python packages: headless Chromium (browser test of the web page)
+# and dcmtk (a real DICOM client for the DICOM node). Installed with apt-get when missing and when we can;
+# the tests that need them skip with a reason otherwise.
+system-deps:
+	@missing=""; command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "[make] installing$$missing with apt-get"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/tmp/medclf-apt.log 2>&1 \
+	      || echo "[make] apt-get failed (see /tmp/medclf-apt.log): tests that need$$missing will skip"; \
+	  else echo "[make] not installing$$missing (needs root and apt-get): tests that need it will skip"; fi; \
+	fi
+
+test: install system-deps
 	@$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest
 
