@@ -18,12 +18,13 @@ $(STAMP): pyproject.toml requirements.lock
 demo: install
 	$(BIN)/medclf demo --out demo-out
 
-# Programs the tests drive that are not Python packages: headless Chromium (browser test of the web page)
-# and dcmtk (a real DICOM client for the DICOM node). Installed with apt-get when missing and when we can;
+# Programs the tests drive that are not Python packages: headless Chromium (browser test of the web page),
+# dcmtk (a real DICOM client for the DICOM node) and dicom3tools (dciodvfy validates the SRs it writes). Installed with apt-get when missing and when we can;
 # the tests that need them skip with a reason otherwise.
 system-deps:
-	@missing=""; command -v chromium >/dev/null || missing="$$missing chromium"; \
-	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
+	@missing=""; test -x /usr/bin/chromium || missing="$$missing chromium"; \
+	test -x /usr/bin/storescu || missing="$$missing dcmtk"; \
+	test -x /usr/bin/dciodvfy || missing="$$missing dicom3tools"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "[make] installing$$missing with apt-get"; \

@@ -114,10 +114,11 @@ def _test_scorer(data: Path) -> Any:
             state["y"] = samples.labels[test]
             state["classes"] = samples.classes
         model.eval()
+        device = next(model.parameters()).device  # the model trains on a GPU when there is one
         with torch.no_grad():
             probs = torch.cat(
                 [
-                    torch.softmax(model(state["x"][i : i + 256]).float(), 1)
+                    torch.softmax(model(state["x"][i : i + 256].to(device)).float(), 1).cpu()
                     for i in range(0, len(state["x"]), 256)
                 ]
             ).numpy()

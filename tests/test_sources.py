@@ -101,3 +101,22 @@ def test_ensure_validation(tmp_path):
             _png(tmp_path / cls / f"{i}.png")
     s = ensure_validation(load_source(tmp_path), fraction=0.2, seed=0)
     assert s.splits.count("val") == 4 and s.class_counts("val") == {"x": 2, "y": 2}
+
+
+def test_special_files_are_listed_as_unreadable_not_skipped(tmp_path):
+    """A FIFO (opening it would block), a dangling link and a looping link are audited, never hang."""
+    import os
+
+    import medclf
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            PILImage.fromarray((rng.random((32, 32)) * 255).astype("uint8")).save(tmp_path / c / f"{i}.png")
+    os.mkfifo(tmp_path / "a" / "fifo.png")
+    os.symlink(tmp_path / "missing.png", tmp_path / "b" / "dangling.png")
+    os.symlink(tmp_path / "b" / "loop.png", tmp_path / "b" / "loop.png")
+    report = medclf.audit(tmp_path, progress=False).to_dict()
+    reasons = {r["ref"]: r["reason"] for r in report["unreadable"]}
+    assert reasons == {"a/fifo.png": "not_a_file", "b/dangling.png": "not_found", "b/loop.png": "symlink_loop"}

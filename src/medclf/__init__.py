@@ -7,6 +7,10 @@ The public API (imported lazily, so ``import medclf`` stays fast)::
     medclf.audit(data) -> AuditReport
     medclf.load_bundle(path) -> Bundle        # Bundle.predict(paths_or_arrays)
     medclf.predict(bundle, inputs) -> list[dict]
+    medclf.export(bundle, out, data=..., onnx=True, int8=True) -> ExportResult   # compression
+    medclf.ensemble([b1, b2], out, data=..., method="mean") -> EnsembleResult   # fusion
+    medclf.train_folds(data, out, folds=5) -> EnsembleResult                  # K-fold bagging
+    medclf.train_members(data, out, members=3) -> EnsembleResult              # seed bagging
 """
 
 from __future__ import annotations
@@ -15,7 +19,20 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_API = {"train", "evaluate", "audit", "load_bundle", "predict", "Bundle", "TrainConfig", "TrainResult"}
+_API = {
+    "train",
+    "evaluate",
+    "audit",
+    "load_bundle",
+    "predict",
+    "export",
+    "ensemble",
+    "train_folds",
+    "train_members",
+    "Bundle",
+    "TrainConfig",
+    "TrainResult",
+}
 
 
 def __getattr__(name: str) -> Any:

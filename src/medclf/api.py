@@ -23,16 +23,23 @@ from medclf.training import TrainConfig, TrainResult, train
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from medclf.compress import ExportResult
+    from medclf.fusion import EnsembleResult
+
 __all__ = [
     "Bundle",
     "TrainConfig",
     "TrainResult",
     "audit",
     "baseline",
+    "ensemble",
     "evaluate",
+    "export",
     "load_bundle",
     "predict",
     "train",
+    "train_folds",
+    "train_members",
 ]
 
 
@@ -46,10 +53,63 @@ def audit(
     )
 
 
-def predict(bundle: str | Path | Bundle, inputs: Any, *, batch_size: int = 32) -> list[dict[str, Any]]:
+def predict(
+    bundle: str | Path | Bundle,
+    inputs: Any,
+    *,
+    batch_size: int = 32,
+    engine: str = "auto",
+    tta: bool | str | Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
     """Classify files, folders or arrays with a bundle (see :meth:`Bundle.predict`)."""
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    return b.predict(inputs, batch_size=batch_size)
+    return b.predict(inputs, batch_size=batch_size, engine=engine, tta=tta)
+
+
+def ensemble(
+    bundles: Sequence[str | Path | Bundle],
+    out: str | Path,
+    *,
+    data: str | Path,
+    method: str = "mean",
+    **options: Any,
+) -> EnsembleResult:
+    """Fuse trained bundles into one ensemble bundle (``method``: mean, weighted or stacking); anything
+    fitted is fitted on validation predictions of ``data``, the dataset the members were trained on.
+    See :func:`medclf.fusion.ensemble`."""
+    from medclf.fusion import ensemble as _ensemble
+
+    return _ensemble(bundles, out, data=data, method=method, **options)
+
+
+def train_folds(
+    data: str | Path, out: str | Path, *, folds: int = 5, method: str = "mean", **settings: Any
+) -> EnsembleResult:
+    """K-fold bagging: ``folds`` training runs, each validating on another fold, fused into one ensemble
+    bundle within one time budget. See :func:`medclf.folds.train_folds`."""
+    from medclf.folds import train_folds as _train_folds
+
+    return _train_folds(data, out, folds=folds, method=method, **settings)
+
+
+def train_members(
+    data: str | Path, out: str | Path, *, members: int = 3, method: str = "mean", **settings: Any
+) -> EnsembleResult:
+    """Seed bagging: ``members`` runs with different training seeds and one shared validation split, fused
+    into one ensemble bundle within one time budget. See :func:`medclf.folds.train_members`."""
+    from medclf.folds import train_members as _train_members
+
+    return _train_members(data, out, members=members, method=method, **settings)
+
+
+def export(bundle: str | Path | Bundle, out: str | Path, **options: Any) -> ExportResult:
+    """Compress a bundle into a new one: ``onnx=True``, ``int8=True``, ``prune=0.5``, ``student="compact-s"``
+    and/or ``distill_from=TEACHER``, with ``data=`` the training data; see
+    :func:`medclf.compress.export_bundle` for every option. Returns the new bundle's path and its
+    ``compression`` record (what was done, validation accuracy before and after)."""
+    from medclf.compress import export_bundle
+
+    return export_bundle(bundle, out, **options)
 
 
 def baseline(

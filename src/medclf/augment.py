@@ -5,13 +5,25 @@ then calls a deterministic ``apply(x, params)``: any augmented sample can be rep
 parameters (the TorchIO pattern). Transforms act on batches ``(B, C, *spatial)`` at once, so
 augmentation costs a few per cent of a CPU training step instead of dominating it.
 
+Two kinds of transforms:
+
+* geometry and global intensity (flips, affine, brightness/contrast/gamma, Gaussian noise) are written
+  here as *batched* tensor operations, because they run on every sample of every step and per-sample
+  calls would dominate a CPU training step;
+* everything else - elastic deformation, Rician noise, blur and the MRI artefacts (bias field, Gibbs
+  ringing, k-space spikes) - are MONAI transforms (:class:`MonaiTransform`), applied to the sampled
+  subset of a batch, one sample at a time, each with its own sampled seed. MONAI has no motion/ghosting
+  transform, so :class:`RandomGhosting` implements the k-space ghosting model of TorchIO
+  (Pérez-García et al. 2021, after Shaw et al. 2019, "MRI k-space motion artefact augmentation").
+
 Inputs are expected in [0, 1] (the default preprocessing); intensity transforms clamp back to it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,6 +162,133 @@ class RandomNoise(BatchTransform):
         return (x + params["noise"].to(x.dtype) * _bcast(params["std"], x)).clamp(0.0, 1.0)
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    # Per-sample transforms on small tensors are several times faster single-threaded (thread start-up
+    # dominates); the network's own kernels get the threads back afterwards.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+# MONAI random transforms by name: (spatial shape) -> transform with prob=1 (we decide who gets it).
+def _monai_factories() -> dict[str, Callable[..., Any]]:
+    from monai import transforms as mt
+
+    def elastic(shape: tuple[int, ...], magnitude: tuple[float, float] = (0.5, 1.5)) -> Any:
+        if len(shape) != 2:
+            raise ConfigError("elastic deformation is implemented for 2D images only")
+        # Control points every ~1/6 of the image: smooth, anatomically plausible warps.
+        spacing = tuple(max(4, s // 6) for s in shape)
+        return mt.Rand2DElastic(
+            spacing=spacing, magnitude_range=magnitude, prob=1.0, padding_mode="zeros", mode="bilinear"
+        )
+
+    return {
+        "elastic": elastic,
+        "bias_field": lambda shape, coeff=(0.0, 0.25): mt.RandBiasField(
+            degree=3, coeff_range=coeff, prob=1.0
+        ),
+        "gibbs": lambda shape, alpha=(0.2, 0.55): mt.RandGibbsNoise(alpha=alpha, prob=1.0),
+        "kspace_spike": lambda shape, intensity=None: mt.RandKSpaceSpikeNoise(
+            intensity_range=intensity, prob=1.0
+        ),
+        "rician": lambda shape, std=0.04: mt.RandRicianNoise(std=std, sample_std=True, prob=1.0),
+        "blur": lambda shape, sigma=(0.3, 1.0): mt.RandGaussianSmooth(
+            **{f"sigma_{a}": sigma for a in "xyz"[: len(shape)]}, prob=1.0
+        ),
+    }
+
+
+@dataclass
+class MonaiTransform(BatchTransform):
+    """A MONAI random transform applied with probability ``p`` to each sample of a batch.
+
+    The parameters sampled here are, per sample, whether it is transformed and a 31-bit seed; applying
+    the MONAI transform after ``set_random_state(seed)`` is deterministic, so the seed reproduces the
+    augmented sample exactly. ``keep_mean`` rescales the result to the input's mean intensity (a bias
+    field multiplies the image by a smooth positive field: without it, brightness would drift too).
+    """
+
+    name: str
+    p: float = 0.2
+    options: dict[str, Any] = field(default_factory=dict)
+    keep_mean: bool = False
+
+    def __post_init__(self) -> None:
+        if self.name not in _monai_factories():
+            raise ConfigError(f"unknown MONAI transform {self.name!r}")
+        self._cache: dict[tuple[int, ...], Any] = {}
+
+    def _get(self, shape: tuple[int, ...]) -> Any:
+        if shape not in self._cache:
+            self._cache[shape] = _monai_factories()[self.name](shape, **self.options)
+        return self._cache[shape]
+
+    def sample(self, x: torch.Tensor, gen: torch.Generator) -> Params:
+        n = x.shape[0]
+        return {
+            "active": torch.rand(n, generator=gen) < self.p,
+            "seed": torch.randint(0, 2**31 - 1, (n,), generator=gen),
+        }
+
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        idx = torch.nonzero(params["active"]).flatten().tolist()
+        if not idx:
+            return x
+        out = x.clone()
+        t = self._get(tuple(x.shape[2:]))
+        with _one_thread():
+            for i in idx:
+                t.set_random_state(seed=int(params["seed"][i]))
+                y = torch.as_tensor(t(x[i].float())).as_subclass(torch.Tensor).float()
+                if self.keep_mean:
+                    y = y * (x[i].float().mean() / y.mean().clamp_min(1e-6))
+                out[i] = y.clamp(0.0, 1.0).to(x.dtype)
+        return out
+
+
+@dataclass
+class RandomGhosting(BatchTransform):
+    """MRI motion ghosting: every ``k``-th k-space line along one in-plane axis is scaled by
+    ``1 - strength``, which adds ``k`` faint shifted copies of the image (TorchIO's ``RandomGhosting``)."""
+
+    ghosts: tuple[int, int] = (2, 6)
+    strength: tuple[float, float] = (0.3, 0.7)
+    p: float = 0.1
+
+    def sample(self, x: torch.Tensor, gen: torch.Generator) -> Params:
+        n = x.shape[0]
+        return {
+            "active": torch.rand(n, generator=gen) < self.p,
+            "ghosts": torch.randint(self.ghosts[0], self.ghosts[1] + 1, (n,), generator=gen),
+            "axis": torch.randint(0, 2, (n,), generator=gen),
+            "strength": _uniform(n, *self.strength, gen),
+        }
+
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        idx = torch.nonzero(params["active"]).flatten().tolist()
+        if not idx:
+            return x
+        out = x.clone()
+        for i in idx:
+            dim = x.ndim - 3 + int(params["axis"][i])  # one of the last two axes of the sample
+            img = x[i].float()
+            k = torch.fft.fftn(img, dim=(-2, -1))
+            n_lines = img.shape[dim]
+            mask = torch.ones(n_lines)
+            mask[:: int(params["ghosts"][i])] = 1.0 - float(params["strength"][i])
+            mask[0] = 1.0  # keep the centre of k-space (in unshifted order): the image's contrast
+            shape = [1] * img.ndim
+            shape[dim] = n_lines
+            y = torch.fft.ifftn(k * mask.view(shape), dim=(-2, -1)).abs()
+            out[i] = y.clamp(0.0, 1.0).to(x.dtype)
+        return out
+
+
 @dataclass
 class Compose(BatchTransform):
     transforms: list[BatchTransform] = field(default_factory=list)
@@ -229,7 +368,89 @@ def _standard(spatial_dims: int) -> Compose:
     )
 
 
+@register_preset(
+    "mri",
+    "light geometry and contrast + MRI artefacts: bias field, Gibbs ringing, k-space spikes, motion "
+    "ghosting, Rician noise, blur (MONAI)",
+)
+def _mri(spatial_dims: int) -> Compose:
+    return Compose(
+        [
+            RandomFlip(axes=(-1,)),
+            RandomAffine(degrees=12, scale=(0.9, 1.1), translate=0.05),
+            RandomIntensity(brightness=0.06, contrast=(0.8, 1.25), gamma=(0.8, 1.25)),
+            MonaiTransform("bias_field", p=0.3, keep_mean=True),
+            MonaiTransform("gibbs", p=0.15),
+            MonaiTransform("kspace_spike", p=0.05),
+            RandomGhosting(p=0.1),
+            MonaiTransform("rician", p=0.2),
+            MonaiTransform("blur", p=0.15),
+        ]
+    )
+
+
+@register_preset(
+    "xray",
+    "no left-right flip (anatomy is lateralised), small rotation/zoom, elastic (2D), strong "
+    "contrast/gamma, noise, blur",
+)
+def _xray(spatial_dims: int) -> Compose:
+    steps: list[BatchTransform] = [RandomAffine(degrees=7, scale=(0.9, 1.1), translate=0.05)]
+    if spatial_dims == 2:
+        steps.append(MonaiTransform("elastic", p=0.2, options={"magnitude": (0.5, 1.0)}))
+    steps += [
+        RandomIntensity(brightness=0.08, contrast=(0.75, 1.33), gamma=(0.7, 1.4)),
+        RandomNoise(std=0.03, p=0.3),
+        MonaiTransform("blur", p=0.2),
+    ]
+    return Compose(steps)
+
+
+@register_preset(
+    "strong",
+    "flips, rotation +-20 deg, zoom 0.8-1.2, elastic (2D), strong contrast/gamma, noise, blur, bias field, "
+    "Gibbs ringing",
+)
+def _strong(spatial_dims: int) -> Compose:
+    steps: list[BatchTransform] = [
+        RandomFlip(axes=(-1,)),
+        RandomAffine(degrees=20, scale=(0.8, 1.2), translate=0.08),
+    ]
+    if spatial_dims == 2:
+        steps.append(MonaiTransform("elastic", p=0.3))
+    steps += [
+        RandomIntensity(brightness=0.12, contrast=(0.7, 1.4), gamma=(0.65, 1.5)),
+        RandomNoise(std=0.04, p=0.4),
+        MonaiTransform("blur", p=0.2),
+        MonaiTransform("bias_field", p=0.2, keep_mean=True),
+        MonaiTransform("gibbs", p=0.1),
+    ]
+    return Compose(steps)
+
+
+# Which preset suits which modality (DICOM Modality codes); the planner uses it when the data says.
+MODALITY_PRESETS = {"MR": "mri", "CR": "xray", "DX": "xray", "RG": "xray", "MG": "xray"}
+
+
+def preset_for_modality(modality: str | None) -> str | None:
+    """The preset for a DICOM modality code, or None when no modality-specific preset applies."""
+    return MODALITY_PRESETS.get((modality or "").upper())
+
+
+def gallery(
+    x: torch.Tensor, preset: str, *, n_views: int = 3, seed: int = 0
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``n_views`` augmented versions of the batch ``x`` (for the report's gallery of what training saw)."""
+    aug = build_augmentation(preset, x.ndim - 2)
+    gen = torch.Generator().manual_seed(seed)
+    return x, [aug(x, gen) for _ in range(n_views)]
+
+
 def describe(name: str) -> dict[str, Any]:
     """The preset and its transforms' settings, for bundle.json and the report."""
     comp = build_augmentation(name)
-    return {"preset": name, "transforms": [repr(t) for t in comp.transforms]}
+    return {
+        "preset": name,
+        "description": _PRESETS[name][1],
+        "transforms": [repr(t) for t in comp.transforms],
+    }

@@ -8,7 +8,7 @@ reason; the others still get their answers.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +16,7 @@ import numpy as np
 
 from medclf.data.sources import NON_IMAGE_SUFFIXES
 from medclf.errors import InputRejected, MedclfError
-from medclf.io import Image, image_from_array, read_image, read_npz
+from medclf.io import Image, image_from_array, iter_npz_images, read_image
 from medclf.preprocess import preprocess
 
 if TYPE_CHECKING:
@@ -37,8 +37,9 @@ def expand_inputs(inputs: Iterable[Any] | Any) -> Iterator[tuple[str, Any]]:
             if p.is_dir():
                 for f in sorted(p.rglob("*")):
                     rel = f.relative_to(p).parts
+                    # Not only regular files: a FIFO, device or looping link gets its own refusal.
                     if (
-                        f.is_file()
+                        not f.is_dir()
                         and not any(s.startswith(".") for s in rel)
                         and f.suffix.lower() not in NON_IMAGE_SUFFIXES
                     ):
@@ -55,7 +56,7 @@ def _load(name: str, item: Any) -> Iterator[tuple[str, Image]]:
         yield name, image_from_array(item, source=name)
         return
     p = Path(item)
-    if not p.exists():
+    if not p.exists() and not p.is_symlink():
         raise InputRejected("no such file", reason="not_found", path=name)
     if p.is_dir():
         raise InputRejected("is a folder", reason="not_a_file", path=name)
@@ -64,16 +65,24 @@ def _load(name: str, item: Any) -> Iterator[tuple[str, Image]]:
     except InputRejected as exc:
         if exc.reason != "dataset_npz":
             raise
-        # A MedMNIST-style dataset file: predict every image in it, named file:split/index.
-        arrays = read_npz(p)
-        for key in sorted(k for k in arrays if k.endswith("_images")):
-            for i, arr in enumerate(arrays[key]):
-                ref = f"{name}:{key[: -len('_images')]}/{i}"
-                yield ref, image_from_array(arr, source=ref)
+        # A MedMNIST-style dataset file: predict every image in it, named file:split/index, holding one
+        # split in memory at a time (bounded like a single image).
+        for index, arr in iter_npz_images(p):
+            ref = f"{name}:{index}"
+            yield ref, image_from_array(arr, source=ref)
 
 
-def predict_inputs(bundle: Bundle, inputs: Any, *, batch_size: int = 32) -> list[dict[str, Any]]:
+def predict_inputs(
+    bundle: Bundle,
+    inputs: Any,
+    *,
+    batch_size: int = 32,
+    engine: str = "auto",
+    tta: bool | str | Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
     """See :meth:`medclf.bundle.Bundle.predict`."""
+    engine = bundle.engine(engine)  # an engine the bundle cannot run is refused before any file is read
+    views = bundle.tta_views(tta)  # so is an unknown test-time transform
     results: list[dict[str, Any]] = []
     pending: list[tuple[int, np.ndarray]] = []
 
@@ -81,9 +90,12 @@ def predict_inputs(bundle: Bundle, inputs: Any, *, batch_size: int = 32) -> list
         if not pending:
             return
         x = np.stack([t for _, t in pending])
-        probs = bundle.predict_tensors(x, batch_size=batch_size)
-        for (slot, _), p in zip(pending, probs, strict=True):
+        probs = bundle.predict_tensors(x, batch_size=batch_size, engine=engine, tta=views)
+        ood = bundle.ood_scores(x, engine=engine)
+        for j, ((slot, _), p) in enumerate(zip(pending, probs, strict=True)):
             results[slot].update(_answer(bundle, p))
+            if ood is not None:
+                results[slot].update(_ood_answer(bool(ood[0][j]), float(ood[1][j]), bundle))
         pending.clear()
 
     for name, item in expand_inputs(inputs):
@@ -104,6 +116,19 @@ def predict_inputs(bundle: Bundle, inputs: Any, *, batch_size: int = 32) -> list
     for r in results:
         r.pop("preprocess_ms", None)
     return results
+
+
+OOD_WARNING = (
+    "this image is unlike the images the model was trained on (out-of-distribution score {score:.1f} > "
+    "threshold {threshold:.1f}): the prediction is unreliable"
+)
+
+
+def _ood_answer(flag: bool, score: float, bundle: Bundle) -> dict[str, Any]:
+    answer: dict[str, Any] = {"ood": flag, "ood_score": round(score, 3)}
+    if flag:
+        answer["warning"] = OOD_WARNING.format(score=score, threshold=bundle.ood.threshold)
+    return answer
 
 
 def _answer(bundle: Bundle, probs: np.ndarray) -> dict[str, Any]:

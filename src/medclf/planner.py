@@ -18,13 +18,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medclf.augment import preset_for_modality
 from medclf.data.samples import SampleSet
-from medclf.errors import DataError, InputRejected
+from medclf.errors import ConfigError, DataError, InputRejected
 from medclf.models import create_model
 from medclf.preprocess import PreprocessSpec
 
 SIZES_2D = (28, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 SIZES_3D = (28, 32, 48, 64, 96, 128)
+# Axial slabs of the automatic 2.5D fallback: ~1 cm each over a head, thin enough for a lesion to show.
+DEFAULT_SLABS = 16
 
 
 @dataclass
@@ -66,6 +69,10 @@ class Plan:
     reasons: list[str] = field(default_factory=list)
     throughput: float | None = None  # training images/s measured on this machine
     epoch_seconds: float | None = None
+    # Transfer learning: the bundle the weights start from ({"path", "sha256", "classes"}) and the layer
+    # groups (see the model registry) kept frozen.
+    init_from: dict[str, Any] | None = None
+    freeze: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -133,11 +140,24 @@ def target_epochs(n_train: int) -> int:
     return int(np.clip(150_000 / max(n_train, 1), 30, 120))
 
 
-def initial_plan(fp: Fingerprint, n_train: int, overrides: dict[str, Any]) -> Plan:
-    """Rule-based plan before any timing: everything but the final size and epoch count."""
+def initial_plan(
+    fp: Fingerprint, n_train: int, overrides: dict[str, Any], *, world_size: int = 1, device: str = "cpu"
+) -> Plan:
+    """Rule-based plan before any timing: everything but the final size and epoch count.
+
+    ``world_size`` processes train together (torchrun): ``batch_size`` is the global batch, split evenly
+    across them. When the planner picks the batch it gives every process the batch one process would get,
+    and raises the peak learning rate by sqrt(world_size), the square-root scaling rule for adaptive
+    optimisers (Malladi et al., "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms", 2022).
+    """
     reasons: list[str] = []
     dims = fp.spatial_dims
     native = min(fp.median_shape)
+    slabs = int(overrides.get("slices_as_channels") or 0)
+    if slabs and dims != 3:
+        raise ConfigError(
+            "--slices-as-channels needs volumes (NIfTI, DICOM series, 3D .npz); this data is 2D"
+        )
     is_ct = fp.modalities.get("CT", 0) > fp.n_probed // 2
     spec_kw: dict[str, Any] = {
         "spatial_dims": dims,
@@ -153,9 +173,25 @@ def initial_plan(fp: Fingerprint, n_train: int, overrides: dict[str, Any]) -> Pl
     batch = overrides.get("batch_size") or (32 if n_train < 1500 else 64)
     if dims == 3:
         batch = overrides.get("batch_size") or (8 if n_train < 500 else 16)
+    lr = float(overrides.get("lr") or 2e-3)
+    if world_size > 1:
+        if overrides.get("batch_size"):
+            if batch < world_size:
+                raise ConfigError(f"--batch-size {batch} is the global batch: it needs at least {world_size}")
+            batch = batch // world_size * world_size
+        else:
+            batch *= world_size
+            if not overrides.get("lr"):
+                lr *= math.sqrt(world_size)
+        reasons.append(
+            f"{world_size} processes: global batch {batch} ({batch // world_size} per process), peak lr {lr:g}"
+        )
     arch = overrides.get("arch") or "compact"
-    aug = overrides.get("augment") or ("light" if n_train >= 2000 else "standard")
-    reasons.append(f"{n_train} training samples: augmentation '{aug}', batch {batch}")
+    modality = max(fp.modalities, key=lambda m: fp.modalities[m]) if fp.modalities else None
+    modal_preset = preset_for_modality(modality)
+    aug = overrides.get("augment") or modal_preset or ("light" if n_train >= 2000 else "standard")
+    why = f"modality {modality}" if modal_preset and not overrides.get("augment") else f"{n_train} training samples"
+    reasons.append(f"{why}: augmentation '{aug}'; batch {batch}")
     amp = overrides.get("amp") or "auto"
     plan = Plan(
         arch=arch,
@@ -163,16 +199,36 @@ def initial_plan(fp: Fingerprint, n_train: int, overrides: dict[str, Any]) -> Pl
         spec=PreprocessSpec(**spec_kw, size=(native,) * dims),
         batch_size=int(batch),
         epochs=int(overrides.get("epochs") or target_epochs(n_train)),
-        lr=float(overrides.get("lr") or 2e-3),
+        lr=lr,
         weight_decay=float(overrides.get("weight_decay", 0.05)),
         augment=aug,
-        amp=resolve_amp(amp),
+        amp=resolve_amp(amp, device),
         channels_last=True,
         ema=bool(overrides.get("ema", True)),
         patience=int(overrides.get("patience") or 0),
         label_smoothing=float(overrides.get("label_smoothing", 0.0)),
         reasons=reasons,
     )
+    if slabs:
+        plan = as_slices_as_channels(
+            plan, fp, slabs, "--slices-as-channels", bool(overrides.get("batch_size"))
+        )
+    return plan
+
+
+def as_slices_as_channels(plan: Plan, fp: Fingerprint, slabs: int, why: str, keep_batch: bool) -> Plan:
+    """Turn a 3D plan into its 2.5D twin: ``slabs`` axial slabs of each volume become the channels of a 2D
+    network at the volumes' in-plane size (see :mod:`medclf.preprocess`). A batch the planner chose for
+    3D grows 4x (unless ``keep_batch``): a 2D step costs a fraction of a 3D one."""
+    if slabs < 2:
+        raise ConfigError("--slices-as-channels needs at least 2 slices")
+    native = min(fp.median_shape[1:])
+    spec = {**plan.spec.to_dict(), "spatial_dims": 2, "channels": slabs, "slices_as_channels": slabs}
+    spec["size"] = (native, native)
+    plan.spec = PreprocessSpec.from_dict(spec)
+    if not keep_batch:
+        plan.batch_size *= 4
+    plan.reasons.append(f"2.5D ({why}): {slabs} axial slabs of each volume as channels of a 2D network")
     return plan
 
 
@@ -207,11 +263,17 @@ def choose_size_and_epochs(
     fp: Fingerprint,
     overrides: dict[str, Any],
     device: str = "cpu",
+    world_size: int = 1,
 ) -> Plan:
     """Pick the largest input size whose measured epoch time allows the target epochs within ``budget_s``,
-    then the number of epochs that fits. Explicit ``size``/``epochs`` are kept."""
-    dims = fp.spatial_dims
-    native = min(fp.median_shape)
+    then the number of epochs that fits. Explicit ``size``/``epochs`` are kept.
+
+    With ``world_size`` processes, throughput is measured for one process at its share of the batch and
+    counted ``world_size`` times at an assumed 90 % scaling efficiency (gradient all-reduce), so the epoch
+    time is about 1/world_size of one process's. Volumes whose smallest 3D size cannot fit the budget fall
+    back to 2.5D (:func:`as_slices_as_channels`) unless ``slices_as_channels`` or ``size`` was set."""
+    dims = plan.spec.spatial_dims
+    native = min(fp.median_shape[1:]) if plan.spec.slices_as_channels else min(fp.median_shape)
     want_epochs = int(overrides.get("epochs") or target_epochs(n_train))
     if overrides.get("size"):
         candidates = [int(overrides["size"])]
@@ -228,16 +290,32 @@ def choose_size_and_epochs(
     # epochs fit (measured on simulated MRI, 600 cases: 64 px x 100 epochs beat 28 px x 120 clearly).
     min_epochs = want_epochs if overrides.get("epochs") else max(1, int(0.6 * want_epochs))
     chosen = None
+    per_process = max(1, plan.batch_size // world_size)
+    efficiency = 0.9 if world_size > 1 else 1.0
     for size in candidates:
         kw = arch_kwargs_for(plan.arch, size, dims)
-        ips = measure_throughput(plan, size, kw, device=device)
+        ips = measure_throughput(plan, size, kw, device=device, batch_size=per_process)
+        ips *= world_size * efficiency
         epoch_s = n_train / ips
         fits = epoch_s * min_epochs <= budget_s
         if fits or size == candidates[-1]:
-            chosen = (size, kw, ips, epoch_s)
+            chosen = (size, kw, ips, epoch_s, fits)
             break
     assert chosen is not None
-    size, kw, ips, epoch_s = chosen
+    size, kw, ips, epoch_s, fits = chosen
+    if not fits and dims == 3 and overrides.get("slices_as_channels") is None and not overrides.get("size"):
+        slabs = max(2, min(DEFAULT_SLABS, fp.median_shape[0]))
+        why = f"3D at {size}^3 runs {ips:.1f} volumes/s, too slow for {min_epochs} epochs in the budget"
+        plan = as_slices_as_channels(plan, fp, slabs, why, bool(overrides.get("batch_size")))
+        return choose_size_and_epochs(
+            plan,
+            n_train=n_train,
+            budget_s=budget_s,
+            fp=fp,
+            overrides=overrides,
+            device=device,
+            world_size=world_size,
+        )
     plan.spec = PreprocessSpec(**{**plan.spec.to_dict(), "size": (size,) * dims, "extra": {}})
     plan.arch_kwargs = {**kw, **overrides.get("arch_kwargs", {})}
     plan.throughput, plan.epoch_seconds = ips, epoch_s
@@ -256,13 +334,21 @@ def choose_size_and_epochs(
 
 
 def measure_throughput(
-    plan: Plan, size: int, arch_kwargs: dict[str, Any], *, device: str = "cpu", steps: int = 3
+    plan: Plan,
+    size: int,
+    arch_kwargs: dict[str, Any],
+    *,
+    device: str = "cpu",
+    steps: int = 3,
+    batch_size: int | None = None,
 ) -> float:
-    """Training images per second of this plan's network at ``size`` on this machine (random data)."""
+    """Training images per second of this plan's network at ``size`` on this machine (random data), at
+    ``batch_size`` (default: the plan's)."""
     dims = plan.spec.spatial_dims
+    bs = batch_size or plan.batch_size
     model = create_model(plan.arch, plan.spec.channels, 2, dims, **arch_kwargs).to(device)
-    x = torch.rand(plan.batch_size, plan.spec.channels, *([size] * dims), device=device)
-    y = torch.randint(0, 2, (plan.batch_size,), device=device)
+    x = torch.rand(bs, plan.spec.channels, *([size] * dims), device=device)
+    y = torch.randint(0, 2, (bs,), device=device)
     if plan.channels_last:
         fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
         model = model.to(memory_format=fmt)
@@ -288,4 +374,4 @@ def measure_throughput(
         torch.cuda.synchronize()
     dt = time.perf_counter() - t
     # ~10% of a real step goes to batching, augmentation and bookkeeping that this benchmark skips.
-    return 0.9 * plan.batch_size * steps / dt
+    return 0.9 * bs * steps / dt

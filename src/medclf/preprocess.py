@@ -9,6 +9,10 @@ Order of operations (each optional step controlled by the spec):
 4. robust intensity scaling to [0, 1] (percentiles), or a fixed window (CT), or min-max;
 5. denoising at the working resolution (non-local means, Gaussian or median);
 6. optional z-score standardisation of the result.
+
+2.5D (``slices_as_channels=K``): a volume is cropped, padded to a cube and resampled like a 3D input, but
+to ``K x size x size``: K axial slabs spread evenly over the whole volume (each the anti-aliased average of
+its thickness, so a lesion away from the centre still shows), which become the K channels of a 2D image.
 """
 
 from __future__ import annotations
@@ -48,13 +52,23 @@ class PreprocessSpec:
     denoise_strength: float = 1.0
     standardise: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    # 2.5D: K axial slabs of a volume as the channels of a 2D input (0 = off); see the module docstring.
+    slices_as_channels: int = 0
 
     def __post_init__(self) -> None:
         if self.spatial_dims not in (2, 3):
             raise ConfigError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
         if len(self.size) != self.spatial_dims or min(self.size) < 4:
             raise ConfigError(f"size {self.size} must have {self.spatial_dims} entries of at least 4")
-        if self.channels not in (1, 3):
+        if self.slices_as_channels:
+            if self.slices_as_channels < 2 or self.spatial_dims != 2:
+                raise ConfigError("slices_as_channels needs at least 2 slices and a 2D spec (spatial_dims=2)")
+            if self.channels != self.slices_as_channels:
+                raise ConfigError(
+                    f"slices_as_channels={self.slices_as_channels} makes {self.slices_as_channels} channels, "
+                    f"not {self.channels}"
+                )
+        elif self.channels not in (1, 3):
             raise ConfigError(f"channels must be 1 or 3, got {self.channels}")
         if self.denoise not in DENOISERS:
             raise ConfigError(f"denoise must be one of {DENOISERS}, got {self.denoise!r}")
@@ -68,6 +82,9 @@ class PreprocessSpec:
         d["size"] = list(self.size)
         d["percentiles"] = list(self.percentiles)
         d["window"] = list(self.window) if self.window is not None else None
+        if not self.slices_as_channels:
+            # Absent when off: specs (and so cache keys and bundles) written before 2.5D existed stay valid.
+            del d["slices_as_channels"]
         return d
 
     @classmethod
@@ -93,15 +110,18 @@ class PreprocessSpec:
 
 def preprocess(image: Image, spec: PreprocessSpec) -> np.ndarray:
     """Apply ``spec`` to ``image``; returns float32 ``(C, *spec.size)``. Deterministic."""
+    k = spec.slices_as_channels
     x = _to_spatial_dims(image, spec)
-    x = _to_grey_or_colour(x, spec.channels)
+    x = _to_grey_or_colour(x, 1 if k else spec.channels)
     x = np.nan_to_num(x.astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
     if spec.crop_foreground:
         x = _crop_foreground(x, spec.crop_threshold, spec.crop_margin)
     if spec.keep_aspect:
         x = _pad_to_cube(x)
-    x = _resize(x, spec.size)
+    x = _resize(x, (k, *spec.size) if k else spec.size)
     x = _normalise(x, spec)
+    if k:
+        x = x.reshape(k, *spec.size)  # (1, K, H, W) -> the K slabs as channels
     if spec.denoise != "none":
         x = _denoise(x, spec.denoise, spec.denoise_strength)
     if spec.standardise:
@@ -113,6 +133,14 @@ def preprocess(image: Image, spec: PreprocessSpec) -> np.ndarray:
 
 def _to_spatial_dims(image: Image, spec: PreprocessSpec) -> np.ndarray:
     x = image.pixels
+    if spec.slices_as_channels:
+        if x.ndim != 4:
+            raise InputRejected(
+                f"this model takes 3D volumes (as {spec.slices_as_channels} slabs), but the input is a 2D image "
+                f"of shape {tuple(x.shape[1:])}",
+                reason="wrong_dimensions",
+            )
+        return x
     if spec.spatial_dims == 2 and x.ndim == 4:
         if x.shape[1] == 1:
             return x[:, 0]

@@ -32,12 +32,18 @@ from medclf.bundle import save_bundle
 from medclf.data.cache import PreparedData, prepare
 from medclf.data.samples import SampleSet
 from medclf.data.sources import load_source
-from medclf.data.splits import ensure_validation
+from medclf.data.splits import ensure_validation, fold_split
+from medclf.data.stream import StreamedRows, block_shuffled_order, parse_bytes, prefetched, should_stream
+from medclf.distributed import DistContext, epoch_seed, from_env, shard
 from medclf.errors import ConfigError, DataError, MedclfError
+from medclf.evaluation.calibration import apply_temperature, fit_temperature_from_probs, log_probs
 from medclf.evaluation.metrics import compute_metrics
+from medclf.ood import OOD_FILE, OODDetector, fit_detector, penultimate_features
 from medclf.planner import Fingerprint, Plan, choose_size_and_epochs, fingerprint, initial_plan
 
 CHECKPOINT_SUFFIX = ".ckpt"
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+OOD_FIT_SAMPLES = 3000  # plenty for class means and a shrunk covariance of a few hundred features
 AUC_TIE = 1e-3
 
 
@@ -80,7 +86,18 @@ class TrainConfig:
     cache_dir: str | None = None
     include_train_copies: bool = False
     device: str = "auto"
+    init_from: str | None = None
+    freeze: str | list[str] | None = None
+    # Seed of the carved validation split (and K-fold folds); None = ``seed``. Seed bagging keeps it fixed.
+    split_seed: int | None = None
     keep_checkpoints: bool = False
+    # 2.5D for volumes: K axial slabs as channels of a 2D network (None: the planner decides, 0: never).
+    slices_as_channels: int | None = None
+    # Stream training rows from the disk cache instead of holding them in memory: auto, on, off.
+    stream: str = "auto"
+    # Memory the run may fill with cached rows, e.g. "8G" (default: what the machine/cgroup has free).
+    memory_limit: str | int | None = None
+    compile: bool = False  # torch.compile the training forward pass
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:
@@ -112,10 +129,13 @@ class TrainConfig:
         kw = {**asdict(self), **{k: v for k, v in changes.items() if v is not None}}
         if isinstance(kw["time_budget"], str):
             kw["time_budget"] = parse_duration(kw["time_budget"])
+        if kw["amp"] not in AMP_CHOICES:
+            raise ConfigError(f"--amp must be one of {', '.join(AMP_CHOICES)}, not {kw['amp']!r}")
         return TrainConfig(**kw)
 
     def overrides(self) -> dict[str, Any]:
         keys = ("arch", "size", "epochs", "batch_size", "lr", "augment", "denoise", "patience", "amp", "ema")
+        keys += ("slices_as_channels",)
         d = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
         d["weight_decay"] = self.weight_decay
         d["label_smoothing"] = self.label_smoothing
@@ -151,6 +171,7 @@ def train(
     progress: bool = True,
     console: Console | None = None,
     epoch_callback: Callable[[dict[str, Any], nn.Module, Plan], dict[str, Any] | None] | None = None,
+    val_fold: tuple[int, int] | None = None,
     **settings: Any,
 ) -> TrainResult:
     """Train a classifier on ``data`` and write a bundle to ``out``.
@@ -160,6 +181,9 @@ def train(
     saved there. ``epoch_callback(row, model, plan)``, when given, runs after every epoch with that epoch's
     history row and the model being selected (EMA when enabled); a dict it returns is merged into the row
     (benchmarks use it to record test scores against wall time; it never influences training).
+    ``val_fold=(k, K)`` validates on fold ``k`` of ``K`` of the training split instead of a random
+    fraction (K-fold bagging: :func:`medclf.folds.train_folds`). The bundle's temperature is fitted on
+    the validation predictions of the selected model (:mod:`medclf.evaluation.calibration`).
     """
     t_start = time.perf_counter()
     cfg = (config or TrainConfig()).updated(settings)
@@ -167,12 +191,20 @@ def train(
     out = Path(out)
     ckpt_dir = out.with_name(out.name + CHECKPOINT_SUFFIX)
     device = resolve_device(cfg.device)
+    # Under torchrun: join the process group; only rank 0 plans, prints and writes (medclf.distributed).
+    dist, device = from_env(device)
+    if not dist.is_main:
+        console, progress = Console(stderr=True, quiet=True), False
     _seed_everything(cfg.seed)
 
     samples = load_source(data, default_split="train")
     if not samples.has_split("train"):
         raise DataError(f"{data}: no training split found")
-    samples = ensure_validation(samples, fraction=cfg.val_fraction, seed=cfg.seed)
+    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    if val_fold is not None:
+        samples = fold_split(samples, *val_fold, seed=split_seed)
+    else:
+        samples = ensure_validation(samples, fraction=cfg.val_fraction, seed=split_seed)
     state = _load_checkpoint_state(ckpt_dir) if resume else None
     if resume and state is None:
         raise ConfigError(f"--resume: no checkpoint at {ckpt_dir} (nothing to resume)")
@@ -183,9 +215,11 @@ def train(
     n_train = len(samples.indices("train"))
     if state is not None:
         plan = Plan.from_dict(state["plan"])
-        console.print(f"[bold]Resuming[/] from epoch {state['epoch'] + 1} of {plan.epochs} ({ckpt_dir})")
+        console.print(f"[bold]Resuming[/] after epoch {state['epoch'] + 1} of {plan.epochs} ({ckpt_dir})")
     else:
-        plan = initial_plan(fp, n_train, cfg.overrides())
+        overrides = cfg.overrides()
+        source = _transfer_source(cfg, overrides, fp)
+        plan = initial_plan(fp, n_train, overrides, world_size=dist.world_size, device=device)
         if cfg.size is not None and cfg.size < 4:
             raise ConfigError("--size must be at least 4")
         workers = cfg.workers or min(4, os.cpu_count() or 1)
@@ -197,19 +231,30 @@ def train(
                 f"the time budget ({cfg.time_budget:.0f} s) is spent on reading the data alone "
                 f"(about {decode_estimate:.0f} s); give a larger --time-budget"
             )
-        plan = choose_size_and_epochs(
-            plan,
-            n_train=n_train,
-            budget_s=max(budget_left, 1.0),
-            fp=fp,
-            overrides=cfg.overrides(),
-            device=device,
-        )
+        if dist.is_main:  # the others take rank 0's plan below: one timing, one plan
+            plan = choose_size_and_epochs(
+                plan,
+                n_train=n_train,
+                budget_s=max(budget_left, 1.0),
+                fp=fp,
+                overrides=overrides,
+                device=device,
+                world_size=dist.world_size,
+            )
+        if source is not None:
+            _apply_transfer(plan, source, cfg)
+    if dist.enabled:
+        plan = Plan.from_dict(dist.broadcast_json(plan.to_dict()))
     _print_plan(console, plan, fp, samples)
 
+    # On each machine local rank 0 decodes into the disk cache while the others wait, then they open it.
+    if dist.enabled and not dist.is_local_main:
+        dist.barrier()
     prepared = prepare(
         samples, plan.spec, cache_dir=cfg.cache_dir, workers=cfg.workers, progress=progress, console=console
     )
+    if dist.enabled and dist.is_local_main:
+        dist.barrier()
     train_idx = np.flatnonzero(prepared.ok & (np.array(samples.splits) == "train") & (samples.labels >= 0))
     val_mask = prepared.ok & (np.array(samples.splits) == "val") & (samples.labels >= 0)
     n_copies = int((val_mask & prepared.train_copy).sum())
@@ -234,15 +279,34 @@ def train(
         left = cfg.time_budget - (time.perf_counter() - t_start)
         fit = int((left * 0.92 - 5) // plan.epoch_seconds)
         plan.epochs = max(1, min(plan.epochs, fit)) if fit < plan.epochs else plan.epochs
+    plan.epochs = int(dist.broadcast_json(plan.epochs))  # a clock decided it: rank 0's count for all
 
-    loop = _Loop(plan, samples, prepared, train_idx, val_idx, cfg, device, ckpt_dir, console, progress)
+    loop = _Loop(
+        plan, samples, prepared, train_idx, val_idx, cfg, device, ckpt_dir, console, progress, dist=dist
+    )
     loop.epoch_callback = epoch_callback
     loop.t_start = t_start
     deadline = t_start + cfg.time_budget if not cfg.epochs else None
     history, best_epoch, val_probs = loop.run(state, deadline)
+    if not dist.is_main:  # rank 0 calibrates and writes the bundle; wait until it is there
+        dist.barrier()
+        dist.close()
+        return TrainResult(
+            bundle=out,
+            plan=plan,
+            history=history,
+            val_metrics={},
+            best_epoch=best_epoch,
+            seconds=time.perf_counter() - t_start,
+            n_val_copies_removed=n_copies,
+            unreadable=prepared.errors,
+        )
 
     val_y = samples.labels[val_idx]
+    calibration = fit_temperature_from_probs(val_probs, val_y)
+    val_probs = apply_temperature(log_probs(val_probs), calibration.temperature)
     val_metrics = compute_metrics(val_y, val_probs, samples.classes, n_bootstrap=200, seed=cfg.seed)
+    val_metrics.update(ece_uncalibrated=calibration.ece_before, temperature=calibration.temperature)
     val_metrics["n_removed_duplicates"] = n_copies if not cfg.include_train_copies else 0
     train_hashes = sorted({prepared.hashes[i] for i in train_idx})
     manifest = {
@@ -259,8 +323,13 @@ def train(
         "recipe": {
             **plan.to_dict(),
             "seed": cfg.seed,
+            "split_seed": split_seed,
+            "val_fraction": cfg.val_fraction,
+            "val_fold": list(val_fold) if val_fold is not None else None,
             "time_budget_s": cfg.time_budget,
             "device": device,
+            "world_size": dist.world_size,
+            "streamed": loop.streaming,
             "best_epoch": best_epoch,
             "epochs_run": len(history),
             "seconds": round(time.perf_counter() - t_start, 1),
@@ -278,16 +347,22 @@ def train(
         },
         "metrics": {"val": val_metrics},
         "history": history,
-        "calibration": {"temperature": 1.0},
+        "calibration": calibration.to_dict(),
     }
+    best = loop.best_model()
+    detector = _fit_ood(best, prepared.tensors, train_idx, val_idx, samples.labels, cfg.seed, loop.eval_batch)
+    manifest["ood"] = detector.manifest()
     bundle = save_bundle(
         out,
-        model=loop.best_model(),
+        model=best,
         manifest=manifest,
         extra_files={"train_hashes.json": json.dumps(train_hashes)},
+        writers={OOD_FILE: detector.save},
     )
     if not cfg.keep_checkpoints:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+    dist.barrier()
+    dist.close()
     seconds = time.perf_counter() - t_start
     console.print(
         f"[bold green]Bundle written[/] to {bundle}  (val AUC {_fmt(val_metrics.get('auc'))}, "
@@ -344,6 +419,7 @@ class _Loop:
         ckpt_dir: Path,
         console: Console,
         progress: bool,
+        dist: DistContext | None = None,
     ) -> None:
         self.plan, self.samples, self.prepared, self.cfg = plan, samples, prepared, cfg
         self.device, self.ckpt_dir, self.console, self.progress = device, ckpt_dir, console, progress
@@ -353,7 +429,18 @@ class _Loop:
             (torch.channels_last if dims == 2 else torch.channels_last_3d) if plan.channels_last else None
         )
         n_classes = len(samples.classes)
-        self.model = self._to_device(_create(plan, n_classes))
+        self.model = _create(plan, n_classes)
+        if plan.init_from:
+            _load_transfer_weights(self.model, plan, samples.classes, console)
+        self.dist = dist or DistContext()
+        if self.dist.enabled and device.startswith("cuda"):
+            # Per-GPU batches of images are small: batch-norm statistics over the global batch instead.
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.frozen = _freeze(self.model, plan.freeze)
+        self.model = self._to_device(self.model)
+        # What the training step calls: DDP (gradients all-reduced) and/or torch.compile around the model;
+        # checkpoints, EMA and the bundle always use the plain self.model.
+        self.train_model = self._parallel(self.model)
         self.ema: torch.optim.swa_utils.AveragedModel | None = None
         steps_per_epoch = max(1, len(train_idx) // plan.batch_size)
         self.total_steps = steps_per_epoch * plan.epochs
@@ -364,7 +451,7 @@ class _Loop:
                 self.model, multi_avg_fn=_warmup_ema(decay), use_buffers=True
             )
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=plan.lr, weight_decay=plan.weight_decay
+            [p for p in self.model.parameters() if p.requires_grad], lr=plan.lr, weight_decay=plan.weight_decay
         )
         warmup = min(max(1, steps_per_epoch), self.total_steps // 5 + 1)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -377,30 +464,80 @@ class _Loop:
         self.aug = augment_mod.build_augmentation(plan.augment, dims)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.amp)
-        self.scaler = (
-            torch.amp.GradScaler("cuda") if plan.amp == "fp16" and device.startswith("cuda") else None
-        )
-        self.train_x = _materialise(prepared.tensors, train_idx)
-        self.val_x = _materialise(prepared.tensors, val_idx)
+        dev_type = "cuda" if device.startswith("cuda") else "cpu"
+        # fp16 has too few exponent bits for small gradients: scale the loss (bf16 needs no scaling).
+        self.scaler = torch.amp.GradScaler(dev_type) if plan.amp == "fp16" else None
+        self.pin = dev_type == "cuda"  # page-locked host batches: the copy to the GPU runs asynchronously
+        self.epoch = 0
+        self.streaming = self._decide_streaming()
+        # Streaming means memory is tight: evaluate in training-sized batches (activations of 256 samples at
+        # once can outweigh the data); otherwise in larger ones for speed.
+        self.eval_batch: int | None = plan.batch_size if self.streaming else None
+        self.train_x = _rows(prepared.tensors, train_idx, self.streaming)
+        self.val_x = _rows(prepared.tensors, val_idx, self.streaming)
         self.train_y = torch.from_numpy(samples.labels[train_idx])
         self.best_state: dict[str, torch.Tensor] | None = None
         self.epoch_callback: Callable[[dict[str, Any], nn.Module, Plan], dict[str, Any] | None] | None = None
+        # (augmented batch, logits, cross-entropy) -> the loss to minimise; knowledge distillation sets it.
+        self.loss_hook: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         self.t_start = time.perf_counter()
 
     def _to_device(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
         return model.to(memory_format=self.fmt) if self.fmt is not None else model
 
+    def _parallel(self, model: nn.Module) -> nn.Module:
+        wrapped = model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [torch.device(self.device).index] if self.device.startswith("cuda") else None
+            wrapped = DistributedDataParallel(model, device_ids=ids)
+        if self.cfg.compile:
+            wrapped = torch.compile(wrapped)
+        return wrapped
+
+    def _decide_streaming(self) -> bool:
+        t = self.prepared.tensors
+        row_bytes = int(np.prod(t.shape[1:])) * t.dtype.itemsize
+        nbytes = row_bytes * (len(self.train_idx) + len(self.val_idx))
+        stream, why = should_stream(
+            self.cfg.stream,
+            nbytes,
+            copies=self.dist.local_world_size,
+            memory_limit=parse_bytes(self.cfg.memory_limit),
+        )
+        if stream and getattr(t, "filename", None) is None:
+            stream, why = False, "no disk cache to stream from: rows held in memory"
+        if stream or self.cfg.stream != "auto":
+            self.console.print(f"Training data: {why}")
+        return stream
+
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.train_idx)
-        perm = torch.randperm(n, generator=self.gen)
+        order_gen = self.gen
+        if self.dist.enabled:
+            # One permutation for all ranks (seeded by the epoch, as DistributedSampler.set_epoch does) and
+            # augmentation draws of each rank's own; recomputed from the epoch, so resuming is exact.
+            order_gen = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, self.epoch))
+            self.gen.manual_seed(epoch_seed(self.cfg.seed, self.epoch, self.dist.rank))
+            # Dropout draws from the global generator: per rank and epoch too (only rank 0's is checkpointed).
+            torch.manual_seed(epoch_seed(self.cfg.seed, self.epoch, self.dist.rank, stream=1))
+        if self.streaming:  # neighbouring rows together: sequential-ish reads from the disk cache
+            perm = block_shuffled_order(n, order_gen)
+        else:
+            perm = torch.randperm(n, generator=order_gen)
         bs = self.plan.batch_size
         # Drop the ragged last batch: a batch of 1 breaks batch norm, and the order is reshuffled anyway.
-        for start in range(0, n - bs + 1 if n >= bs else 1, bs):
-            idx = perm[start : start + bs]
-            x = self.train_x[idx].float()
-            x = self.aug(x, self.gen)
-            yield x, self.train_y[idx]
+        # Under DDP each rank takes its disjoint share of every global batch of bs samples.
+        starts = range(0, n - bs + 1 if n >= bs else 1, bs)
+        shards = [shard(perm[start : start + bs], self.dist) for start in starts]
+        if os.environ.get("MEDCLF_DEBUG_SHARDS"):
+            _log_shards(self.dist, self.epoch, [self.train_idx[s.numpy()] for s in shards])
+        for idx, x in prefetched(self.train_x.__getitem__, shards, depth=2 if self.streaming else 0):
+            x, y = self.aug(x.float(), self.gen), self.train_y[idx]
+            # CUDA kernels run asynchronously: this CPU work for the next batch overlaps the GPU's step.
+            yield (x.pin_memory(), y.pin_memory()) if self.pin else (x, y)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         dev_type = "cuda" if self.device.startswith("cuda") else "cpu"
@@ -410,6 +547,8 @@ class _Loop:
 
     def train_epoch(self) -> float:
         self.model.train()
+        for module in self.frozen:
+            module.eval()  # frozen layers keep their batch-norm statistics too
         total, count = 0.0, 0
         for x, y in self._batches():
             x = x.to(self.device, non_blocking=True)
@@ -417,10 +556,12 @@ class _Loop:
             if self.fmt is not None:
                 x = x.contiguous(memory_format=self.fmt)
             with self._autocast():
-                logits = self.model(x)
+                logits = self.train_model(x)
             loss = F.cross_entropy(
                 logits.float(), y, weight=self.class_weights, label_smoothing=self.plan.label_smoothing
             )
+            if self.loss_hook is not None:
+                loss = self.loss_hook(x, logits.float(), loss)
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
@@ -432,21 +573,34 @@ class _Loop:
             self.scheduler.step()
             if self.ema is not None:
                 self.ema.update_parameters(self.model)
-            total += loss.item() * len(y)
+            total += loss.detach().double() * len(y)  # no .item(): a GPU step need not wait for the host
             count += len(y)
+        total, count = self.dist.sum([float(total), count])
         return total / max(count, 1)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, model: nn.Module) -> np.ndarray:
         model.eval()
         out = []
-        for start in range(0, len(x), 256):
-            xb = x[start : start + 256].float().to(self.device)
+        step = self.eval_batch or 256
+        for start in range(0, len(x), step):
+            xb = x[start : start + step].float()
+            xb = (xb.pin_memory() if self.pin else xb).to(self.device, non_blocking=True)
             if self.fmt is not None:
                 xb = xb.contiguous(memory_format=self.fmt)
             with self._autocast():
                 out.append(torch.softmax(model(xb).float(), dim=1).cpu())
         return torch.cat(out).numpy().astype(np.float64)
+
+    def predict_val(self, model: nn.Module) -> np.ndarray:
+        """Validation probabilities; under DDP each rank predicts a strided shard and all gather them."""
+        if not self.dist.enabled:
+            return self.predict(self.val_x, model)
+        n = len(self.val_x)
+        mine = torch.arange(self.dist.rank, n, self.dist.world_size)
+        k = len(self.samples.classes)
+        local = self.predict(self.val_x[mine], model) if len(mine) else np.zeros((0, k))
+        return self.dist.gather_strided(local, n)
 
     def eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.model
@@ -475,8 +629,9 @@ class _Loop:
         with bar:
             for epoch in range(start_epoch, self.plan.epochs):
                 t0 = time.perf_counter()
+                self.epoch = epoch
                 loss = self.train_epoch()
-                probs = self.predict(self.val_x, self.eval_model())
+                probs = self.predict_val(self.eval_model())
                 val_auc = _auc(val_y, probs, len(self.samples.classes))
                 val_loss = float(
                     F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)), torch.from_numpy(val_y))
@@ -490,7 +645,7 @@ class _Loop:
                     improved = val_loss < best_loss
                 else:
                     improved = val_auc >= best_auc - AUC_TIE
-                if improved:
+                if self.dist.agree(improved):
                     best_auc, best_loss, best_epoch = (
                         max(best_auc, np.nan_to_num(val_auc, nan=-1.0)),
                         val_loss,
@@ -512,11 +667,12 @@ class _Loop:
                     "seconds": epoch_times[-1],
                     "wall_s": time.perf_counter() - self.t_start,
                 }
-                if self.epoch_callback is not None:
+                if self.epoch_callback is not None and self.dist.is_main:
                     with torch.random.fork_rng(devices=[]):
                         row.update(self.epoch_callback(dict(row), self.eval_model(), self.plan) or {})
                 history.append(row)
-                self._checkpoint(epoch, history, best_auc, best_loss, best_epoch)
+                if self.dist.is_main:
+                    self._checkpoint(epoch, history, best_auc, best_loss, best_epoch)
                 remaining = (self.plan.epochs - epoch - 1) * float(np.mean(epoch_times[-3:]))
                 if deadline is not None:
                     remaining = min(remaining, max(deadline - time.perf_counter(), 0.0))
@@ -526,7 +682,7 @@ class _Loop:
                         f"Early stop: validation AUC has not come within {AUC_TIE} of its best for {self.plan.patience} epochs"
                     )
                     break
-                if (
+                if self.dist.agree(
                     deadline is not None
                     and time.perf_counter() + float(np.mean(epoch_times[-3:])) * 1.05 > deadline
                 ):
@@ -537,7 +693,7 @@ class _Loop:
             # Resumed after the last epoch had already run: rebuild the best model from its checkpoint.
             self.best_state = load_file(str(self.ckpt_dir / "best.safetensors"))
             model = self.best_model()
-            self.best_probs = self.predict(self.val_x, self._to_device(model))
+            self.best_probs = self.predict_val(self._to_device(model))
         return history, best_epoch, self.best_probs
 
     # --- checkpoints: safetensors for tensors, JSON for the rest (no pickle) ---
@@ -597,7 +753,122 @@ class _Loop:
         best = self.ckpt_dir / "best.safetensors"
         if best.exists():
             self.best_state = load_file(str(best))
-            self.best_probs = self.predict(self.val_x, self._to_device(self.best_model()))
+            self.best_probs = self.predict_val(self._to_device(self.best_model()))
+
+
+def _fit_ood(
+    model: nn.Module,
+    tensors: np.ndarray,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    labels: np.ndarray,
+    seed: int,
+    batch_size: int | None = None,
+) -> OODDetector:
+    """The out-of-distribution guard for this model: features of (up to) a few thousand un-augmented
+    training samples and of the validation samples (:mod:`medclf.ood`)."""
+    rng = np.random.default_rng(seed)
+    fit_idx = np.sort(rng.choice(train_idx, size=min(len(train_idx), OOD_FIT_SAMPLES), replace=False))
+    train_f = _features(model, tensors, fit_idx, batch_size)
+    val_f = _features(model, tensors, np.sort(val_idx), batch_size)
+    return fit_detector(train_f, labels[fit_idx], val_f, seed=seed)
+
+
+def _features(model: nn.Module, tensors: np.ndarray, idx: np.ndarray, batch_size: int | None) -> np.ndarray:
+    """Penultimate features of the cache rows ``idx``. With ``batch_size`` (streaming: memory is tight) the
+    rows are read from disk one batch at a time instead of all at once."""
+    if batch_size is None or getattr(tensors, "filename", None) is None:
+        return penultimate_features(model, np.asarray(tensors[idx], dtype=np.float32))
+    rows = StreamedRows(tensors, idx)
+    parts = [
+        penultimate_features(model, rows[start : start + batch_size], batch_size=batch_size)
+        for start in range(0, len(idx), batch_size)
+    ]
+    return np.concatenate(parts) if parts else penultimate_features(model, rows[0:0])
+
+
+def _transfer_source(cfg: TrainConfig, overrides: dict[str, Any], fp: Fingerprint) -> Any:
+    """For ``--init-from``: load (and verify) the source bundle and pin the settings its weights need."""
+    if not cfg.init_from:
+        if cfg.freeze:
+            raise ConfigError("--freeze needs --init-from: there is nothing to keep frozen in a new network")
+        return None
+    from medclf.bundle import load_bundle
+
+    source = load_bundle(cfg.init_from)
+    if source.spec.spatial_dims != fp.spatial_dims:
+        raise ConfigError(
+            f"--init-from: the bundle takes {source.spec.spatial_dims}D input, the data is {fp.spatial_dims}D"
+        )
+    pinned = {"arch": source.arch, "size": int(source.spec.size[0])}
+    for key, value in pinned.items():
+        if overrides.get(key) not in (None, value):
+            raise ConfigError(f"--init-from fixes --{key} to the source bundle's ({value}); leave --{key} out")
+        overrides[key] = value
+    # Fine-tuning starts from a trained network: a smaller peak learning rate keeps what it learned.
+    overrides.setdefault("lr", 5e-4)
+    return source
+
+
+def _apply_transfer(plan: Plan, source: Any, cfg: TrainConfig) -> None:
+    from medclf.models.registry import model_info
+
+    plan.spec = source.spec  # the same preprocessing as the weights were trained with
+    plan.arch_kwargs = dict(source.manifest["model"].get("kwargs", {}))
+    plan.init_from = {"path": str(source.path), "sha256": source.sha256, "classes": list(source.classes)}
+    groups = model_info(plan.arch).layer_groups
+    names = cfg.freeze.split(",") if isinstance(cfg.freeze, str) else list(cfg.freeze or [])
+    names = [n.strip() for n in names if n.strip()]
+    unknown = [n for n in names if n not in groups]
+    if unknown:
+        raise ConfigError(
+            f"--freeze: unknown layer group(s) {', '.join(unknown)}; {plan.arch} has {', '.join(groups)}"
+        )
+    plan.freeze = names
+    plan.reasons.append(
+        f"fine-tuning from {source.path} ({source.sha256[:12]}); frozen: {', '.join(names) or 'nothing'}"
+    )
+
+
+def _load_transfer_weights(model: nn.Module, plan: Plan, classes: list[str], console: Console) -> None:
+    """Copy the source bundle's weights into ``model``. Output rows follow the class names when the source
+    knows the same classes (in any order); a head of another shape starts afresh."""
+    from medclf.bundle import load_bundle
+
+    assert plan.init_from is not None
+    source = load_bundle(plan.init_from["path"], expected_sha256=plan.init_from["sha256"])
+    src_state, own = source.model.state_dict(), model.state_dict()
+    order = None
+    if sorted(source.classes) == sorted(classes) and source.classes != classes:
+        order = torch.tensor([source.classes.index(c) for c in classes])
+    fresh = []
+    for k, v in own.items():
+        w = src_state.get(k)
+        if w is not None and order is not None and w.shape == v.shape and _is_output_row_tensor(model, k):
+            w = w[order]
+        if w is None or w.shape != v.shape:
+            fresh.append(k)
+            continue
+        own[k] = w
+    model.load_state_dict(own)
+    if fresh:
+        console.print(f"  new (randomly initialised) weights: {', '.join(fresh)}")
+
+
+def _is_output_row_tensor(model: nn.Module, key: str) -> bool:
+    # The last Linear layer's weight and bias have one row per class.
+    last = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return bool(last) and key.rsplit(".", 1)[0] == last[-1]
+
+
+def _freeze(model: nn.Module, groups: list[str]) -> list[nn.Module]:
+    frozen = []
+    for name in groups:
+        module = getattr(model, name)
+        for p in module.parameters():
+            p.requires_grad_(False)
+        frozen.append(module)
+    return frozen
 
 
 def _create(plan: Plan, n_classes: int) -> nn.Module:
@@ -609,6 +880,21 @@ def _create(plan: Plan, n_classes: int) -> nn.Module:
 def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     # AveragedModel adds n_averaged; a bundle stores the plain network's state only.
     return {k: v for k, v in model.state_dict().items() if k != "n_averaged"}
+
+
+def _rows(tensors: np.ndarray, idx: np.ndarray, streaming: bool) -> torch.Tensor | StreamedRows:
+    """Rows ``idx`` of the cache, indexable like a tensor: read from disk per batch, or held in memory."""
+    return StreamedRows(tensors, idx) if streaming else _materialise(tensors, idx)
+
+
+def _log_shards(dist: DistContext, epoch: int, shards: list[np.ndarray]) -> None:
+    """With ``MEDCLF_DEBUG_SHARDS=<folder>``, append the sample indices this rank trains on in ``epoch`` to
+    ``<folder>/shards-rank<r>.jsonl`` (tests check that ranks see disjoint shards)."""
+    folder = os.environ["MEDCLF_DEBUG_SHARDS"]
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    line = json.dumps({"rank": dist.rank, "epoch": epoch, "batches": [s.tolist() for s in shards]})
+    with open(Path(folder) / f"shards-rank{dist.rank}.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
 
 
 def _materialise(tensors: np.ndarray, idx: np.ndarray) -> torch.Tensor:

@@ -270,13 +270,16 @@ def scan(
     workers: int = 2,
     extra: Callable[[Image], Any] | None = None,
     progress: bool = True,
+    sink: Callable[[int, Any], None] | None = None,
 ) -> ScanResult:
     """Decode every sample once and collect the facts the audit needs.
 
     ``workers`` processes (fork context; 1 = in this process) decode in sample order. ``extra``, when
     given, is applied to each decoded image in the same pass (e.g. ``functools.partial(preprocess,
-    spec=spec)``); its outputs land in :attr:`ScanResult.extra`. A file that cannot be read is listed with
-    its reason, never fatal.
+    spec=spec)``); its outputs land in :attr:`ScanResult.extra`, or, when ``sink`` is given, are handed to
+    ``sink(i, output)`` in sample order as they arrive and not kept (so a dataset larger than memory can
+    be written to disk while it is decoded). A file that cannot be read is listed with its reason, never
+    fatal.
     """
     global _STATE
     n = len(samples)
@@ -304,7 +307,10 @@ def scan(
                 transient=True,
             ) as bar:
                 task = bar.add_task("scan", total=n)
-                for rec in records:
+                for i, rec in enumerate(records):
+                    if sink is not None:
+                        sink(i, rec.extra)
+                        rec.extra = None
                     recs.append(rec)
                     bar.advance(task)
     finally:
@@ -331,7 +337,7 @@ def scan(
         formats=[r.format for r in recs],
         modes=[r.mode for r in recs],
         stats=stats,
-        extra=[r.extra for r in recs] if extra is not None else None,
+        extra=[r.extra for r in recs] if extra is not None and sink is None else None,
         seconds=time.perf_counter() - t0,
     )
 

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,23 +109,40 @@ def prepare(
     loaded = _load(folder, len(samples)) if use_cache else None
     if loaded is None:
         console.print(f"Decoding and preprocessing {len(samples)} samples ({workers} workers)...")
-        result = scan(
-            samples, workers=workers, extra=functools.partial(_preprocess_f16, spec=spec), progress=progress
-        )
-        tensors = np.zeros((len(samples), *spec.input_shape), dtype=np.float16)
-        assert result.extra is not None
-        for i, t in enumerate(result.extra):
-            if t is not None:
-                tensors[i] = t
-        result.extra = None
+        writer = _TensorWriter.open(folder, len(samples), spec, console) if use_cache else None
+        tensors = None
+        if writer is None:
+            tensors = np.zeros((len(samples), *spec.input_shape), dtype=np.float16)
+        sink = writer.write if writer is not None else functools.partial(_put_row, tensors)
+        try:
+            result = scan(
+                samples,
+                workers=workers,
+                extra=functools.partial(_preprocess_f16, spec=spec),
+                progress=progress,
+                sink=sink,
+            )
+        except BaseException:
+            if writer is not None:
+                writer.discard()
+            raise
         console.print(f"  done in {result.seconds:.1f} s; {int((~result.ok).sum())} unreadable")
-        if use_cache:
+        if writer is not None:
             try:
-                _store(folder, tensors, result, samples, spec)
+                writer.finish(folder, result, samples, spec)
                 tensors = np.load(folder / "tensors.npy", mmap_mode="r", allow_pickle=False)
             except OSError as exc:
-                console.print(f"[yellow]could not write the cache at {folder} ({exc}); continuing without[/]")
-                folder = None  # type: ignore[assignment]
+                done = _load(folder, len(samples))  # another process (a second node) may have won the race
+                if done is not None:
+                    writer.discard()
+                    tensors = done[0]
+                else:
+                    # The rows are only on disk: without a cache folder they must be read back into memory.
+                    console.print(
+                        f"[yellow]could not write the cache at {folder} ({exc}); continuing without[/]"
+                    )
+                    tensors = writer.read_back()
+                    folder = None  # type: ignore[assignment]
         else:
             folder = None  # type: ignore[assignment]
     else:
@@ -143,35 +161,97 @@ def prepare(
     )
 
 
-def _store(
-    folder: Path, tensors: np.ndarray, result: ScanResult, samples: SampleSet, spec: PreprocessSpec
-) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        np.save(tmp / "tensors.npy", tensors, allow_pickle=False)
-        np.save(tmp / "signatures.npy", result.signatures, allow_pickle=False)
-        np.save(tmp / "stats.npy", result.stats, allow_pickle=False)
-        meta = {
-            "version": CACHE_VERSION,
-            "n": len(samples),
-            "source": samples.source,
-            "spec": spec.to_dict(),
-            "ok": result.ok.tolist(),
-            "decoded": result.decoded.tolist(),
-            "constant": result.constant.tolist(),
-            "channels": result.channels.tolist(),
-            "shapes": [list(s) if s is not None else None for s in result.shapes],
-            "seconds": result.seconds,
-            **{f: getattr(result, f) for f in _LIST_FIELDS},
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        if folder.exists():
-            shutil.rmtree(folder, ignore_errors=True)
-        os.rename(tmp, folder)
-    finally:
-        if tmp.exists():
+def _put_row(tensors: np.ndarray, i: int, row: np.ndarray | None) -> None:
+    if row is not None:
+        tensors[i] = row
+
+
+class _TensorWriter:
+    """Writes preprocessed rows straight to ``tensors.npy`` in a temporary folder beside the cache, in
+    sample order, as the decoding workers deliver them: the whole array never sits in memory, so a dataset
+    larger than RAM can be cached. Plain file writes (not a writable memory map) keep the rows out of the
+    process's resident memory; the kernel's page cache holds them only as long as memory allows."""
+
+    def __init__(self, tmp: Path, n: int, spec: PreprocessSpec) -> None:
+        self.tmp, self.n, self.shape = tmp, n, spec.input_shape
+        self.row_bytes = int(np.prod(self.shape)) * np.dtype(np.float16).itemsize
+        self.fh = open(tmp / "tensors.npy", "wb")  # noqa: SIM115 - closed in finish()/discard()
+        header = {"descr": np.dtype(np.float16).str, "fortran_order": False, "shape": (n, *self.shape)}
+        np.lib.format.write_array_header_1_0(self.fh, header)
+        self.written = 0
+
+    @classmethod
+    def open(cls, folder: Path, n: int, spec: PreprocessSpec, console: Console) -> _TensorWriter | None:
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale(folder)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        except OSError as exc:
+            console.print(f"[yellow]cannot write the cache at {folder} ({exc}); keeping tensors in memory[/]")
+            return None
+        return cls(tmp, n, spec)
+
+    def write(self, i: int, row: np.ndarray | None) -> None:
+        assert i == self.written, "rows must arrive in sample order"
+        if row is None:
+            self.fh.write(bytes(self.row_bytes))  # an unreadable sample: zeros, flagged by scan.ok
+        else:
+            self.fh.write(np.ascontiguousarray(row, dtype=np.float16).tobytes())
+        self.written += 1
+
+    def finish(self, folder: Path, result: ScanResult, samples: SampleSet, spec: PreprocessSpec) -> None:
+        self.fh.close()
+        _store(folder, self.tmp, result, samples, spec)
+
+    def read_back(self) -> np.ndarray:
+        try:
+            return np.array(np.load(self.tmp / "tensors.npy", mmap_mode="r", allow_pickle=False))
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        self.fh.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+STALE_AFTER_S = 3600.0
+
+
+def _remove_stale(folder: Path) -> None:
+    """Delete temporary folders of this cache entry left by a killed run. One that is still being written
+    (by another process, e.g. on a second machine sharing the cache) has a fresh modification time."""
+    now = time.time()
+    for tmp in folder.parent.glob(f".{folder.name}.tmp-*"):
+        try:
+            newest = max((p.stat().st_mtime for p in tmp.iterdir()), default=tmp.stat().st_mtime)
+        except OSError:
+            continue
+        if now - newest > STALE_AFTER_S:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _store(folder: Path, tmp: Path, result: ScanResult, samples: SampleSet, spec: PreprocessSpec) -> None:
+    """Complete the temporary folder ``tmp`` (which already holds ``tensors.npy``) and move it into place.
+    On failure ``tmp`` is left for the caller (its rows may be all there is)."""
+    np.save(tmp / "signatures.npy", result.signatures, allow_pickle=False)
+    np.save(tmp / "stats.npy", result.stats, allow_pickle=False)
+    meta = {
+        "version": CACHE_VERSION,
+        "n": len(samples),
+        "source": samples.source,
+        "spec": spec.to_dict(),
+        "ok": result.ok.tolist(),
+        "decoded": result.decoded.tolist(),
+        "constant": result.constant.tolist(),
+        "channels": result.channels.tolist(),
+        "shapes": [list(s) if s is not None else None for s in result.shapes],
+        "seconds": result.seconds,
+        **{f: getattr(result, f) for f in _LIST_FIELDS},
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    if folder.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+    os.rename(tmp, folder)
 
 
 def _load(folder: Path, n: int) -> tuple[np.ndarray, ScanResult] | None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from medclf.io import Image, image_from_array, read_image
+from medclf.io.guard import check_file
 
 SPLITS = ("train", "val", "test")
 
@@ -59,6 +60,8 @@ class SampleSet:
             split, index = ref.split("/")
             arr = np.ascontiguousarray(self.arrays[split][int(index)])
             return hashlib.sha256(arr.tobytes()).hexdigest()
+        # The guard's file checks first: opening a FIFO would block forever, a device never end.
+        check_file(Path(ref), None)
         h = hashlib.sha256()
         with open(ref, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):

@@ -124,7 +124,9 @@ def _list_files(folder: Path) -> list[Path]:
     files = [
         f
         for f in folder.rglob("*")
-        if f.is_file()
+        # Not only regular files: a FIFO, device or broken link is listed as unreadable (by the guard's
+        # specific reason) instead of vanishing from the audit.
+        if not f.is_dir()
         and not any(part.startswith(".") for part in f.relative_to(folder).parts)
         and f.suffix.lower() not in NON_IMAGE_SUFFIXES
     ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedShuffleSplit
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, StratifiedShuffleSplit
 
 from medclf.data.samples import SampleSet
 from medclf.errors import DataError
@@ -42,7 +42,10 @@ def carve(labels: np.ndarray, patient_ids: list[str | None], fraction: float, se
         if n_groups < n_splits:
             raise DataError(f"only {n_groups} patients: too few to carve a patient-grouped validation split")
         sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-        _, held = next(sgkf.split(np.zeros(n), y, groups))
+        try:
+            _, held = next(sgkf.split(np.zeros(n), y, groups))
+        except ValueError as exc:  # e.g. a class with fewer patients than folds
+            raise DataError(f"cannot carve a patient-grouped validation split: {exc}") from exc
         return np.sort(held)
     n_classes = len(np.unique(y))
     # A stratified hold-out needs at least one sample of every class on each side.
@@ -52,3 +55,38 @@ def carve(labels: np.ndarray, patient_ids: list[str | None], fraction: float, se
     sss = StratifiedShuffleSplit(n_splits=1, test_size=n_held, random_state=seed)
     _, held = next(sss.split(np.zeros(n), y))
     return np.sort(held)
+
+
+def fold_split(samples: SampleSet, fold: int, n_folds: int, *, seed: int = 0) -> SampleSet:
+    """Return ``samples`` with fold ``fold`` of ``n_folds`` of the training split turned into ``val``.
+
+    The folds partition the training split (stratified by class; grouped by patient when ids exist) and
+    depend only on ``seed``, so the ``n_folds`` runs of K-fold bagging validate on disjoint folds. A
+    validation split the source already has stays ``val`` in every run (a common held-out set).
+    """
+    if n_folds < 2 or not 0 <= fold < n_folds:
+        raise DataError(f"fold {fold} of {n_folds}: need at least 2 folds and 0 <= fold < folds")
+    train_idx = samples.indices("train")
+    labels = samples.labels[train_idx]
+    counts = np.bincount(labels[labels >= 0]) if (labels >= 0).any() else np.array([len(labels)])
+    if len(train_idx) < 2 * n_folds:
+        raise DataError(f"only {len(train_idx)} training samples: too few for {n_folds} folds")
+    # Stratify only when every class can appear in every fold.
+    y = labels if counts[counts > 0].min() >= n_folds else np.zeros(len(labels), dtype=np.int64)
+    pids = [samples.patient_ids[i] for i in train_idx]
+    if any(p is not None for p in pids):
+        groups = np.array([p if p is not None else f"__sample{i}" for i, p in enumerate(pids)])
+        if len(set(groups.tolist())) < n_folds:
+            raise DataError(f"only {len(set(groups.tolist()))} patients: too few for {n_folds} folds")
+        splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        try:
+            folds = list(splitter.split(np.zeros(len(y)), y, groups))
+        except ValueError as exc:
+            raise DataError(f"cannot split the training patients into {n_folds} folds: {exc}") from exc
+    else:
+        splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        folds = list(splitter.split(np.zeros(len(y)), y))
+    splits = list(samples.splits)
+    for j in folds[fold][1]:
+        splits[int(train_idx[j])] = "val"
+    return samples.with_splits(splits)

@@ -106,8 +106,20 @@ def plot_confusion(
     return _save(fig, path)
 
 
-def plot_reliability(y_true: np.ndarray, probs: np.ndarray, path: str | Path, n_bins: int = 15) -> Path:
-    """Reliability diagram of the top-class confidence over a histogram of confidences; ECE in the title."""
+def plot_reliability(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    path: str | Path,
+    n_bins: int = 15,
+    *,
+    uncalibrated_probs: np.ndarray | None = None,
+    temperature: float | None = None,
+) -> Path:
+    """Reliability diagram of the top-class confidence over a histogram of confidences; ECE in the title.
+
+    With ``uncalibrated_probs`` (the same predictions before temperature scaling by ``temperature``), both
+    curves are drawn: accuracy against mean confidence per bin, before and after scaling.
+    """
     counts, acc, conf = calibration_bins(y_true, probs, n_bins)
     ece = expected_calibration_error(y_true, probs, n_bins)
     edges = np.linspace(0, 1, n_bins + 1)
@@ -133,9 +145,20 @@ def plot_reliability(y_true: np.ndarray, probs: np.ndarray, path: str | Path, n_
         lw=1,
         label="gap to mean confidence",
     )
+    title = f"Reliability diagram (ECE {ece:.3f}, {n_bins} bins)"
+    if uncalibrated_probs is not None:
+        t = 1.0 if temperature is None else float(temperature)
+        u_counts, u_acc, u_conf = calibration_bins(y_true, uncalibrated_probs, n_bins)
+        u_ece = expected_calibration_error(y_true, uncalibrated_probs, n_bins)
+        u = u_counts > 0
+        before = f"before scaling (ECE {u_ece:.3f})"
+        after = f"after, T = {t:.3g} (ECE {ece:.3f})"
+        top.plot(u_conf[u], u_acc[u], "s--", color="#e08a00", lw=1.5, ms=5, label=before)
+        top.plot(conf[filled], acc[filled], "o-", color="#0b3c5d", lw=1.5, ms=5, label=after)
+        title = f"Reliability: ECE {u_ece:.3f} before, {ece:.3f} after temperature scaling"
     top.set(xlim=(0, 1), ylim=(0, 1))
     top.set_ylabel("accuracy")
-    top.set_title(f"Reliability diagram (ECE {ece:.3f}, {n_bins} bins)")
+    top.set_title(title)
     top.grid(alpha=0.3)
     top.legend(loc="upper left", fontsize=_FONT - 1)
 
@@ -152,6 +175,32 @@ def plot_reliability(y_true: np.ndarray, probs: np.ndarray, path: str | Path, n_
     bottom.set_ylabel("samples")
     for ax in (top, bottom):
         _style(ax)
+    return _save(fig, path)
+
+
+def plot_augmentation_gallery(
+    original: np.ndarray, views: Sequence[np.ndarray], preset: str, path: str | Path
+) -> Path:
+    """Rows = samples; first column the preprocessed input, then augmented views (the middle slice for
+    volumes). Arrays are ``(N, C, *spatial)`` in [0, 1]."""
+
+    def show(a: np.ndarray) -> np.ndarray:
+        if a.ndim == 4:  # (C, D, H, W): middle slice
+            a = a[:, a.shape[1] // 2]
+        return a[0] if a.shape[0] != 3 else np.moveaxis(a, 0, -1)
+
+    n, cols = len(original), 1 + len(views)
+    fig = Figure(figsize=(1.6 * cols, 1.6 * n + 0.4), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(n, cols, squeeze=False)
+    for i in range(n):
+        for j, src in enumerate([original, *views]):
+            ax = axes[i][j]
+            ax.imshow(show(np.asarray(src[i], dtype=np.float32)), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title("input" if j == 0 else f"'{preset}' #{j}", fontsize=_FONT - 1)
     return _save(fig, path)
 
 

@@ -243,15 +243,21 @@ def _confusion(m: Mapping[str, Any]) -> str:
 def _calibration(m: Mapping[str, Any]) -> str:
     keys = (
         ("ece", "Expected calibration error (15 bins, top-class confidence)"),
+        ("ece_uncalibrated", "ECE before temperature scaling"),
+        ("temperature", "Temperature (fitted on validation)"),
         ("log_loss", "Log loss"),
         ("brier", "Brier score"),
     )
     if not any(k in m for k, _ in keys):
         return ""
-    rows = "".join(f"<tr><th>{label}</th><td class='num'>{_fmt(m.get(k))}</td></tr>" for k, label in keys)
+    rows = "".join(
+        f"<tr><th>{label}</th><td class='num'>{_fmt(m.get(k))}</td></tr>"
+        for k, label in keys
+        if k in m or k in ("ece", "log_loss", "brier")
+    )
     return (
         "<h2>Calibration and probabilistic scores</h2><table class='kv'>" + rows + "</table>"
-        "<p class='small'>Lower is better for all three. Brier: mean squared error of the probabilities "
+        "<p class='small'>Lower is better for ECE, log loss and Brier score. Brier: mean squared error of the probabilities "
         "(binary: of class 1, range 0-1; multi-class: summed over classes, range 0-2).</p>"
     )
 

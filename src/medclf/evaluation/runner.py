@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,10 @@ from medclf.data.cache import prepare
 from medclf.data.samples import SampleSet
 from medclf.data.sources import load_source
 from medclf.errors import DataError
-from medclf.evaluation.metrics import compute_metrics
-from medclf.evaluation.plots import plot_confusion, plot_reliability, plot_roc
+from medclf.evaluation.metrics import compute_metrics, expected_calibration_error
+from medclf.evaluation.plots import plot_augmentation_gallery, plot_confusion, plot_reliability, plot_roc
 from medclf.evaluation.report import write_report
+from medclf.tta import describe as describe_tta
 
 PROTOCOL = (
     "Headline metrics use the split minus every sample that is an exact or near copy (re-encoded or "
@@ -43,10 +45,23 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     console: Console | None = None,
+    engine: str = "auto",
+    tta: bool | str | Sequence[str] | None = None,
+    robustness: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate ``bundle`` on ``split`` of ``data``; write the outputs to ``out`` and return the metrics."""
+    """Evaluate ``bundle`` on ``split`` of ``data``; write the outputs to ``out`` and return the metrics.
+
+    ``robustness``: also measure accuracy under FGSM and PGD attacks (:mod:`.robustness`) on the
+    headline samples, into ``metrics["robustness"]`` and a section of the report.
+
+    ``engine`` picks what runs the model (see :mod:`medclf.engines`; ``auto``: the bundle's ONNX model
+    when it has one); the metrics record which one ran. ``tta``: test-time augmentation (see
+    :mod:`medclf.tta`), recorded in the metrics. ``ece_uncalibrated`` is the ECE of the same predictions
+    without the bundle's temperature."""
     console = console or Console(stderr=True, soft_wrap=True)
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    engine = b.engine(engine)
+    views = b.tta_views(tta)
     samples = load_source(data, default_split="test")
     if not samples.has_split(split):
         have = ", ".join(sorted(set(samples.splits)))
@@ -68,8 +83,33 @@ def evaluate(
     idx = np.flatnonzero(in_split)
     usable = idx[prepared.ok[idx] & (labels[idx] >= 0)]
     probs = np.full((len(samples), len(b.classes)), np.nan)
+    uncalibrated = probs.copy()
     if len(usable):
-        probs[usable] = b.predict_tensors(np.asarray(prepared.tensors[usable]), batch_size=128)
+        x = np.asarray(prepared.tensors[usable])
+        probs[usable] = b.predict_tensors(x, batch_size=128, engine=engine, tta=views)
+        uncalibrated[usable] = (
+            b.predict_tensors(x, batch_size=128, engine=engine, tta=views, calibrated=False)
+            if b.temperature != 1.0
+            else probs[usable]
+        )
+    extra: dict[str, Any] = {"bundle_sha256": b.sha256, "engine": engine, "tta": describe_tta(views)}
+    sections = _report_sections(b, prepared.errors, data, split)
+    if robustness and len(usable):
+        from medclf.evaluation.robustness import robustness_report
+
+        rows = usable if include_train_copies else usable[~prepared.train_copy[usable]]
+        console.print(f"Adversarial robustness (FGSM, PGD) on {min(len(rows), 512)} samples...")
+        report = robustness_report(b.model, np.asarray(prepared.tensors[rows]), labels[rows], seed=seed)
+        extra["robustness"] = report
+        sections["Adversarial robustness (white-box FGSM / PGD, L-inf)"] = [
+            {
+                "eps (8-bit grey levels)": a["eps_8bit_levels"],
+                "clean accuracy": f"{report['clean_accuracy']:.3f}",
+                "FGSM accuracy": f"{a['fgsm_accuracy']:.3f}",
+                f"PGD-{report['pgd_steps']} accuracy": f"{a['pgd_accuracy']:.3f}",
+            }
+            for a in report["attacks"]
+        ]
     return write_evaluation(
         out,
         samples=samples,
@@ -84,10 +124,31 @@ def evaluate(
         n_bootstrap=n_bootstrap,
         seed=seed,
         title=f"medclf evaluation: {Path(str(data)).name} / {split}",
-        sections=_report_sections(b, prepared.errors, data, split),
-        extra={"bundle_sha256": b.sha256},
+        sections=sections,
+        extra=extra,
         console=console,
+        uncalibrated_probs=uncalibrated,
+        temperature=b.temperature,
+        extra_figures=_augmentation_gallery(b, samples, prepared, Path(out)),
     )
+
+
+def _augmentation_gallery(b: Bundle, samples: SampleSet, prepared: Any, out: Path) -> dict[str, Path]:
+    """A few training inputs and what the bundle's augmentation preset made of them, when both are known."""
+    import torch
+
+    from medclf.augment import gallery, list_presets
+
+    preset = b.manifest.get("recipe", {}).get("augment")
+    train = np.flatnonzero(prepared.ok & (np.array(samples.splits) == "train"))
+    if preset not in list_presets() or preset == "none" or len(train) == 0:
+        return {}
+    pick = train[np.linspace(0, len(train) - 1, num=min(4, len(train))).astype(int)]
+    x = torch.from_numpy(np.asarray(prepared.tensors[pick], dtype=np.float32))
+    original, views = gallery(x, preset, n_views=4, seed=0)
+    title = f"Augmentation gallery: training inputs and '{preset}' views (what the model was trained on)"
+    path = plot_augmentation_gallery(original.numpy(), [v.numpy() for v in views], preset, out / "augment.png")
+    return {title: path}
 
 
 def write_evaluation(
@@ -108,12 +169,17 @@ def write_evaluation(
     sections: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     console: Console | None = None,
+    uncalibrated_probs: np.ndarray | None = None,
+    temperature: float | None = None,
+    extra_figures: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
     """Metrics (headline without copies of training samples, and ``all_samples``), predictions.csv, plots
     and report.html for class probabilities ``probs`` (rows for every sample; NaN where unusable).
 
     Shared by ``evaluate`` and by anything else that produces probabilities (baselines, ensembles), so every
-    method is scored and reported the same way.
+    method is scored and reported the same way. ``uncalibrated_probs`` (same rows, before temperature
+    scaling by ``temperature``) adds ``ece_uncalibrated`` and ``temperature`` to the metrics and a second
+    curve to the reliability diagram.
     """
     console = console or Console(stderr=True, soft_wrap=True)
     in_split = np.array([s == split for s in samples.splits])
@@ -126,6 +192,10 @@ def write_evaluation(
     metrics = compute_metrics(labels[clean], probs[clean], classes, n_bootstrap=n_bootstrap, seed=seed)
     all_metrics = compute_metrics(labels[usable], probs[usable], classes, n_bootstrap=n_bootstrap, seed=seed)
     n_removed = 0 if include_train_copies else int(copies[usable].sum())
+    if uncalibrated_probs is not None:
+        for m, rows in ((metrics, clean), (all_metrics, usable)):
+            m["ece_uncalibrated"] = expected_calibration_error(labels[rows], uncalibrated_probs[rows])
+            m["temperature"] = float(temperature if temperature is not None else 1.0)
     metrics.update(
         split=split,
         n_removed_duplicates=n_removed,
@@ -142,7 +212,14 @@ def write_evaluation(
     figures = {
         "ROC curves": plot_roc(labels[clean], probs[clean], classes, out / "roc.png"),
         "Confusion matrix": plot_confusion(metrics["confusion_matrix"], classes, out / "confusion.png"),
-        "Reliability diagram": plot_reliability(labels[clean], probs[clean], out / "reliability.png"),
+        "Reliability diagram": plot_reliability(
+            labels[clean],
+            probs[clean],
+            out / "reliability.png",
+            uncalibrated_probs=None if uncalibrated_probs is None else uncalibrated_probs[clean],
+            temperature=temperature,
+        ),
+        **(extra_figures or {}),
     }
     write_report(out / "report.html", title=title, metrics=metrics, figures=figures, sections=sections)
     console.print(
@@ -215,7 +292,7 @@ def _report_sections(b: Bundle, errors: list[dict[str, str]], data: str | Path, 
         "Model": {
             "bundle": str(b.path),
             "bundle sha256": b.sha256,
-            "architecture": f"{b.arch} {b.manifest['model'].get('kwargs', {})}",
+            "architecture": _architecture(b),
             "classes": ", ".join(b.classes),
             "input": str(b.spec.input_shape),
             "trained": b.manifest.get("created", ""),
@@ -233,6 +310,32 @@ def _report_sections(b: Bundle, errors: list[dict[str, str]], data: str | Path, 
             "AUC": val.get("auc"),
             "copies of training samples left out": val.get("n_removed_duplicates"),
         }
+    fusion = b.manifest.get("ensemble")
+    if fusion:
+        sections["Ensemble members"] = [
+            {
+                "member": j,
+                "architecture": m.get("arch"),
+                "input": m.get("size"),
+                "temperature": m.get("temperature"),
+                "weight": (fusion.get("weights") or [None] * (j + 1))[j],
+                "validation AUC": (m.get("val") or {}).get("auc"),
+                "sha256": m.get("sha256"),
+            }
+            for j, m in enumerate(fusion.get("members", []))
+        ]
+    calibration = b.manifest.get("calibration", {})
+    sections["Calibration (temperature scaling)"] = {
+        k: v for k, v in calibration.items() if k in ("temperature", "n", "ece_before", "ece_after", "note")
+    }
     if errors:
         sections["Unreadable files (left out)"] = errors[:50]
     return sections
+
+
+def _architecture(b: Bundle) -> str:
+    fusion = b.manifest.get("ensemble")
+    if fusion:
+        members = ", ".join(str(m.get("arch")) for m in fusion.get("members", []))
+        return f"ensemble ({fusion.get('method')}) of {len(fusion.get('members', []))}: {members}"
+    return f"{b.arch} {b.manifest['model'].get('kwargs', {})}"

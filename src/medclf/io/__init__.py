@@ -16,14 +16,24 @@ from medclf.io.guard import (
     ReadLimits,
     check_file,
     check_shape,
+    read_deadline,
     replace_nonfinite,
     sniff,
     sniff_format,
 )
 from medclf.io.image import Image
-from medclf.io.npz import image_from_array, read_npz
+from medclf.io.npz import image_from_array, iter_npz_images, read_npz
 
-__all__ = ["FORMATS", "Image", "ReadLimits", "image_from_array", "read_image", "read_npz", "sniff_format"]
+__all__ = [
+    "FORMATS",
+    "Image",
+    "ReadLimits",
+    "image_from_array",
+    "iter_npz_images",
+    "read_image",
+    "read_npz",
+    "sniff_format",
+]
 
 
 def read_image(path: str | Path, *, limits: ReadLimits | None = None) -> Image:
@@ -32,9 +42,16 @@ def read_image(path: str | Path, *, limits: ReadLimits | None = None) -> Image:
     Returns float32 channel-first pixels, ``(C, H, W)`` or ``(C, D, H, W)``; NaN/Inf values are replaced
     by 0 and counted in ``meta["nonfinite_replaced"]``. Raises :class:`~medclf.errors.InputRejected` for
     anything that cannot be used, including a MedMNIST dataset ``.npz`` (``reason="dataset_npz"``).
+    The read is bounded by ``limits``: memory from the header before decoding, wall time by a watchdog
+    (:func:`medclf.io.guard.read_deadline`).
     """
     limits = limits or ReadLimits()
     p = Path(path)
+    with read_deadline(limits.max_seconds, p):
+        return _read(p, limits)
+
+
+def _read(p: Path, limits: ReadLimits) -> Image:
     size = check_file(p, limits)
     sniffed = sniff(p, size)
     # Readers are imported on demand: pydicom, nibabel and Pillow are slow to import.

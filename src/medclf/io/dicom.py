@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import mmap
+import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +21,24 @@ from typing import Any
 
 import numpy as np
 import pydicom
+import pydicom.datadict
+import pydicom.filereader
+import pydicom.tag
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from medclf.io.guard import ReadLimits, check_shape, collapse_grey, library_errors, reject
+from medclf.io.guard import (
+    ReadLimits,
+    check_memory,
+    check_preamble,
+    check_shape,
+    collapse_grey,
+    inflated_size,
+    library_errors,
+    reject,
+)
 from medclf.io.image import Image
 
 # Elements larger than this are not read by the first pass; the pixel data always is one of them unless
@@ -72,10 +86,16 @@ def read_dicom(path: Path, limits: ReadLimits, *, size: int, bare: bool = False)
     SpacingBetweenSlices (else SliceThickness). Missing spacings are 1.0.
     ``bare`` is set by the sniffer for a data set without preamble and file meta.
     """
+    if not bare:
+        check_preamble(path)
+    # A deflated data set is inflated whole by pydicom: bound it first, and measure offsets in it.
+    size = _check_deflated(path, limits, bare) or size
     ds = _read_dataset(path, bare)
+    _check_element_lengths(ds, path, size)
     tsuid = _transfer_syntax(ds, path)
     hdr = _check_header(ds, path, limits, size)
     _check_pixel_length(ds, hdr, tsuid, path, size)
+    _check_codestreams(ds, hdr, tsuid, path, size)
     _check_decoder(tsuid, hdr, path)
 
     # pydicom converts element values lazily, so reading any attribute can raise on a damaged file.
@@ -121,6 +141,13 @@ def read_dicom(path: Path, limits: ReadLimits, *, size: int, bare: bool = False)
     return Image(np.ascontiguousarray(pixels, dtype=np.float32), spacing, "dicom", meta)
 
 
+def check_structure(path: Path, limits: ReadLimits, *, size: int, bare: bool = False) -> None:
+    """The structural checks of :func:`read_dicom` without the image ones, for tools that rewrite files
+    (``medclf deid``): a bounded deflated data set and no element running past the end of the file."""
+    size = _check_deflated(path, limits, bare) or size
+    _check_element_lengths(_read_dataset(path, bare), path, size)
+
+
 def _read_dataset(path: Path, bare: bool) -> Dataset:
     with library_errors(path, "DICOM header", reason="malformed"):
         # force=True only for preamble-less data sets the sniffer has already validated element by element.
@@ -129,6 +156,77 @@ def _read_dataset(path: Path, bare: bool) -> Dataset:
         # pydicom returns an empty data set, with only a warning, when the file ends inside any element.
         raise _missing_pixels(ds, path)
     return ds
+
+
+def _check_deflated(path: Path, limits: ReadLimits, bare: bool) -> int | None:
+    """For the Deflated Explicit VR Little Endian syntax, the size of the inflated data set, else None.
+
+    pydicom inflates such a data set in one ``zlib.decompress`` call, before anything can be checked, so a
+    small file could claim gigabytes: inflate it here first in bounded pieces, counting bytes only, and
+    refuse anything above an eighth of the memory limit (the data set is then decoded on top of it).
+    """
+    if bare:
+        return None
+    with library_errors(path, "DICOM file meta", reason="malformed"), open(path, "rb") as fh:
+        pydicom.filereader.read_preamble(fh, False)
+        meta = pydicom.filereader._read_file_meta_info(fh)
+        start = fh.tell()
+    if str(meta.get("TransferSyntaxUID", "")) != pydicom.uid.DeflatedExplicitVRLittleEndian:
+        return None
+    cap = limits.max_memory_bytes // 8
+
+    def pieces():
+        with open(path, "rb") as fh:
+            fh.seek(start)
+            while block := fh.read(1 << 20):
+                yield block
+
+    try:
+        inflated, complete = inflated_size(pieces(), cap, wbits=-15)
+    except zlib.error as exc:
+        raise reject(f"the deflated DICOM data set is corrupt ({exc})", "malformed", path) from None
+    if inflated > cap:
+        raise reject(
+            f"the deflated DICOM data set inflates to more than {cap} bytes (a quarter of the read memory "
+            "limit is allowed)",
+            "decompression_bomb",
+            path,
+        )
+    if not complete:
+        raise reject("the deflated DICOM data set is truncated", "truncated", path)
+    return inflated
+
+
+def _check_element_lengths(ds: Dataset, path: Path, size: int) -> None:
+    """Refuse top-level elements whose declared length runs past the end of the file (or inflated data).
+
+    pydicom stops quietly at the end of the file, leaving a short or missing value, so a lying length
+    would otherwise show up later as a confusing error, or not at all.
+    """
+    for tag in list(ds.keys()):
+        elem = ds.get_item(tag, keep_deferred=True)
+        length = getattr(elem, "length", None)
+        tell = getattr(elem, "value_tell", None)
+        if length is None or tell is None or length == 0xFFFFFFFF:
+            continue
+        value = elem.value
+        available = max(size - int(tell), 0) if value is None else len(value)
+        if available >= length:
+            continue
+        if int(tag) in _PIXEL_TAGS:
+            raise reject(
+                f"the DICOM pixel data is truncated: the element declares {length} bytes but the file ends "
+                f"after {min(available, length)} of them",
+                "truncated",
+                path,
+            )
+        name = pydicom.datadict.keyword_for_tag(tag) or "private or unknown element"
+        raise reject(
+            f"the DICOM element {pydicom.tag.Tag(tag)} ({name}) declares {length} bytes, but only "
+            f"{available} remain in the file",
+            "element_beyond_file",
+            path,
+        )
 
 
 def _transfer_syntax(ds: Dataset, path: Path) -> UID:
@@ -220,6 +318,22 @@ def _check_header(ds: Dataset, path: Path, limits: ReadLimits, size: int) -> _He
         )
     spatial = (frames, rows, cols) if frames > 1 else (rows, cols)
     check_shape(spatial, samples, limits, path, what="DICOM image")
+    encapsulated = (
+        bool(getattr(ds.file_meta, "TransferSyntaxUID", None))
+        and UID(str(ds.file_meta.TransferSyntaxUID)).is_encapsulated
+    )
+    elem = ds.get_item(pixel_tag, keep_deferred=True)
+    stored_length = getattr(elem, "length", None)
+    check_memory(
+        rows * cols * frames * samples,
+        max(bits_allocated / 8, 1),  # 1-bit data is unpacked to one byte per value
+        limits,
+        path,
+        what="DICOM image",
+        compressed_bytes=int(stored_length)
+        if encapsulated and stored_length not in (None, 0xFFFFFFFF)
+        else None,
+    )
     return _Header(rows, cols, frames, samples, photometric, bits_allocated, bits_stored, pixel_tag)
 
 
@@ -267,17 +381,118 @@ def _check_pixel_length(ds: Dataset, hdr: _Header, tsuid: UID, path: Path, size:
         available = declared  # offsets refer to the inflated stream: the file size says nothing
     else:
         available = min(declared, size - int(elem.value_tell))
-    if available < expected:
-        if declared < expected:
-            detail = f"the element holds {declared} bytes"
-        else:
-            detail = f"the file ends after {max(available, 0)} of the element's {declared} bytes"
+    layout = f"{hdr.frames} frame(s) of {hdr.rows} x {hdr.cols} x {hdr.samples} at {hdr.bits_allocated} bits"
+    if declared < expected:
+        # The element is whole but too short: Rows, Columns, frames or BitsAllocated do not match it.
         raise reject(
-            f"the DICOM pixel data is truncated: {hdr.frames} frame(s) of {hdr.rows} x {hdr.cols} x "
-            f"{hdr.samples} at {hdr.bits_allocated} bits need {expected} bytes, but {detail}",
+            f"the DICOM header does not match its pixel data: {layout} need {expected} bytes, but the pixel "
+            f"data element holds {declared}",
+            "inconsistent_header",
+            path,
+        )
+    if available < expected:
+        raise reject(
+            f"the DICOM pixel data is truncated: {layout} need {expected} bytes, but the file ends after "
+            f"{max(available, 0)} of the element's {declared} bytes",
             "truncated",
             path,
         )
+    frame_bytes = expected // hdr.frames
+    if declared - expected >= max(frame_bytes, 2):
+        # More than padding: at least one more frame's worth of data than the header describes.
+        raise reject(
+            f"the DICOM header does not match its pixel data: {layout} need {expected} bytes, but the pixel "
+            f"data element holds {declared}",
+            "inconsistent_header",
+            path,
+        )
+
+
+# JPEG start-of-frame markers (baseline .. lossless, arithmetic variants, JPEG-LS), which carry the size.
+_SOF_MARKERS = {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7}
+_ITEM_TAG = b"\xfe\xff\x00\xe0"
+_SEQUENCE_END_TAG = b"\xfe\xff\xdd\xe0"
+_FRAGMENT_HEAD = 65536  # bytes of each fragment searched for the frame header
+
+
+def _jpeg_size(head: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from the SOF segment of a JPEG / JPEG-LS codestream's first bytes, else None."""
+    pos = 2
+    while pos + 4 <= len(head):
+        if head[pos] != 0xFF:
+            return None
+        marker = head[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            pos += 2
+            continue
+        length = int.from_bytes(head[pos + 2 : pos + 4], "big")
+        if marker in _SOF_MARKERS:
+            if pos + 9 > len(head):
+                return None
+            return int.from_bytes(head[pos + 5 : pos + 7], "big"), int.from_bytes(
+                head[pos + 7 : pos + 9], "big"
+            )
+        if marker == 0xDA or length < 2:
+            return None
+        pos += 2 + length
+    return None
+
+
+def _j2k_size(head: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from the SIZ segment of a JPEG 2000 codestream (bare or in a JP2 file), else None."""
+    at = head.find(b"\xff\x4f\xff\x51")
+    if at < 0 or at + 24 > len(head):
+        return None
+    xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", head[at + 8 : at + 24])
+    return ysiz - yosiz, xsiz - xosiz
+
+
+def _check_codestreams(ds: Dataset, hdr: _Header, tsuid: UID, path: Path, size: int) -> None:
+    """Every JPEG / JPEG-LS / JPEG 2000 frame in encapsulated pixel data must be the size the header says.
+
+    The decoders allocate what the codestream declares, not what Rows and Columns say: a few hundred
+    bytes claiming a 20000 x 20000 frame behind a 64 x 64 header would take gigabytes and minutes. So
+    the frame headers are read from the file (the first 64 KiB of each fragment) before decoding.
+    """
+    if not tsuid.is_encapsulated or hdr.pixel_tag != 0x7FE00010:
+        return
+    elem = ds.get_item(hdr.pixel_tag, keep_deferred=True)
+    tell = getattr(elem, "value_tell", None)
+    if tell is None:
+        return  # already converted by pydicom; nothing to read from the file
+    with open(path, "rb") as fh:
+        fh.seek(int(tell))
+        first = True
+        while True:
+            item = fh.read(8)
+            if len(item) < 8 or item[:4] == _SEQUENCE_END_TAG or item[:4] != _ITEM_TAG:
+                return  # the decoder reports malformed encapsulation itself
+            length = struct.unpack("<I", item[4:])[0]
+            start = fh.tell()
+            if first:  # the Basic Offset Table
+                first = False
+            elif length:
+                head = fh.read(min(length, _FRAGMENT_HEAD))
+                found = (
+                    _jpeg_size(head)
+                    if head[:2] == b"\xff\xd8"
+                    else _j2k_size(head)
+                    if head[:4] == b"\xff\x4f\xff\x51" or head[4:8] == b"jP  "
+                    else None
+                )
+                if found is not None and found != (hdr.rows, hdr.cols):
+                    raise reject(
+                        f"the compressed frame declares {found[0]} x {found[1]} pixels, but the DICOM header "
+                        f"says {hdr.rows} x {hdr.cols} (Rows x Columns)",
+                        "inconsistent_header",
+                        path,
+                    )
+            if start + length > size:
+                return  # truncated: the pixel length checks and the decoder report it
+            fh.seek(start + length)
 
 
 def _check_decoder(tsuid: UID, hdr: _Header, path: Path) -> None:

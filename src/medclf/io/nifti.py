@@ -17,6 +17,7 @@ entries is read as channels; longer 4D series (fMRI, DWI) are refused. scl_slope
 from __future__ import annotations
 
 import gzip
+import logging
 import math
 import struct
 import zlib
@@ -27,8 +28,15 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import aff2axcodes, apply_orientation, io_orientation
 
-from medclf.io.guard import ReadLimits, check_shape, library_errors, reject
+from medclf.io.guard import ReadLimits, check_memory, check_shape, library_errors, reject
 from medclf.io.image import Image
+
+_QUIET = logging.getLogger("medclf.io.nifti.header_check")
+_QUIET.addHandler(logging.NullHandler())
+_QUIET.propagate = False
+
+# Bytes tolerated after the declared voxels in a .nii.gz stream (padding); more is refused.
+_MAX_TRAILING = 1 << 20
 
 
 def read_nifti(path: Path, limits: ReadLimits, *, size: int, gzipped: bool) -> Image:
@@ -37,7 +45,9 @@ def read_nifti(path: Path, limits: ReadLimits, *, size: int, gzipped: bool) -> I
     sizeof_hdr = 540 if struct.unpack("<i", raw_head[:4])[0] in (540, 0x1C020000) else 348
     klass = nib.Nifti2Image if sizeof_hdr == 540 else nib.Nifti1Image
     with library_errors(path, "NIfTI header", reason="malformed"):
-        header = klass.header_class(binaryblock=raw_head[:sizeof_hdr], check=True)
+        header = klass.header_class(binaryblock=raw_head[:sizeof_hdr], check=False)
+        # nibabel's own logger prints every problem to stderr; the refusal already says what is wrong.
+        header.check_fix(logger=_QUIET, error_level=nib.imageglobals.error_level)
         shape = tuple(int(s) for s in header.get_data_shape())
         dtype = header.get_data_dtype()
         offset = int(header.get_data_offset())
@@ -88,12 +98,30 @@ def read_nifti(path: Path, limits: ReadLimits, *, size: int, gzipped: bool) -> I
     check_shape([canon[a] for a in keep], channels, limits, path, what="NIfTI image")
 
     nbytes = math.prod(shape) * dtype.itemsize
+    if offset < sizeof_hdr + 4 or offset > limits.max_memory_bytes // 4:
+        # Single-file NIfTI puts the voxels after the header and its 4 extension bytes; an offset beyond a
+        # quarter of the memory limit would make medclf inflate (for .nii.gz) that much before the voxels.
+        raise reject(
+            f"the NIfTI vox_offset {offset} is outside the valid range "
+            f"[{sizeof_hdr + 4}, {limits.max_memory_bytes // 4}]",
+            "inconsistent_header",
+            path,
+        )
     if not gzipped and size < offset + nbytes:
         raise reject(
             f"the NIfTI file is truncated: it has {size} bytes, the header needs {offset + nbytes}",
             "truncated",
             path,
         )
+    values = math.prod(shape) * (3 if dtype.names is not None else 1)
+    check_memory(
+        values,
+        nbytes / values,
+        limits,
+        path,
+        what="NIfTI image",
+        compressed_bytes=size if gzipped else None,
+    )
 
     with library_errors(path, "NIfTI image data"):
         if gzipped:
@@ -135,6 +163,8 @@ def _inflate(path: Path, needed: int) -> bytes:
     try:
         with gzip.open(path, "rb") as gz:
             data = gz.read(needed)
+            # A valid stream ends with the voxels; megabytes more are a bomb riding on a small header.
+            trailing = len(gz.read(_MAX_TRAILING + 1))
     except EOFError:
         raise reject("the gzip-compressed NIfTI stream is truncated", "truncated", path) from None
     except (OSError, zlib.error) as exc:
@@ -143,6 +173,13 @@ def _inflate(path: Path, needed: int) -> bytes:
         raise reject(
             f"the NIfTI file is truncated: it decompresses to {len(data)} bytes, the header needs {needed}",
             "truncated",
+            path,
+        )
+    if trailing > _MAX_TRAILING:
+        raise reject(
+            f"the gzip stream goes on for more than {_MAX_TRAILING} bytes past the {needed} the NIfTI header "
+            "declares",
+            "decompression_bomb",
             path,
         )
     return data

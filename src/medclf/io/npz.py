@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import numpy as np
 from medclf.io.guard import (
     ReadLimits,
     check_file,
+    check_memory,
     check_shape,
     collapse_grey,
     library_errors,
@@ -33,13 +35,22 @@ from medclf.io.image import Image
 IMAGE_KEYS = ("image", "img", "pixels", "arr_0", "data")
 # MedMNIST-style dataset files: train_images, val_labels, ...
 _DATASET_SUFFIXES = ("_images", "_labels")
+# A MedMNIST file has six members, an image file one or two: thousands are an attack on the parser.
+_MAX_MEMBERS = 64
 
 
 def _member_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Shape and dtype of every member, from the .npy headers only (no array data is read)."""
     headers: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
     with library_errors(path, "NPZ archive", reason="malformed"), zipfile.ZipFile(path) as zf:
-        for info in zf.infolist():
+        infos = zf.infolist()
+        if len(infos) > _MAX_MEMBERS:
+            raise reject(
+                f"the .npz archive has {len(infos)} members, more than the {_MAX_MEMBERS} medclf reads",
+                "malformed",
+                path,
+            )
+        for info in infos:
             if not info.filename.endswith(".npy"):
                 raise reject(
                     f"the archive member {info.filename!r} is not a .npy array", "unsupported_format", path
@@ -102,6 +113,9 @@ def read_npz_image(path: Path, limits: ReadLimits) -> Image:
         )
     shape, dtype = headers[key]
     _check_array(shape, dtype, limits, path)  # before loading anything
+    check_memory(
+        math.prod(shape), dtype.itemsize, limits, path, what="array", compressed_bytes=path.stat().st_size
+    )
     with library_errors(path, "NPZ array", reason="malformed"), np.load(path, allow_pickle=False) as z:
         arr = z[key]
         spacing = z["spacing"] if "spacing" in headers else None
@@ -111,6 +125,38 @@ def read_npz_image(path: Path, limits: ReadLimits) -> Image:
         if len(sp) == image.spatial_dims and np.all(np.isfinite(sp)) and np.all(sp > 0):
             image.spacing = tuple(float(s) for s in sp)
     return image
+
+
+def iter_npz_images(
+    path: str | Path, *, limits: ReadLimits | None = None
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Every image of a MedMNIST-style dataset ``.npz`` as ``("split/index", array)``.
+
+    One ``*_images`` array is in memory at a time, and each must fit in half of
+    ``limits.max_memory_bytes``: a dataset file at prediction time is bounded like a single image.
+    """
+    limits = limits or ReadLimits()
+    p = Path(path)
+    check_file(p, limits)
+    headers = _member_headers(p)
+    for key in sorted(k for k in headers if k.endswith("_images")):
+        shape, dtype = headers[key]
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > limits.max_memory_bytes // 2:
+            bomb = nbytes > 100 * p.stat().st_size
+            raise reject(
+                f"the .npz array {key} {shape} needs {nbytes} bytes in memory, more than half the read memory "
+                f"limit of {limits.max_memory_bytes}",
+                "decompression_bomb" if bomb else "too_large",
+                p,
+            )
+        if dtype.kind not in "biuf":
+            raise reject(f"array dtype {dtype} is not supported", "unsupported_dtype", p)
+        with library_errors(p, "NPZ array", reason="malformed"), np.load(p, allow_pickle=False) as z:
+            arr = z[key]
+        split = key[: -len("_images")]
+        for i in range(len(arr)):
+            yield f"{split}/{i}", arr[i]
 
 
 def _layout(shape: tuple[int, ...]) -> tuple[str, int, tuple[int, ...]] | None:

@@ -9,16 +9,29 @@ frames (APNG, MPO) are ignored. Spacing is 1.0: raster DPI describes printing, n
 
 from __future__ import annotations
 
+import mmap
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tifffile
 from PIL import Image as PILImage
-from PIL import ImageOps
+from PIL import ImageOps, PngImagePlugin
 
 from medclf.errors import InputRejected
-from medclf.io.guard import ReadLimits, check_shape, collapse_grey, library_errors, reject
+from medclf.io.guard import (
+    ReadLimits,
+    check_memory,
+    check_shape,
+    collapse_grey,
+    inflated_size,
+    library_errors,
+    reject,
+)
 from medclf.io.image import Image
 
 # Pillow refuses images above twice this many pixels at open time: keep its guard as a backstop behind
@@ -31,10 +44,23 @@ _GREY_CONVERT = {"1", "LA", "La"}
 _RGB_CONVERT = {"RGBA", "RGBX", "RGBa", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"}
 # Tolerance for RGB -> grey on lossy JPEG, whose chroma may carry +-1 noise on grey content.
 _JPEG_GREY_TOLERANCE = 2.0
+# Bytes per stored value by Pillow mode (everything else is 8 bits per sample).
+_MODE_BYTES = {"I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2, "I": 4, "F": 4}
+
+# PNG structure (ISO/IEC 15948): channels per colour type and the bit depths each allows.
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+_PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+# Adam7 passes: (x0, y0, dx, dy).
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+_PNG_MAX_CHUNKS = 1 << 18
 
 
 def read_raster(path: Path, fmt: str, limits: ReadLimits) -> Image:
     """Decode a PNG, JPEG or TIFF file (``fmt`` as sniffed) into an :class:`Image`."""
+    # Structure checks that read no pixel data come first: Pillow inflates PNG text chunks at open time.
+    png = _png_structure(path) if fmt == "png" else None
+    if fmt == "tiff":
+        _check_tiff_directories(path, limits)
     try:
         with library_errors(path, f"{fmt.upper()} header", reason="malformed"):
             im = _open(path, fmt)
@@ -45,7 +71,7 @@ def read_raster(path: Path, fmt: str, limits: ReadLimits) -> Image:
     with im:
         if fmt == "tiff" and _needs_tifffile(im):
             return _read_tifffile(path, limits)
-        return _read_pillow(im, path, fmt, limits)
+        return _read_pillow(im, path, fmt, limits, png)
 
 
 def _open(path: Path, fmt: str) -> PILImage.Image:
@@ -78,7 +104,9 @@ def _channels_of(mode: str) -> int:
     return 0
 
 
-def _read_pillow(im: PILImage.Image, path: Path, fmt: str, limits: ReadLimits) -> Image:
+def _read_pillow(
+    im: PILImage.Image, path: Path, fmt: str, limits: ReadLimits, png: _PngLayout | None = None
+) -> Image:
     mode = im.mode
     channels = _channels_of(mode)
     if channels == 0:
@@ -98,6 +126,18 @@ def _read_pillow(im: PILImage.Image, path: Path, fmt: str, limits: ReadLimits) -
             im.seek(0)
     spatial = (pages, height, width) if pages > 1 else (height, width)
     check_shape(spatial, channels, limits, path, what=f"{fmt.upper()} image")
+    check_memory(
+        pages * height * width * channels,
+        _MODE_BYTES.get(mode, 1),
+        limits,
+        path,
+        what=f"{fmt.upper()} image",
+        compressed_bytes=path.stat().st_size,
+    )
+    if png is not None:
+        _check_png_image_data(path, png)
+    elif fmt == "jpeg":
+        _count_jpeg_scans(path, limits)
 
     # Orientation is per page; the first page's is what gets reported.
     meta: dict[str, Any] = {
@@ -183,6 +223,7 @@ def _read_tifffile(path: Path, limits: ReadLimits) -> Image:
         extrasamples = tuple(page.extrasamples)
         tag = page.tags.get(274)  # Orientation
         orientation = int(tag.value) if tag is not None else 1
+        compressed = int(page.compression) != 1
     if dtype.kind not in "biuf":
         raise reject(f"TIFF sample type {dtype} is not supported", "unsupported_dtype", path)
     if "Y" not in axes or "X" not in axes:
@@ -209,6 +250,14 @@ def _read_tifffile(path: Path, limits: ReadLimits) -> Image:
     height, width = shape[axes.index("Y")], shape[axes.index("X")]
     spatial = (depth, height, width) if depth > 1 else (height, width)
     check_shape(spatial, channels, limits, path, what="TIFF image")
+    check_memory(
+        depth * height * width * samples,
+        dtype.itemsize,
+        limits,
+        path,
+        what="TIFF image",
+        compressed_bytes=path.stat().st_size if compressed else None,
+    )
 
     with library_errors(path, "TIFF pixel data"):
         arr = tifffile.imread(path, series=0)
@@ -233,3 +282,198 @@ def _read_tifffile(path: Path, limits: ReadLimits) -> Image:
     if depth == 1:
         pixels = pixels[:, 0]
     return Image(np.ascontiguousarray(pixels), (1.0,) * (pixels.ndim - 1), "tiff", meta)
+
+
+# ----------------------------------------------------------------------------------------------------
+# structure checks that need no decoding
+
+
+def _region(path: Path, start: int, length: int) -> Iterator[bytes]:
+    """The bytes ``[start, start + length)`` of a file, in pieces of at most 1 MiB."""
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        while length > 0:
+            block = fh.read(min(length, 1 << 20))
+            if not block:
+                return
+            length -= len(block)
+            yield block
+
+
+def _png_raw_size(width: int, height: int, depth: int, colour: int, interlaced: bool) -> int:
+    """Bytes the IDAT stream must inflate to: filtered scanlines, one filter byte per row."""
+    bits = depth * _PNG_CHANNELS[colour]
+
+    def rows(w: int, h: int) -> int:
+        return 0 if w <= 0 or h <= 0 else h * (1 + (w * bits + 7) // 8)
+
+    if not interlaced:
+        return rows(width, height)
+    return sum(rows((width - x0 + dx - 1) // dx, (height - y0 + dy - 1) // dy) for x0, y0, dx, dy in _ADAM7)
+
+
+@dataclass(frozen=True)
+class _PngLayout:
+    width: int
+    height: int
+    depth: int
+    colour: int
+    interlaced: bool
+    idat: tuple[tuple[int, int], ...]  # (offset, length) of every IDAT chunk's data
+
+
+def _png_structure(path: Path) -> _PngLayout:
+    """Walk the PNG chunks: lengths inside the file, a valid IHDR first, image data present, and the
+    compressed text/ICC chunks inflating (counted, not kept) to no more than Pillow's 1 MiB cap, so a text
+    bomb is refused as one instead of failing inside Pillow. Reads no image data.
+    """
+    size = path.stat().st_size
+    idat: list[tuple[int, int]] = []
+    header: tuple[int, int, int, int, bool] | None = None
+    pos, count = 8, 0
+    with open(path, "rb") as fh:
+        while True:
+            fh.seek(pos)
+            head = fh.read(8)
+            if len(head) < 8:
+                raise reject("the PNG file ends before its IEND chunk", "truncated", path)
+            length, kind = struct.unpack(">I4s", head)
+            name = kind.decode("latin-1")
+            if length > 0x7FFFFFFF or not kind.isalpha():
+                raise reject(f"invalid PNG chunk {name!r} of length {length}", "malformed", path)
+            if pos + 12 + length > size:
+                raise reject(
+                    f"the PNG chunk {name} declares {length} bytes, past the end of the file",
+                    "truncated",
+                    path,
+                )
+            count += 1
+            if count == 1 and (kind != b"IHDR" or length != 13):
+                raise reject("the PNG file does not start with a valid IHDR chunk", "malformed", path)
+            if count > _PNG_MAX_CHUNKS:
+                raise reject(f"the PNG file has more than {_PNG_MAX_CHUNKS} chunks", "malformed", path)
+            if kind == b"IHDR":
+                width, height, depth, colour, _comp, _filt, interlace = struct.unpack(">IIBBBBB", fh.read(13))
+                if colour not in _PNG_DEPTHS or depth not in _PNG_DEPTHS[colour] or interlace > 1:
+                    raise reject(
+                        f"invalid PNG header: bit depth {depth}, colour type {colour}, interlace {interlace}",
+                        "inconsistent_header",
+                        path,
+                    )
+                header = (width, height, depth, colour, interlace == 1)
+            elif kind == b"IDAT":
+                idat.append((pos + 8, length))
+            elif kind in (b"zTXt", b"iCCP", b"iTXt"):
+                _check_png_text(path, fh, kind, pos + 8, length)
+            elif kind == b"IEND":
+                break
+            pos += 12 + length
+    if header is None or not idat:
+        raise reject("the PNG file has no image data (IDAT)", "malformed", path)
+    return _PngLayout(*header, idat=tuple(idat))
+
+
+def _check_png_image_data(path: Path, png: _PngLayout) -> None:
+    """Inflate (counting only) the image data, once the header passed the memory check: refuse a stream
+    that is longer than IHDR declares (a bomb behind a small header) or shorter (truncated)."""
+    expected = _png_raw_size(png.width, png.height, png.depth, png.colour, png.interlaced)
+    slack = 65536  # trailing bytes after a whole image are tolerated, as by libpng
+
+    def pieces() -> Iterator[bytes]:
+        for start, length in png.idat:
+            yield from _region(path, start, length)
+
+    try:
+        inflated, _complete = inflated_size(pieces(), expected + slack)
+    except zlib.error as exc:
+        raise reject(f"the PNG image data is corrupt ({exc})", "decode_failed", path) from None
+    if inflated > expected + slack:
+        raise reject(
+            f"the PNG image data inflates to more than the {expected} bytes its header declares",
+            "decompression_bomb",
+            path,
+        )
+    if inflated < expected:
+        raise reject(
+            f"the PNG image data holds {inflated} of the {expected} bytes its header declares",
+            "truncated",
+            path,
+        )
+
+
+def _check_tiff_directories(path: Path, limits: ReadLimits) -> None:
+    """Follow the chain of image directories (IFDs): each must lie inside the file, and it must not loop
+    (a loop sends naive readers into an endless walk) or run longer than ``limits.max_dim`` pages."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+        endian = "<" if head[:2] == b"II" else ">"
+        big = struct.unpack(endian + "H", head[2:4])[0] == 43
+        count_fmt, entry_size, pointer_fmt = ("Q", 20, "Q") if big else ("H", 12, "I")
+        offset = struct.unpack(endian + ("Q" if big else "I"), head[8:16] if big else head[4:8])[0]
+        seen: set[int] = set()
+        while offset:
+            if offset in seen:
+                raise reject("the TIFF's chain of image directories loops", "malformed", path)
+            if len(seen) >= limits.max_dim:
+                raise reject(f"the TIFF has more than {limits.max_dim} pages", "too_large", path)
+            seen.add(offset)
+            count_size = struct.calcsize(count_fmt)
+            if offset + count_size > size:
+                raise reject("a TIFF image directory lies past the end of the file", "truncated", path)
+            fh.seek(offset)
+            n = struct.unpack(endian + count_fmt, fh.read(count_size))[0]
+            next_at = offset + count_size + n * entry_size
+            if next_at + struct.calcsize(pointer_fmt) > size:
+                raise reject("a TIFF image directory runs past the end of the file", "truncated", path)
+            fh.seek(next_at)
+            offset = struct.unpack(endian + pointer_fmt, fh.read(struct.calcsize(pointer_fmt)))[0]
+
+
+def _check_png_text(path: Path, fh: Any, kind: bytes, start: int, length: int) -> None:
+    fh.seek(start)
+    prefix = fh.read(min(length, 240))
+    sep = prefix.find(b"\x00")
+    if sep < 0:
+        return  # Pillow ignores (or rejects) such a chunk itself
+    if kind == b"iTXt":
+        if len(prefix) < sep + 3 or prefix[sep + 1] != 1:
+            return  # uncompressed international text
+        lang_end = prefix.find(b"\x00", sep + 3)
+        tkey_end = prefix.find(b"\x00", lang_end + 1) if lang_end >= 0 else -1
+        if tkey_end < 0:
+            return
+        data_start = tkey_end + 1
+    else:
+        data_start = sep + 2  # keyword, NUL, compression method
+    cap = PngImagePlugin.MAX_TEXT_CHUNK
+    try:
+        inflated, _ = inflated_size(_region(path, start + data_start, length - data_start), cap)
+    except zlib.error:
+        return  # Pillow skips corrupt text; a corrupt ICC profile is its decode error
+    if inflated > cap:
+        raise reject(
+            f"the PNG {kind.decode()} chunk inflates to more than {cap} bytes (a text or ICC profile bomb)",
+            "decompression_bomb",
+            path,
+        )
+
+
+def _count_jpeg_scans(path: Path, limits: ReadLimits) -> None:
+    """Refuse JPEGs with more scans than ``limits.max_jpeg_scans``.
+
+    0xFF 0xDA (start of scan) cannot occur inside entropy-coded data (every 0xFF there is followed by 0x00
+    or a restart marker), so counting it overestimates only by the scans of embedded thumbnails.
+    """
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        scans, pos = 0, mm.find(b"\xff\xda")
+        while pos >= 0:
+            scans += 1
+            if scans > limits.max_jpeg_scans:
+                raise reject(
+                    f"the JPEG has more than {limits.max_jpeg_scans} scans; each scan re-decodes the image "
+                    "(a CPU exhaustion attack)",
+                    "too_many_scans",
+                    path,
+                )
+            pos = mm.find(b"\xff\xda", pos + 2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -17,16 +19,25 @@ def _layers(spatial_dims: int) -> tuple[type[nn.Module], type[nn.Module]]:
 class ResidualBlock(nn.Module):
     """Two 3x3 convolutions with batch norm and an identity (or 1x1 projection) shortcut."""
 
-    def __init__(self, cin: int, cout: int, stride: int, spatial_dims: int) -> None:
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        stride: int,
+        spatial_dims: int,
+        mid: int | None = None,
+        project: bool | None = None,
+    ) -> None:
         super().__init__()
         conv, norm = _layers(spatial_dims)
-        self.conv1 = conv(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = norm(cout)
-        self.conv2 = conv(cout, cout, 3, padding=1, bias=False)
+        mid = mid or cout  # the inner width; smaller after structured pruning (medclf.compress.prune)
+        self.conv1 = conv(cin, mid, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = norm(mid)
+        self.conv2 = conv(mid, cout, 3, padding=1, bias=False)
         self.bn2 = norm(cout)
         self.act = nn.ReLU(inplace=True)
         self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
+        if project if project is not None else (stride != 1 or cin != cout):
             self.shortcut = nn.Sequential(conv(cin, cout, 1, stride=stride, bias=False), norm(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,6 +53,8 @@ class CompactCNN(nn.Module):
     on small lesions here (simulated brain MRI, 64 px, 20 epochs: 81 % vs 44 % test accuracy at the same
     cost): pooling keeps a strong local response wherever it occurs. ``stem_stride`` (a max-pool after the
     single stem convolution) lets the planner trade resolution for speed on inputs above 64 px.
+    ``widths`` (the four stage widths) and ``mid_widths`` (each block's inner width) override ``width``:
+    structured pruning stores them in the bundle so the pruned network can be rebuilt.
     """
 
     def __init__(
@@ -52,25 +65,29 @@ class CompactCNN(nn.Module):
         width: int = 32,
         stem_stride: int = 1,
         dropout: float = 0.2,
+        widths: Sequence[int] | None = None,
+        mid_widths: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         conv, norm = _layers(spatial_dims)
         maxpool = nn.MaxPool2d if spatial_dims == 2 else nn.MaxPool3d
         pool = nn.AdaptiveAvgPool2d(1) if spatial_dims == 2 else nn.AdaptiveAvgPool3d(1)
-        w = width
+        w1, w2, w3, w4 = (int(v) for v in widths) if widths else (width, 2 * width, 4 * width, 8 * width)
+        m1, m2, m3, m4 = (int(v) for v in mid_widths) if mid_widths else (w1, w2, w3, w4)
         stem: list[nn.Module] = [
-            conv(in_channels, w, 3, padding=1, bias=False),
-            norm(w),
+            conv(in_channels, w1, 3, padding=1, bias=False),
+            norm(w1),
             nn.ReLU(inplace=True),
         ]
         if stem_stride > 1:
             stem.append(maxpool(stem_stride))
         self.stem = nn.Sequential(*stem)
-        self.layer1 = nn.Sequential(ResidualBlock(w, w, 1, spatial_dims), maxpool(2))
-        self.layer2 = nn.Sequential(ResidualBlock(w, 2 * w, 1, spatial_dims), maxpool(2))
-        self.layer3 = nn.Sequential(ResidualBlock(2 * w, 4 * w, 1, spatial_dims), maxpool(2))
-        self.layer4 = ResidualBlock(4 * w, 8 * w, 1, spatial_dims)
-        self.head = nn.Sequential(pool, nn.Flatten(), nn.Dropout(dropout), nn.Linear(8 * w, n_classes))
+        # The first block adds its input back unchanged (identity); the others project it (1x1 convolution).
+        self.layer1 = nn.Sequential(ResidualBlock(w1, w1, 1, spatial_dims, m1, project=False), maxpool(2))
+        self.layer2 = nn.Sequential(ResidualBlock(w1, w2, 1, spatial_dims, m2, project=True), maxpool(2))
+        self.layer3 = nn.Sequential(ResidualBlock(w2, w3, 1, spatial_dims, m3, project=True), maxpool(2))
+        self.layer4 = ResidualBlock(w3, w4, 1, spatial_dims, m4, project=True)
+        self.head = nn.Sequential(pool, nn.Flatten(), nn.Dropout(dropout), nn.Linear(w4, n_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

@@ -1,0 +1,99 @@
+"""The data a compression step needs: the bundle's training and validation samples, preprocessed with the
+bundle's own spec (from the tensor cache that training filled), split exactly as training split them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+from medclf.bundle import Bundle
+from medclf.data.cache import PreparedData, prepare
+from medclf.data.samples import SampleSet
+from medclf.data.sources import load_source
+from medclf.data.splits import ensure_validation
+from medclf.errors import DataError
+from medclf.evaluation.metrics import compute_metrics
+
+# training.TrainConfig's default; bundles do not record it, and the split it carves is seeded by the recipe.
+VAL_FRACTION = 0.15
+
+
+@dataclass
+class TrainingData:
+    samples: SampleSet
+    prepared: PreparedData
+    train_idx: np.ndarray
+    val_idx: np.ndarray  # validation samples that copy no training sample, as training selected on
+    same_as_training: bool  # the files, labels and splits are those the bundle was trained on
+
+    @property
+    def val_y(self) -> np.ndarray:
+        return self.samples.labels[self.val_idx]
+
+    def tensors(self, idx: np.ndarray) -> np.ndarray:
+        """Rows of the cache as float32 (sorted reads from the memory map)."""
+        order = np.argsort(idx)
+        out = np.empty((len(idx), *self.prepared.tensors.shape[1:]), dtype=np.float32)
+        out[order] = self.prepared.tensors[np.asarray(idx)[order]]
+        return out
+
+    def stratified(self, idx: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+        """Up to ``n`` of ``idx``, every class in proportion (seeded)."""
+        if len(idx) <= n:
+            return np.asarray(idx)
+        rng = np.random.default_rng(seed)
+        y = self.samples.labels[idx]
+        picked: list[np.ndarray] = []
+        for c in np.unique(y):
+            members = idx[y == c]
+            k = max(1, round(n * len(members) / len(idx)))
+            picked.append(rng.choice(members, size=min(k, len(members)), replace=False))
+        return np.sort(np.concatenate(picked))  # n, give or take the rounding of each class's share
+
+
+def load_training_data(
+    bundle: Bundle,
+    data: str | Path,
+    *,
+    cache_dir: str | Path | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    console: Console | None = None,
+) -> TrainingData:
+    """Load ``data`` as training did for ``bundle``: same validation split (the recipe's seed), same spec,
+    validation copies of training samples left out."""
+    console = console or Console(stderr=True, soft_wrap=True)
+    samples = load_source(data, default_split="train")
+    if not samples.has_split("train"):
+        raise DataError(f"{data}: no training split found")
+    if list(samples.classes) != list(bundle.classes):
+        raise DataError(
+            f"{data}: its classes {samples.classes} are not the bundle's {bundle.classes}; "
+            "give the data the bundle was trained on"
+        )
+    seed = int(bundle.manifest.get("recipe", {}).get("seed", 0))
+    samples = ensure_validation(samples, fraction=VAL_FRACTION, seed=seed)
+    prepared = prepare(
+        samples, bundle.spec, cache_dir=cache_dir, workers=workers, progress=progress, console=console
+    )
+    splits = np.array(samples.splits)
+    labelled = prepared.ok & (samples.labels >= 0)
+    train_idx = np.flatnonzero(labelled & (splits == "train"))
+    val_idx = np.flatnonzero(labelled & (splits == "val") & ~prepared.train_copy)
+    if len(train_idx) == 0 or len(val_idx) == 0:
+        raise DataError(f"{data}: no usable training or validation samples")
+    same = prepared.fingerprint == bundle.manifest.get("data", {}).get("fingerprint")
+    if not same:
+        console.print(
+            "[yellow]note:[/] this data (or its validation split) differs from what the bundle was trained on"
+        )
+    return TrainingData(samples, prepared, train_idx, val_idx, same)
+
+
+def val_scores(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, float | int | None]:
+    """Accuracy and AUC (as ``evaluate`` computes them, no bootstrap) for before/after records."""
+    m = compute_metrics(y, probs, classes, n_bootstrap=0)
+    return {"n": len(y), "accuracy": m["accuracy"], "auc": m["auc"]}

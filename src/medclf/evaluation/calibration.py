@@ -1,0 +1,122 @@
+"""Temperature scaling (Guo et al., "On Calibration of Modern Neural Networks", ICML 2017).
+
+One scalar ``T`` divides the logits before the softmax; it is fitted on validation data by minimising the
+negative log-likelihood. Accuracy never changes (the argmax is the same), only the confidence does.
+
+Log-probabilities serve as well as logits: ``log_softmax(z) = z - logsumexp(z)`` differs from ``z`` by a
+constant per row, which the softmax of ``(z - c) / T`` cancels. So a model's softmax outputs are enough to
+fit and apply a temperature.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax, softmax
+
+from medclf.evaluation.metrics import expected_calibration_error
+
+__all__ = [
+    "TemperatureFit",
+    "apply_temperature",
+    "fit_temperature",
+    "fit_temperature_from_probs",
+    "log_probs",
+]
+
+# The search interval of T. The upper end lets a useless model say "uniform"; the lower end sharpens
+# at most 20-fold (further sharpening on a finite validation set only chases its last few errors).
+T_BOUNDS = (0.05, 20.0)
+# Fewer validation samples than this fit noise (8 samples of simulated MRI: validation ECE 0.024 -> 0.120
+# after "scaling"), so the temperature stays 1.
+MIN_SAMPLES = 20
+# Probabilities of exactly 0 (float32 underflow) would give -inf log-probabilities.
+_PROB_FLOOR = 1e-12
+
+
+@dataclass
+class TemperatureFit:
+    """A fitted temperature and what it did to the fitting data."""
+
+    temperature: float
+    n: int
+    nll_before: float | None
+    nll_after: float | None
+    ece_before: float | None
+    ece_after: float | None
+    method: str = "temperature scaling (minimum validation NLL)"
+    note: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: v for k, v in d.items() if v is not None}
+
+
+def log_probs(probs: np.ndarray) -> np.ndarray:
+    """Log of class probabilities, floored so that an underflowed 0 stays finite."""
+    return np.log(np.clip(np.asarray(probs, dtype=np.float64), _PROB_FLOOR, None))
+
+
+def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """``softmax(logits / T)`` in float64 (``logits`` may be log-probabilities)."""
+    return softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
+
+
+def _nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    return float(-log_softmax(logits / temperature, axis=1)[np.arange(len(y)), y].mean())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> TemperatureFit:
+    """The temperature minimising the NLL of ``softmax(logits / T)`` against ``labels``.
+
+    NLL is convex in ``1/T``, hence unimodal in ``log T``: a bounded scalar search finds the minimum.
+    Degenerate data leaves ``T = 1`` with a ``note``: fewer than :data:`MIN_SAMPLES` samples, or no
+    validation errors (then the NLL falls forever as ``T -> 0``, which says nothing about unseen data).
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    if z.ndim != 2 or len(z) != len(y):
+        raise ValueError(f"logits must be (N, K) with one label per row, got {z.shape} and {y.shape}")
+    n = len(y)
+    if n == 0:
+        return TemperatureFit(1.0, 0, None, None, None, None, note="no validation samples: T left at 1")
+    ece_before = expected_calibration_error(y, softmax(z, axis=1))
+    nll_before = _nll(z, y, 1.0)
+    unfit = None
+    if n < MIN_SAMPLES:
+        unfit = f"{n} validation samples are too few to fit a temperature (need {MIN_SAMPLES}): T left at 1"
+    elif (z.argmax(axis=1) == y).all():
+        unfit = "no validation errors: nothing to calibrate against, T left at 1"
+    if unfit:
+        return TemperatureFit(1.0, n, nll_before, nll_before, ece_before, ece_before, note=unfit)
+    res = minimize_scalar(
+        lambda log_t: _nll(z, y, math.exp(log_t)),
+        bounds=(math.log(T_BOUNDS[0]), math.log(T_BOUNDS[1])),
+        method="bounded",
+        options={"xatol": 1e-5},
+    )
+    t = float(math.exp(res.x))
+    nll_after = _nll(z, y, t)
+    if nll_after > nll_before:  # the search never does worse than not scaling
+        t, nll_after = 1.0, nll_before
+    note = None
+    if min(abs(t - b) / b for b in T_BOUNDS) < 1e-3:
+        note = f"the fitted temperature lies at the edge of the search interval {T_BOUNDS}"
+    return TemperatureFit(
+        temperature=t,
+        n=n,
+        nll_before=nll_before,
+        nll_after=nll_after,
+        ece_before=ece_before,
+        ece_after=expected_calibration_error(y, apply_temperature(z, t)),
+        note=note,
+    )
+
+
+def fit_temperature_from_probs(probs: np.ndarray, labels: np.ndarray) -> TemperatureFit:
+    """:func:`fit_temperature` on the log of softmax outputs (equivalent to fitting on the logits)."""
+    return fit_temperature(log_probs(probs), labels)

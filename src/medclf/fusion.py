@@ -1,0 +1,492 @@
+"""Model fusion (``medclf ensemble``): several trained bundles -> one ensemble bundle.
+
+The ensemble is an :class:`~medclf.models.ensemble.Ensemble` module registered as architecture
+``ensemble``: the members' weights and the fusion parameters share one ``model.safetensors``, so
+``load_bundle``, ``evaluate``, ``predict``, explanations and export take it unchanged.
+
+Anything fitted (the weights of ``weighted``, the meta-learner of ``stacking``, the ensemble's temperature)
+is fitted on **validation predictions only**, on the samples that every member validated on: each member's
+validation split is rebuilt from the dataset with the seed, fraction or fold recorded in its recipe, and
+checked against the content hashes of the files it trained on. Samples that copy any member's training
+sample are left out. Members trained on different carved validation splits (different seeds, or K-fold
+bagging without a dataset validation split) share no such samples: then only ``mean`` works, and the
+ensemble keeps temperature 1 (its members are each calibrated on their own validation split).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from medclf.bundle import Bundle, load_bundle, save_bundle
+from medclf.data.audit import train_copy_flags
+from medclf.data.cache import prepare
+from medclf.data.samples import SampleSet
+from medclf.data.sources import load_source
+from medclf.data.splits import ensure_validation, fold_split
+from medclf.errors import BundleError, ConfigError, DataError
+from medclf.evaluation.calibration import MIN_SAMPLES, TemperatureFit, apply_temperature, fit_temperature
+from medclf.evaluation.metrics import compute_metrics, expected_calibration_error
+from medclf.models.ensemble import LOG_FLOOR, METHODS, Ensemble
+
+__all__ = ["METHODS", "EnsembleResult", "ensemble", "fit_stacking", "fit_weights", "member_validation_splits"]
+
+# Fewest shared validation samples for fitting fusion weights or a meta-learner (as for a temperature).
+MIN_FIT = MIN_SAMPLES
+STACKING_C = 1.0
+_BATCH = 256
+
+
+@dataclass
+class EnsembleResult:
+    bundle: Path
+    method: str
+    weights: list[float] | None
+    temperature: float
+    n_fit: int
+    val_metrics: dict[str, Any] | None
+    member_val_metrics: list[dict[str, Any] | None] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def ensemble(
+    bundles: Sequence[str | Path | Bundle],
+    out: str | Path,
+    *,
+    data: str | Path,
+    method: str = "mean",
+    calibrate: bool = True,
+    cache_dir: str | Path | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    console: Console | None = None,
+    seed: int = 0,
+    recipe: dict[str, Any] | None = None,
+) -> EnsembleResult:
+    """Fuse trained ``bundles`` into one ensemble bundle at ``out``; ``data``: the dataset they were
+    trained on (for validation predictions). ``method``: ``mean``, ``weighted`` (weights minimising the
+    validation log-loss over the simplex) or ``stacking`` (multinomial logistic regression on the members'
+    validation log-probabilities). ``calibrate``: fit the ensemble's temperature on the same samples.
+    ``recipe`` adds entries to the bundle's recipe (``medclf train --folds`` records its runs there)."""
+    t_start = time.perf_counter()
+    console = console or Console(stderr=True, soft_wrap=True)
+    if method not in METHODS:
+        raise ConfigError(f"unknown fusion method {method!r}; choose one of {', '.join(METHODS)}")
+    members = [b if isinstance(b, Bundle) else load_bundle(b) for b in bundles]
+    _check_compatible(members)
+    base = max(members, key=lambda b: int(np.prod(b.spec.size)))
+    classes = base.classes
+
+    samples = load_source(data, default_split="train")
+    if samples.classes != classes:
+        raise DataError(
+            f"{data}: classes {samples.classes} differ from the members' {classes}; "
+            "give the dataset the members were trained on"
+        )
+    member_splits = [member_validation_splits(samples, b) for b in members]
+    is_train = np.array([[s == "train" for s in sp] for sp in member_splits])  # (M, N)
+    is_val = np.array([[s == "val" for s in sp] for sp in member_splits])
+    combined = samples.with_splits(
+        ["train" if is_train[:, i].any() else s for i, s in enumerate(member_splits[0])]
+    )
+    train_hashes = [_train_hashes(b) for b in members]
+    prepared = prepare(
+        combined,
+        base.spec,
+        cache_dir=cache_dir,
+        workers=workers,
+        progress=progress,
+        console=console,
+        extra_train_hashes=set().union(*train_hashes),
+    )
+    labels = samples.labels
+    readable = prepared.ok & (labels >= 0)
+    for j, b in enumerate(members):
+        rebuilt = {prepared.hashes[i] for i in np.flatnonzero(is_train[j] & readable)}
+        if rebuilt != train_hashes[j]:
+            raise DataError(
+                f"{b.path}: its training files are not the training split of {data} rebuilt from its recipe "
+                f"(seed {b.manifest.get('recipe', {}).get('seed')}): give the dataset it was trained on"
+            )
+
+    model = _build(members, method)
+    # What every member validated on, minus copies of any member's training sample: the fitting set.
+    fit_mask = is_val.all(axis=0) & readable & ~prepared.train_copy
+    fit_idx = np.flatnonzero(fit_mask)
+    own_val = [
+        is_val[j] & readable & ~train_copy_flags(samples.with_splits(member_splits[j]), prepared.scan)
+        for j in range(len(members))
+    ]
+    console.print(
+        f"Fusing {len(members)} members ({method}) on {len(fit_idx)} validation samples shared by all members"
+    )
+    # Member log-probabilities, through the ensemble's own input path, where they are needed.
+    log_probs = {
+        j: _member_log_probs(model, j, prepared.tensors, own_val[j] | fit_mask) for j in range(len(members))
+    }
+    fit_lp = np.stack([log_probs[j][fit_idx] for j in range(len(members))]) if len(fit_idx) else None
+    y_fit = labels[fit_idx]
+
+    enough = len(fit_idx) >= MIN_FIT and len(np.unique(y_fit)) >= 2
+    if method != "mean" and not enough:
+        raise DataError(
+            f"'{method}' fusion is fitted on validation samples that every member left out of training, and "
+            f"there are {len(fit_idx)} (need {MIN_FIT}, with two classes). Members whose validation splits "
+            "differ (different seeds without a dataset validation split, or K-fold runs) can only be "
+            "fused with --method mean"
+        )
+    with torch.no_grad():
+        fitted = _FITTERS[method](model, fit_lp, y_fit, seed)
+    weights = model.weights.tolist() if method != "stacking" else None
+
+    cal = TemperatureFit(1.0, 0, None, None, None, None, note="calibration not asked for: T = 1")
+    val_metrics: dict[str, Any] | None = None
+    member_fit_metrics: list[dict[str, Any] | None] = [None] * len(members)
+    if fit_lp is not None and enough:
+        with torch.no_grad():
+            fused = model.fuse(torch.from_numpy(fit_lp).float()).double().numpy()
+        if calibrate:
+            cal = fit_temperature(fused, y_fit)
+        probs = apply_temperature(fused, cal.temperature)
+        val_metrics = compute_metrics(y_fit, probs, classes, n_bootstrap=200, seed=seed)
+        val_metrics.update(
+            ece_uncalibrated=expected_calibration_error(y_fit, apply_temperature(fused, 1.0)),
+            temperature=cal.temperature,
+            n_removed_duplicates=int((is_val.all(axis=0) & readable & prepared.train_copy).sum()),
+        )
+        fitted_here = ([] if method == "mean" else [f"the {method} fusion"]) + (
+            ["the temperature"] if calibrate else []
+        )
+        if fitted_here:
+            val_metrics["note"] = f"{' and '.join(fitted_here)} were fitted on these same samples"
+        member_fit_metrics = [_metrics(y_fit, fit_lp[j], classes, seed) for j in range(len(members))]
+    elif calibrate:
+        cal.note = (
+            f"{len(fit_idx)} validation samples shared by all members (need {MIN_FIT}, two classes): T = 1; "
+            "each member is calibrated on its own validation split"
+        )
+    member_own_metrics = [
+        _metrics(labels[own_val[j]], log_probs[j][own_val[j]], classes, seed) for j in range(len(members))
+    ]
+    out_of_fold = _out_of_fold(members, own_val, log_probs, labels, classes, seed)
+
+    member_records = []
+    for j, b in enumerate(members):
+        recipe_j = b.manifest.get("recipe", {})
+        member_records.append(
+            {
+                "sha256": b.sha256,
+                "path": str(b.path),
+                "arch": b.arch,
+                "kwargs": b.manifest["model"].get("kwargs", {}),
+                "size": list(b.spec.size),
+                "temperature": b.temperature,
+                "seed": recipe_j.get("seed"),
+                "val_fold": recipe_j.get("val_fold"),
+                "val": member_fit_metrics[j],
+                "val_own": member_own_metrics[j],
+            }
+        )
+    fusion = {
+        "method": method,
+        "weights": weights,
+        "stacking": fitted or None,
+        "fit_set": {
+            "description": "validation samples shared by every member, minus copies of any member's training samples",
+            "n": len(fit_idx),
+        },
+        "members": member_records,
+        "input_resampling": _resampling_note(members, base),
+    }
+    if out_of_fold is not None:
+        fusion["out_of_fold"] = out_of_fold
+    metrics: dict[str, Any] = {"val": val_metrics} if val_metrics is not None else {}
+    if out_of_fold is not None:
+        metrics["out_of_fold"] = out_of_fold
+    seconds = round(time.perf_counter() - t_start, 1)
+    manifest = {
+        "model": {
+            "arch": "ensemble",
+            "kwargs": _ensemble_kwargs(members, method),
+            "in_channels": base.spec.channels,
+            "n_classes": len(classes),
+            "spatial_dims": base.spec.spatial_dims,
+        },
+        "classes": classes,
+        "preprocess": base.spec.to_dict(),
+        "input": base.manifest.get(
+            "input", {"shape": list(base.spec.input_shape), "dtype": "float32", "value_range": [0.0, 1.0]}
+        ),
+        "recipe": {"kind": "ensemble", "method": method, "fusion_seconds": seconds, **(recipe or {})},
+        "data": {
+            "source": Path(samples.source).name,
+            "kind": samples.kind,
+            "fingerprint": prepared.fingerprint,
+            "counts": combined.summary(),
+            "n_unreadable": len(prepared.errors),
+        },
+        "metrics": metrics,
+        "ensemble": fusion,
+        "history": [],
+        "calibration": cal.to_dict(),
+    }
+    union_hashes = sorted(set().union(*train_hashes))
+    path = save_bundle(
+        out, model=model, manifest=manifest, extra_files={"train_hashes.json": json.dumps(union_hashes)}
+    )
+    _print_summary(console, path, member_fit_metrics, member_own_metrics, val_metrics, weights, cal)
+    return EnsembleResult(
+        bundle=path,
+        method=method,
+        weights=weights,
+        temperature=cal.temperature,
+        n_fit=len(fit_idx),
+        val_metrics=val_metrics,
+        member_val_metrics=member_fit_metrics,
+        seconds=seconds,
+    )
+
+
+def member_validation_splits(samples: SampleSet, bundle: Bundle) -> list[str]:
+    """The splits ``bundle`` was trained with, rebuilt from the seed and fraction (or fold) in its recipe."""
+    recipe = bundle.manifest.get("recipe", {})
+    if recipe.get("kind") == "ensemble":
+        raise ConfigError(f"{bundle.path}: is an ensemble; fuse its members instead of nesting ensembles")
+    # The split's seed (members of seed bagging share one split while their training seeds differ).
+    seed = int(recipe.get("split_seed", recipe.get("seed", 0)))
+    fold = recipe.get("val_fold")
+    if fold:
+        rebuilt = fold_split(samples, int(fold[0]), int(fold[1]), seed=seed)
+    else:
+        rebuilt = ensure_validation(samples, fraction=float(recipe.get("val_fraction", 0.15)), seed=seed)
+    return list(rebuilt.splits)
+
+
+def fit_weights(true_class_probs: np.ndarray) -> np.ndarray:
+    """Weights on the simplex minimising the log-loss of ``sum_i w_i p_i``.
+
+    ``true_class_probs``: ``(M, N)``, each member's probability of the true class (the mixture's log-loss
+    depends on nothing else). Convex in ``w``; solved with SLSQP from the uniform mixture.
+    """
+    from scipy.optimize import minimize
+
+    p = np.clip(np.asarray(true_class_probs, dtype=np.float64).T, 1e-12, None)  # (N, M)
+    m = p.shape[1]
+
+    def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+        mix = np.clip(p @ w, 1e-300, None)
+        return float(-np.log(mix).mean()), -(p / mix[:, None]).mean(axis=0)
+
+    res = minimize(
+        loss,
+        np.full(m, 1.0 / m),
+        jac=True,
+        method="SLSQP",
+        bounds=[(0.0, 1.0)] * m,
+        constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones_like(w)}],
+        options={"ftol": 1e-10, "maxiter": 500},
+    )
+    w = np.clip(res.x, 0.0, None)
+    if not np.isfinite(w).all() or w.sum() <= 0:
+        return np.full(m, 1.0 / m)
+    return w / w.sum()
+
+
+def fit_stacking(
+    member_log_probs: np.ndarray, labels: np.ndarray, *, n_classes: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression on the concatenated member log-probabilities ``(M, N, K)``.
+
+    Returns the weight ``(K, M*K)`` and bias ``(K,)`` of the equivalent ``nn.Linear`` (for two classes
+    scikit-learn fits class 1's logit only; class 0's row is zero, which gives the same softmax).
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    m, n, k = member_log_probs.shape
+    y = np.asarray(labels, dtype=np.int64)
+    if len(np.unique(y)) != n_classes:
+        raise DataError(
+            f"stacking needs every class in the shared validation samples; found {len(np.unique(y))} of {n_classes}"
+        )
+    features = np.maximum(member_log_probs, LOG_FLOOR).transpose(1, 0, 2).reshape(n, m * k)
+    clf = LogisticRegression(C=STACKING_C, max_iter=5000, random_state=seed)
+    clf.fit(features, y)
+    coef, intercept = clf.coef_.astype(np.float32), clf.intercept_.astype(np.float32)
+    if n_classes == 2:
+        coef = np.vstack([np.zeros_like(coef), coef])
+        intercept = np.array([0.0, intercept[0]], dtype=np.float32)
+    return coef, intercept
+
+
+def _fit_mean(model: Ensemble, lp: np.ndarray | None, y: np.ndarray, seed: int) -> dict[str, Any]:
+    return {}  # equal weights, set when the module is built
+
+
+def _fit_weighted(model: Ensemble, lp: np.ndarray | None, y: np.ndarray, seed: int) -> dict[str, Any]:
+    assert lp is not None
+    model.weights.copy_(torch.from_numpy(fit_weights(np.exp(lp[:, np.arange(len(y)), y]))))
+    return {}
+
+
+def _fit_stacked(model: Ensemble, lp: np.ndarray | None, y: np.ndarray, seed: int) -> dict[str, Any]:
+    assert lp is not None
+    coef, intercept = fit_stacking(lp, y, n_classes=model.n_classes, seed=seed)
+    model.stack.weight.copy_(torch.from_numpy(coef))
+    model.stack.bias.copy_(torch.from_numpy(intercept))
+    return {"C": STACKING_C, "coef": coef.tolist(), "intercept": intercept.tolist()}
+
+
+# Fusion method -> what fits its parameters on the shared validation log-probabilities (M, N, K).
+_FITTERS = {"mean": _fit_mean, "weighted": _fit_weighted, "stacking": _fit_stacked}
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _check_compatible(members: list[Bundle]) -> None:
+    if len(members) < 2:
+        raise ConfigError("an ensemble needs at least two bundles")
+    first = members[0]
+    seen: dict[str, Path] = {}
+    for b in members:
+        if b.sha256 in seen:
+            raise ConfigError(f"{b.path} and {seen[b.sha256]} are the same bundle: give distinct members")
+        seen[b.sha256] = b.path
+        if b.classes != first.classes:
+            raise ConfigError(
+                f"members must share their classes, in the same order: {first.path} has {first.classes}, "
+                f"{b.path} has {b.classes}"
+            )
+        a = {k: v for k, v in first.spec.to_dict().items() if k != "size"}
+        c = {k: v for k, v in b.spec.to_dict().items() if k != "size"}
+        if a != c:
+            diff = sorted(k for k in a if a[k] != c.get(k))
+            raise ConfigError(
+                f"members must share their preprocessing except the input size; {b.path} differs from "
+                f"{first.path} in: {', '.join(diff)}"
+            )
+
+
+def _ensemble_kwargs(members: list[Bundle], method: str) -> dict[str, Any]:
+    return {
+        "members": [
+            {
+                "arch": b.arch,
+                "kwargs": b.manifest["model"].get("kwargs", {}),
+                "in_channels": b.manifest["model"]["in_channels"],
+                "n_classes": b.manifest["model"]["n_classes"],
+                "spatial_dims": b.manifest["model"]["spatial_dims"],
+                "size": list(b.spec.size),
+                "temperature": b.temperature,
+            }
+            for b in members
+        ],
+        "method": method,
+    }
+
+
+def _build(members: list[Bundle], method: str) -> Ensemble:
+    kw = _ensemble_kwargs(members, method)
+    m0 = members[0].manifest["model"]
+    model = Ensemble(m0["in_channels"], m0["n_classes"], m0["spatial_dims"], **kw)
+    for net, b in zip(model.members, members, strict=True):
+        net.load_state_dict(b.model.state_dict())
+    return model.eval()
+
+
+def _train_hashes(b: Bundle) -> set[str]:
+    if "train_hashes.json" not in b.manifest.get("files", {}):
+        raise BundleError(f"{b.path}: has no train_hashes.json, so its training data cannot be checked")
+    return set(json.loads((b.path / "train_hashes.json").read_text()))
+
+
+@torch.no_grad()
+def _member_log_probs(model: Ensemble, j: int, tensors: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Member ``j``'s log-probabilities ``(N, K)`` on the marked rows (NaN elsewhere)."""
+    idx = np.flatnonzero(rows)
+    out = np.full((len(tensors), model.n_classes), np.nan)
+    for start in range(0, len(idx), _BATCH):
+        part = idx[start : start + _BATCH]
+        x = torch.from_numpy(np.asarray(tensors[part], dtype=np.float32))
+        out[part] = model.member_log_prob(j, x).double().numpy()
+    return out
+
+
+def _metrics(y: np.ndarray, log_probs: np.ndarray, classes: list[str], seed: int) -> dict[str, Any] | None:
+    if len(y) == 0:
+        return None
+    return compute_metrics(y, np.exp(log_probs), classes, n_bootstrap=200, seed=seed)
+
+
+def _out_of_fold(
+    members: list[Bundle],
+    own_val: list[np.ndarray],
+    log_probs: dict[int, np.ndarray],
+    labels: np.ndarray,
+    classes: list[str],
+    seed: int,
+) -> dict[str, Any] | None:
+    """K-fold members: each training sample predicted by the member that did not train on it."""
+    folds = [b.manifest.get("recipe", {}).get("val_fold") for b in members]
+    if not all(folds):
+        return None
+    only_one = np.sum(own_val, axis=0) == 1
+    rows = np.flatnonzero(only_one)
+    if len(rows) == 0:
+        return None
+    owner = np.argmax(np.array(own_val)[:, rows], axis=0)
+    lp = np.stack([log_probs[int(j)][i] for i, j in zip(rows, owner, strict=True)])
+    m = _metrics(labels[rows], lp, classes, seed)
+    if m is not None:
+        m["note"] = (
+            "out-of-fold: every training sample scored by the one member that validated on it; an estimate "
+            "for a single member, not for the ensemble"
+        )
+    return m
+
+
+def _resampling_note(members: list[Bundle], base: Bundle) -> str | None:
+    smaller = [str(b.path) for b in members if tuple(b.spec.size) != tuple(base.spec.size)]
+    if not smaller:
+        return None
+    return (
+        f"input {list(base.spec.size)}; members at smaller sizes get an anti-aliased resample of it "
+        f"({', '.join(smaller)})"
+    )
+
+
+def _print_summary(
+    console: Console,
+    path: Path,
+    member_metrics: list[dict[str, Any] | None],
+    member_own: list[dict[str, Any] | None],
+    val: dict[str, Any] | None,
+    weights: list[float] | None,
+    cal: TemperatureFit,
+) -> None:
+    for j, (m, own) in enumerate(zip(member_metrics, member_own, strict=True)):
+        shown = m or own
+        where = "shared validation" if m else "its own validation"
+        w = f"  weight {weights[j]:.3f}" if weights else ""
+        if shown:
+            console.print(
+                f"  member {j}: AUC {_f(shown.get('auc'))}  accuracy {_f(shown.get('accuracy'))} ({where}){w}"
+            )
+    if val:
+        console.print(
+            f"  ensemble: AUC {_f(val.get('auc'))}  accuracy {_f(val.get('accuracy'))}  "
+            f"ECE {_f(val.get('ece_uncalibrated'))} -> {_f(val.get('ece'))} (T = {cal.temperature:.3g})"
+        )
+    console.print(f"[bold green]Ensemble bundle written[/] to {path}")
+
+
+def _f(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
