@@ -207,6 +207,28 @@ def test_k_fold_bagging_gives_one_ensemble_bundle(sim_data, tmp_path):
     assert not out.with_name("bagged.folds").exists()
 
 
+def test_seed_bagging_shares_one_validation_split(sim_data, tmp_path):
+    from medclf.folds import train_members
+
+    out = tmp_path / "seeds"
+    result = train_members(sim_data, out, members=2, size=32, keep_checkpoints=True, **TINY)
+    b = load_bundle(result.bundle)
+    fusion = b.manifest["ensemble"]
+    assert b.arch == "ensemble" and len(fusion["members"]) == 2 and fusion["method"] == "mean"
+    runs = b.manifest["recipe"]["runs"]
+    assert [r["seed"] for r in runs] == [0, 1] and b.manifest["recipe"]["bagging"] == "seeds"
+    member_dirs = [out.with_name("seeds.folds") / f"member-{k}" for k in range(2)]
+    recipes = [load_bundle(m).manifest["recipe"] for m in member_dirs]
+    assert [r["seed"] for r in recipes] == [0, 1] and {r["split_seed"] for r in recipes} == {0}
+    samples = load_source(sim_data, default_split="train")
+    splits = [member_validation_splits(samples, load_bundle(m)) for m in member_dirs]
+    # One validation split: fusion weights or a meta-learner can be fitted on samples no member trained on.
+    assert splits[0] == splits[1]
+    assert result.n_fit == sum(s == "val" for s in splits[0]) > 0
+    with pytest.raises(ConfigError, match="--members must be at least 2"):
+        train_members(sim_data, tmp_path / "one", members=1, **TINY)
+
+
 def test_command_line(members, val_data, tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
 

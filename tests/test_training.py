@@ -155,3 +155,20 @@ def test_3d_npz_and_csv_manifest_with_patients(tmp_path):
     (tmp_path / "m.csv").write_text("\n".join(rows))
     res = train(tmp_path / "m.csv", tmp_path / "csvm", epochs=1, size=16, progress=False)
     assert load_bundle(res.bundle).classes == ["a", "b"]
+
+
+def test_time_left_after_an_early_stop_trains_more_members(sim_data, tmp_path):
+    """A small dataset converges early: the rest of the budget becomes more members of a mean ensemble."""
+    out = tmp_path / "auto"
+    kw = dict(size=32, arch="compact-s", batch_size=16, patience=2, progress=False)
+    result = train(sim_data, out, time_budget="45s", **kw)
+    assert result.stop_reason == "early_stop"
+    b = load_bundle(out)
+    assert b.arch == "ensemble" and b.manifest["ensemble"]["method"] == "mean"
+    assert len(b.manifest["ensemble"]["members"]) >= 2
+    assert "early stop" in b.manifest["recipe"]["bagging"]
+    assert result.seconds < 45 * 1.25
+    assert not out.with_name("auto.folds").exists()
+    # members=1 keeps a single model, as does a fixed number of epochs.
+    single = train(sim_data, tmp_path / "one", time_budget="45s", members=1, **kw)
+    assert single.stop_reason == "early_stop" and load_bundle(single.bundle).arch == "compact-s"

@@ -152,7 +152,7 @@ def _train_bag(
             )
         console.print(f"[bold]{noun} {k + 1}/{folds}[/] (time budget {budget:.0f} s)")
         ckpt = fold_out.with_name(fold_out.name + CHECKPOINT_SUFFIX)
-        run_settings: dict[str, Any] = {"time_budget": max(budget, 1.0), **pinned}
+        run_settings: dict[str, Any] = {"time_budget": max(budget, 1.0), "members": 1, **pinned}
         if mode == "seeds":
             run_settings.update(
                 seed=cfg.seed + k, split_seed=cfg.seed if cfg.split_seed is None else cfg.split_seed

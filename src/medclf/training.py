@@ -43,6 +43,8 @@ from medclf.planner import Fingerprint, Plan, choose_size_and_epochs, fingerprin
 
 CHECKPOINT_SUFFIX = ".ckpt"
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+MAX_LEFTOVER_MEMBERS = 5
+LEFTOVER_FUSION_S = 20.0  # validation predictions of every member, fitting and writing the ensemble
 OOD_FIT_SAMPLES = 3000  # plenty for class means and a shrunk covariance of a few hundred features
 AUC_TIE = 1e-3
 
@@ -90,6 +92,8 @@ class TrainConfig:
     freeze: str | list[str] | None = None
     # Seed of the carved validation split (and K-fold folds); None = ``seed``. Seed bagging keeps it fixed.
     split_seed: int | None = None
+    # Seed bagging: None = automatic (the time left after an early stop trains more members), 1 = one model.
+    members: int | None = None
     keep_checkpoints: bool = False
     # 2.5D for volumes: K axial slabs as channels of a 2D network (None: the planner decides, 0: never).
     slices_as_channels: int | None = None
@@ -152,6 +156,10 @@ class TrainResult:
     seconds: float
     n_val_copies_removed: int
     unreadable: list[dict[str, str]] = field(default_factory=list)
+    # "completed" (all planned epochs), "early_stop" or "time_budget"
+    stop_reason: str = "completed"
+    # With seed bagging (--members, or the time left after an early stop): the members' bundles.
+    members: list[Path] = field(default_factory=list)
 
 
 def resolve_device(device: str) -> str:
@@ -175,6 +183,53 @@ def train(
     **settings: Any,
 ) -> TrainResult:
     """Train a classifier on ``data`` and write a bundle to ``out``.
+
+    When the planner sets the epochs (no ``epochs`` given) and validation stops the run early, the time
+    left in the budget trains more members with other seeds, and ``out`` becomes their mean ensemble
+    (``members=1`` turns this off; ``medclf.train_members`` asks for K members outright). Everything else
+    is :func:`_train_one`'s.
+    """
+    t_start = time.perf_counter()
+    cfg = (config or TrainConfig()).updated(settings)
+    if cfg.members is not None and cfg.members != 1:
+        raise ConfigError("train() makes one model (members=1) or decides itself (None); use train_members(K)")
+    console = console or Console(stderr=True, soft_wrap=True)
+    first = _train_one(
+        data,
+        out,
+        config=cfg,
+        resume=resume,
+        progress=progress,
+        console=console,
+        epoch_callback=epoch_callback,
+        val_fold=val_fold,
+    )
+    auto = (
+        cfg.members is None
+        and cfg.epochs is None
+        and val_fold is None
+        and not resume
+        and int(os.environ.get("WORLD_SIZE", "1")) == 1
+        and first.stop_reason == "early_stop"
+    )
+    if not auto:
+        return first
+    return _use_leftover_budget(first, data, Path(out), cfg, t_start, progress, console)
+
+
+def _train_one(
+    data: str | Path,
+    out: str | Path,
+    *,
+    config: TrainConfig | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    console: Console | None = None,
+    epoch_callback: Callable[[dict[str, Any], nn.Module, Plan], dict[str, Any] | None] | None = None,
+    val_fold: tuple[int, int] | None = None,
+    **settings: Any,
+) -> TrainResult:
+    """Train one classifier on ``data`` and write a bundle to ``out``.
 
     ``settings`` override fields of ``config`` (e.g. ``epochs=5, arch="resnet18"``; ``time_budget`` may be
     a string such as ``"10m"``). With ``resume=True`` training continues from ``<out>.ckpt`` with the plan
@@ -286,7 +341,10 @@ def train(
     )
     loop.epoch_callback = epoch_callback
     loop.t_start = t_start
-    deadline = t_start + cfg.time_budget if not cfg.epochs else None
+    # What follows the last epoch must fit the budget too: features for the OOD guard, the temperature
+    # and writing the bundle (inference runs ~3x faster than a training step).
+    after_s = 5.0 + (min(len(train_idx), OOD_FIT_SAMPLES) + len(val_idx)) / (3.0 * (plan.throughput or 100.0))
+    deadline = t_start + cfg.time_budget - after_s if not cfg.epochs else None
     history, best_epoch, val_probs = loop.run(state, deadline)
     if not dist.is_main:  # rank 0 calibrates and writes the bundle; wait until it is there
         dist.barrier()
@@ -377,6 +435,81 @@ def train(
         seconds=seconds,
         n_val_copies_removed=n_copies,
         unreadable=prepared.errors,
+        stop_reason=loop.stop_reason,
+    )
+
+
+def _use_leftover_budget(
+    first: TrainResult,
+    data: str | Path,
+    out: Path,
+    cfg: TrainConfig,
+    t_start: float,
+    progress: bool,
+    console: Console,
+) -> TrainResult:
+    """When training stopped early, spend the rest of the time budget on more members (other seeds, the
+    same validation split and plan) and fuse them by their mean: small datasets converge in a fraction of
+    the budget, and their noisy validation split makes one model a lottery ticket."""
+    from medclf.fusion import ensemble
+
+    left = cfg.time_budget - (time.perf_counter() - t_start)
+    # Later members skip decoding (cached) and planning: their cost is the first run's training time.
+    per_member = max(sum(h["seconds"] for h in first.history), 1.0) * 1.15 + 5.0
+    n_more = min(MAX_LEFTOVER_MEMBERS - 1, int((left - LEFTOVER_FUSION_S) // per_member))
+    if n_more < 1:
+        return first
+    work = out.with_name(out.name + ".folds")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    members = [work / "member-0"]
+    os.replace(out, members[0])
+    console.print(
+        f"[bold]Early stop left {left / 60:.1f} min of the budget[/]: training {n_more} more member(s) with "
+        "other seeds on the same validation split, then fusing them by their mean (seed bagging)"
+    )
+    p = first.plan
+    pinned = {
+        "arch": p.arch,
+        "size": int(p.spec.size[0]),
+        "batch_size": p.batch_size,
+        "lr": p.lr,
+        "augment": p.augment,
+        "denoise": p.spec.denoise,
+        "members": 1,
+        "split_seed": cfg.seed if cfg.split_seed is None else cfg.split_seed,
+    }
+    for k in range(1, n_more + 1):
+        member = work / f"member-{k}"
+        share = (cfg.time_budget - (time.perf_counter() - t_start) - LEFTOVER_FUSION_S) / (n_more + 1 - k)
+        run = cfg.updated({**pinned, "seed": cfg.seed + k, "time_budget": max(share, 1.0)})
+        train(data, member, config=run, progress=progress, console=console)
+        members.append(member)
+    fused = ensemble(
+        members,
+        out,
+        data=data,
+        method="mean",
+        cache_dir=cfg.cache_dir,
+        workers=cfg.workers,
+        progress=progress,
+        console=console,
+        seed=cfg.seed,
+        recipe={"bagging": "seeds (time left after an early stop)", "members": len(members), "seed": cfg.seed},
+    )
+    if not cfg.keep_checkpoints:
+        shutil.rmtree(work, ignore_errors=True)
+    return TrainResult(
+        bundle=fused.bundle,
+        plan=first.plan,
+        history=first.history,
+        val_metrics=fused.val_metrics or first.val_metrics,
+        best_epoch=first.best_epoch,
+        seconds=time.perf_counter() - t_start,
+        n_val_copies_removed=first.n_val_copies_removed,
+        unreadable=first.unreadable,
+        stop_reason=first.stop_reason,
+        members=members if cfg.keep_checkpoints else [],
     )
 
 
@@ -617,6 +750,7 @@ class _Loop:
         self, state: dict[str, Any] | None, deadline: float | None
     ) -> tuple[list[dict[str, float]], int, np.ndarray]:
         history: list[dict[str, float]] = []
+        self.stop_reason = "completed"
         best_auc, best_loss, best_epoch, start_epoch = -1.0, float("inf"), 0, 0
         if state is not None:
             self._restore(state)
@@ -678,6 +812,7 @@ class _Loop:
                     remaining = min(remaining, max(deadline - time.perf_counter(), 0.0))
                 bar.update(row, best_auc, remaining)
                 if epoch + 1 - best_epoch >= self.plan.patience:
+                    self.stop_reason = "early_stop"
                     self.console.print(
                         f"Early stop: validation AUC has not come within {AUC_TIE} of its best for {self.plan.patience} epochs"
                     )
@@ -687,6 +822,7 @@ class _Loop:
                     and time.perf_counter() + float(np.mean(epoch_times[-3:])) * 1.05 > deadline
                 ):
                     if epoch + 1 < self.plan.epochs:
+                        self.stop_reason = "time_budget"
                         self.console.print("Time budget reached: stopping with the best model so far")
                     break
         if self.best_state is None:
