@@ -17,7 +17,7 @@ from PIL import Image as PILImage
 from scipy import ndimage
 from skimage.feature import graycomatrix, graycoprops
 
-from medclf import baseline as bl
+from medclf import traditional as bl
 from medclf.errors import ConfigError
 
 CLASSES = ("fine", "smooth")

@@ -14,7 +14,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image as PILImage
 
 from medclf.bundle import load_bundle
 
@@ -100,6 +102,18 @@ def test_upload_shows_prediction_heatmap_and_model_card(server, browser, tiny_bu
     shot = ARTIFACTS / "web-page.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
+    ood = page.locator("#ood-warning")
+    if expected["ood"]:
+        sync_api.expect(ood).to_be_visible()
+    else:
+        sync_api.expect(ood).to_be_hidden()
+
+    # An image unlike any brain slice (a bright checkerboard) gets its answer and a visible warning.
+    checker = tmp_path / "checker.png"
+    PILImage.fromarray((np.indices((64, 64)).sum(0) // 8 % 2 * 255).astype(np.uint8)).save(checker)
+    page.set_input_files("#file", str(checker))
+    sync_api.expect(ood).to_be_visible(timeout=60_000)
+    sync_api.expect(ood).to_contain_text("unlike the images")
 
     junk = tmp_path / "scan.dcm"
     junk.write_bytes(b"this is a text file, not a scan " * 20)

@@ -63,6 +63,17 @@ def test_predict_answers_good_files_and_refuses_bad_ones(tiny_bundle, sim_data, 
     assert "notes.png" in proc.stderr
 
 
+def test_predict_warns_about_an_image_unlike_the_training_data(tiny_bundle, sim_data, tmp_path):
+    checker = tmp_path / "checker.png"
+    PILImage.fromarray((np.indices((64, 64)).sum(0) // 8 % 2 * 255).astype(np.uint8)).save(checker)
+    normal = sorted((sim_data / "test").rglob("*.png"))[0]
+    proc = medclf("predict", tiny_bundle, normal, checker)
+    assert proc.returncode == 0, proc.stderr  # a warning, not a refusal: the answer is still given
+    results = json.loads(proc.stdout)
+    assert results[1]["ood"] is True and "unlike the images" in results[1]["warning"]
+    assert f"warning {checker}" in " ".join(proc.stderr.split())
+
+
 def test_predict_folder_csv_and_exit_0(tiny_bundle, sim_data, tmp_path):
     out = tmp_path / "p.csv"
     proc = medclf("predict", tiny_bundle, sim_data / "test" / "normal", "--format", "csv", "--out", out)

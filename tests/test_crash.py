@@ -1,8 +1,9 @@
-"""Crash safety with real SIGKILLs: training resumes losing at most one epoch, and a kill while a bundle
-is being written leaves the previous bundle intact and loadable."""
+"""Crash safety with real SIGKILLs: training resumes losing at most one epoch, a kill while a bundle
+is being written leaves the previous bundle intact and loadable, and the audit log survives a killed server."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -117,3 +118,71 @@ def test_kill_9_while_writing_a_bundle_keeps_a_loadable_bundle(tiny_bundle, tmp_
     proc.wait(timeout=30)
     b = load_bundle(out)  # verifies every hash: whole old or whole new, never a mix
     assert b.sha256 == before or isinstance(b.manifest.get("generation"), int)
+
+
+def _start_server(bundle: Path, db: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    import socket
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "medclf", "serve", str(bundle), "--port", str(port), "--audit-db", str(db)]
+    proc = subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=ENV)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert proc.poll() is None, log.read_text(errors="replace")[-2000:]
+        try:
+            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    assert _wait_for(up, 120), "the server did not start"
+    return proc, url
+
+
+def test_the_audit_log_survives_a_killed_server(tiny_bundle, sim_data, tmp_path):
+    import sqlite3
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from medclf.serve.auditlog import read_rows
+
+    db, log = tmp_path / "audit.db", tmp_path / "server.log"
+    image = sorted((sim_data / "test").rglob("*.png"))[0]
+    payload = {"file": (image.name, image.read_bytes())}
+    proc, url = _start_server(tiny_bundle, db, log)
+    for _ in range(12):
+        assert httpx.post(f"{url}/v1/predict", files=payload, timeout=60).status_code == 200
+    assert _wait_for(lambda: len(read_rows(db, limit=1000)) >= 12, 30)
+
+    def post(_: int) -> None:
+        with contextlib.suppress(httpx.HTTPError):  # the server dies under these requests
+            httpx.post(f"{url}/v1/predict", files=payload, timeout=60)
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(post, i) for i in range(40)]
+        time.sleep(0.5)  # the kill lands while requests are being answered and logged
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        for f in futures:
+            f.result()
+
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        conn.close()
+    rows = read_rows(db, limit=1000)
+    assert len(rows) >= 12 and all(r["status"] == 200 for r in rows[:12])
+    # A new server appends to the same log.
+    proc, url = _start_server(tiny_bundle, db, log)
+    try:
+        assert httpx.post(f"{url}/v1/predict", files=payload, timeout=60).status_code == 200
+        assert _wait_for(lambda: len(read_rows(db, limit=1000)) == len(rows) + 1, 30)
+    finally:
+        proc.terminate()
+        proc.wait(30)

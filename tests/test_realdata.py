@@ -47,7 +47,9 @@ def test_pneumonia_val_copies_are_found():
     assert int(flags[s.indices("test")].sum()) == 0
 
 
-@pytest.mark.skipif(os.environ.get("MEDCLF_SLOW") != "1", reason="slow (decodes 7,023 JPEGs): set MEDCLF_SLOW=1")
+@pytest.mark.skipif(
+    os.environ.get("MEDCLF_SLOW") != "1", reason="slow (decodes 7,023 JPEGs): set MEDCLF_SLOW=1"
+)
 def test_brain_tumour_test_copies_of_training_images():
     from medclf.data.audit import scan, train_copy_matches
 

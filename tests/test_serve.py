@@ -346,3 +346,37 @@ def test_audit_log_show_cli(client, brain_png, monkeypatch, capsys):
     assert stop.value.code == 0
     assert out[0].split()[:3] == ["time", "status", "key_id"] and len(out) == 3
     assert " 200 " in out[1] and "unsupported_format" in out[2]
+
+
+def test_serve_runs_the_engine_and_tta_it_is_given(tiny_bundle, sim_data, brain_png, tmp_path):
+    from medclf.compress import export_bundle
+    from medclf.errors import BundleError
+
+    # A bundle without ONNX cannot be served with an ONNX engine: refused when the app is made.
+    with pytest.raises(BundleError, match="--int8"):
+        create_app(tiny_bundle, audit_db=None, engine="onnx-int8")
+    exported = tmp_path / "int8"
+    export_bundle(
+        tiny_bundle, exported, data=sim_data, onnx=True, int8=True, calibration_samples=16, progress=False
+    )
+    b = load_bundle(exported)
+    data = brain_png.read_bytes()
+    for engine, tta in [("auto", False), ("onnx-fp32", False), ("torch", True)]:
+        with TestClient(create_app(b, audit_db=None, engine=engine, tta=tta)) as c:
+            r = c.post("/v1/predict", files={"file": ("slice.png", data, "image/png")})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            resolved = "onnx-int8" if engine == "auto" else engine
+            assert body["model"]["engine"] == resolved and body["model"]["tta"] is tta
+            assert c.get("/v1/model").json()["engine"] == resolved
+            [expected] = b.predict([brain_png], engine=resolved, tta=tta)
+            assert body["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-6)
+
+
+def test_an_image_unlike_the_training_data_is_answered_with_a_warning(client, tmp_path):
+    buf = io.BytesIO()
+    PILImage.fromarray((np.indices((64, 64)).sum(0) // 8 % 2 * 255).astype(np.uint8)).save(buf, "PNG")
+    r = client.post("/v1/predict", files={"file": ("checker.png", buf.getvalue(), "image/png")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["ood"] is True and "unlike the images" in body["warning"] and body["ood_score"] > 0

@@ -119,4 +119,8 @@ def test_special_files_are_listed_as_unreadable_not_skipped(tmp_path):
     os.symlink(tmp_path / "b" / "loop.png", tmp_path / "b" / "loop.png")
     report = medclf.audit(tmp_path, progress=False).to_dict()
     reasons = {r["ref"]: r["reason"] for r in report["unreadable"]}
-    assert reasons == {"a/fifo.png": "not_a_file", "b/dangling.png": "not_found", "b/loop.png": "symlink_loop"}
+    assert reasons == {
+        "a/fifo.png": "not_a_file",
+        "b/dangling.png": "not_found",
+        "b/loop.png": "symlink_loop",
+    }

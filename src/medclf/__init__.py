@@ -5,6 +5,7 @@ The public API (imported lazily, so ``import medclf`` stays fast)::
     medclf.train(data, out, **settings) -> TrainResult
     medclf.evaluate(bundle, data, out, split="test") -> dict
     medclf.audit(data) -> AuditReport
+    medclf.baseline(data, out) -> dict        # hand-crafted features + classical classifiers
     medclf.load_bundle(path) -> Bundle        # Bundle.predict(paths_or_arrays)
     medclf.predict(bundle, inputs) -> list[dict]
     medclf.export(bundle, out, data=..., onnx=True, int8=True) -> ExportResult   # compression
@@ -23,6 +24,7 @@ _API = {
     "train",
     "evaluate",
     "audit",
+    "baseline",
     "load_bundle",
     "predict",
     "export",

@@ -128,9 +128,9 @@ def baseline(
     chosen on validation AUC; writes the ``evaluate`` outputs for the test split plus ``baseline.json``.
 
     Returns the test metrics (headline without copies of training samples, ``all_samples`` with them) and
-    a ``baseline`` key holding the selection table. See :mod:`medclf.baseline`.
+    a ``baseline`` key holding the selection table. See :mod:`medclf.traditional`.
     """
-    from medclf.baseline import run_baseline
+    from medclf.traditional import run_baseline
 
     return run_baseline(
         data,

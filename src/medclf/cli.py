@@ -67,7 +67,10 @@ def train(
     time_budget: Annotated[
         str | None, typer.Option(help="Wall-time budget, e.g. 90s, 10m, 2h (default 10m)")
     ] = None,
-    augment: Annotated[str | None, typer.Option(help="Augmentation preset: none, light, standard, mri, xray, strong (default: planner)")] = None,
+    augment: Annotated[
+        str | None,
+        typer.Option(help="Augmentation preset: none, light, standard, mri, xray, strong (default: planner)"),
+    ] = None,
     denoise: Annotated[str | None, typer.Option(help="Denoising: none, nlm, gaussian, median")] = None,
     config: Annotated[Path | None, typer.Option(help="JSON or TOML file of training settings")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from <out>.ckpt after an interruption")] = False,
@@ -98,7 +101,8 @@ def train(
         str | None, typer.Option(help="Memory the cached training data may fill, e.g. 8G (default: free RAM)")
     ] = None,
     folds: Annotated[
-        int | None, typer.Option(help="K-fold bagging: K runs on complementary folds, fused into one ensemble")
+        int | None,
+        typer.Option(help="K-fold bagging: K runs on complementary folds, fused into one ensemble"),
     ] = None,
     members: Annotated[
         int | None,
@@ -150,7 +154,14 @@ def train(
         from medclf.api import train_members
 
         train_members(
-            data, out, members=members, method=fusion, config=cfg, resume=resume, progress=progress, console=err
+            data,
+            out,
+            members=members,
+            method=fusion,
+            config=cfg,
+            resume=resume,
+            progress=progress,
+            console=err,
         )
         return
     if folds is not None:
@@ -326,7 +337,7 @@ def export(
         str | None, typer.Option(help="Distil into a fresh network of this architecture, e.g. compact-s")
     ] = None,
     student_kwargs: Annotated[
-        str | None, typer.Option(help='Architecture arguments of the student as JSON, e.g. \'{"width": 12}\'')
+        str | None, typer.Option(help="Architecture arguments of the student as JSON, e.g. '{\"width\": 12}'")
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs of fine-tuning / distillation")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate of fine-tuning / distillation")] = None,
@@ -523,6 +534,12 @@ def serve(
         str, typer.Option(help="Heatmaps for ?explain=true: auto, gradcam, gradcampp, occlusion")
     ] = "auto",
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    engine: Annotated[
+        str, typer.Option(help="torch, onnx, onnx-fp32, onnx-int8 or auto (ONNX when the bundle has it)")
+    ] = "auto",
+    tta: Annotated[
+        bool, typer.Option("--tta", help="Test-time augmentation: average over flips and small shifts")
+    ] = False,
 ) -> None:
     """HTTP API (POST /v1/predict, GET /v1/model, /healthz, /readyz, /docs) and the web page at /."""
     from medclf.serve.app import ServeSettings, run
@@ -536,6 +553,8 @@ def serve(
         api_key_file=str(api_key_file) if api_key_file else None,
         audit_db=str(audit_db),
         explain_method=explain_method,
+        engine=engine,
+        tta=tta,
     )
     run(bundle, host=host, port=port, workers=workers, settings=settings, log_level=log_level)
 

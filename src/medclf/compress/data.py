@@ -13,11 +13,11 @@ from medclf.bundle import Bundle
 from medclf.data.cache import PreparedData, prepare
 from medclf.data.samples import SampleSet
 from medclf.data.sources import load_source
-from medclf.data.splits import ensure_validation
+from medclf.data.splits import ensure_validation, fold_split
 from medclf.errors import DataError
 from medclf.evaluation.metrics import compute_metrics
 
-# training.TrainConfig's default; bundles do not record it, and the split it carves is seeded by the recipe.
+# training.TrainConfig's default, for bundles whose recipe does not record the fraction.
 VAL_FRACTION = 0.15
 
 
@@ -27,7 +27,8 @@ class TrainingData:
     prepared: PreparedData
     train_idx: np.ndarray
     val_idx: np.ndarray  # validation samples that copy no training sample, as training selected on
-    same_as_training: bool  # the files, labels and splits are those the bundle was trained on
+    same_as_training: bool  # the files, labels and splits are those the bundle was trained on (or, when the
+    # dataset's path is spelled differently, at least the per-split class counts are)
 
     @property
     def val_y(self) -> np.ndarray:
@@ -63,8 +64,8 @@ def load_training_data(
     progress: bool = True,
     console: Console | None = None,
 ) -> TrainingData:
-    """Load ``data`` as training did for ``bundle``: same validation split (the recipe's seed), same spec,
-    validation copies of training samples left out."""
+    """Load ``data`` as training did for ``bundle``: the same validation split (the recipe's split seed and
+    fraction, or its K-fold fold), the same spec, validation copies of training samples left out."""
     console = console or Console(stderr=True, soft_wrap=True)
     samples = load_source(data, default_split="train")
     if not samples.has_split("train"):
@@ -74,8 +75,15 @@ def load_training_data(
             f"{data}: its classes {samples.classes} are not the bundle's {bundle.classes}; "
             "give the data the bundle was trained on"
         )
-    seed = int(bundle.manifest.get("recipe", {}).get("seed", 0))
-    samples = ensure_validation(samples, fraction=VAL_FRACTION, seed=seed)
+    recipe = bundle.manifest.get("recipe", {})
+    seed = recipe.get("split_seed")
+    seed = int(recipe.get("seed", 0) if seed is None else seed)
+    if recipe.get("val_fold"):
+        samples = fold_split(samples, *recipe["val_fold"], seed=seed)
+    else:
+        samples = ensure_validation(
+            samples, fraction=float(recipe.get("val_fraction", VAL_FRACTION)), seed=seed
+        )
     prepared = prepare(
         samples, bundle.spec, cache_dir=cache_dir, workers=workers, progress=progress, console=console
     )
@@ -85,7 +93,9 @@ def load_training_data(
     val_idx = np.flatnonzero(labelled & (splits == "val") & ~prepared.train_copy)
     if len(train_idx) == 0 or len(val_idx) == 0:
         raise DataError(f"{data}: no usable training or validation samples")
-    same = prepared.fingerprint == bundle.manifest.get("data", {}).get("fingerprint")
+    recorded = bundle.manifest.get("data", {})
+    # The fingerprint covers file paths as given: compare the class counts per split when it differs.
+    same = prepared.fingerprint == recorded.get("fingerprint") or samples.summary() == recorded.get("counts")
     if not same:
         console.print(
             "[yellow]note:[/] this data (or its validation split) differs from what the bundle was trained on"

@@ -1,8 +1,11 @@
-"""Standard architectures from MONAI (2D and 3D), registered under short names."""
+"""Standard architectures from MONAI (2D and 3D), registered under short names.
+
+MONAI is imported inside the builders: importing it loads every MONAI submodule (seconds), which commands
+that never build one of these networks (a compact model's predict, serve, audit) should not pay for.
+"""
 
 from __future__ import annotations
 
-from monai.networks import nets
 from torch import nn
 
 from medclf.models.registry import register_model
@@ -19,6 +22,8 @@ def _resnet(
         if small_input
         else {"conv1_t_size": 7, "conv1_t_stride": 2, "no_max_pool": False}
     )
+    from monai.networks import nets
+
     builder = {18: nets.resnet18, 34: nets.resnet34}[depth]
     return builder(spatial_dims=spatial_dims, n_input_channels=in_channels, num_classes=n_classes, **stem)
 
@@ -40,6 +45,8 @@ def resnet34(in_channels: int, n_classes: int, spatial_dims: int = 2, small_inpu
     cam_layer="class_layers.relu",
 )
 def densenet121(in_channels: int, n_classes: int, spatial_dims: int = 2, dropout: float = 0.0) -> nn.Module:
+    from monai.networks import nets
+
     return nets.DenseNet121(
         spatial_dims=spatial_dims, in_channels=in_channels, out_channels=n_classes, dropout_prob=dropout
     )

@@ -51,6 +51,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medclf import __version__
 from medclf.bundle import Bundle, load_bundle
+from medclf.engines import resolve_engine
 from medclf.errors import ConfigError, InputRejected, MedclfError
 from medclf.explain import Explainer
 from medclf.io import ReadLimits, read_image
@@ -87,6 +88,8 @@ class ServeSettings:
     api_key_file: str | None = None
     audit_db: str | None = "medclf-audit.db"
     explain_method: str = "auto"
+    engine: str = "auto"  # see medclf.engines: auto runs the bundle's ONNX (int8 first) model when it has one
+    tta: bool = False  # test-time augmentation (the bundle's default views)
 
     def __post_init__(self) -> None:
         if self.max_upload_mb <= 0:
@@ -162,6 +165,8 @@ class Service:
         self.tmp = Path(tempfile.mkdtemp(prefix="medclf-serve-"))
         self.limits = ReadLimits(max_file_bytes=max(settings.max_upload_bytes, 1))
         self.model_id = str(bundle.manifest.get("name") or bundle.path.name)
+        # Resolved now, so a bundle without the ONNX file asked for is refused at start-up, not per request.
+        self.engine = resolve_engine(bundle.manifest.get("files", {}), settings.engine)
         self.ready = False
 
     # -- lifecycle
@@ -169,7 +174,9 @@ class Service:
         """One prediction on a blank input, so the first real request is not the slow one."""
         import numpy as np
 
-        self.bundle.predict_tensors(np.zeros((1, *self.bundle.spec.input_shape), dtype=np.float32))
+        self.bundle.predict_tensors(
+            np.zeros((1, *self.bundle.spec.input_shape), dtype=np.float32), engine=self.engine
+        )
         self.ready = True
 
     def close(self) -> None:
@@ -198,7 +205,13 @@ class Service:
         return key_id
 
     def model_summary(self) -> dict[str, Any]:
-        return {"id": self.model_id, "sha256": self.bundle.sha256, "arch": self.bundle.arch}
+        return {
+            "id": self.model_id,
+            "sha256": self.bundle.sha256,
+            "arch": self.bundle.arch,
+            "engine": self.engine,
+            "tta": self.settings.tta,
+        }
 
     def model_document(self) -> dict[str, Any]:
         b, m = self.bundle, self.bundle.manifest
@@ -288,7 +301,7 @@ class Service:
                 image = read_image(upload.path, limits=self.limits)
             except InputRejected as exc:
                 raise _without_path(exc, upload.path) from None
-            [result] = self.bundle.predict([image])
+            [result] = self.bundle.predict([image], engine=self.engine, tta=self.settings.tta)
             if "error" in result:
                 raise InputRejected(result["error"], reason=result.get("reason", "invalid"))
             # The prediction as `predict` gives it (with any out-of-distribution flag), minus the temp path.
