@@ -74,6 +74,61 @@ DATASETS: dict[str, dict[str, Any]] = {
 }
 
 
+# The other benchmark scripts, run after the dataset rows (they use the bundles those rows train). Each one
+# also runs alone: ``run.py --extra NAME``; its result file is what BENCHMARKS.md renders.
+BENCH = "runs/bench"
+EXTRAS: dict[str, list[str]] = {
+    "throughput": ["benchmarks/throughput.py"],
+    "ood": ["benchmarks/ood.py", "--bundle", f"{BENCH}/brain-default/model"],
+    "inference-brain": [
+        "benchmarks/inference.py",
+        "--bundle",
+        f"{BENCH}/brain-default/model",
+        "--data",
+        "../shared/datasets/brain-tumor-mri",
+        "--name",
+        "brain",
+        "--work",
+        f"{BENCH}/inference-brain",
+        "--distill-budget",
+        "12m",
+    ],
+    "inference-pneumonia": [
+        "benchmarks/inference.py",
+        "--bundle",
+        f"{BENCH}/pneumonia-default/model",
+        "--data",
+        "../shared/datasets/medmnist/pneumoniamnist.npz",
+        "--name",
+        "pneumonia",
+        "--work",
+        f"{BENCH}/inference-pneumonia",
+        "--distill-budget",
+        "6m",
+    ],
+    # The served int8 brain model over HTTP, one client: single-image latency with a 512x512 JPEG.
+    "served-int8": [
+        "benchmarks/load.py",
+        "--bundle",
+        f"{BENCH}/inference-brain/int8",
+        "--image",
+        "../shared/datasets/brain-tumor-mri/Testing/glioma/Te-glTr_0000.jpg",
+        "--levels",
+        "1",
+        "--requests",
+        "500",
+        "--out",
+        "benchmarks/results/served-int8-brain.json",
+    ],
+    "load": ["benchmarks/load.py"],
+}
+
+
+def run_extra(name: str) -> None:
+    print(f"=== extra: {name}", flush=True)
+    subprocess.run([sys.executable, *EXTRAS[name]], check=True, cwd=ROOT)
+
+
 def machine() -> dict[str, str]:
     import torch
 
@@ -497,6 +552,36 @@ def _extra_sections() -> list[str]:
             for d in o["out_of_distribution"]
         ]
         lines += ["", f"{o['date']}: `{o['command']}`", ""]
+    inference = sorted(RESULTS.glob("inference-*.json"))
+    if inference:
+        from inference import render as render_inference
+
+        lines += [
+            "## Compression and inference speed",
+            "",
+            "One trained bundle per dataset (the `default` row above), exported by `medclf export` to ONNX and "
+            "int8, structurally pruned (then fine-tuned) and distilled into a smaller student, all measured "
+            "in one run by `benchmarks/inference.py`. Batch 64: the model alone on preprocessed test tensors. "
+            "End-to-end: `Bundle.predict` on one 512x512 JPEG file (reading, decoding, preprocessing, model, "
+            "OOD guard). Test figures: test split minus copies of training images.",
+            "",
+        ]
+        for f in inference:
+            r = json.loads(f.read_text())
+            lines += [render_inference(r), "", f"{r['date']}: `{r['command']}`", ""]
+    served = _read("served-int8-brain.json")
+    if served:
+        [lv] = served["levels"]
+        lines += [
+            "### The served int8 brain model over HTTP",
+            "",
+            f"`medclf serve` on the int8 bundle above (engine `onnx-int8`), one client on loopback, "
+            f"`POST /v1/predict` with a {served['server']['payload_bytes']}-byte 512x512 JPEG of the brain test "
+            f"set: {lv['requests_sent']} requests, {lv['errors']} errors, latency p50 **{lv['latency_ms']['p50']} "
+            f"ms**, p99 {lv['latency_ms']['p99']} ms (reading, decoding, preprocessing, model, OOD guard, audit "
+            f"log and HTTP included). {served['date']}: `{served['command']}`",
+            "",
+        ]
     ld = _read("load.json")
     if ld:
         mc = ld["machine"]
@@ -542,6 +627,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench")
     ap.add_argument("--render-only", action="store_true", help="rewrite BENCHMARKS.md from saved results")
+    ap.add_argument(
+        "--extra",
+        choices=[*EXTRAS, "all", "none"],
+        default=None,
+        help="run this extra benchmark alone (default: all of them when every row runs, else none)",
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -552,7 +643,7 @@ def main() -> None:
         )
         (RESULTS / f"{args.dataset}-{args.method}.json").write_text(json.dumps(row, indent=2))
         return
-    if not args.render_only:
+    if not args.render_only and not args.extra:
         names = list(DATASETS) if args.dataset == "all" else [args.dataset]
         for name in names:
             methods = DATASETS[name]["methods"] if args.method == "all" else [args.method]
@@ -574,6 +665,12 @@ def main() -> None:
                     str(args.out),
                 ]
                 subprocess.run(cmd, check=True)
+    extra = args.extra or (
+        "all" if args.dataset == "all" and args.method == "all" and args.extra is None else "none"
+    )
+    if not args.render_only and extra != "none":
+        for name in EXTRAS if extra == "all" else [extra]:
+            run_extra(name)
     (ROOT / "BENCHMARKS.md").write_text(render(load_rows()))
     print("BENCHMARKS.md updated")
 
