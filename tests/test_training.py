@@ -143,7 +143,8 @@ def test_3d_npz_and_csv_manifest_with_patients(tmp_path):
         arrays[f"{split}_images"] = rng.integers(0, 255, (n, 16, 16, 16), dtype=np.uint8)
         arrays[f"{split}_labels"] = (np.arange(n) % 2).reshape(-1, 1)
     np.savez(tmp_path / "vol3d.npz", **arrays)
-    res = train(tmp_path / "vol3d.npz", tmp_path / "npz3d", epochs=1, progress=False)
+    # size 16: the planner would upsample these 16^3 volumes to 64^3, 64 times the voxels, for nothing here
+    res = train(tmp_path / "vol3d.npz", tmp_path / "npz3d", epochs=1, size=16, progress=False)
     assert load_bundle(res.bundle).spec.spatial_dims == 3
 
     from PIL import Image as PILImage

@@ -237,7 +237,7 @@ def predict(
     ] = "auto",
 ) -> None:
     """Classify images. Exit code 2 if any input was refused (the others still get answers)."""
-    from medclf.api import load_bundle
+    from medclf.bundle import load_bundle
 
     if format not in ("json", "csv"):
         raise MedclfError(f"--format must be json or csv, not {format!r}")
@@ -389,7 +389,7 @@ def _json_option(name: str, text: str | None) -> Any:
 @app.command()
 def info(bundle: Annotated[Path, typer.Argument(help="Model bundle (folder or .zip)")]) -> None:
     """Verify a bundle's integrity and show what it holds."""
-    from medclf.api import load_bundle
+    from medclf.bundle import load_bundle
 
     b = load_bundle(bundle)
     m = b.manifest
@@ -499,7 +499,7 @@ def explain(
     target: Annotated[str | None, typer.Option(help="Class to explain (default: the predicted one)")] = None,
 ) -> None:
     """Heatmap of what drove the prediction, drawn over the preprocessed input, with the predicted class."""
-    from medclf.api import load_bundle
+    from medclf.bundle import load_bundle
     from medclf.explain import explain_image
 
     e = explain_image(load_bundle(bundle), image, method=method, target=target, out=out)
