@@ -146,3 +146,32 @@ def test_read_time_is_bounded(tmp_path: Path, monkeypatch) -> None:
     assert info.value.reason == "timeout"
     monkeypatch.undo()
     assert read_image(p).pixels.shape == (1, 16, 16)  # the timer is gone with the read
+
+
+def test_training_lists_hostile_files_and_trains_on_the_rest(
+    corpus: list[CorpusFile], sim_data: Path, tmp_path: Path
+) -> None:
+    """Hostile files hidden among the training images are refused one by one, never fatally."""
+    import shutil
+
+    from medclf.training import train
+
+    data = tmp_path / "data"
+    shutil.copytree(sim_data, data)
+    from medclf.data.sources import NON_IMAGE_SUFFIXES
+
+    # One in four, of every kind but FIFOs and links; names a folder scan takes as images (not notes.txt).
+    candidates = [
+        e for e in corpus if e.kind != "filesystem" and e.path.suffix.lower() not in NON_IMAGE_SUFFIXES
+    ]
+    planted = candidates[::4]
+    for i, entry in enumerate(planted):
+        shutil.copyfile(entry.path, data / "train" / "tumour" / f"planted{i}_{entry.path.name}")
+    result = train(data, tmp_path / "model", epochs=1, size=32, arch="compact-s", progress=False)
+    refused = {Path(u["path"]).name: u for u in result.unreadable}
+    assert len(refused) == len(planted)
+    for i, entry in enumerate(planted):
+        u = refused[f"planted{i}_{entry.path.name}"]
+        # A .npz among images is a dataset, not an image: refusing it as such is right too.
+        assert u["reason"] in entry.reasons | {"dataset_npz"}, (entry.path.name, u)
+    assert result.bundle.exists()

@@ -322,3 +322,45 @@ def test_planner_falls_back_to_2_5d_when_3d_cannot_fit_the_budget(monkeypatch):
         kept, n_train=200, budget_s=60, fp=fp, overrides={"arch": "compact-s", "slices_as_channels": 0}
     )
     assert kept.spec.spatial_dims == 3 and not kept.spec.slices_as_channels
+
+
+def test_planner_narrows_the_network_when_even_the_smallest_size_is_too_slow(monkeypatch):
+    from medclf import planner
+    from medclf.planner import Fingerprint, choose_size_and_epochs, initial_plan
+
+    # A slow machine (no real timing here): compact at 40 images/s, the quarter-compute compact-s at 160.
+    def measured(plan, size, arch_kwargs, **kw):
+        return 160.0 if plan.arch == "compact-s" else 40.0
+
+    monkeypatch.setattr(planner, "measure_throughput", measured)
+    fp = Fingerprint(
+        n_samples=4000,
+        class_counts={"train": {"a": 2000, "b": 2000}},
+        spatial_dims=2,
+        median_shape=[28, 28],
+        min_side=28,
+        max_side=28,
+        channels=1,
+        colour_fraction=0.0,
+        formats={"npz": 4000},
+        modalities={"unknown": 4000},
+        n_probed=10,
+        n_unreadable_probed=0,
+    )
+    # 4000 images: 37 target epochs, 22 at least. compact: 100 s/epoch; compact-s: 25 s/epoch.
+    plan = choose_size_and_epochs(initial_plan(fp, 4000, {}), n_train=4000, budget_s=600, fp=fp, overrides={})
+    assert plan.arch == "compact-s" and plan.epochs == 24
+    assert any("switching to the narrower compact-s" in r for r in plan.reasons)
+    # An architecture the user chose is kept, however slow; and a budget that fits keeps compact.
+    kept = choose_size_and_epochs(
+        initial_plan(fp, 4000, {"arch": "compact"}),
+        n_train=4000,
+        budget_s=600,
+        fp=fp,
+        overrides={"arch": "compact"},
+    )
+    assert kept.arch == "compact" and kept.epochs == 6
+    roomy = choose_size_and_epochs(
+        initial_plan(fp, 4000, {}), n_train=4000, budget_s=3000, fp=fp, overrides={}
+    )
+    assert roomy.arch == "compact"
