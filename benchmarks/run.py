@@ -129,6 +129,27 @@ def run_extra(name: str) -> None:
     subprocess.run([sys.executable, *EXTRAS[name]], check=True, cwd=ROOT)
 
 
+def cpu_isa() -> str:
+    """The vector extensions that decide CPU training and int8 speed ("AMD EPYC" alone names Zen 3 and
+    Zen 4 alike, which differ by AVX-512, bf16 and VNNI)."""
+    try:
+        flags = set(
+            next(
+                line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+            ).split()
+        )
+    except (OSError, StopIteration):
+        return "unknown"
+    names = {
+        "avx2": "AVX2",
+        "avx512f": "AVX-512",
+        "avx512_bf16": "AVX-512 BF16",
+        "avx512_vnni": "AVX-512 VNNI",
+        "amx_bf16": "AMX-BF16",
+    }
+    return " + ".join(v for k, v in names.items() if k in flags) or "no AVX2"
+
+
 def machine() -> dict[str, str]:
     import torch
 
@@ -142,6 +163,7 @@ def machine() -> dict[str, str]:
         pass
     return {
         "cpu": cpu,
+        "isa": cpu_isa(),
         "cores": str(os.cpu_count()),
         "torch_threads": str(torch.get_num_threads()),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
@@ -474,7 +496,8 @@ def render(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         mc = r["machine"]
         lines.append(
-            f"- **{r['dataset']} / {r['method']}** — {r['date']}; {mc['cpu']}, {mc['cores']} cores "
+            f"- **{r['dataset']} / {r['method']}** — {r['date']}; {mc['cpu']} "
+            f"({mc.get('isa', 'ISA not recorded; AVX-512, as its planner chose bf16')}), {mc['cores']} cores "
             f"({mc['torch_threads']} torch threads), GPU: {mc['gpu']}; Python {mc['python']}, torch {mc['torch']}, "
             f"medclf {r['medclf_version']}, seed {r['seed']}: `{r['command']}`"
         )
