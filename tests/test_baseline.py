@@ -251,3 +251,20 @@ def test_cli_unknown_method_is_exit_2_without_traceback(textures: Path, tmp_path
     assert "Traceback" not in proc.stderr
     assert "'knn'" in proc.stderr and "logreg, rf, svm, gbm" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_test_copies_of_any_training_image_are_left_out_as_evaluate_does(tmp_path: Path) -> None:
+    """The validation part carved out of the training split is training data too: a test image copying
+    one of its images is a copy, exactly as `medclf evaluate` counts it."""
+    data = make_textures(tmp_path / "data", n_per_class=30, n_test=6)
+    train_files = sorted((data / "train").rglob("*.png"))
+    for f in train_files:  # a byte copy of every training image in the test split
+        shutil.copyfile(f, data / "test" / f.parent.name / f"copy_{f.name}")
+    metrics = bl.run_baseline(data, tmp_path / "out", methods="logreg", workers=1, progress=False)
+    summary = metrics["baseline"]
+    assert summary["n"]["val"] > 0  # part of the training split became validation...
+    assert metrics["n_removed_duplicates"] == len(train_files)  # ...and copies of it are still removed
+    assert metrics["n"] == 12
+    with (tmp_path / "out" / "predictions.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert all((r["train_copy"] == "True") == Path(r["path"]).name.startswith("copy_") for r in rows)

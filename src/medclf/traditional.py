@@ -560,6 +560,7 @@ def run_baseline(
     from rich.console import Console
 
     from medclf import __version__
+    from medclf.data.audit import train_copy_flags
     from medclf.data.cache import prepare
     from medclf.data.sources import load_source
     from medclf.data.splits import ensure_validation
@@ -578,6 +579,7 @@ def run_baseline(
             f"{data}: no test split; the baseline reports on a held-out test split (a 'test' split folder, "
             "a split column in the CSV, or test_* arrays in the .npz)"
         )
+    given_train = np.array(samples.splits) == "train"
     samples = ensure_validation(samples, fraction=val_fraction, seed=seed)
     spec = feature_spec(samples, size=size, seed=seed)
     console.print(
@@ -598,6 +600,15 @@ def run_baseline(
     n_val_copies = int((val_all & prepared.train_copy).sum())
     val_idx = np.flatnonzero(val_all & ~prepared.train_copy)
     test_idx = np.flatnonzero(prepared.ok & (split == "test"))
+    # Test samples are scored minus copies of the dataset's whole training split, as `evaluate` does: the
+    # validation part carved out of it here counts as training data too (selection saw it).
+    carved = given_train & (split == "val") & prepared.ok
+    test_copy = train_copy_flags(
+        samples,
+        prepared.scan,
+        extra_train_hashes={h for h, c in zip(prepared.scan.hashes, carved, strict=True) if c and h},
+        extra_train_signatures=prepared.scan.signatures[carved],
+    )
     if len(train_idx) == 0 or len(val_idx) == 0 or len(test_idx) == 0:
         raise DataError(
             "after removing unreadable files and validation copies of training samples, the train, "
@@ -730,7 +741,7 @@ def run_baseline(
         labels=labels,
         probs=probs,
         ok=prepared.ok,
-        train_copy=prepared.train_copy,
+        train_copy=np.where(split == "test", test_copy, prepared.train_copy),
         errors=[str(m or "unreadable") for m in prepared.scan.messages],
         split="test",
         classes=list(samples.classes),
