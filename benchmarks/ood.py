@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,7 @@ def main() -> None:
             "flagged": float(flags.mean()),
         },
         "out_of_distribution": [],
-        "command": "python benchmarks/ood.py",
+        "command": " ".join(["python benchmarks/ood.py", *sys.argv[1:]]),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     for name, title in (

@@ -263,7 +263,8 @@ def main() -> None:
         "medclf": {**ours, "achieved_gflops": round(gflop * ours["images_per_s"], 1)},
         "plain": {**plain, "achieved_gflops": round(gflop * plain["images_per_s"], 1)},
         "speedup": round(ours["images_per_s"] / plain["images_per_s"], 2),
-        "command": f"python benchmarks/throughput.py --data {args.data} --size {args.size} --epochs {args.epochs}",
+        "command": f"python benchmarks/throughput.py --data {os.path.relpath(args.data, ROOT)} --size {args.size} "
+        f"--epochs {args.epochs}",
         "threads": torch.get_num_threads(),
         "cpu": next(
             (
