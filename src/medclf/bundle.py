@@ -123,7 +123,12 @@ class Bundle:
         return predict_inputs(self, inputs, batch_size=batch_size, engine=engine, tta=tta)
 
     def explain(
-        self, inputs: Any, out_dir: str | Path, *, method: str = "auto", targets: Mapping[str, str] | None = None
+        self,
+        inputs: Any,
+        out_dir: str | Path,
+        *,
+        method: str = "auto",
+        targets: Mapping[str, str] | None = None,
     ) -> list[dict[str, Any]]:
         """Predict like :meth:`predict` and write one heatmap overlay PNG per input into ``out_dir``.
 

@@ -192,7 +192,11 @@ def initial_plan(
     modality = max(fp.modalities, key=lambda m: fp.modalities[m]) if fp.modalities else None
     modal_preset = preset_for_modality(modality)
     aug = overrides.get("augment") or modal_preset or ("light" if n_train >= 2000 else "standard")
-    why = f"modality {modality}" if modal_preset and not overrides.get("augment") else f"{n_train} training samples"
+    why = (
+        f"modality {modality}"
+        if modal_preset and not overrides.get("augment")
+        else f"{n_train} training samples"
+    )
     reasons.append(f"{why}: augmentation '{aug}'; batch {batch}")
     amp = overrides.get("amp") or "auto"
     plan = Plan(

@@ -192,7 +192,9 @@ def train(
     t_start = time.perf_counter()
     cfg = (config or TrainConfig()).updated(settings)
     if cfg.members is not None and cfg.members != 1:
-        raise ConfigError("train() makes one model (members=1) or decides itself (None); use train_members(K)")
+        raise ConfigError(
+            "train() makes one model (members=1) or decides itself (None); use train_members(K)"
+        )
     console = console or Console(stderr=True, soft_wrap=True)
     first = _train_one(
         data,
@@ -495,7 +497,11 @@ def _use_leftover_budget(
         progress=progress,
         console=console,
         seed=cfg.seed,
-        recipe={"bagging": "seeds (time left after an early stop)", "members": len(members), "seed": cfg.seed},
+        recipe={
+            "bagging": "seeds (time left after an early stop)",
+            "members": len(members),
+            "seed": cfg.seed,
+        },
     )
     if not cfg.keep_checkpoints:
         shutil.rmtree(work, ignore_errors=True)
@@ -584,7 +590,9 @@ class _Loop:
                 self.model, multi_avg_fn=_warmup_ema(decay), use_buffers=True
             )
         self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=plan.lr, weight_decay=plan.weight_decay
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=plan.lr,
+            weight_decay=plan.weight_decay,
         )
         warmup = min(max(1, steps_per_epoch), self.total_steps // 5 + 1)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -939,7 +947,9 @@ def _transfer_source(cfg: TrainConfig, overrides: dict[str, Any], fp: Fingerprin
     pinned = {"arch": source.arch, "size": int(source.spec.size[0])}
     for key, value in pinned.items():
         if overrides.get(key) not in (None, value):
-            raise ConfigError(f"--init-from fixes --{key} to the source bundle's ({value}); leave --{key} out")
+            raise ConfigError(
+                f"--init-from fixes --{key} to the source bundle's ({value}); leave --{key} out"
+            )
         overrides[key] = value
     # Fine-tuning starts from a trained network: a smaller peak learning rate keeps what it learned.
     overrides.setdefault("lr", 5e-4)

@@ -22,6 +22,22 @@ FORMATS = ("qdq", "qoperator")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has 8-bit dot-product instructions (AVX-512 VNNI or AVX-VNNI); not x86: True."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # unknown: keep full 8-bit weights
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
+    )
+    return bool({"avx512_vnni", "avx_vnni"} & set(flags))
+
+
 def quantize_int8(
     fp32_path: str | Path,
     out_path: str | Path,
@@ -31,8 +47,14 @@ def quantize_int8(
     per_channel: bool = True,
     method: str = "minmax",
     batch_size: int = 16,
+    reduce_range: bool | None = None,
 ) -> dict[str, Any]:
-    """Quantise the ONNX model at ``fp32_path`` to ``out_path``, calibrated on ``calibration`` (N, C, ...)."""
+    """Quantise the ONNX model at ``fp32_path`` to ``out_path``, calibrated on ``calibration`` (N, C, ...).
+
+    ``reduce_range``: 7-bit weights. On x86 CPUs without VNNI, ONNX Runtime's uint8 x int8 kernels
+    (VPMADDUBSW) add pairs of products in 16 bits and can saturate; 7-bit weights cannot. ``None`` (auto)
+    turns it on when this CPU lacks VNNI (brain MRI, AVX2: 8-bit weights lost 2.6 accuracy points).
+    """
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -64,6 +86,8 @@ def quantize_int8(
             batch = next(self.batches, None)
             return None if batch is None else {"input": batch}
 
+    if reduce_range is None:
+        reduce_range = not cpu_has_vnni()
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="medclf-quant-"))
     try:
@@ -76,6 +100,7 @@ def quantize_int8(
             Reader(calibration),
             quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
             per_channel=per_channel,
+            reduce_range=reduce_range,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method={
@@ -89,7 +114,9 @@ def quantize_int8(
         shutil.rmtree(work, ignore_errors=True)
     return {
         "format": fmt.upper() if fmt == "qdq" else "QOperator",
-        "weights": "int8, per channel" if per_channel else "int8, per tensor",
+        "weights": ("int8 (7-bit range)" if reduce_range else "int8")
+        + (", per channel" if per_channel else ", per tensor"),
+        "reduce_range": bool(reduce_range),
         "activations": "uint8",
         "calibration": {"method": method, "n_samples": len(calibration), "split": "train"},
         "seconds": round(time.perf_counter() - t0, 1),

@@ -51,7 +51,9 @@ def carve(labels: np.ndarray, patient_ids: list[str | None], fraction: float, se
     # A stratified hold-out needs at least one sample of every class on each side.
     n_held = max(round(fraction * n), n_classes if stratify_ok else 1)
     if n - n_held < n_classes:
-        raise DataError(f"only {n} training samples for {n_classes} classes: too few to carve a validation split")
+        raise DataError(
+            f"only {n} training samples for {n_classes} classes: too few to carve a validation split"
+        )
     sss = StratifiedShuffleSplit(n_splits=1, test_size=n_held, random_state=seed)
     _, held = next(sss.split(np.zeros(n), y))
     return np.sort(held)

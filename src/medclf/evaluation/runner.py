@@ -147,7 +147,9 @@ def _augmentation_gallery(b: Bundle, samples: SampleSet, prepared: Any, out: Pat
     x = torch.from_numpy(np.asarray(prepared.tensors[pick], dtype=np.float32))
     original, views = gallery(x, preset, n_views=4, seed=0)
     title = f"Augmentation gallery: training inputs and '{preset}' views (what the model was trained on)"
-    path = plot_augmentation_gallery(original.numpy(), [v.numpy() for v in views], preset, out / "augment.png")
+    path = plot_augmentation_gallery(
+        original.numpy(), [v.numpy() for v in views], preset, out / "augment.png"
+    )
     return {title: path}
 
 
