@@ -213,6 +213,27 @@ def test_rgb_grey_collapses_but_colour_stays(tmp_path: Path) -> None:
     np.testing.assert_array_equal(img.pixels, np.moveaxis(colour, -1, 0))
 
 
+def test_grey_rgb_fast_path_matches_the_float_collapse_bit_for_bit(tmp_path: Path) -> None:
+    """The uint8 shortcut for greyscale scans stored as RGB gives exactly what collapse_grey gives on the
+    float32 RGB planes (a JPEG's chroma noise averaged within tolerance; a PNG's identical channels)."""
+    from medclf.io.guard import collapse_grey
+
+    g = gradient()
+    for fmt in ("JPEG", "PNG"):
+        p = tmp_path / f"grey_rgb.{fmt.lower()}"
+        blue = g if fmt == "PNG" else np.minimum(g, 253) + 2  # a JPEG gets a little chroma to average away
+        PILImage.fromarray(np.stack([g, g, blue], -1)).save(p, format=fmt, quality=95)
+        rgb = np.moveaxis(np.asarray(PILImage.open(p).convert("RGB")), -1, 0).astype(np.float32)
+        meta: dict = {}
+        expected = collapse_grey(rgb, meta, tolerance=2.0 if fmt == "JPEG" else 0.0)
+        img = read_image(p)
+        assert meta["was_rgb_grey"] and img.meta["was_rgb_grey"], fmt
+        assert img.pixels.dtype == np.float32 and img.pixels.flags.c_contiguous
+        np.testing.assert_array_equal(img.pixels, expected)
+        if fmt == "JPEG":
+            assert not np.array_equal(rgb[0], rgb[2])  # the chroma the average has to handle
+
+
 @pytest.mark.parametrize(
     ("mode", "channels"),
     [("RGBA", 3), ("LA", 1), ("P", 3), ("1", 1), ("I", 1), ("F", 1), ("CMYK", 3)],
