@@ -21,6 +21,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -122,6 +123,14 @@ EXTRAS: dict[str, list[str]] = {
     ],
     "load": ["benchmarks/load.py"],
 }
+
+
+# Rows saved before the precision was spelt out end their recipe with ", off" (autocast off): fp32.
+_AMP_OFF = re.compile(r", off(?=;|$)")
+
+
+def _precision(amp: str) -> str:
+    return "fp32" if amp == "off" else amp
 
 
 def run_extra(name: str) -> None:
@@ -259,7 +268,7 @@ def run_row(name: str, method: str, out_root: Path, seed: int) -> dict[str, Any]
         p = result.plan
         row["description"] = (
             f"{p.arch} {p.spec.size[0]} px, {len(result.history)} epochs (best {result.best_epoch}), "
-            f"augment {p.augment}, {p.amp}"
+            f"augment {p.augment}, {_precision(p.amp)}"
         )
         fused = load_bundle(result.bundle).manifest.get("ensemble")
         if fused:  # the time left after an early stop trained more members (seed bagging)
@@ -461,7 +470,7 @@ def render(rows: list[dict[str, Any]]) -> str:
         for r in sorted(drows, key=lambda r: order.get(r["method"], 99)):
             m, a = r["metrics"], r["all_samples"]
             lines.append(
-                f"| {r['method']} | {r['description']} | {r.get('time_budget', '–')} "
+                f"| {r['method']} | {_AMP_OFF.sub(', fp32', r['description'])} | {r.get('time_budget', '–')} "
                 f"| {r['train_wall_s'] / 60:.1f} min | {m['n']} ({m['n_removed_duplicates']}) "
                 f"| {m['accuracy']:.4f}{_ci(m, 'accuracy')} | {_f(m['auc'], 4)}{_ci(m, 'auc')} "
                 f"| {a['accuracy']:.4f} / {_f(a['auc'], 4)} | {_f(m.get('ece'))} | {time_to_target(r)} "
