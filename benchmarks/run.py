@@ -329,7 +329,8 @@ def _run_ensemble(
     row["train_wall_s"] = round(time.perf_counter() - t0, 1)
     row["time_budget"] = ens["budget"]
     row["target"] = {**row["target"], "fusion": ens["target"]}
-    members = sorted((out / f"model{FOLDS_SUFFIX}").glob("member-*"))
+    # The members' bundles, not their kept checkpoint folders (member-N.ckpt).
+    members = sorted(p.parent for p in (out / f"model{FOLDS_SUFFIX}").glob("member-*/bundle.json"))
     fused = {"mean": model}
     for method in ("weighted", "stacking"):
         medclf.ensemble(members, out / f"model-{method}", data=data, method=method, progress=False, seed=seed)
