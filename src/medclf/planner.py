@@ -309,12 +309,10 @@ def choose_size_and_epochs(
             break
     assert chosen is not None
     size, kw, ips, epoch_s, fits = chosen
-    if not fits and dims == 3 and overrides.get("slices_as_channels") is None and not overrides.get("size"):
-        slabs = max(2, min(DEFAULT_SLABS, fp.median_shape[0]))
-        why = f"3D at {size}^3 runs {ips:.1f} volumes/s, too slow for {min_epochs} epochs in the budget"
-        plan = as_slices_as_channels(plan, fp, slabs, why, bool(overrides.get("batch_size")))
+
+    def replan(changed: Plan) -> Plan:
         return choose_size_and_epochs(
-            plan,
+            changed,
             n_train=n_train,
             budget_s=budget_s,
             fp=fp,
@@ -322,6 +320,11 @@ def choose_size_and_epochs(
             device=device,
             world_size=world_size,
         )
+
+    if not fits and dims == 3 and overrides.get("slices_as_channels") is None and not overrides.get("size"):
+        slabs = max(2, min(DEFAULT_SLABS, fp.median_shape[0]))
+        why = f"3D at {size}^3 runs {ips:.1f} volumes/s, too slow for {min_epochs} epochs in the budget"
+        return replan(as_slices_as_channels(plan, fp, slabs, why, bool(overrides.get("batch_size"))))
     if not fits and dims == 2 and plan.arch in NARROWER and not overrides.get("arch"):
         # Even the smallest size cannot run 60 % of the target epochs: a narrower network (about a quarter
         # of the compute) that gets through the epochs beats a wide one stopped early (PneumoniaMNIST, 3
@@ -332,15 +335,7 @@ def choose_size_and_epochs(
             f"switching to the narrower {narrower}"
         )
         plan.arch = narrower
-        return choose_size_and_epochs(
-            plan,
-            n_train=n_train,
-            budget_s=budget_s,
-            fp=fp,
-            overrides=overrides,
-            device=device,
-            world_size=world_size,
-        )
+        return replan(plan)
     plan.spec = PreprocessSpec(**{**plan.spec.to_dict(), "size": (size,) * dims, "extra": {}})
     plan.arch_kwargs = {**kw, **overrides.get("arch_kwargs", {})}
     plan.throughput, plan.epoch_seconds = ips, epoch_s
