@@ -141,13 +141,10 @@ def run_extra(name: str) -> None:
 def cpu_isa() -> str:
     """The vector extensions that decide CPU training and int8 speed ("AMD EPYC" alone names Zen 3 and
     Zen 4 alike, which differ by AVX-512, bf16 and VNNI)."""
-    try:
-        flags = set(
-            next(
-                line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-            ).split()
-        )
-    except (OSError, StopIteration):
+    from medclf.engines import cpu_flags
+
+    flags = cpu_flags()
+    if flags is None:
         return "unknown"
     names = {
         "avx2": "AVX2",

@@ -122,6 +122,16 @@ def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def cpu_flags() -> frozenset[str] | None:
+    """This x86 CPU's feature flags from /proc/cpuinfo (``avx2``, ``avx512_vnni``...); None when unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), None)
+    return None if line is None else frozenset(line.split(":", 1)[1].split())
+
+
 def ort_threads() -> int:
     """Intra-op threads for ONNX Runtime: the CPUs this process may use (``MEDCLF_ORT_THREADS`` overrides).
 

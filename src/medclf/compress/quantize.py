@@ -26,16 +26,12 @@ def cpu_has_vnni() -> bool:
     """Whether this CPU has 8-bit dot-product instructions (AVX-512 VNNI or AVX-VNNI); not x86: True."""
     import platform
 
+    from medclf.engines import cpu_flags
+
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return True
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True  # unknown: keep full 8-bit weights
-    flags = next(
-        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
-    )
-    return bool({"avx512_vnni", "avx_vnni"} & set(flags))
+    flags = cpu_flags()
+    return True if flags is None else bool({"avx512_vnni", "avx_vnni"} & flags)  # unknown: full 8-bit
 
 
 def quantize_int8(
