@@ -163,7 +163,8 @@ def _read_pillow(
                 raise
             # PNG/JPEG EXIF orientation (oriented TIFFs never reach here, see _needs_tifffile). Without one,
             # exif_transpose would only copy the image.
-            page = ImageOps.exif_transpose(im) if _orientation(im) in range(2, 9) else im
+            oriented = meta["exif_transposed"] if i == 0 else _orientation(im) in range(2, 9)
+            page = ImageOps.exif_transpose(im) if oriented else im
             if page.mode in _GREY_CONVERT:
                 page = page.convert("L")
             elif page.mode in _RGB_CONVERT:
