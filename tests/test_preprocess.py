@@ -5,7 +5,7 @@ import pytest
 
 from medclf.errors import ConfigError, InputRejected
 from medclf.io import Image
-from medclf.preprocess import PreprocessSpec, preprocess
+from medclf.preprocess import PreprocessSpec, percentiles, preprocess
 
 
 def _image(shape=(1, 60, 80), seed=0, fmt="png"):
@@ -105,3 +105,31 @@ def test_ct_window():
     out = preprocess(img, spec)[0]
     assert out.min() == 0.0 and out.max() == 1.0
     assert abs(float(out[12, 4]) - 0.5) < 0.05  # 0 HU sits in the middle of the window
+
+
+def test_fast_percentiles_match_numpy_bit_for_bit():
+    # Integer-valued images (8/16-bit scans as float32) take the histogram path; anything else numpy's.
+    rng = np.random.default_rng(0)
+    cases = [
+        rng.integers(0, hi + 1, size=int(rng.integers(1, 3000))).astype(np.float32)
+        for hi in (1, 7, 255, 4095, 65535)
+        for _ in range(40)
+    ]
+    cases += [
+        rng.normal(size=500).astype(np.float32),
+        np.array([0.5, 3.0, 70000.0], dtype=np.float32),
+        rng.integers(0, 255, size=300).astype(np.float64),
+    ]
+    for values in cases:
+        q = [float(rng.uniform(0, 100)), 0.5, 1.0, 99.0, 99.5, 0.0, 100.0]
+        expected, got = np.percentile(values, q), percentiles(values, q)
+        assert got.dtype == expected.dtype and got.tobytes() == expected.tobytes(), (values, q)
+
+
+def test_non_finite_values_become_zero_and_clean_images_are_not_copied():
+    x = np.arange(64, dtype=np.float32).reshape(1, 8, 8)
+    x[0, 0, 0], x[0, 1, 1], x[0, 2, 2] = np.nan, np.inf, -np.inf
+    spec = PreprocessSpec(size=(8, 8), crop_foreground=False, normalise="none")
+    out = preprocess(Image(x, (1.0, 1.0), "array", {}), spec)
+    assert np.isfinite(out).all() and out[0, 0, 0] == out[0, 1, 1] == out[0, 2, 2] == 0
+    assert np.isnan(x[0, 0, 0])  # the caller's image is left as it was
