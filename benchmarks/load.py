@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/load.py [--bundle DIR] [--requests 10000] [--time-limit 600]
 
 Starts ``medclf serve`` as its own process on a free loopback port, then, for each level of concurrency,
-runs that many asyncio clients (httpx, one keep-alive connection each) that POST a simulated brain MRI
-slice (PNG, raw body) to ``/v1/predict`` until the level's request count is reached or its time limit
-passes. Every non-200 answer and every transport error counts as an error. Afterwards the audit log must
+runs that many asyncio clients (httpx, one keep-alive connection each; a single client is a plain
+blocking ``http.client`` connection, so its latency is the server's and not an asyncio client's) that POST
+a simulated brain MRI slice (PNG, raw body) to ``/v1/predict`` until the level's request count is reached
+or its time limit passes. Every non-200 answer and every transport error counts as an error. Afterwards the audit log must
 hold one row per request sent. Results: ``benchmarks/results/load.json``.
 
 Without ``--bundle`` a small bundle is trained first (simulated data, 32 px, ``compact-s``, 2 epochs), as
@@ -74,6 +75,47 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     sys.exit("medclf serve did not become ready")
 
 
+def run_single(url: str, payload: bytes, n_requests: int, time_limit: float) -> dict:
+    """One client, one request at a time, on one keep-alive connection (``http.client``): the latency a
+    caller sees, without an asyncio client's own overhead (httpx added ~10 ms per request here, on the
+    cores the server also uses)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url)
+    latencies: list[float] = []
+    server_ms: list[float] = []
+    errors: dict[str, int] = {}
+    sent = 0
+    deadline = time.monotonic() + time_limit
+    conn = http.client.HTTPConnection(host.hostname, host.port, timeout=60)
+    headers = {"Content-Type": "application/octet-stream"}
+    t_start = time.perf_counter()
+    while sent < n_requests and time.monotonic() < deadline:
+        sent += 1
+        t0 = time.perf_counter()
+        try:
+            conn.request("POST", "/v1/predict", body=payload, headers=headers)
+            r = conn.getresponse()
+            body = r.read()
+            ok, kind = r.status == 200, f"http_{r.status}"
+        except (OSError, http.client.HTTPException) as exc:
+            ok, kind = False, type(exc).__name__
+            conn.close()
+            conn = http.client.HTTPConnection(host.hostname, host.port, timeout=60)
+        latencies.append(time.perf_counter() - t0)
+        if ok:
+            server_ms.append(json.loads(body)["latency_ms"])
+        else:
+            errors[kind] = errors.get(kind, 0) + 1
+    conn.close()
+    level = _summary(1, n_requests, sent, errors, time.perf_counter() - t_start, latencies)
+    level["client"] = "http.client, one keep-alive connection"
+    if server_ms:
+        level["server_latency_ms_p50"] = round(float(np.percentile(server_ms, 50)), 2)
+    return level
+
+
 async def run_level(url: str, payload: bytes, concurrency: int, n_requests: int, time_limit: float) -> dict:
     import httpx
 
@@ -104,7 +146,19 @@ async def run_level(url: str, payload: bytes, concurrency: int, n_requests: int,
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    seconds = time.perf_counter() - t0
+    level = _summary(concurrency, n_requests, sent, errors, time.perf_counter() - t0, latencies)
+    level["client"] = f"{concurrency} asyncio httpx clients, one keep-alive connection each"
+    return level
+
+
+def _summary(
+    concurrency: int,
+    n_requests: int,
+    sent: int,
+    errors: dict[str, int],
+    seconds: float,
+    latencies: list[float],
+) -> dict:
     ms = np.array(latencies) * 1000
     return {
         "concurrency": concurrency,
@@ -172,7 +226,11 @@ def main() -> None:
             results = []
             for c in levels:
                 n = args.requests if c == max(levels) else args.requests_low
-                level = asyncio.run(run_level(url, payload, c, n, args.time_limit))
+                level = (
+                    run_single(url, payload, n, args.time_limit)
+                    if c == 1
+                    else asyncio.run(run_level(url, payload, c, n, args.time_limit))
+                )
                 print(json.dumps(level), flush=True)
                 results.append(level)
             load_after = os.getloadavg()

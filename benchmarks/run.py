@@ -618,7 +618,14 @@ def _extra_sections() -> list[str]:
             f"`POST /v1/predict` with a {served['server']['payload_bytes']}-byte 512x512 JPEG of the brain test "
             f"set: {lv['requests_sent']} requests, {lv['errors']} errors, latency p50 **{lv['latency_ms']['p50']} "
             f"ms**, p99 {lv['latency_ms']['p99']} ms (reading, decoding, preprocessing, model, OOD guard, audit "
-            f"log and HTTP included). {served['date']}: `{served['command']}`",
+            f"log and HTTP included; client: {lv.get('client', 'httpx')}"
+            + (
+                f"; the server's own p50, from the request's arrival to its answer, "
+                f"{lv['server_latency_ms_p50']} ms"
+                if "server_latency_ms_p50" in lv
+                else ""
+            )
+            + f"). {served['date']}: `{served['command']}`",
             "",
         ]
     ld = _read("load.json")
@@ -637,12 +644,12 @@ def _extra_sections() -> list[str]:
             )
             + ".",
             "",
-            "| clients | requests | errors | requests/s | p50 ms | p99 ms |",
-            "|---|---|---|---|---|---|",
+            "| clients | client | requests | errors | requests/s | p50 ms | p99 ms |",
+            "|---|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {lv['concurrency']} | {lv['requests_sent']} | {lv['errors']} | {lv['throughput_rps']} "
-            f"| {lv['latency_ms']['p50']} | {lv['latency_ms']['p99']} |"
+            f"| {lv['concurrency']} | {lv.get('client', 'asyncio httpx')} | {lv['requests_sent']} | {lv['errors']} "
+            f"| {lv['throughput_rps']} | {lv['latency_ms']['p50']} | {lv['latency_ms']['p99']} |"
             for lv in ld["levels"]
         ]
         lines += ["", f"{ld['date']}: `{ld['command']}`", ""]
