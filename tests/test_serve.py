@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import platform
 import sqlite3
 import sys
 import threading
@@ -380,3 +381,14 @@ def test_an_image_unlike_the_training_data_is_answered_with_a_warning(client, tm
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["ood"] is True and "unlike the images" in body["warning"] and body["ood_score"] > 0
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+    reason="allocator tuning is glibc's mallopt",
+)
+def test_allocator_tuning_is_accepted_by_glibc():
+    from medclf.engines import tune_allocator
+
+    # Every option is accepted: an out-of-range value (e.g. an mmap threshold above 32 MiB) returns False.
+    assert tune_allocator() is True

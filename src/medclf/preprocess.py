@@ -229,11 +229,10 @@ def _pad_to_cube(x: np.ndarray) -> np.ndarray:
     if all(s == side for s in spatial):
         return x
     # Pad with each channel's minimum, i.e. background, centred.
-    pads = [(0, 0)] + [((side - s) // 2, side - s - (side - s) // 2) for s in spatial]
     fill = x.reshape(x.shape[0], -1).min(axis=1)
     out = np.empty((x.shape[0], *([side] * len(spatial))), dtype=x.dtype)
-    for c in range(x.shape[0]):
-        out[c] = np.pad(x[c], pads[1:], mode="constant", constant_values=fill[c])
+    out[...] = fill.reshape((-1,) + (1,) * len(spatial))
+    out[(slice(None), *(slice((side - s) // 2, (side - s) // 2 + s) for s in spatial))] = x
     return out
 
 

@@ -51,7 +51,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medclf import __version__
 from medclf.bundle import Bundle, load_bundle
-from medclf.engines import resolve_engine
+from medclf.engines import resolve_engine, tune_allocator
 from medclf.errors import ConfigError, InputRejected, MedclfError
 from medclf.explain import Explainer
 from medclf.io import ReadLimits, read_image
@@ -595,6 +595,7 @@ def app_from_environment() -> FastAPI:
     config = json.loads(os.environ[_ENV])
     bundle, workers = config.pop("bundle"), config.pop("workers")
     settings = ServeSettings(**config)
+    tune_allocator()
     _set_torch_threads(settings, workers)
     return create_app(bundle, settings)
 
@@ -630,6 +631,7 @@ def run(
     check_exposure(host, settings.api_key_file)
     if workers < 1:
         raise ConfigError("--workers must be at least 1")
+    tune_allocator()
     _set_torch_threads(settings, workers)
     # Bound open connections too, beyond the predict queue (health checks, the page, slow clients).
     common: dict[str, Any] = {

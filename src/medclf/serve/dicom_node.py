@@ -358,7 +358,9 @@ def run_dicom_node(
 ) -> None:
     """Load (and verify) ``bundle``, then serve until interrupted: what ``medclf dicom-node`` runs."""
     from medclf.bundle import load_bundle
+    from medclf.engines import tune_allocator
 
+    tune_allocator()
     node = DicomNode(load_bundle(bundle), out, ae_title=ae_title, host=host, port=port)
     node.serve_forever()
 
