@@ -559,7 +559,7 @@ def _extra_sections() -> list[str]:
             f"{m['epochs']} epochs each, then scored on the same {m['n_test']} clean test images. "
             "Plain: a `Dataset` that decodes and resizes each JPEG on every access, `DataLoader` with one "
             "worker per core, fp32, contiguous tensors. medclf: tensors decoded once and cached, batched "
-            f"augmentation, {m['amp']} autocast, channels-last. CPU: {t.get('cpu', '?')}, {t['threads']} threads; "
+            f"augmentation, {'fp32 (no autocast)' if m['amp'] == 'off' else m['amp'] + ' autocast'}, channels-last. CPU: {t.get('cpu', '?')}, {t['threads']} threads; "
             f"fp32 matmul peak {t['matmul_peak_gflops']['fp32']} GFLOP/s, bf16 {t['matmul_peak_gflops']['bf16']}.",
             "",
             "| loop | images/s | achieved GFLOP/s | test accuracy |",
