@@ -139,7 +139,7 @@ def tune_allocator() -> bool:
 
     A decoded 512x512 image and its float copies are each larger than glibc's default mmap threshold
     (128 KiB, adapting upwards), so by default every request mapped fresh pages, page-faulted them in and
-    gave them back: measured on 2 cores, served 512x512 JPEG p50 19-22 ms before, 13-13.5 ms with freed memory
+    gave them back: measured on 2 cores, served 512x512 JPEG p50 20.8-21.6 ms before, 12.8-13.5 ms with freed memory
     kept (heap top trimmed only beyond 256 MiB, 64 MiB of headroom, buffers below 32 MiB from the heap)."""
     if not sys.platform.startswith("linux"):
         return False
