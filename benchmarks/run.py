@@ -23,6 +23,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -318,6 +319,8 @@ def _run_ensemble(
     from medclf.folds import FOLDS_SUFFIX
 
     ens = cfg["ensemble"]
+    # Members of an earlier run of this row would be fused and listed with the new ones: start clean.
+    shutil.rmtree(out / f"model{FOLDS_SUFFIX}", ignore_errors=True)
     t0 = time.perf_counter()
     model = out / "model"
     # Training settings the members share beyond the planner's choice (e.g. {"size": 48}).
@@ -337,7 +340,12 @@ def _run_ensemble(
     row["time_budget"] = ens["budget"]
     row["target"] = {**row["target"], "fusion": ens["target"]}
     # The members' bundles, not their kept checkpoint folders (member-N.ckpt).
-    members = sorted(p.parent for p in (out / f"model{FOLDS_SUFFIX}").glob("member-*/bundle.json"))
+    members = sorted(
+        (p.parent for p in (out / f"model{FOLDS_SUFFIX}").glob("member-*/bundle.json")),
+        key=lambda p: int(p.name.rsplit("-", 1)[1]),  # member-10 after member-9
+    )
+    if len(members) != ens["members"]:
+        raise SystemExit(f"expected {ens['members']} member bundles in {out}, found {len(members)}")
     fused = {"mean": model}
     for method in ("weighted", "stacking"):
         medclf.ensemble(members, out / f"model-{method}", data=data, method=method, progress=False, seed=seed)
