@@ -70,7 +70,9 @@ DATASETS: dict[str, dict[str, Any]] = {
             "note": "Recipe chosen after seeing test data: the planner's 8 x compact 28 px members (row of "
             "2026-12-02 01:38 UTC: mean + TTA AUC 0.9222, accuracy 0.872; members AUC 0.887-0.917) were "
             "weaker on the test set than two exploratory compact members trained on the images upsampled to "
-            "48 px (AUC 0.935, 0.926); this row is a fresh run of that 48 px recipe.",
+            "48 px (AUC 0.935, 0.926); this row is a fresh run of that 48 px recipe. A replicate with "
+            "`--seed 1` (same command, then `medclf evaluate ... --tta`; 2026-12-02 06:15 UTC, not a runner row) "
+            "scored mean + TTA AUC 0.9329, accuracy 0.880: the AUC reproduces, the accuracy above 0.89 does not.",
         },
     },
     "brain": {
