@@ -48,7 +48,26 @@ DATASETS: dict[str, dict[str, Any]] = {
         "target": {"auc": 0.975, "accuracy": 0.90},
         "methods": ["baseline", "default", "default-3m", "resnet18", "ensemble"],
         # Fusion issue: within 30 minutes of CPU training in all.
-        "ensemble": {"members": 5, "budget": "30m", "target": {"auc": 0.991, "accuracy": 0.946}},
+        "ensemble": {
+            "members": 5,
+            "budget": "30m",
+            "target": {"auc": 0.991, "accuracy": 0.946},
+            # Measured 2026-12-02 with the commands quoted; not rerun by this runner.
+            "note": "Why every model here scores AUC ~0.997 on validation but ~0.98 on test: the test split "
+            "comes from another distribution. `.venv/bin/python benchmarks/shift.py "
+            "../shared/datasets/medmnist/pneumoniamnist.npz --bundle runs/bench/pneumonia-default/model` "
+            "(2026-12-02): within class normal a classifier tells test images from training images at AUC 0.81 "
+            "(validation from training: 0.47); within pneumonia 0.63 (0.47). The label is predictable from a "
+            "4x4-cell layout of the image alone at validation AUC 0.986 but test 0.928 (the border ring alone: "
+            "0.988 / 0.931): consistent with an acquisition or framing cue that holds in train and validation and "
+            "weakens in test, which model selection on validation cannot see. Two attempts to close the gap did not: re-estimating the "
+            "default model's batch-norm statistics on the unlabelled test images (AdaBN) moved its test AUC "
+            "from 0.9817 to 0.9818; the `strong` augmentation preset (zoom 0.8-1.2, shift 8 %, rotation 20 deg, "
+            "elastic; `medclf train ../shared/datasets/medmnist/pneumoniamnist.npz --out runs/exp/pn-strong/model "
+            "--augment strong --time-budget 10m --seed 0`, then `medclf evaluate`) scored test AUC 0.9802, "
+            "accuracy 0.933, against 0.9817 / 0.934 for the default `light` preset. `medclf audit` now reports "
+            "this check for any dataset with splits.",
+        },
     },
     "breast": {
         "data": SHARED / "medmnist" / "breastmnist.npz",

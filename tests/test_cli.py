@@ -143,6 +143,10 @@ def test_audit_command(sim_data, tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert report and "counts" in json.dumps(report)
+    assert set(report["split_shift"]) == {"warn_auc", "min_per_side", "results"}
+    proc = medclf("audit", sim_data, "--out", out, "--no-progress", "--no-shift")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["split_shift"] is None
 
 
 def test_models_command():

@@ -44,12 +44,22 @@ __all__ = [
 
 
 def audit(
-    data: str | Path, *, workers: int = 2, near_threshold: float | None = None, progress: bool = True
+    data: str | Path,
+    *,
+    workers: int = 2,
+    near_threshold: float | None = None,
+    progress: bool = True,
+    check_shift: bool = True,
 ) -> AuditReport:
-    """Audit a dataset: counts, unreadable files, exact/near duplicates, cross-split leakage, conflicts."""
+    """Audit a dataset: counts, unreadable files, exact/near duplicates, cross-split leakage, conflicts,
+    and (``check_shift``) whether val/test differ in distribution from train, class by class."""
     samples = load_source(data, default_split="train")
     return _audit(
-        samples, workers=workers, near_threshold=near_threshold or NEAR_THRESHOLD, progress=progress
+        samples,
+        workers=workers,
+        near_threshold=near_threshold or NEAR_THRESHOLD,
+        progress=progress,
+        check_shift=check_shift,
     )
 
 

@@ -38,11 +38,16 @@ def audit(
         float | None, typer.Option(help="Correlation at which two images count as copies")
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+    shift: Annotated[
+        bool, typer.Option(help="Check, class by class, whether val/test differ in distribution from train")
+    ] = True,
 ) -> None:
-    """Counts, unreadable files, exact and near duplicates, leakage between splits, label conflicts."""
+    """Counts, unreadable files, exact and near duplicates, leakage between splits, label conflicts, shift."""
     from medclf.api import audit as run_audit
 
-    report = run_audit(data, workers=workers, near_threshold=near_threshold, progress=progress)
+    report = run_audit(
+        data, workers=workers, near_threshold=near_threshold, progress=progress, check_shift=shift
+    )
     report.render(Console())
     report.write_json(out)
     err.print(f"Audit written to {out}")

@@ -34,6 +34,7 @@ from scipy import sparse
 from scipy.sparse.csgraph import connected_components
 
 from medclf.data.samples import SPLITS, SampleSet
+from medclf.data.shift import MIN_PER_SIDE, WARN_AUC, layout_features, split_shift
 from medclf.errors import InputRejected
 from medclf.io import Image
 
@@ -607,6 +608,16 @@ class AuditReport:
             )
         it.add_row("label conflicts", str(len(d["label_conflicts"])), "same picture, different classes")
         it.add_row("constant images", str(d["constant_images"]), "no content to learn from")
+        shift = d.get("split_shift")
+        if shift and shift["results"]:
+            worst = max(shift["results"], key=lambda r: r["auc"])
+            it.add_row(
+                "split shift (class-wise)",
+                str(sum(r["shifted"] for r in shift["results"])),
+                f"of {len(shift['results'])} split/class pairs tell apart from train (AUC >= "
+                f"{shift['warn_auc']}, higher on small sets); highest {worst['auc']:.2f} "
+                f"({escape(worst['split'])}, {escape(worst['cls'])})",
+            )
         if d["patients"]["with_ids"]:
             it.add_row("patients in several splits", str(d["patients"]["crossing_splits"]), "")
         console.print(it)
@@ -669,11 +680,14 @@ def audit(
     near_threshold: float = NEAR_THRESHOLD,
     workers: int = 2,
     progress: bool = True,
+    check_shift: bool = True,
 ) -> AuditReport:
     """Audit ``samples`` (scanning them unless ``scan_result`` from :func:`scan` is given).
 
     Warnings come most serious first: leakage into val/test, label conflicts, unusable files, patient
-    leakage, then duplicates within splits, balance and heterogeneity.
+    leakage, then duplicates within splits, distribution shift between splits, balance and heterogeneity.
+    ``check_shift``: also ask whether each val/test class can be told apart from the same class in train
+    (:mod:`medclf.data.shift`; a few seconds per class on large sets).
     """
     sr = scan_result if scan_result is not None else scan(samples, workers=workers, progress=progress)
     if len(sr) != len(samples):
@@ -811,6 +825,8 @@ def audit(
             )
         )
 
+    shift = _split_shift_summary(samples, sr, copies, warn) if check_shift else None
+
     dec = np.flatnonzero(sr.decoded)
     sizes = _size_summary([shape for i in dec if (shape := sr.shapes[i]) is not None], warn)
     channels = {str(k): v for k, v in sorted(Counter(int(sr.channels[i]) for i in dec).items())}
@@ -856,10 +872,32 @@ def audit(
         "modes": modes,
         "constant_images": n_constant,
         "intensity": intensity,
+        "split_shift": shift,
         "scan_seconds": round(sr.seconds, 3),
         "warnings": [text for _, text in sorted(warn, key=lambda w: w[0])],
     }
     return AuditReport(data=data, scan=sr, train_copies=copies, groups=groups)
+
+
+def _split_shift_summary(
+    samples: SampleSet, sr: ScanResult, copies: np.ndarray, warn: list[tuple[int, str]]
+) -> dict[str, Any]:
+    is_3d = np.array([s is not None and len(s) == 3 and s[0] > 1 for s in sr.shapes], dtype=bool)
+    usable = sr.decoded & ~sr.constant & ~copies
+    found = split_shift(
+        layout_features(sr.signatures, is_3d), samples.splits, samples.labels, usable, samples.classes
+    )
+    for r in found:
+        if r.shifted:
+            warn.append(
+                (
+                    5,
+                    f"{r.split} differs from train within class {r.cls}: a classifier tells them apart "
+                    f"(AUC {r.auc:.2f}, {r.n_per_side} images each); scores on {r.split} measure another "
+                    "distribution than training, and validation may not show it",
+                )
+            )
+    return {"warn_auc": WARN_AUC, "min_per_side": MIN_PER_SIDE, "results": [r.to_dict() for r in found]}
 
 
 def _patient_summary(samples: SampleSet) -> dict[str, Any]:
