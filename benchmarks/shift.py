@@ -152,13 +152,58 @@ def adapted_aucs(bundle: Any, data: Path) -> list[tuple[str, float, float, int]]
     return rows
 
 
+def null_spread(train: tuple[np.ndarray, np.ndarray], trials: int, seed: int) -> None:
+    """The audit check's AUC when nothing differs: two disjoint draws from the largest training class, on the
+    audit's own features (standardised 32x32 thumbnails pooled to 8x8), one run against the mean of three."""
+    import torch
+    import torch.nn.functional as F
+
+    from medclf.data.shift import layout_features
+
+    x, y = train
+    images = x[y == np.bincount(y).argmax()]
+    small = F.interpolate(torch.from_numpy(images)[:, None], size=(32, 32), mode="bilinear", antialias=True)
+    sig = small.reshape(len(images), -1).numpy()
+    sig = sig - sig.mean(axis=1, keepdims=True)
+    sig /= np.maximum(np.linalg.norm(sig, axis=1, keepdims=True), 1e-6)
+    features = layout_features(sig, np.zeros(len(sig), dtype=bool))
+    rng = np.random.default_rng(seed)
+    print(f"Domain AUC with no shift: {trials} trials, two disjoint draws of 3n training images each")
+    print("| n per side | Mann-Whitney null SE | one run: SD (max) | mean of 3: SD (max) |")
+    print("|---|---|---|---|")
+    for n in (36, 60, 120):
+        if len(features) < 6 * n:
+            print(f"| {n} | too few images ({len(features)}) | | |")
+            continue
+        one, three = [], []
+        for t in range(trials):
+            order = rng.permutation(len(features))
+            a, b = features[order[: 3 * n]], features[order[3 * n : 6 * n]]
+            runs = [domain_auc(a, b, seed=10 * t + k, max_per_side=n, repeats=1)[0] for k in range(3)]
+            one.append(runs[0])
+            three.append(float(np.mean(runs)))
+        se = np.sqrt((2 * n + 1) / (12 * n**2))
+        print(
+            f"| {n} | {se:.3f} | {np.std(one):.3f} ({max(one):.3f}) | {np.std(three):.3f} ({max(three):.3f}) |"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data", type=Path, help="a MedMNIST 2D .npz (train/val/test, one label)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bundle", type=Path, help="a model trained on DATA: also run the AdaBN check")
+    parser.add_argument(
+        "--null-trials",
+        type=int,
+        default=0,
+        help="instead: spread of the audit's domain AUC under no shift (two disjoint draws of training images)",
+    )
     args = parser.parse_args(argv)
     splits = load_splits(args.data)
+    if args.null_trials:
+        null_spread(splits["train"], args.null_trials, args.seed)
+        return
     bundle = open_bundle(args.bundle) if args.bundle is not None else None
     classes = sorted(set(np.concatenate([y for _, y in splits.values()]).tolist()))
 
