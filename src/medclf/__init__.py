@@ -12,6 +12,7 @@ The public API (imported lazily, so ``import medclf`` stays fast)::
     medclf.ensemble([b1, b2], out, data=..., method="mean") -> EnsembleResult   # fusion
     medclf.train_folds(data, out, folds=5) -> EnsembleResult                  # K-fold bagging
     medclf.train_members(data, out, members=3) -> EnsembleResult              # seed bagging
+    medclf.fetch_medmnist("breastmnist", size=128, out_dir="data") -> Path   # checksum-verified download
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ _API = {
     "ensemble",
     "train_folds",
     "train_members",
+    "fetch_medmnist",
     "Bundle",
     "TrainConfig",
     "TrainResult",

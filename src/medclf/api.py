@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from medclf.bundle import Bundle, load_bundle
 from medclf.data.audit import NEAR_THRESHOLD, AuditReport
 from medclf.data.audit import audit as _audit
+from medclf.data.fetch import fetch_medmnist
 from medclf.data.sources import load_source
 from medclf.evaluation.runner import evaluate
 from medclf.training import TrainConfig, TrainResult, train
@@ -35,6 +36,7 @@ __all__ = [
     "ensemble",
     "evaluate",
     "export",
+    "fetch_medmnist",
     "load_bundle",
     "predict",
     "train",

@@ -54,6 +54,23 @@ def audit(
 
 
 @app.command()
+def fetch(
+    name: Annotated[str, typer.Argument(help="MedMNIST dataset, e.g. pneumoniamnist, breastmnist")],
+    size: Annotated[int, typer.Option(help="Image size: 28, 64, 128 or 224 (3D sets: 28 or 64)")] = 28,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the .npz into")] = Path("."),
+    mirror: Annotated[
+        str | None, typer.Option(help="Base URL of a copy of the MedMNIST files, instead of Zenodo")
+    ] = None,
+) -> None:
+    """Download an official MedMNIST file at any published size; its checksum is verified."""
+    from medclf.data.fetch import fetch_medmnist, medmnist_filename
+
+    err.print(f"Fetching {medmnist_filename(name, size)} from {mirror or 'Zenodo (record 10519652)'}...")
+    path = fetch_medmnist(name, size, out, mirror=mirror)
+    err.print(f"{path}: checksum verified")
+
+
+@app.command()
 def train(
     data: Annotated[str, typer.Argument(help="Dataset: folder, CSV manifest or MedMNIST .npz")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write")],
