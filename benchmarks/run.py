@@ -93,7 +93,9 @@ DATASETS: dict[str, dict[str, Any]] = {
             "weaker on the test set than two exploratory compact members trained on the images upsampled to "
             "48 px (AUC 0.935, 0.926); this row is a fresh run of that 48 px recipe. A replicate with "
             "`--seed 1` (same command, then `medclf evaluate ... --tta`; 2026-12-02 06:15 UTC, not a runner row) "
-            "scored mean + TTA AUC 0.9329, accuracy 0.880: the AUC reproduces, the accuracy above 0.89 does not.",
+            "scored mean + TTA AUC 0.9329, accuracy 0.880, and one with `--seed 2` (08:33 UTC, same way) AUC "
+            "0.9261, accuracy 0.872. Over the three runs: AUC 0.926-0.933 (mean 0.930), below 0.94 every time; "
+            "accuracy 0.872-0.896 (mean 0.883), above 0.89 once.",
         },
     },
     "brain": {
