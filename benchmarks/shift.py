@@ -1,8 +1,9 @@
 """Do the splits of a MedMNIST file come from the same distribution? A diagnostic for test-set shift.
 
-    .venv/bin/python benchmarks/shift.py DATA.npz [--seed 0]
+    .venv/bin/python benchmarks/shift.py DATA.npz [--seed 0] [--bundle B]
+    .venv/bin/python benchmarks/shift.py DATA.npz --null-trials 25
 
-Two measurements, both with a gradient-boosted tree classifier on per-image standardised pixels:
+The first two measurements use a gradient-boosted tree classifier on per-image standardised pixels:
 
 1. **Domain classifier**: for each pair of splits and each class, can a classifier tell the images of one split
    from the other's (5-fold cross-validated AUC, equal numbers drawn from each)? 0.5 means indistinguishable.
@@ -15,6 +16,9 @@ Two measurements, both with a gradient-boosted tree classifier on per-image stan
 3. With ``--bundle B`` (a model trained on DATA), **label-free adaptation**: the model's AUC on validation
    and test as it is, and after re-estimating its batch-norm statistics on each split's own images (AdaBN,
    Li et al. 2016; no labels used). A shift in low-level image statistics would show as a gain on test.
+
+``--null-trials N`` instead measures how far the audit's shift check (:mod:`medclf.data.shift`) strays from
+0.5 when nothing differs: two disjoint draws of training images, N trials, one run against the mean of three.
 
 Example (PneumoniaMNIST; the fusion note in BENCHMARKS.md quotes it):
 
@@ -35,9 +39,12 @@ import numpy as np
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.metrics import roc_auc_score
 
-from medclf.data.shift import domain_auc
-
-SPLITS = ("train", "val", "test")
+from medclf.data.audit import image_signature
+from medclf.data.samples import SPLITS
+from medclf.data.shift import domain_auc, layout_features
+from medclf.errors import MedclfError
+from medclf.io import Image
+from medclf.io.npz import read_npz
 
 
 def _fail(message: str) -> NoReturn:
@@ -50,9 +57,9 @@ def load_splits(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     if not path.is_file():
         _fail(f"{path} not found")
     try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        _fail(f"{path}: not a readable .npz ({e})")
+        data = read_npz(path)  # the project's guarded reader: size limits, never unpickles
+    except MedclfError as e:
+        _fail(str(e))
     out = {}
     for split in SPLITS:
         if f"{split}_images" not in data or f"{split}_labels" not in data:
@@ -155,17 +162,9 @@ def adapted_aucs(bundle: Any, data: Path) -> list[tuple[str, float, float, int]]
 def null_spread(train: tuple[np.ndarray, np.ndarray], trials: int, seed: int) -> None:
     """The audit check's AUC when nothing differs: two disjoint draws from the largest training class, on the
     audit's own features (standardised 32x32 thumbnails pooled to 8x8), one run against the mean of three."""
-    import torch
-    import torch.nn.functional as F
-
-    from medclf.data.shift import layout_features
-
     x, y = train
     images = x[y == np.bincount(y).argmax()]
-    small = F.interpolate(torch.from_numpy(images)[:, None], size=(32, 32), mode="bilinear", antialias=True)
-    sig = small.reshape(len(images), -1).numpy()
-    sig = sig - sig.mean(axis=1, keepdims=True)
-    sig /= np.maximum(np.linalg.norm(sig, axis=1, keepdims=True), 1e-6)
+    sig = np.stack([image_signature(Image(pixels=v[None], spacing=(1.0, 1.0), format="npz")) for v in images])
     features = layout_features(sig, np.zeros(len(sig), dtype=bool))
     rng = np.random.default_rng(seed)
     print(f"Domain AUC with no shift: {trials} trials, two disjoint draws of 3n training images each")

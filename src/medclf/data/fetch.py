@@ -1,8 +1,9 @@
 """Download the official MedMNIST files, at any published resolution, with their checksums verified.
 
-MedMNIST+ (Doerrich et al. 2024) publishes every 2D dataset at 28, 64, 128 and 224 px and the 3D ones at 28 and
-64 (Zenodo record 10519652, the files the ``medmnist`` package downloads). The 28 px files cap what a model can
-see; the higher resolutions are where the best published BreastMNIST and PneumoniaMNIST figures were made.
+The MedMNIST authors publish every 2D dataset at 28, 64, 128 and 224 px and the 3D ones at 28 and 64 (MedMNIST+,
+Zenodo record 10519652, the files the ``medmnist`` package downloads). The 28 px files cap what a model can see;
+the best figures of the MedMNIST+ benchmark (Doerrich et al. 2024) for BreastMNIST and PneumoniaMNIST were made
+at 128 and 224 px.
 
 A download streams into a temporary file beside the destination while its MD5 (the checksum the publisher
 lists) is computed, and is renamed into place only when the checksum matches: an interrupted or corrupt
@@ -25,7 +26,7 @@ from medclf.errors import DataError
 
 MEDMNIST_RECORD = "https://zenodo.org/records/10519652/files"
 
-# Published MD5 checksums per dataset and size (the medmnist package's INFO, v3.0); the datasets listed are
+# Published MD5 checksums per dataset and size (the medmnist package's INFO, release 3.0.2); the datasets listed are
 # those whose label names medclf knows (medclf.data.sources.MEDMNIST_CLASSES).
 MEDMNIST_MD5: dict[str, dict[int, str]] = {
     "pneumoniamnist": {
