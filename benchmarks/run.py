@@ -581,14 +581,15 @@ def _fusion_lines(r: dict[str, Any] | None) -> list[str]:
     head = f["table"][f["chosen"]]["auc"]
     verdict = "beats" if head > best else "does NOT beat"
     fusions = {k: m for k, m in f["table"].items() if not k.startswith("member") and m.get("auc") is not None}
-    top = max(fusions, key=lambda k: fusions[k]["auc"])
-    top_verdict = "beats" if fusions[top]["auc"] > best else "does NOT beat"
-    lines += [
-        "",
-        f"The chosen ensemble (AUC {head:.4f}) {verdict} its best member ({f['best_member']}, AUC {best:.4f}). "
-        f"Picked by test score on both sides (as the best member already is), the best of the {len(fusions)} "
-        f"fusions ({top}, AUC {fusions[top]['auc']:.4f}) {top_verdict} it.",
-    ]
+    line = f"The chosen ensemble (AUC {head:.4f}) {verdict} its best member ({f['best_member']}, AUC {best:.4f})."
+    if fusions:
+        top = max(fusions, key=lambda k: fusions[k]["auc"])
+        top_verdict = "beats" if fusions[top]["auc"] > best else "does NOT beat"
+        line += (
+            f" Picked by test score on both sides (as the best member already is), the best of the {len(fusions)} "
+            f"fusions ({top}, AUC {fusions[top]['auc']:.4f}) {top_verdict} it."
+        )
+    lines += ["", line]
     return lines + (["", note] if note else [])
 
 
