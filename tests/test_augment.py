@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from medclf.augment import RandomAffine, RandomFlip, build_augmentation, list_presets
+from medclf.augment import (
+    RandomAffine,
+    RandomFlip,
+    build_augmentation,
+    check_mix,
+    list_presets,
+    mix_batch,
+)
 from medclf.errors import ConfigError
 
 
@@ -87,3 +94,50 @@ def test_gallery_views_differ_from_the_input():
     _, views = gallery(x, "mri", n_views=3)
     assert len(views) == 3 and all(v.shape == x.shape for v in views)
     assert not torch.equal(views[0], views[1])
+
+
+def _indexed_batch(n=6, size=16, dims=2):
+    """Sample i is a constant image of value i: any mixed pixel says which image it came from."""
+    return torch.arange(n, dtype=torch.float32).reshape(-1, 1, *([1] * dims)).expand(n, 1, *([size] * dims))
+
+
+def test_mixup_blends_images_and_targets_in_the_same_proportion():
+    x, y = _indexed_batch(), torch.tensor([0, 1, 2, 0, 1, 2])
+    mixed, target = mix_batch("mixup", 0.4, x, y, 3, torch.Generator().manual_seed(0))
+    assert mixed.shape == x.shape and target.shape == (6, 3)
+    assert torch.allclose(target.sum(1), torch.ones(6))
+    # Image i became w*i + (1-w)*j: its targets hold the same w (for a partner of another class).
+    w = target[torch.arange(6), y]
+    partner_value = (mixed[:, 0, 0, 0] - w * torch.arange(6)) / (1 - w).clamp_min(1e-6)
+    assert not torch.equal(mixed, x)
+    assert torch.allclose(partner_value[w < 0.999].round(), partner_value[w < 0.999], atol=1e-3)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_cutmix_targets_match_the_area_actually_pasted(dims):
+    x, y = _indexed_batch(8, 12, dims), torch.arange(8)  # every image its own class
+    for seed in range(5):
+        mixed, target = mix_batch("cutmix", 1.0, x, y, 8, torch.Generator().manual_seed(seed))
+        kept = (mixed == x).flatten(1).float().mean(1)
+        assert torch.allclose(target[torch.arange(8), y], kept)
+        assert torch.allclose(target.sum(1), torch.ones(8))
+        # The rest of each target goes to the one image the box came from.
+        assert ((target > 0).sum(1) <= 2).all()
+
+
+def test_mixing_is_reproducible_from_the_generator_and_none_is_one_hot():
+    x, y = torch.rand(8, 1, 16, 16), torch.randint(0, 2, (8,))
+    a = mix_batch("cutmix", 1.0, x, y, 2, torch.Generator().manual_seed(7))
+    b = mix_batch("cutmix", 1.0, x, y, 2, torch.Generator().manual_seed(7))
+    c = mix_batch("cutmix", 1.0, x, y, 2, torch.Generator().manual_seed(8))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
+    same, onehot = mix_batch("none", 0.0, x, y, 2, torch.Generator())
+    assert same is x and torch.equal(onehot.argmax(1), y)
+
+
+def test_mix_settings_are_checked():
+    assert check_mix("none") == 0.0 and check_mix("mixup") == 0.4 and check_mix("cutmix", 0.5) == 0.5
+    with pytest.raises(ConfigError, match="unknown --mix"):
+        check_mix("mixmax")
+    with pytest.raises(ConfigError, match="positive"):
+        check_mix("mixup", 0.0)

@@ -45,6 +45,9 @@ def test_bad_option_value_is_exit_2(tmp_path, sim_data):
     assert proc.returncode == 2 and "cannot read the duration" in proc.stderr
     proc = medclf("train", sim_data, "--out", tmp_path / "b", "--arch", "nonet", "--epochs", "1")
     assert proc.returncode == 2 and "unknown architecture" in proc.stderr
+    proc = medclf("train", sim_data, "--out", tmp_path / "b", "--mix", "cutmix", "--mix-alpha", "-1")
+    assert proc.returncode == 2 and "--mix-alpha must be a positive number" in proc.stderr
+    assert not (tmp_path / "b").exists()
 
 
 def test_predict_answers_good_files_and_refuses_bad_ones(tiny_bundle, sim_data, tmp_path):

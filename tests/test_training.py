@@ -1,5 +1,7 @@
 """Training end to end on simulated data: bundle, determinism, resume, planner, time budget parsing."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -55,9 +57,12 @@ def test_same_seed_same_weights(sim_data, tmp_path):
     assert not all(torch.equal(wa[k], _weights(c.bundle)[k]) for k in wa)
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(sim_data, tmp_path, monkeypatch):
-    kw = dict(epochs=4, size=24, batch_size=16, arch="compact-s", progress=False, seed=1, ema=False)
+@pytest.mark.parametrize("mix", [None, "cutmix"])
+def test_resume_after_interruption_matches_uninterrupted_run(sim_data, tmp_path, monkeypatch, mix):
+    kw = dict(epochs=4, size=24, batch_size=16, arch="compact-s", progress=False, seed=1, ema=False, mix=mix)
     full = train(sim_data, tmp_path / "full", **kw)
+    recipe = json.loads((full.bundle / "bundle.json").read_text())["recipe"]
+    assert (recipe["mix"], recipe["mix_alpha"]) == (("cutmix", 1.0) if mix else ("none", 0.0))
 
     calls = {"n": 0}
     original = training._Loop.train_epoch

@@ -93,6 +93,10 @@ def train(
         str | None,
         typer.Option(help="Augmentation preset: none, light, standard, mri, xray, strong (default: planner)"),
     ] = None,
+    mix: Annotated[str | None, typer.Option(help="Batch mixing: none, mixup, cutmix (default none)")] = None,
+    mix_alpha: Annotated[
+        float | None, typer.Option(help="Beta(alpha, alpha) of --mix (default: mixup 0.4, cutmix 1.0)")
+    ] = None,
     denoise: Annotated[str | None, typer.Option(help="Denoising: none, nlm, gaussian, median")] = None,
     config: Annotated[Path | None, typer.Option(help="JSON or TOML file of training settings")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from <out>.ckpt after an interruption")] = False,
@@ -155,6 +159,8 @@ def train(
         "seed": seed,
         "time_budget": time_budget,
         "augment": augment,
+        "mix": mix,
+        "mix_alpha": mix_alpha,
         "denoise": denoise,
         "workers": workers,
         "cache_dir": cache_dir,

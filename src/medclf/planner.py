@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medclf.augment import preset_for_modality
+from medclf.augment import check_mix, preset_for_modality
 from medclf.data.samples import SampleSet
 from medclf.errors import ConfigError, DataError, InputRejected
 from medclf.models import create_model
@@ -75,6 +75,9 @@ class Plan:
     # groups (see the model registry) kept frozen.
     init_from: dict[str, Any] | None = None
     freeze: list[str] = field(default_factory=list)
+    # Batch mixing (see medclf.augment.MIX_METHODS) and its Beta(alpha, alpha); bundles made before it: none.
+    mix: str = "none"
+    mix_alpha: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -199,6 +202,7 @@ def initial_plan(
     )
     reasons.append(f"{why}: augmentation '{aug}'; batch {batch}")
     amp = overrides.get("amp") or "auto"
+    mix = overrides.get("mix") or "none"
     plan = Plan(
         arch=arch,
         arch_kwargs={},
@@ -214,7 +218,11 @@ def initial_plan(
         patience=int(overrides.get("patience") or 0),
         label_smoothing=float(overrides.get("label_smoothing", 0.0)),
         reasons=reasons,
+        mix=mix,
+        mix_alpha=check_mix(mix, overrides.get("mix_alpha")),
     )
+    if mix != "none":
+        reasons.append(f"batch mixing '{mix}' with alpha {plan.mix_alpha:g}")
     if slabs:
         plan = as_slices_as_channels(
             plan, fp, slabs, "--slices-as-channels", bool(overrides.get("batch_size"))

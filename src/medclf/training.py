@@ -84,6 +84,9 @@ class TrainConfig:
     amp: str = "auto"
     ema: bool = True
     label_smoothing: float = 0.0
+    # Batch mixing: none, mixup or cutmix (None: none); alpha None = the method's default.
+    mix: str | None = None
+    mix_alpha: float | None = None
     workers: int | None = None
     cache_dir: str | None = None
     include_train_copies: bool = False
@@ -135,11 +138,12 @@ class TrainConfig:
             kw["time_budget"] = parse_duration(kw["time_budget"])
         if kw["amp"] not in AMP_CHOICES:
             raise ConfigError(f"--amp must be one of {', '.join(AMP_CHOICES)}, not {kw['amp']!r}")
+        augment_mod.check_mix(kw["mix"] or "none", kw["mix_alpha"])  # fail before any data is read
         return TrainConfig(**kw)
 
     def overrides(self) -> dict[str, Any]:
         keys = ("arch", "size", "epochs", "batch_size", "lr", "augment", "denoise", "patience", "amp", "ema")
-        keys += ("slices_as_channels",)
+        keys += ("slices_as_channels", "mix", "mix_alpha")
         d = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
         d["weight_decay"] = self.weight_decay
         d["label_smoothing"] = self.label_smoothing
@@ -677,6 +681,10 @@ class _Loop:
             _log_shards(self.dist, self.epoch, [self.train_idx[s.numpy()] for s in shards])
         for idx, x in prefetched(self.train_x.__getitem__, shards, depth=2 if self.streaming else 0):
             x, y = self.aug(x.float(), self.gen), self.train_y[idx]
+            if self.plan.mix != "none":
+                x, y = augment_mod.mix_batch(
+                    self.plan.mix, self.plan.mix_alpha, x, y, len(self.samples.classes), self.gen
+                )
             # CUDA kernels run asynchronously: this CPU work for the next batch overlaps the GPU's step.
             yield (x.pin_memory(), y.pin_memory()) if self.pin else (x, y)
 
@@ -698,6 +706,7 @@ class _Loop:
                 x = x.contiguous(memory_format=self.fmt)
             with self._autocast():
                 logits = self.train_model(x)
+            # Hard labels, or the soft targets of a mixed batch (the same weighted cross-entropy on both).
             loss = F.cross_entropy(
                 logits.float(), y, weight=self.class_weights, label_smoothing=self.plan.label_smoothing
             )
