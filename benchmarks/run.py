@@ -67,8 +67,11 @@ DATASETS: dict[str, dict[str, Any]] = {
             "from 0.9817 to 0.9818; the `strong` augmentation preset (zoom 0.8-1.2, shift 8 %, rotation 20 deg, "
             "elastic; `medclf train ../shared/datasets/medmnist/pneumoniamnist.npz --out runs/exp/pn-strong/model "
             "--augment strong --time-budget 10m --seed 0`, then `medclf evaluate`) scored test AUC 0.9802, "
-            "accuracy 0.933, against 0.9817 / 0.934 for the default `light` preset. `medclf audit` now reports "
-            "this check for any dataset with splits.",
+            "accuracy 0.933, against 0.9817 / 0.934 for the default `light` preset. MixUp did not help either "
+            "(2026-12-02, AVX-512 EPYC; `medclf train ../shared/datasets/medmnist/pneumoniamnist.npz --out "
+            "runs/exp/pn-mixup/model --time-budget 10m --seed 0 --mix mixup`, then `medclf evaluate`): test AUC "
+            "0.9742, accuracy 0.930, against 0.9816 / 0.930 for the same command without `--mix` on the same "
+            "machine. `medclf audit` now reports this check for any dataset with splits.",
         },
     },
     "breast": {
@@ -95,7 +98,9 @@ DATASETS: dict[str, dict[str, Any]] = {
             "`--seed 1` (same command, then `medclf evaluate ... --tta`; 2026-12-02 06:15 UTC, not a runner row) "
             "scored mean + TTA AUC 0.9329, accuracy 0.880, and one with `--seed 2` (08:33 UTC, same way) AUC "
             "0.9261, accuracy 0.872. Over the three runs: AUC 0.926-0.933 (mean 0.930), below 0.94 every time; "
-            "accuracy 0.872-0.896 (mean 0.883), above 0.89 once.",
+            "accuracy 0.872-0.896 (mean 0.883), above 0.89 once. Adding MixUp to the recipe (`--mix mixup`, "
+            "seed 0, 2026-12-02 on an AVX-512 EPYC; every member stopped early, 15 min in all) scored AUC "
+            "0.9153, accuracy 0.888: worse, so not adopted.",
         },
     },
     "brain": {
