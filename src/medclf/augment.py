@@ -499,17 +499,15 @@ def mix_batch(
         # MONAI 1.6's CutMix indexes with a list, which torch deprecates; the tests pin down its result.
         warnings.filterwarnings("ignore", message="Using a non-tuple sequence", category=UserWarning)
         mixed = mixer(x)
-        kept = mixer(_batch_index(x), randomize=False) if method == "cutmix" else None
+        if method == "cutmix":
+            # MONAI weighs CutMix targets by the box's nominal area, but a box clipped at the image border
+            # pastes less than that: use the share of each image actually kept (found by mixing, with the
+            # same draw, images whose pixels hold their own batch index).
+            index = torch.arange(len(x), dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1))).expand_as(x)
+            kept = (mixer(index, randomize=False) == index).flatten(1).float().mean(1)
     weight, perm, _ = mixer._params  # what the call drew: per-sample weight and the partner of each sample
     if method == "cutmix":
-        # MONAI weighs CutMix targets by the box's nominal area, but a box clipped at the image border
-        # pastes less than that: use the share of each image actually kept (found by mixing images whose
-        # pixels hold their own batch index).
-        weight = (kept == _batch_index(x)).flatten(1).float().mean(1)
+        weight = kept
     # Targets are mixed here rather than by MONAI, whose MixUp accepts only image-shaped labels.
     weight = torch.as_tensor(weight, dtype=torch.float32)[:, None]
     return mixed, weight * target + (1 - weight) * target[torch.as_tensor(perm)]
-
-
-def _batch_index(x: torch.Tensor) -> torch.Tensor:
-    return torch.arange(len(x), dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1))).expand_as(x)
