@@ -13,6 +13,7 @@ import torch
 
 from medclf.bundle import load_bundle
 from medclf.compress import export_bundle
+from medclf.compress.pipeline import default_epochs
 from medclf.compress.prune import n_params, prune_model
 from medclf.errors import BundleError, ConfigError
 from medclf.models import create_model
@@ -242,6 +243,14 @@ def test_distilled_student_is_smaller_and_works(tiny_bundle, sim_data, tmp_path)
     assert b.engine() == "onnx-fp32"
     results = b.predict(sorted((sim_data / "test").rglob("*.png"))[:3])
     assert all(r["predicted"] in b.classes for r in results)
+
+
+def test_default_epochs_scale_with_what_the_source_trained():
+    trained_19 = {"recipe": {"epochs_run": 19}}
+    assert default_epochs(trained_19, 40, fresh=True) == 29  # a fresh student: 1.5x, rounded up
+    assert default_epochs(trained_19, 40, fresh=False) == 4  # fine-tuning after pruning: a quarter
+    assert default_epochs({"recipe": {"epochs_run": 3}}, 40, fresh=False) == 2  # never below 2
+    assert default_epochs({}, 10, fresh=True) == 15  # older bundles without the record: the plan's epochs
 
 
 def test_export_refuses_what_it_cannot_do(tiny_bundle, sim_data, tmp_path):

@@ -367,7 +367,13 @@ def export(
     student_kwargs: Annotated[
         str | None, typer.Option(help="Architecture arguments of the student as JSON, e.g. '{\"width\": 12}'")
     ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs of fine-tuning / distillation")] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option(
+            help="Epochs of fine-tuning / distillation (default: a quarter of the source's after pruning, "
+            "1.5x its epochs for a fresh --student)"
+        ),
+    ] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate of fine-tuning / distillation")] = None,
     time_budget: Annotated[
         str | None, typer.Option(help="Wall-time limit of fine-tuning / distillation, e.g. 5m")
