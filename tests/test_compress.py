@@ -260,6 +260,12 @@ def test_export_refuses_what_it_cannot_do(tiny_bundle, sim_data, tmp_path):
         export_bundle(tiny_bundle, tmp_path / "x", int8=True, progress=False)
     with pytest.raises(ConfigError, match="between 0 and 1"):
         export_bundle(tiny_bundle, tmp_path / "x", data=sim_data, prune=1.5, progress=False)
+    with pytest.raises(ConfigError, match="--epochs must be at least 1"):
+        export_bundle(
+            tiny_bundle, tmp_path / "x", data=sim_data, student="compact-s", epochs=-1, progress=False
+        )
+    with pytest.raises(ConfigError, match="--lr must be greater than 0"):
+        export_bundle(tiny_bundle, tmp_path / "x", data=sim_data, prune=0.5, lr=0.0, progress=False)
     assert not (tmp_path / "x").exists()
     resnet = create_model("resnet18", 1, 3, 2, small_input=True)
     with pytest.raises(ConfigError, match="not available for 'resnet18'"):

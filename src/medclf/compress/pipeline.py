@@ -112,6 +112,10 @@ def export_bundle(
         raise ConfigError("nothing to do: give --onnx, --int8, --prune AMOUNT or --distill-from/--student")
     if (int8 or prune or distill) and data is None:
         raise ConfigError("--int8, --prune and distillation need the training data: give --data DATA")
+    if epochs is not None and epochs < 1:
+        raise ConfigError(f"--epochs must be at least 1 (got {epochs})")
+    if lr is not None and not lr > 0:
+        raise ConfigError(f"--lr must be greater than 0 (got {lr})")
     budget = parse_duration(time_budget) if time_budget is not None else None
     td = (
         load_training_data(
