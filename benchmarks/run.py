@@ -133,9 +133,9 @@ EXTRAS: dict[str, list[str]] = {
         f"{BENCH}/inference-brain",
         "--distill-budget",
         # A fresh student trains 1.5x its teacher's epochs (FRESH_STUDENT_EPOCHS). On a bf16 CPU the planner's
-        # brain teacher is 128 px and trains 19 epochs at ~52 s per student epoch: 12 min stopped the student
-        # after 16 (2.6 points short), 20 min let the teacher's 19 run (2.04 points short, best epoch the
-        # last; 2026-12-02); 35 min lets 1.5x run.
+        # brain teacher is 128 px and trains 19-20 epochs; a student epoch takes 35-52 s. With 1x the epochs,
+        # 12 min stopped the student after 16 (2.6 points short) and 20 min let all 19 run (2.04 points short,
+        # best epoch the last); 35 min let 1.5x (30 of 30) run: 0.48 points short (2026-12-02).
         "35m",
     ],
     "inference-pneumonia": [
