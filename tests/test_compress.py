@@ -277,3 +277,25 @@ def test_onnx_export_without_data_checks_random_inputs(tiny_bundle, tmp_path):
     parity = res.compression["steps"][0]["parity"]
     assert parity["samples"].startswith("random inputs") and parity["max_abs_prob_diff"] <= 1e-4
     assert res.compression["val_before"] is None
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_not_taken(tiny_bundle, sim_data):
+    from rich.console import Console
+
+    from medclf.compress.data import load_training_data
+    from medclf.compress.finetune import finetune, plan_from_manifest
+
+    src = load_bundle(tiny_bundle)
+    data = load_training_data(src, sim_data, progress=False)
+    console = Console(record=True, width=200)
+    result = finetune(
+        plan_from_manifest(src.manifest),
+        data,
+        epochs=1,
+        lr=1e-3,
+        loss_hook=lambda x, logits, ce: ce * float("nan"),  # every gradient NaN
+        console=console,
+        progress=False,
+    )
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+    assert "had non-finite gradients and were skipped" in console.export_text()

@@ -698,7 +698,7 @@ class _Loop:
         self.model.train()
         for module in self.frozen:
             module.eval()  # frozen layers keep their batch-norm statistics too
-        total, count = 0.0, 0
+        total, count, skipped = 0.0, 0, 0
         for x, y in self._batches():
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
@@ -717,16 +717,35 @@ class _Loop:
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+                stepped = True
             else:
                 loss.backward()
-                self.optimizer.step()
-            self.scheduler.step()
-            if self.ema is not None:
-                self.ema.update_parameters(self.model)
+                # One non-finite gradient would make every weight it reaches NaN for good (seen with
+                # PyTorch 2.13's CPU bf16 3D convolution backward, now and then, on finite inputs): skip such
+                # a step, as GradScaler does for fp16. Only on the CPU, whose steps are synchronous anyway: on
+                # a GPU the check would make every step wait for the host.
+                stepped = self.device.startswith("cuda") or self._finite_gradients()
+                if stepped:
+                    self.optimizer.step()
+                else:
+                    skipped += 1
+            if stepped:  # a skipped step advances neither the schedule nor the average
+                self.scheduler.step()
+                if self.ema is not None:
+                    self.ema.update_parameters(self.model)
             total += loss.detach().double() * len(y)  # no .item(): a GPU step need not wait for the host
             count += len(y)
+        if skipped:
+            self.console.print(
+                f"[yellow]warning:[/] {skipped} training step(s) of epoch {self.epoch + 1} had non-finite "
+                "gradients and were skipped"
+            )
         total, count = self.dist.sum([float(total), count])
         return total / max(count, 1)
+
+    def _finite_gradients(self) -> bool:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, model: nn.Module) -> np.ndarray:
