@@ -48,6 +48,18 @@ def test_csv_manifest_with_patients(tmp_path):
     assert s.load(0).pixels.shape[1:] == (16, 16)
 
 
+def test_csv_extra_columns_become_metadata(tmp_path):
+    rows = ["path,label,Site,scanner"]
+    for i in range(4):
+        _png(tmp_path / "img" / f"{i}.png")
+        rows.append(f"img/{i}.png,{'sick' if i % 2 else 'well'},{'A' if i < 2 else 'B'},{'' if i == 3 else 'GE'}")
+    (tmp_path / "m.csv").write_text("\n".join(rows))
+    s = load_source(tmp_path / "m.csv")
+    assert s.metadata == {"site": ["A", "A", "B", "B"], "scanner": ["GE", "GE", "GE", ""]}
+    assert s.subset([3, 0]).metadata == {"site": ["B", "A"], "scanner": ["", "GE"]}
+    assert load_source(tmp_path / "img" / "..").metadata == {}  # folders carry none
+
+
 def test_csv_errors(tmp_path):
     (tmp_path / "bad.csv").write_text("file,class\na.png,x\n")
     with pytest.raises(DataError, match="path,label"):

@@ -22,7 +22,9 @@ class SampleSet:
     ``refs`` are file paths, or ``"<split>/<index>"`` for samples held in a ``.npz`` array (then
     ``arrays`` maps the npz split name to its image array). ``labels`` index into ``classes`` (-1 when
     unknown). ``splits`` is one of :data:`SPLITS` per sample. ``patient_ids`` group samples that must never
-    be separated by a split (``None`` when the source has no ids).
+    be separated by a split (``None`` when the source has no ids). ``metadata`` holds a manifest's other
+    columns (site, scanner, sex, ...), one string per sample (``""`` when blank), for subgroup evaluation and
+    the shortcut audit.
     """
 
     refs: list[str]
@@ -35,12 +37,16 @@ class SampleSet:
     arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     # Paths relative to the dataset root keep fingerprints stable when a dataset moves.
     root: str | None = None
+    metadata: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
         n = len(self.refs)
         if not (len(self.labels) == len(self.splits) == len(self.patient_ids) == n):
             raise ValueError("refs, labels, splits and patient_ids must have the same length")
+        for column, values in self.metadata.items():
+            if len(values) != n:
+                raise ValueError(f"metadata column {column!r} has {len(values)} values for {n} samples")
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -92,6 +98,7 @@ class SampleSet:
             labels=self.labels[idx],
             splits=[self.splits[i] for i in idx],
             patient_ids=[self.patient_ids[i] for i in idx],
+            metadata={k: [v[i] for i in idx] for k, v in self.metadata.items()},
         )
 
     def with_splits(self, splits: Sequence[str]) -> SampleSet:

@@ -4,7 +4,7 @@ Layouts understood (the first that matches wins):
 
 1. ``DATA.npz`` — MedMNIST style (``train_images``, ``train_labels``, ``val_*``, ``test_*``).
 2. ``DATA.csv`` or ``DATA/manifest.csv`` — columns ``path,label[,patient_id][,split]``; paths relative to
-   the CSV's folder.
+   the CSV's folder. Any other column is kept as per-sample metadata (``SampleSet.metadata``).
 3. ``DATA/`` with split folders (``Training``/``train``, ``Validation``/``val``, ``Testing``/``test``, any
    case), each holding one sub-folder per class.
 4. ``DATA/`` with one sub-folder per class; every sample gets ``default_split``.
@@ -31,6 +31,9 @@ SPLIT_ALIASES = {
     "test": "test",
     "testing": "test",
 }
+
+# The manifest columns medclf itself reads; any other column is kept as metadata.
+MANIFEST_COLUMNS = ("path", "label", "patient_id", "split")
 
 # Files that are never images: skipping them keeps audit reports about real problems.
 NON_IMAGE_SUFFIXES = {".txt", ".csv", ".json", ".md", ".db", ".ini", ".xml", ".html", ".py", ".yaml", ".yml"}
@@ -195,6 +198,8 @@ def _from_csv(path: Path, default_split: str) -> SampleSet:
         raise DataError(f"{path}: the manifest has no rows")
     classes = sorted({r["label"] for r in rows if r["label"]})
     refs, labels, splits, pids = [], [], [], []
+    extra_columns = [f for f in dict.fromkeys(fields) if f and f not in MANIFEST_COLUMNS]
+    metadata: dict[str, list[str]] = {c: [] for c in extra_columns}
     for n, r in enumerate(rows, start=2):
         if not r["path"]:
             raise DataError(f"{path}, line {n}: empty path")
@@ -206,6 +211,8 @@ def _from_csv(path: Path, default_split: str) -> SampleSet:
             raise DataError(f"{path}, line {n}: unknown split {r['split']!r} (use train, val or test)")
         splits.append(SPLIT_ALIASES[raw_split] if raw_split else default_split)
         pids.append(r.get("patient_id") or None)
+        for c in extra_columns:
+            metadata[c].append(r.get(c, ""))
     return SampleSet(
         refs=refs,
         labels=np.array(labels),
@@ -215,6 +222,7 @@ def _from_csv(path: Path, default_split: str) -> SampleSet:
         source=str(path),
         kind="csv",
         root=str(base),
+        metadata=metadata,
     )
 
 
