@@ -52,7 +52,9 @@ def test_csv_extra_columns_become_metadata(tmp_path):
     rows = ["path,label,Site,scanner"]
     for i in range(4):
         _png(tmp_path / "img" / f"{i}.png")
-        rows.append(f"img/{i}.png,{'sick' if i % 2 else 'well'},{'A' if i < 2 else 'B'},{'' if i == 3 else 'GE'}")
+        rows.append(
+            f"img/{i}.png,{'sick' if i % 2 else 'well'},{'A' if i < 2 else 'B'},{'' if i == 3 else 'GE'}"
+        )
     (tmp_path / "m.csv").write_text("\n".join(rows))
     s = load_source(tmp_path / "m.csv")
     assert s.metadata == {"site": ["A", "A", "B", "B"], "scanner": ["GE", "GE", "GE", ""]}
