@@ -577,6 +577,8 @@ def explain(
 
     e = explain_image(load_bundle(bundle), image, method=method, target=target, out=out)
     print(json.dumps({"path": str(image), **e.to_dict(), "heatmap": str(out)}, indent=2))
+    if e.ood:
+        err.print(f"[yellow]warning[/] {image}: {e.warning}", highlight=False)
 
 
 @app.command()
