@@ -187,3 +187,40 @@ def test_cli_explain_and_predict_explain(tiny_bundle, sim_data, tmp_path, capsys
         f"{p.stem}.heatmap.png" for p in images
     )
     assert all(os.path.exists(r["heatmap"]) for r in results)
+
+
+def test_out_of_distribution_travels_with_the_explanation(
+    tiny_bundle, sim_data, tmp_path, capsys, monkeypatch
+):
+    """Issue 21, item 12: `medclf explain`, `Bundle.explain` and the heatmap PNG carry the OOD result."""
+    from medclf.explain import ALERT_COLOUR
+
+    image = sorted((sim_data / "test" / "tumour").glob("*.png"))[0]
+    guarded = load_bundle(tiny_bundle)
+    guarded.ood.threshold = 1e9  # nothing is flagged
+    calm = explain_image(guarded, image)
+    assert calm.ood is False and calm.ood_score >= 0 and calm.warning is None
+    assert set(calm.to_dict()) >= {"ood", "ood_score"} and "warning" not in calm.to_dict()
+    calm_png = np.asarray(PILImage.open(io.BytesIO(calm.overlay_png())))
+
+    guarded.ood.threshold = -1.0  # every input is flagged
+    flagged = explain_image(guarded, image, out=tmp_path / "ood.png")
+    [prediction] = guarded.predict([image])
+    assert flagged.to_dict()["ood"] is True and prediction["ood"] is True
+    assert flagged.ood_score == pytest.approx(prediction["ood_score"], abs=1e-3)
+    assert flagged.warning == prediction["warning"]
+    # The overlay: a red banner above and a red frame around the image, absent without the flag.
+    png = np.asarray(PILImage.open(tmp_path / "ood.png"))
+    assert tuple(png[2, 2]) == ALERT_COLOUR and tuple(calm_png[2, 2]) != ALERT_COLOUR
+    assert png.shape[0] > calm_png.shape[0]
+
+    [entry] = guarded.explain([image], tmp_path / "maps")
+    assert entry["ood"] is True and entry["warning"] == prediction["warning"]
+    assert tuple(np.asarray(PILImage.open(entry["heatmap"]))[2, 2]) == ALERT_COLOUR
+
+    monkeypatch.setattr("medclf.bundle.load_bundle", lambda _path: guarded)
+    code, out, err = medclf(capsys, monkeypatch, "explain", tiny_bundle, image, "--out", tmp_path / "cli.png")
+    assert code == 0, err
+    answer = json.loads(out)
+    assert answer["ood"] is True and answer["warning"] == prediction["warning"]
+    assert "warning" in err and "unlike the images" in err

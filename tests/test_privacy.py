@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from typer.testing import CliRunner
 
 from medclf.errors import ConfigError, InputRejected
 from medclf.io import read_image
-from medclf.privacy import _ACTIONS, BASIC_PROFILE, BASIC_PROFILE_CODE, deidentify
+from medclf.privacy import _ACTIONS, BASIC_PROFILE, BASIC_PROFILE_CODE, KEPT_UIDS, deidentify
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 # Identity planted in the test files: distinctive strings that occur nowhere else.
@@ -113,6 +114,7 @@ def study(tmp_path: Path) -> Path:
 def test_profile_table_resolves() -> None:
     n = sum(len(v.split()) for v in BASIC_PROFILE.values())
     assert n > 500 and len(_ACTIONS) == n  # every keyword names one known tag, none twice
+    assert all(pydicom.datadict.dictionary_VR(keyword) == "UI" for keyword in KEPT_UIDS)
     for keyword, action in [("PatientName", "Z"), ("PatientBirthDate", "Z"), ("PatientAddress", "X"),
                             ("StudyInstanceUID", "U"), ("InstitutionName", "D"), ("ContentDate", "D"),
                             ("AcquisitionDate", "Z"), ("ReferencedImageSequence", "U*")]:  # fmt: skip
@@ -272,3 +274,168 @@ def test_nothing_written_holds_identity(sim_data: Path, tmp_path: Path, caplog) 
     text = "\n".join(logs).lower()
     leaks["logs"] = [t for t in TOKENS if t.lower() in text]
     assert not any(leaks.values()), leaks
+
+
+# -- the catch-all by value representation and metadata inside compressed frames (issue 21, item 13) --------
+
+
+def _jpeg_frame(pixels: np.ndarray, *, comment: bytes, exif_text: str) -> bytes:
+    """A baseline JPEG of ``pixels`` carrying a COM segment and an APP1 Exif segment (Pillow's encoder)."""
+    import io
+
+    exif = PILImage.Exif()
+    exif[0x010E] = exif_text  # ImageDescription
+    buf = io.BytesIO()
+    PILImage.fromarray(pixels).save(buf, "JPEG", quality=90, comment=comment, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def _plant_markers(ds: Dataset, level: int, markers: list[str]) -> None:
+    """Put a unique marker in every public PN, DA, DT, TM and UI attribute of pydicom's data dictionary
+    (except the class and transfer syntax UIDs deid keeps: they get registered UIDs)."""
+    from pydicom.datadict import DicomDictionary
+
+    base = np.datetime64("1801-01-01") + level * 400
+    for n, (tag, entry) in enumerate(sorted(DicomDictionary.items())):
+        vr, keyword = entry[0], entry[4]
+        if vr not in ("PN", "DA", "DT", "TM", "UI") or not keyword or tag >> 16 in (0x0000, 0x0002):
+            continue
+        if keyword in KEPT_UIDS:
+            ds.add_new(tag, vr, "1.2.840.10008.5.1.4.1.1.7")  # Secondary Capture Image Storage
+            continue
+        value = {
+            "PN": f"Mrk{level}^Person{n:05d}",
+            "DA": str(base + n).replace("-", ""),
+            "DT": f"17010101000000.{level}{n:05d}",
+            "TM": f"120000.{level}{n:05d}",
+            "UI": f"1.2.999.{level + 1}.{100000 + n}",
+        }[vr]
+        ds.add_new(tag, vr, value)
+        markers.append(value)
+
+
+@pytest.fixture()
+def marked_file(tmp_path: Path) -> tuple[Path, list[str], np.ndarray]:
+    """A two-frame JPEG Secondary Capture image with a marker in every public PN/DA/DT/TM/UI attribute at
+    the top level, in a sequence item and in a sequence nested in that, and in each frame's COM and Exif."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage
+
+    markers: list[str] = []
+    ds = Dataset()
+    _plant_markers(ds, 0, markers)
+    region = Dataset()
+    _plant_markers(region, 1, markers)
+    deeper = Dataset()
+    _plant_markers(deeper, 2, markers)
+    region.ReferencedImageSequence = [deeper]
+    ds.AnatomicRegionSequence = [region]
+    markers.remove(ds.TargetFrameOfReferenceUID)
+    ds.TargetFrameOfReferenceUID = ds.FrameOfReferenceUID  # the same UID under a listed and an unlisted name
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 255, (2, 64, 64), dtype=np.uint8)
+    frames[:, 16:48, 16:48] //= 4  # some structure, so the JPEG is not noise only
+    payloads = []
+    for i, frame in enumerate(frames):
+        comment, exif = f"MrkCOM{i}-Doe^Jane", f"MrkEXIF{i}-Doe^Jane"
+        payloads.append(_jpeg_frame(frame, comment=comment.encode(), exif_text=exif))
+        markers += [comment, exif]
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.Modality = "OT"
+    ds.PatientID = "PID-MRK-1"
+    ds.Rows = ds.Columns = 64
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.NumberOfFrames = 2
+    ds.PixelData = encapsulate(payloads, has_bot=True)
+    ds["PixelData"].VR = "OB"
+    path = write(ds, tmp_path / "marked.dcm")
+    blob = path.read_bytes()
+    missing = [m for m in markers if m.encode() not in blob]
+    assert not missing, missing  # the scan below can see every marker
+    return path, markers, pydicom.dcmread(path).pixel_array
+
+
+def test_no_planted_value_survives_anywhere(marked_file, tmp_path: Path) -> None:
+    from pydicom.uid import SecondaryCaptureImageStorage
+
+    src, markers, pixels = marked_file
+    salt = tmp_path / "salt"
+    salt.write_text("a fixed salt, so the remapped UIDs are the same on every run\n")
+    report = deidentify(src, tmp_path / "out.dcm", salt_file=salt)
+    assert report.cleaned_pixel_metadata == [str(src)]
+    blob = (tmp_path / "out.dcm").read_bytes()
+    # Not preceded by a digit or a dot: a DA marker's 8 digits may occur inside a new 2.25 UID's 39.
+    survivors = [m for m in markers if re.search(rb"(?<![0-9.])" + re.escape(m.encode()), blob)]
+    assert not survivors, f"{len(survivors)} of {len(markers)} planted values survived: {survivors[:10]}"
+
+    out = pydicom.dcmread(tmp_path / "out.dcm")
+    assert out.PatientIdentityRemoved == "YES"
+    # Class UIDs are kept; a UID under a listed and an unlisted attribute gets one new value.
+    assert out.SOPClassUID == SecondaryCaptureImageStorage
+    assert out.AnatomicRegionSequence[0].ReferencedSOPClassUID == SecondaryCaptureImageStorage
+    assert out.TargetFrameOfReferenceUID == out.FrameOfReferenceUID != "1.2.999.1"
+    assert out.FrameOfReferenceUID.startswith("2.25.")
+    # The frames lost their COM and Exif segments, and still decode to the same pixels.
+    from pydicom.encaps import generate_frames
+
+    for frame in generate_frames(out.PixelData, number_of_frames=2):
+        assert b"\xff\xfe" not in frame.split(b"\xff\xda")[0] and b"Exif" not in frame
+    np.testing.assert_array_equal(out.pixel_array, pixels)
+
+
+def test_jpeg_and_jpeg2000_metadata_segments_are_removed_or_blanked() -> None:
+    import io
+
+    from medclf.privacy import blank_j2k_comments, strip_jpeg_metadata
+
+    pixels = np.random.default_rng(2).integers(0, 255, (48, 40), dtype=np.uint8)
+    for progressive in (False, True):  # progressive: several scans, markers between them
+        buf = io.BytesIO()
+        PILImage.fromarray(pixels).save(buf, "JPEG", comment=b"Doe^Jane", progressive=progressive)
+        jpeg = buf.getvalue() + b"Doe^John after EOI"
+        cleaned, removed = strip_jpeg_metadata(jpeg)
+        assert removed == 2 and b"Doe" not in cleaned  # the COM segment and the bytes after EOI
+        assert cleaned[6:11] == b"JFIF\0"  # JFIF without a thumbnail is kept (colour space signalling)
+        decoded = [np.asarray(PILImage.open(io.BytesIO(b))) for b in (jpeg, cleaned)]
+        np.testing.assert_array_equal(*decoded)
+    with pytest.raises(ValueError, match="SOI"):
+        strip_jpeg_metadata(b"\x00\x01" * 8)
+    with pytest.raises(ValueError, match="runs past"):
+        strip_jpeg_metadata(jpeg[:2] + b"\xff\xfe\x40\x00Doe")
+
+    # JPEG 2000: a COM in the main header and one in each tile-part header (Psot counts it there).
+    buf = io.BytesIO()
+    PILImage.fromarray(pixels).save(buf, "JPEG2000", no_jp2=True, irreversible=False, tile_size=(32, 32))
+    code = bytearray(buf.getvalue())
+    com = b"\xff\x64\x00\x0c\x00\x01Doe^Jane"
+    sot = code.index(b"\xff\x90")
+    code[sot:sot] = com  # main header
+    pos = sot + len(com)
+    while pos < len(code) and code[pos : pos + 2] == b"\xff\x90":
+        psot = int.from_bytes(code[pos + 6 : pos + 10], "big")
+        code[pos + 6 : pos + 10] = (psot + len(com)).to_bytes(4, "big")
+        code[pos + 12 : pos + 12] = com  # right after SOT, in the tile-part header
+        pos += psot + len(com)
+    assert bytes(code).count(b"Doe^Jane") >= 3
+    cleaned, blanked = blank_j2k_comments(bytes(code))
+    assert b"Doe" not in cleaned and blanked >= 4 and len(cleaned) == len(code)
+    decoded = [np.asarray(PILImage.open(io.BytesIO(b))) for b in (bytes(code), cleaned)]
+    np.testing.assert_array_equal(decoded[0], pixels)
+    np.testing.assert_array_equal(*decoded)
+
+
+def test_pixel_data_that_cannot_be_checked_is_not_written(tmp_path: Path) -> None:
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import MPEG2MPML
+
+    ds = identified_dicom(np.zeros((32, 32), np.uint8), study=generate_uid(), series=generate_uid())
+    ds.file_meta.TransferSyntaxUID = MPEG2MPML
+    ds.PixelData = encapsulate([b"\x00\x00\x01\xb3 video with user data: Doe^Jane" + bytes(64)])
+    ds["PixelData"].VR = "OB"
+    src = write(ds, tmp_path / "video.dcm")
+    with pytest.raises(InputRejected) as info:
+        deidentify(src, tmp_path / "out.dcm")
+    assert info.value.reason == "unsupported_compression" and not (tmp_path / "out.dcm").exists()

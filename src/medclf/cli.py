@@ -508,6 +508,31 @@ def dicom_node(
     port: Annotated[int, typer.Option(help="TCP port to listen on")] = 11112,
     ae_title: Annotated[str, typer.Option("--ae-title", help="This node's AE title (called AE)")] = "MEDCLF",
     host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    allow_aet: Annotated[
+        list[str] | None,
+        typer.Option("--allow-aet", help="Calling AE title allowed to connect (repeat; default any)"),
+    ] = None,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-host",
+            help="Peer address or network (10.1.2.0/24) allowed to connect (repeat); required off loopback",
+        ),
+    ] = None,
+    max_associations: Annotated[int, typer.Option(help="Connections served at once, all peers")] = 8,
+    max_per_peer: Annotated[int, typer.Option(help="Connections served at once per peer address")] = 2,
+    acse_timeout: Annotated[
+        float, typer.Option(help="Seconds a connection may take to ask for an association")
+    ] = 10.0,
+    dimse_timeout: Annotated[float, typer.Option(help="Seconds a DICOM message may take to arrive")] = 30.0,
+    idle_timeout: Annotated[float, typer.Option(help="Seconds an association may stay silent")] = 30.0,
+    accept_modality: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--accept-modality",
+            help="Accept images of this modality (MR, CT, US, MG, ...; repeat) instead of the training data's",
+        ),
+    ] = None,
 ) -> None:
     """DICOM Storage SCP: answers C-ECHO, classifies each image received by C-STORE and writes
     <SOPInstanceUID>.json and <SOPInstanceUID>.sr.dcm to --out. Stop with Ctrl-C."""
@@ -517,7 +542,21 @@ def dicom_node(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    run_dicom_node(bundle, out, port=port, ae_title=ae_title, host=host)
+    run_dicom_node(
+        bundle,
+        out,
+        port=port,
+        ae_title=ae_title,
+        host=host,
+        allowed_aets=allow_aet or (),
+        allowed_hosts=allow_host or (),
+        max_associations=max_associations,
+        max_per_peer=max_per_peer,
+        acse_timeout=acse_timeout,
+        dimse_timeout=dimse_timeout,
+        idle_timeout=idle_timeout,
+        modalities=accept_modality or None,
+    )
 
 
 @app.command()
@@ -538,6 +577,8 @@ def explain(
 
     e = explain_image(load_bundle(bundle), image, method=method, target=target, out=out)
     print(json.dumps({"path": str(image), **e.to_dict(), "heatmap": str(out)}, indent=2))
+    if e.ood:
+        err.print(f"[yellow]warning[/] {image}: {e.warning}", highlight=False)
 
 
 @app.command()

@@ -16,7 +16,10 @@ Methods (a registry, :data:`METHODS`), all from MONAI's ``monai.visualize``:
 
 The heatmap has the model input's spatial shape, values in [0, 1] (1 = most important). It explains the
 *preprocessed* input, i.e. exactly what the network saw; :meth:`Explanation.overlay_png` draws it over
-that input with the predicted class written underneath.
+that input with the predicted class written underneath. An explanation carries the bundle's
+out-of-distribution result like a prediction does (``ood``, ``ood_score``, ``warning``), and the overlay of
+a flagged input is framed in red under a banner saying the result is not valid: a heatmap of a prediction
+the model cannot make must not look like evidence.
 
 Gradient methods attach hooks to a private copy of the model, so the model that serves predictions is
 never touched, and an :class:`Explainer` serialises its own use with a lock, so one instance can be shared
@@ -67,6 +70,19 @@ class Explanation:
     image: np.ndarray  # the preprocessed input (C, *size)
     explained_class: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    # The out-of-distribution guard's answer, as in a prediction (None: the bundle has no guard).
+    ood: bool | None = None
+    ood_score: float | None = None
+    warning: str | None = None
+
+    def ood_fields(self) -> dict[str, Any]:
+        """``ood``, ``ood_score`` and (when flagged) ``warning``, as :meth:`Bundle.predict` reports them."""
+        if self.ood is None:
+            return {}
+        out: dict[str, Any] = {"ood": self.ood, "ood_score": self.ood_score}
+        if self.warning:
+            out["warning"] = self.warning
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly summary (without the arrays)."""
@@ -74,6 +90,7 @@ class Explanation:
             "predicted": self.predicted,
             "confidence": self.confidence,
             "probabilities": self.probabilities,
+            **self.ood_fields(),
             "method": self.method,
             "layer": self.layer,
             "explained_class": self.explained_class or self.predicted,
@@ -100,7 +117,13 @@ class Explanation:
             f"Predicted: {self.predicted} ({100 * self.confidence:.1f} %)",
             f"{label} for '{self.explained_class or self.predicted}'{where}; {DISCLAIMER}",
         ]
-        return _png(_captioned(tiles, names, lines))
+        alert = None
+        if self.ood:
+            alert = f"OUT OF DISTRIBUTION (score {self.ood_score:.1f}): not a valid result"
+            lines[0] = (
+                f"Not valid: {self.predicted} ({100 * self.confidence:.1f} %) for an input unlike the training data"
+            )
+        return _png(_captioned(tiles, names, lines, alert=alert))
 
     def save(self, path: str | Path) -> Path:
         """Write :meth:`overlay_png` to ``path``."""
@@ -235,6 +258,7 @@ class Explainer:
             heat = METHODS[self.method](self, t, target_index)
         heat = np.nan_to_num(np.asarray(heat, dtype=np.float32), nan=0.0).clip(0.0, 1.0)
         return Explanation(
+            **self._ood(t),
             predicted=self.bundle.classes[k],
             class_index=k,
             confidence=float(probs[k]),
@@ -245,6 +269,15 @@ class Explainer:
             image=np.asarray(t[0].numpy()),
             explained_class=self.bundle.classes[target_index],
         )
+
+    def _ood(self, t: torch.Tensor) -> dict[str, Any]:
+        """The bundle's out-of-distribution answer for one preprocessed input, as in prediction."""
+        from medclf.inference import _ood_answer
+
+        scores = self.bundle.ood_scores(t.numpy())
+        if scores is None:
+            return {}
+        return _ood_answer(bool(scores[0][0]), float(scores[1][0]), self.bundle)
 
     def explain(
         self, item: Image | np.ndarray | str | Path, *, target: str | int | None = None
@@ -312,6 +345,7 @@ def explain_inputs(
                         "predicted": e.predicted,
                         "confidence": e.confidence,
                         "probabilities": e.probabilities,
+                        **e.ood_fields(),
                         "heatmap": str(png),
                         "explanation": e.method,
                     }
@@ -422,22 +456,39 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def _captioned(tiles: list[np.ndarray], names: list[str], lines: list[str]) -> np.ndarray:
+ALERT_COLOUR = (200, 30, 30)  # the banner and frame of an out-of-distribution overlay
+
+
+def _captioned(
+    tiles: list[np.ndarray], names: list[str], lines: list[str], alert: str | None = None
+) -> np.ndarray:
+    """The tiles with the caption ``lines`` underneath; with ``alert``, a red banner above and a red frame."""
     body = _montage(tiles, gap=6 if len(tiles) > 1 else 0)
     big, small = _font(17), _font(12)
     measure = ImageDraw.Draw(PILImage.new("RGB", (1, 1)))
-    text_width = max(measure.textlength(lines[0], font=big), measure.textlength(lines[1], font=small))
-    width = max(body.shape[1], int(text_width) + 20)
+    texts = [(lines[0], big), (lines[1], small)] + ([(alert, big)] if alert else [])
+    text_width = max(measure.textlength(text, font=font) for text, font in texts)
+    frame = 6 if alert else 0
+    top = 34 + frame if alert else 0
+    width = max(body.shape[1] + 2 * frame, int(text_width) + 20)
     band = 58
-    canvas = PILImage.new("RGB", (width, body.shape[0] + band), (22, 27, 34))
-    canvas.paste(PILImage.fromarray(body), ((width - body.shape[1]) // 2, 0))
+    canvas = PILImage.new("RGB", (width, top + body.shape[0] + frame + band), (22, 27, 34))
     draw = ImageDraw.Draw(canvas)
     x0 = (width - body.shape[1]) // 2
+    if alert:
+        draw.rectangle((0, 0, width - 1, top - frame - 1), fill=ALERT_COLOUR)
+        draw.text((10, 7), alert, fill=(255, 255, 255), font=big)
+        draw.rectangle(
+            (x0 - frame, top - frame, x0 + body.shape[1] + frame - 1, top + body.shape[0] + frame - 1),
+            fill=ALERT_COLOUR,
+        )
+    canvas.paste(PILImage.fromarray(body), (x0, top))
     for n, name in enumerate(names):
         if name:
-            draw.text((x0 + n * (tiles[0].shape[1] + 6) + 6, 4), name, fill=(255, 255, 255), font=small)
-    draw.text((10, body.shape[0] + 8), lines[0], fill=(255, 255, 255), font=big)
-    draw.text((10, body.shape[0] + 34), lines[1], fill=(190, 198, 208), font=small)
+            draw.text((x0 + n * (tiles[0].shape[1] + 6) + 6, top + 4), name, fill=(255, 255, 255), font=small)
+    y = top + body.shape[0] + frame
+    draw.text((10, y + 8), lines[0], fill=(255, 255, 255), font=big)
+    draw.text((10, y + 34), lines[1], fill=(190, 198, 208), font=small)
     return np.asarray(canvas)
 
 

@@ -11,8 +11,18 @@ DICOM file in a folder. What it does, following PS3.15 (2023) Table E.1-1, Basic
   must be emptied or replaced (``Z``, ``D``) become empty sequences. PatientName and PatientID (``Z``)
   get the same dummy pseudonym, ``ANON-`` + 12 hex digits of HMAC-SHA256(salt, PatientID), so that the
   files of one patient stay grouped (patient-level splits need it) while the identity is gone.
+* Every attribute the table does not name is caught by its value representation (the table lists ~600
+  attributes; the standard has more, and each edition adds some): a person's name (PN), date (DA), date
+  and time (DT) or time (TM) gets a dummy value, a UID (UI) is remapped like ``U`` except the class,
+  transfer syntax and coding scheme UIDs of :data:`KEPT_UIDS`, and an attribute of unknown type (UN) is
+  removed. UIDs the standard registers (SOP classes, well-known frames of reference, ...) are never
+  remapped: they identify nobody.
 * All private attributes are removed, and so are curves (groups 50xx) and overlays (groups 60xx), which
   can carry burned-in text.
+* Compressed frames lose the text a JPEG or JPEG 2000 stream can carry besides the image: JPEG comment
+  (COM) and application (APPn: Exif, XMP, ICC, thumbnails) segments are removed and the frames
+  re-encapsulated with a new offset table; JPEG 2000 comments are blanked in place. Pixel data compressed
+  in a form medclf cannot walk (MPEG, HEVC, ...) is refused.
 * UIDs are remapped consistently: the new UID is ``2.25.`` followed by the decimal value of the first
   128 bits of HMAC-SHA256(salt, original UID), so every file of a study, series or frame of reference
   keeps pointing at the same (new) UIDs, within one run and across runs that share the salt.
@@ -24,8 +34,8 @@ DICOM file in a folder. What it does, following PS3.15 (2023) Table E.1-1, Basic
 * The 128-byte preamble is always written as zeros, which neutralises a preamble holding an executable
   (CVE-2019-11687). The file meta is rebuilt (no source or sending AE titles, no private information).
 
-Not done (options of the standard beyond the Basic Profile): cleaning free text of attributes the profile
-keeps, the "Retain ..." options, and pixel-level removal of burned-in text. File and folder names are kept,
+Not done (options of the standard beyond the Basic Profile): cleaning free text (LO, SH, ST, LT, UT, ...)
+of attributes the table does not name, the "Retain ..." options, and pixel-level removal of burned-in text. File and folder names are kept,
 except that a file whose relative path contains the PatientID, a part of the PatientName or the birth date
 is written as ``OUT/<new SOPInstanceUID>.dcm`` instead (an output file named explicitly is kept).
 
@@ -50,6 +60,7 @@ import pydicom
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import UID
 
 from medclf.errors import ConfigError, InputRejected, MedclfError
 from medclf.io.guard import ReadLimits, check_file, executable_preamble, library_errors, sniff
@@ -196,6 +207,15 @@ _DUMMY_TEXT = {
     "DS": "0",
     "UR": "",
 }
+# UI attributes that name a kind of thing (SOP class, transfer syntax, coding scheme, context group,
+# mapping resource), never a patient, study or instance: kept as they are. Every other UI is remapped.
+_KEPT_UID_KEYWORDS = """AffectedSOPClassUID AvailableTransferSyntaxUID CodingSchemeUID ContextUID EncryptedContentTransferSyntaxUID
+FlowTransferSyntaxUID MACCalculationTransferSyntaxUID MappingResourceUID MediaStorageSOPClassUID
+OriginalSpecializedSOPClassUID PertinentSOPClassesInSeries PertinentSOPClassesInStudy ReferencedRelatedGeneralSOPClassUIDInFile
+ReferencedSOPClassUID ReferencedSOPClassUIDInFile ReferencedTransferSyntaxUIDInFile RelatedGeneralSOPClassUID
+RequestedSOPClassUID RTVCommunicationSOPClassUID SOPClassesInStudy SOPClassesSupported SOPClassUID
+StoredInstanceTransferSyntaxUID TransferSyntaxUID"""
+KEPT_UIDS = frozenset(_KEPT_UID_KEYWORDS.split())
 _TEXT_VRS = {"AE", "CS", "LO", "LT", "SH", "ST", "UC", "UT"}
 _NUMBER_VRS = {"US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"}
 
@@ -238,6 +258,8 @@ class DeidReport:
     flagged: list[str] = field(default_factory=list)  # inputs with burned-in annotation (written or not)
     renamed: list[str] = field(default_factory=list)  # inputs whose name held identity
     neutralised_preambles: list[str] = field(default_factory=list)
+    # inputs whose compressed frames held comments or application segments (removed or blanked)
+    cleaned_pixel_metadata: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -247,6 +269,7 @@ class DeidReport:
             "burned_in_annotation": self.flagged,
             "renamed": self.renamed,
             "neutralised_preambles": self.neutralised_preambles,
+            "cleaned_pixel_metadata": self.cleaned_pixel_metadata,
         }
 
 
@@ -261,7 +284,7 @@ class _Remapper:
 
     def uid(self, value: str) -> str:
         value = str(value).strip()
-        if not value:
+        if not value or UID(value).keyword:  # empty, or a UID the standard registers (identifies no one)
             return value
         return "2.25." + str(int.from_bytes(self._digest("uid", value)[:16], "big"))
 
@@ -269,8 +292,10 @@ class _Remapper:
         return "ANON-" + self._digest("patient", str(patient_id).strip()).hex()[:12].upper()
 
 
-def _dummy(elem: pydicom.DataElement) -> Any:
+def _dummy(elem: pydicom.DataElement, remap: _Remapper) -> Any:
     vr = str(elem.VR)
+    if vr == "UI":  # a dummy UID: the keyed remapping, so references to it stay consistent
+        return _remap_uids(elem, remap)
     if vr in _DUMMY_TEXT:
         return _DUMMY_TEXT[vr]
     if vr in _TEXT_VRS:
@@ -288,30 +313,231 @@ def _empty(elem: pydicom.DataElement) -> Any:
     )
 
 
+def _remap_uids(elem: pydicom.DataElement, remap: _Remapper) -> Any:
+    if elem.VM > 1:
+        return [remap.uid(v) for v in elem.value]
+    return remap.uid(elem.value) if elem.value else elem.value
+
+
+def _catch_all_action(elem: pydicom.DataElement) -> str | None:
+    """The action for an attribute the profile's table does not name, decided by its value representation.
+
+    The table names ~600 attributes; the standard has more, and every edition adds some (EvaluatorName,
+    StudyUpdateDateTime, SOPInstanceUIDOfConcatenationSource, ...). A person's name, a date or time and an
+    instance UID identify whatever attribute holds them, so: PN, DA, DT, TM -> a dummy value (valid
+    whatever the attribute's type, like ``D``); UI -> remapped, except the class, transfer syntax and
+    coding scheme UIDs of :data:`KEPT_UIDS` (they name kinds of things, not patients or instances);
+    UN (a public attribute this pydicom does not know, so its content cannot be judged) -> removed.
+    """
+    vr = str(elem.VR)
+    if vr in ("PN", "DA", "DT", "TM"):
+        return "D" if elem.value not in (None, "", b"") else None
+    if vr == "UI":
+        return None if elem.keyword in KEPT_UIDS else "U"
+    if vr == "UN":
+        return "X"
+    return None
+
+
 def _apply_profile(ds: Dataset, remap: _Remapper, pseudonym: str | None) -> None:
-    """Apply the Basic Profile to ``ds`` and, recursively, to every item of every sequence in it."""
+    """Apply the Basic Profile to ``ds`` and, recursively, to every item of every sequence in it; the
+    attributes the table does not name get :func:`_catch_all_action`. Each element is handled once, so
+    every UID is remapped exactly once and references stay consistent."""
     for elem in list(ds):
         tag = int(elem.tag)
         group = tag >> 16
         if elem.tag.is_private or (group & 0xFF00) in (0x5000, 0x6000):
             del ds[elem.tag]  # private attributes, curves, overlays
             continue
-        action = _ACTIONS.get(tag)
+        action = _ACTIONS.get(tag) or _catch_all_action(elem)
         if action == "X":
             del ds[elem.tag]
         elif action in ("Z", "D"):
             if elem.keyword in ("PatientName", "PatientID") and pseudonym:
                 elem.value = pseudonym  # a dummy value, the same one for all files of the patient
             else:
-                elem.value = _dummy(elem) if action == "D" else _empty(elem)
+                elem.value = _dummy(elem, remap) if action == "D" else _empty(elem)
         elif action == "U":
-            if elem.VM > 1:
-                elem.value = [remap.uid(v) for v in elem.value]
-            elif elem.value:
-                elem.value = remap.uid(elem.value)
+            elem.value = _remap_uids(elem, remap)
         if elem.tag in ds and elem.VR == "SQ":
             for item in elem.value or []:
                 _apply_profile(item, remap, pseudonym)
+
+
+# -- metadata inside compressed frames --------------------------------------------------------------------
+#
+# A JPEG frame can carry text of its own, invisible to a header edit: comment segments (COM) and
+# application segments (APP0-APP15: Exif, XMP, ICC, vendor data, thumbnails). JPEG 2000 has COM segments.
+# A JPEG decoder needs none of them, with three exceptions kept only in their fixed-size forms, which have
+# no room for text: APP0 "JFIF" without a thumbnail and APP14 "Adobe" (they tell a decoder whether three
+# components are YCbCr or RGB), and APP8 "mrfx" (CharLS's JPEG-LS colour transform). Every other APPn and
+# every COM is removed. JPEG 2000 segments carry lengths that other segments count (Psot, TLM), so a
+# COM there is blanked in place (same length, zero bytes) rather than removed.
+_JPEG_STANDALONE = frozenset({0x01, 0xD8, *range(0xD0, 0xD8)})
+_KEPT_APP = {0xE0: (b"JFIF\0", 14), 0xE8: (b"mrfx", 5), 0xEE: (b"Adobe", 12)}
+
+
+def _kept_app_segment(marker: int, body: bytes) -> bool:
+    ident, size = _KEPT_APP.get(marker, (None, -1))
+    if ident is None or len(body) != size or not body.startswith(ident):
+        return False
+    return marker != 0xE0 or body[12:14] == b"\0\0"  # JFIF: no thumbnail (a thumbnail is an image)
+
+
+def strip_jpeg_metadata(frame: bytes) -> tuple[bytes, int]:
+    """``frame`` (JPEG or JPEG-LS) without COM and APPn segments (see above), and how many were removed.
+
+    Markers are walked one by one (through the entropy-coded data of every scan), never searched for, and
+    bytes after EOI are dropped. A frame that does not parse raises ``ValueError``.
+    """
+    data = bytes(frame)
+    n = len(data)
+    if data[:2] != b"\xff\xd8":
+        raise ValueError("the frame does not start with a JPEG SOI marker")
+    out = bytearray(b"\xff\xd8")
+    removed, i = 0, 2
+    while True:
+        if i + 1 >= n or data[i] != 0xFF:
+            raise ValueError(f"no JPEG marker at byte {i} of the frame")
+        while i + 1 < n and data[i + 1] == 0xFF:  # fill bytes before a marker
+            i += 1
+        marker = data[i + 1]
+        if marker == 0xD9:  # EOI
+            out += b"\xff\xd9"
+            if data[i + 2 :].strip(b"\0"):
+                removed += 1  # data hidden after the end of the image (not fragment padding)
+            return bytes(out), removed
+        if marker in _JPEG_STANDALONE:
+            if marker == 0xD8:
+                raise ValueError("a second SOI marker inside the frame")
+            out += data[i : i + 2]
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if length < 2 or i + 2 + length > n:
+            raise ValueError(f"JPEG segment 0xFF{marker:02X} at byte {i} runs past the end of the frame")
+        body = data[i + 4 : i + 2 + length]
+        if marker == 0xFE or (0xE0 <= marker <= 0xEF and not _kept_app_segment(marker, body)):
+            removed += 1
+        else:
+            out += data[i : i + 2 + length]
+        i += 2 + length
+        if marker == 0xDA:  # start of scan: entropy-coded data up to the next marker
+            j = i
+            while True:
+                k = data.find(b"\xff", j)
+                if k < 0 or k + 1 >= n:
+                    raise ValueError("the entropy-coded data runs to the end of the frame without EOI")
+                follower = data[k + 1]
+                if follower == 0xFF:
+                    j = k + 1
+                elif follower >= 0xC0 and not 0xD0 <= follower <= 0xD7:
+                    break  # a marker (0xFF00 is a stuffed byte, 0xFFD0-D7 restarts; JPEG-LS data < 0x80)
+                else:
+                    j = k + 2
+            out += data[i:k]
+            i = k
+
+
+def blank_j2k_comments(frame: bytes) -> tuple[bytes, int]:
+    """``frame`` (a JPEG 2000 codestream) with the content of every COM segment, in the main header and in
+    tile-part headers, replaced by zero bytes; and how many there were. Lengths stay as they are."""
+    data = bytearray(frame)
+    n = len(data)
+    if data[:4] != b"\xff\x4f\xff\x51":
+        raise ValueError("the frame is not a JPEG 2000 codestream (SOC, SIZ); JP2 boxes are not allowed here")
+
+    def marker_at(i: int) -> int:
+        if i + 2 > n:
+            raise ValueError("the JPEG 2000 codestream ends inside a header")
+        return int.from_bytes(data[i : i + 2], "big")
+
+    def header(i: int, end_marker: int) -> int:
+        """Walk marker segments from ``i`` up to ``end_marker``; blank COM contents; return its offset."""
+        nonlocal blanked
+        while (marker := marker_at(i)) != end_marker:
+            if marker >> 8 != 0xFF:
+                raise ValueError(f"no JPEG 2000 marker at byte {i}")
+            length = int.from_bytes(data[i + 2 : i + 4], "big")
+            if length < 2 or i + 2 + length > n:
+                raise ValueError(f"JPEG 2000 segment 0x{marker:04X} runs past the end of the frame")
+            if marker == 0xFF64:  # COM: Rcom (2 bytes), then the comment
+                data[i + 4 : i + 2 + length] = bytes(length - 2)
+                blanked += 1
+            i += 2 + length
+        return i
+
+    blanked = 0
+    i = header(2, 0xFF90)  # main header, up to the first SOT
+    while i < n and marker_at(i) == 0xFF90:
+        start = i
+        psot = int.from_bytes(data[i + 6 : i + 10], "big")  # tile-part length from its SOT; 0: up to EOC
+        i = header(i + 12, 0xFF93) + 2  # tile-part header, up to SOD
+        if psot == 0:
+            break
+        if psot < i - start or start + psot > n:
+            raise ValueError("a JPEG 2000 tile-part length (Psot) does not fit the frame")
+        i = start + psot
+    return bytes(data), blanked
+
+
+def _clean_compressed_frames(ds: Dataset, transfer_syntax: Any, path: Path) -> int:
+    """Remove the metadata segments of every compressed frame of ``ds`` (see above); the number removed.
+
+    The frames are re-encapsulated, with a new Basic (or Extended) Offset Table, only when something was
+    removed. Pixel data compressed in a way medclf cannot check (video, JPEG XL, ...) is refused.
+    """
+    from pydicom.encaps import encapsulate, encapsulate_extended, generate_frames, parse_basic_offsets
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.uid import (
+        JPEG2000TransferSyntaxes,
+        JPEGLSTransferSyntaxes,
+        JPEGTransferSyntaxes,
+        RLETransferSyntaxes,
+    )
+
+    syntax = UID(str(transfer_syntax))
+    if "PixelData" not in ds or not syntax.is_transfer_syntax or not syntax.is_encapsulated:
+        return 0
+    if syntax in RLETransferSyntaxes:
+        return 0  # RLE segments hold pixel values only: nothing but the image to remove
+    if syntax in JPEGTransferSyntaxes or syntax in JPEGLSTransferSyntaxes:
+        clean = strip_jpeg_metadata
+    elif syntax in JPEG2000TransferSyntaxes:
+        clean = blank_j2k_comments
+    else:
+        raise InputRejected(
+            f"the pixel data is compressed as {syntax.name}, whose frames medclf cannot check for embedded "
+            "text; not written",
+            reason="unsupported_compression",
+            path=str(path),
+        )
+    with library_errors(path, "compressed pixel data", reason="malformed"):
+        pixel_data = ds.PixelData
+        n_frames = int(ds.get("NumberOfFrames") or 1)
+        try:
+            cleaned, counts = zip(
+                *(clean(f) for f in generate_frames(pixel_data, number_of_frames=n_frames)), strict=True
+            )
+        except ValueError as exc:
+            raise InputRejected(
+                f"a compressed frame cannot be parsed ({exc}); not written",
+                reason="malformed",
+                path=str(path),
+            ) from None
+        if not sum(counts):
+            return 0
+        if "ExtendedOffsetTable" in ds:
+            ds.PixelData, ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths = encapsulate_extended(
+                list(cleaned)
+            )
+        else:
+            stream = DicomBytesIO(pixel_data)
+            stream.is_little_endian = True
+            had_offsets = bool(parse_basic_offsets(stream))
+            ds.PixelData = encapsulate(list(cleaned), has_bot=had_offsets)
+        ds["PixelData"].is_undefined_length = True
+    return int(sum(counts))
 
 
 def _identity_strings(ds: Dataset) -> list[str]:
@@ -530,6 +756,8 @@ def _deidentify_file(
         old_meta = getattr(ds, "file_meta", None)
         ds.file_meta = _new_file_meta(ds, old_meta, transfer_syntax)
         ds.preamble = b"\x00" * 128
+    if _clean_compressed_frames(ds, transfer_syntax, path):
+        report.cleaned_pixel_metadata.append(str(path))
     if rename_root is not None and any(s.lower() in rel_text for s in identity):
         # The name (file or folder) holds identity: write <new SOPInstanceUID>.dcm at the top of OUT.
         target = rename_root / f"{ds.get('SOPInstanceUID') or remap.uid(str(path))}.dcm"

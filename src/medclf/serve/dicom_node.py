@@ -1,31 +1,48 @@
 """A DICOM node (Storage SCP) that classifies every image it receives: ``medclf dicom-node``.
 
-It answers C-ECHO and accepts C-STORE of MR, CT, CR, DX and Secondary Capture images in the native
+It answers C-ECHO and accepts C-STORE of the image storage SOP classes of the modalities the bundle was
+trained on (:func:`storage_modalities`: from the training data's fingerprint; a default set of radiology
+modalities, US and MG included, when the training files carried no DICOM modality), in the native
 transfer syntaxes and every compressed one pydicom can decode here (RLE, JPEG, JPEG-LS, JPEG 2000,
-HTJ2K, through the pylibjpeg plugins). Each received object takes the same path as a file given to
-``medclf predict``:
+HTJ2K, through the pylibjpeg plugins). Every presentation context it rejects is logged with the reason.
+Each received object takes the same path as a file given to ``medclf predict``:
 
 1. the data set is written, exactly as the peer encoded it (never decoded by the network layer), to a
    temporary DICOM file;
 2. :func:`medclf.io.read_image` guards and decodes it: content sniffing, header limits, truncation and
    decoder checks, never ``force=True`` on something that is not DICOM;
-3. :meth:`medclf.bundle.Bundle.predict` preprocesses it with the bundle's own spec and classifies it.
+3. :meth:`medclf.bundle.Bundle.predict` preprocesses it with the bundle's own spec, classifies it and
+   runs the bundle's out-of-distribution guard.
+
+Who may connect (:class:`DicomNode` arguments, ``medclf dicom-node`` options): DICOM has no passwords,
+so the node checks what it can: the called AE title, the calling AE title (``allowed_aets``), the peer's
+address (``allowed_hosts``, required when listening off loopback), at most ``max_per_peer`` connections
+per peer address and ``max_associations`` in all (counted per TCP connection, before any DICOM byte is
+read, so a silent connection holds a slot too), and time limits: ``acse_timeout`` for a connection to
+ask for an association, ``dimse_timeout`` for a message to complete, ``idle_timeout`` for an
+association to stay silent. Refused connections and associations are logged with the reason.
 
 A refused object gets a failure status (see :data:`STATUS_BY_REASON`) with a short ``ErrorComment`` and a
 log line; the node keeps serving. For an accepted image two files appear in the output folder, each
-written atomically (temporary file + ``os.replace``, the JSON last, so it marks a complete result):
+written atomically (temporary file + ``os.replace``, the JSON last, so it marks a complete result), and
+never over an earlier result (see :meth:`DicomNode._handle_store` for what a second object with the same
+SOP Instance UID gets):
 
 ``<SOPInstanceUID>.json``
-    the predicted class, the probabilities, the model's sha256, the source Study/Series/SOP Instance UIDs,
-    the time. It holds **no patient identifiers** (no name, id, birth date): it is meant for logs,
-    dashboards and audit, which must not become a second copy of the patient record.
+    the predicted class, the probabilities, the out-of-distribution flag, score and warning, the model's
+    sha256, the source Study/Series/SOP Instance UIDs, the time. It holds **no patient identifiers** (no
+    name, id, birth date): it is meant for logs, dashboards and audit, which must not become a second copy
+    of the patient record.
 ``<SOPInstanceUID>.sr.dcm``
     a Comprehensive SR document with new SOP Instance and Series UIDs, referencing the source instance
     in the Current Requested Procedure Evidence Sequence and in an IMAGE content item, holding the
-    prediction as a CODE item and each class probability as a NUM item. The SR **does** copy the Patient
-    module (name, id, birth date, sex) and the General Study module from the source: a PACS files an SR
-    by patient and study, and an SR without them would be orphaned or mismatched. It carries the same
-    identifiers the source image already carried to the same archive, nothing more.
+    prediction as a CODE item and each class probability as a NUM item, and the out-of-distribution
+    check as its own CODE item with the score. For an input outside the training distribution the SR
+    holds **no finding and no probabilities**, only that check and a text saying the model gives no
+    valid result for it. The SR **does** copy the Patient module (name, id, birth date, sex) and the
+    General Study module from the source: a PACS files an SR by patient and study, and an SR without
+    them would be orphaned or mismatched. It carries the same identifiers the source image already
+    carried to the same archive, nothing more.
 """
 
 from __future__ import annotations
@@ -36,13 +53,15 @@ import hashlib
 import ipaddress
 import json
 import logging
+import math
 import os
 import signal
+import socket
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +74,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import UID, AllTransferSyntaxes, ComprehensiveSRStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom import sop_class as sop
+from pynetdicom.transport import ThreadedAssociationServer
 
 import medclf
 from medclf.errors import ConfigError, InputRejected
@@ -62,23 +82,25 @@ from medclf.io import ReadLimits, read_image
 
 if TYPE_CHECKING:
     from pynetdicom.events import Event
-    from pynetdicom.server import ThreadedAssociationServer
 
     from medclf.bundle import Bundle
 
 __all__ = [
     "ACCEPTED_STORAGE",
+    "DEFAULT_MODALITIES",
     "STATUS_BY_REASON",
     "DicomNode",
     "accepted_sop_classes",
     "build_sr",
     "decodable_transfer_syntaxes",
     "run_dicom_node",
+    "storage_modalities",
 ]
 
 log = logging.getLogger(__name__)
 
-# The image storage SOP classes the node accepts, by modality.
+# Image storage SOP classes by modality (the Modality attribute's defined terms, PS3.3 C.7.3.1.1.1); the
+# node accepts those of the modalities :func:`storage_modalities` picks for the bundle.
 ACCEPTED_STORAGE: dict[str, tuple[str, ...]] = {
     "MR": (
         sop.MRImageStorage,
@@ -95,6 +117,34 @@ ACCEPTED_STORAGE: dict[str, tuple[str, ...]] = {
         sop.DigitalXRayImageStorageForPresentation,
         sop.DigitalXRayImageStorageForProcessing,
     ),
+    "MG": (
+        sop.DigitalMammographyXRayImageStorageForPresentation,
+        sop.DigitalMammographyXRayImageStorageForProcessing,
+        sop.BreastProjectionXRayImageStorageForPresentation,
+        sop.BreastProjectionXRayImageStorageForProcessing,
+        sop.BreastTomosynthesisImageStorage,
+    ),
+    "US": (
+        sop.UltrasoundImageStorage,
+        sop.UltrasoundMultiFrameImageStorage,
+        sop.EnhancedUSVolumeStorage,
+    ),
+    "XA": (sop.XRayAngiographicImageStorage, sop.EnhancedXAImageStorage),
+    "RF": (sop.XRayRadiofluoroscopicImageStorage, sop.EnhancedXRFImageStorage),
+    "PT": (
+        sop.PositronEmissionTomographyImageStorage,
+        sop.EnhancedPETImageStorage,
+        sop.LegacyConvertedEnhancedPETImageStorage,
+    ),
+    "NM": (sop.NuclearMedicineImageStorage,),
+    "IO": (
+        sop.DigitalIntraOralXRayImageStorageForPresentation,
+        sop.DigitalIntraOralXRayImageStorageForProcessing,
+    ),
+    "XC": (sop.VLPhotographicImageStorage,),
+    "ES": (sop.VLEndoscopicImageStorage,),
+    "GM": (sop.VLMicroscopicImageStorage,),
+    "OP": (sop.OphthalmicPhotography8BitImageStorage, sop.OphthalmicPhotography16BitImageStorage),
     "SC": (
         sop.SecondaryCaptureImageStorage,
         sop.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
@@ -102,6 +152,17 @@ ACCEPTED_STORAGE: dict[str, tuple[str, ...]] = {
         sop.MultiFrameTrueColorSecondaryCaptureImageStorage,
     ),
 }
+# Modalities accepted when the training data does not say (PNG, JPEG, TIFF, NIfTI, NPZ files carry no DICOM
+# modality): the radiology modalities whose images a greyscale 2D or 3D model is commonly trained on,
+# ultrasound and mammography included (a breast ultrasound model trained on PNGs must take US images).
+# Colour models also take the visible-light photography classes. Accepting a modality the model never saw
+# is not a silent risk: the reader refuses what the model cannot take (a volume for a 2D model) and the
+# out-of-distribution guard flags the rest, in the JSON and the SR.
+DEFAULT_MODALITIES = ("MR", "CT", "CR", "DX", "MG", "US", "XA", "RF", "PT", "NM", "IO")
+COLOUR_MODALITIES = ("XC", "ES", "GM", "OP")
+# Secondary Capture is always accepted: it is how viewers, converters and other AI tools send any image.
+ALWAYS_ACCEPTED = ("SC",)
+_MODALITY_ALIASES = {"OT": "SC"}  # "other": a Secondary Capture image as a rule
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
@@ -117,10 +178,22 @@ STATUS_BY_REASON: dict[str, int] = {
     "no_pixels": DOES_NOT_MATCH_SOP_CLASS,
     "sop_class_mismatch": DOES_NOT_MATCH_SOP_CLASS,
     "wrong_dimensions": PROCESSING_FAILURE,  # a readable image this model cannot take (2D vs 3D)
+    # A second object under a SOP Instance UID already classified, with other content (another patient,
+    # study or pixels). PS3.4's C-STORE statuses have no "duplicate"; A7xx/A9xx would misstate the cause.
+    # A Cxxx failure tells the sender the object was not taken, which is true, and the ErrorComment says
+    # why. (An identical re-send gets Success, as Orthanc answers: the instance is held.)
+    "duplicate_uid": CANNOT_UNDERSTAND,
 }
 
-# Class codes live in a private coding scheme ("99" prefix, PS3.16 8.2); described in the SR itself.
+# Class codes live in a private coding scheme ("99" prefix, PS3.16 8.2); described in the SR itself. The
+# out-of-distribution check has codes of its own, in a second scheme, so no class name can collide with them.
 PRIVATE_SCHEME = "99MEDCLF"
+CHECK_SCHEME = "99MEDCLFQC"
+RESULT_VALIDITY = Code("VALIDITY", CHECK_SCHEME, "Validity of the AI result")
+OUT_OF_DISTRIBUTION = Code("OOD", CHECK_SCHEME, "Not valid: input outside the model's training distribution")
+IN_DISTRIBUTION = Code("INDIST", CHECK_SCHEME, "Input within the model's training distribution")
+OOD_SCORE = Code("OODSCORE", CHECK_SCHEME, "Out-of-distribution score")
+OOD_THRESHOLD = Code("OODTHRESHOLD", CHECK_SCHEME, "Out-of-distribution threshold")
 SR_SERIES_NUMBER = 990
 _UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "medclf:dicom-node")
 _PATIENT_KEYWORDS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex")
@@ -160,11 +233,126 @@ class _Source:
     modality: str
 
 
+def storage_modalities(bundle: Bundle, override: Iterable[str] | None = None) -> tuple[list[str], str]:
+    """The modalities whose image storage SOP classes the node accepts for ``bundle``, and why.
+
+    ``override`` (``--accept-modality``) wins. Otherwise the training data's fingerprint decides
+    (``data.fingerprint_stats.modalities`` in bundle.json): when every probed training file was DICOM of
+    a modality in :data:`ACCEPTED_STORAGE`, those modalities; when some carried none (PNG, JPEG, NIfTI,
+    NPZ, ...) or one this table does not know, :data:`DEFAULT_MODALITIES` as well (plus
+    :data:`COLOUR_MODALITIES` for a colour model). Secondary Capture is always accepted.
+    """
+    if override:
+        chosen = {_MODALITY_ALIASES.get(m.strip().upper(), m.strip().upper()) for m in override}
+        unknown = sorted(chosen - set(ACCEPTED_STORAGE))
+        if unknown:
+            raise ConfigError(
+                f"unknown modality {', '.join(unknown)}; choose from {', '.join(sorted(ACCEPTED_STORAGE))}"
+            )
+        return sorted(chosen | set(ALWAYS_ACCEPTED)), "chosen with --accept-modality"
+    stats = (bundle.manifest.get("data") or {}).get("fingerprint_stats") or {}
+    seen = {
+        _MODALITY_ALIASES.get(str(m).upper(), str(m).upper())
+        for m, n in (stats.get("modalities") or {}).items()
+        if n
+    }
+    known = seen & set(ACCEPTED_STORAGE)
+    chosen = set(known) | set(ALWAYS_ACCEPTED)
+    if known and seen == known:
+        why = f"the training data's modalities ({', '.join(sorted(known))})"
+    else:
+        chosen |= set(DEFAULT_MODALITIES)
+        if bundle.spec.channels == 3 and not bundle.spec.slices_as_channels:
+            chosen |= set(COLOUR_MODALITIES)
+        formats = ", ".join(sorted((stats.get("formats") or {}).keys())) or "unknown"
+        why = (
+            f"a default set: the training data ({formats}) does not name its modality"
+            if not known
+            else f"the training data's modalities ({', '.join(sorted(known))}) and a default set for its "
+            f"files without a known one"
+        )
+    return sorted(chosen), why
+
+
+class _ConnectionGate:
+    """Admission of TCP connections before any DICOM byte is read: the address allowlist, the per-peer and
+    total caps. Connections, not associations, are counted: a peer that connects and stays silent holds a
+    slot (until the ACSE timeout) just like one that keeps an association alive with C-ECHOs."""
+
+    def __init__(self, networks: list[Any], max_total: int, max_per_peer: int) -> None:
+        self.networks = networks
+        self.max_total = max_total
+        self.max_per_peer = max_per_peer
+        self._open: list[tuple[str, socket.socket]] = []
+        self._lock = threading.Lock()
+        self._last_logged: dict[str, float] = {}
+
+    def open_connections(self, host: str | None = None) -> int:
+        with self._lock:
+            self._prune()
+            return sum(1 for h, _ in self._open if host is None or h == host)
+
+    def _prune(self) -> None:
+        # pynetdicom closes a connection's socket when its association ends, however it ends.
+        self._open = [(h, s) for h, s in self._open if s.fileno() != -1]
+
+    def admit(self, sock: socket.socket, address: Any) -> bool:
+        host = _peer_host(address)
+        refusal = None
+        if self.networks and not _in_networks(host, self.networks):
+            refusal = "its address is not in the allowed hosts (--allow-host)"
+        else:
+            with self._lock:
+                self._prune()
+                mine = sum(1 for h, _ in self._open if h == host)
+                if mine >= self.max_per_peer:
+                    refusal = f"it already holds {mine} connection(s), the limit per peer (--max-per-peer)"
+                elif len(self._open) >= self.max_total:
+                    refusal = f"{len(self._open)} connections are open, the limit (--max-associations)"
+                else:
+                    self._open.append((host, sock))
+        if refusal is None:
+            return True
+        # One line per peer every 10 s at most: a peer hammering the port must not flood the log.
+        now = time.monotonic()
+        if now - self._last_logged.get(host, -1e9) >= 10.0:
+            self._last_logged[host] = now
+            log.warning("refused a connection from %s: %s", _lo(host), refusal)
+        return False
+
+
+class _GatedServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, asking a :class:`_ConnectionGate` before it serves a connection."""
+
+    def __init__(self, *args: Any, gate: _ConnectionGate, **kwargs: Any) -> None:
+        self.gate = gate
+        super().__init__(*args, **kwargs)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        # socketserver closes a connection refused here; no thread, no association is created for it.
+        return self.gate.admit(request, client_address)
+
+
+class _NodeAE(AE):
+    """An AE whose servers are :class:`_GatedServer`: the gate is in place before the first accept()."""
+
+    def __init__(self, gate: _ConnectionGate) -> None:
+        super().__init__()
+        self._gate = gate
+
+    def make_server(self, address: Any, *args: Any, server_class: Any = None, **kwargs: Any) -> Any:
+        return super().make_server(address, *args, server_class=_GatedServer, gate=self._gate, **kwargs)
+
+
 class DicomNode:
     """A Storage SCP that classifies each received image with ``bundle`` and writes results to ``out_dir``.
 
     ``port=0`` picks a free port (see :attr:`port` once started). The model runs under a lock: the
-    associations pynetdicom serves in parallel threads share one CPU-bound model.
+    associations pynetdicom serves in parallel threads share one CPU-bound model. Access control and
+    time limits: see the module docstring; ``allowed_hosts`` holds addresses or networks (``10.1.2.0/24``)
+    and is required when ``host`` is not a loopback address (``0.0.0.0/0`` allows every IPv4 peer).
+    ``modalities`` overrides the storage classes the training data calls for (:func:`storage_modalities`).
+    One node per output folder: duplicates are detected within the node.
     """
 
     def __init__(
@@ -176,7 +364,14 @@ class DicomNode:
         host: str = "127.0.0.1",
         port: int = 11112,
         limits: ReadLimits | None = None,
-        max_associations: int = 4,
+        max_associations: int = 8,
+        max_per_peer: int = 2,
+        allowed_aets: Sequence[str] = (),
+        allowed_hosts: Sequence[str] = (),
+        acse_timeout: float = 10.0,
+        dimse_timeout: float = 30.0,
+        idle_timeout: float = 30.0,
+        modalities: Sequence[str] | None = None,
     ) -> None:
         self.bundle = bundle
         self.out_dir = Path(out_dir)
@@ -184,19 +379,50 @@ class DicomNode:
         self.requested_port = int(port)
         self.limits = limits or ReadLimits()
         self._predict_lock = threading.Lock()
+        self._results_lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
-        self._ae = AE()
+        for name, value in (("max_associations", max_associations), ("max_per_peer", max_per_peer)):
+            if int(value) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be at least 1, not {value}")
+        for name, value in (
+            ("acse_timeout", acse_timeout),
+            ("dimse_timeout", dimse_timeout),
+            ("idle_timeout", idle_timeout),
+        ):
+            if not float(value) > 0:
+                raise ConfigError(
+                    f"{name.replace('_', '-')} must be a positive number of seconds, not {value}"
+                )
+        networks = [_network(h) for h in allowed_hosts]
+        if not networks and not _is_loopback(host):
+            raise ConfigError(
+                f"listening on {host}, reachable from the network, needs --allow-host: the addresses or networks "
+                "(e.g. 10.1.2.0/24) of the peers that may connect (0.0.0.0/0 allows any); DICOM itself has no "
+                "passwords"
+            )
+        self.allowed_hosts = [str(n) for n in networks]
+        self._gate = _ConnectionGate(networks, int(max_associations), int(max_per_peer))
+        self._ae = _NodeAE(self._gate)
         try:
             self._ae.ae_title = ae_title
         except ValueError as exc:
             raise ConfigError(f"invalid AE title {ae_title!r}: {exc}") from None
         self.ae_title = str(self._ae.ae_title)
         self._ae.require_called_aet = True  # answer only associations addressed to this node
-        self._ae.maximum_associations = max_associations
-        syntaxes = decodable_transfer_syntaxes()
+        try:
+            self._ae.require_calling_aet = [str(a) for a in allowed_aets]
+        except ValueError as exc:
+            raise ConfigError(f"invalid calling AE title in --allow-aet: {exc}") from None
+        self.allowed_aets = list(self._ae.require_calling_aet)
+        self._ae.maximum_associations = int(max_associations)
+        self._ae.acse_timeout = float(acse_timeout)
+        self._ae.dimse_timeout = float(dimse_timeout)
+        self._ae.network_timeout = float(idle_timeout)
+        self.modalities, self.modalities_reason = storage_modalities(bundle, modalities)
+        self.syntaxes = decodable_transfer_syntaxes()
         self._ae.add_supported_context(sop.Verification)
-        for sop_class_uid in accepted_sop_classes():
-            self._ae.add_supported_context(sop_class_uid, syntaxes)
+        for sop_class_uid in accepted_sop_classes(self.modalities):
+            self._ae.add_supported_context(sop_class_uid, self.syntaxes)
 
     @property
     def port(self) -> int:
@@ -205,10 +431,19 @@ class DicomNode:
             return self.requested_port
         return int(self._server.server_address[1])
 
+    def open_connections(self, host: str | None = None) -> int:
+        """Connections the node holds now (from ``host`` only, when given)."""
+        return self._gate.open_connections(host)
+
     def start(self) -> DicomNode:
         """Start listening in background threads; returns ``self``."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        handlers = [(evt.EVT_C_STORE, self._handle_store), (evt.EVT_C_ECHO, self._handle_echo)]
+        handlers = [
+            (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_C_ECHO, self._handle_echo),
+            (evt.EVT_ACCEPTED, self._log_rejected_contexts),
+            (evt.EVT_REJECTED, self._log_rejected_association),
+        ]
         try:
             self._server = self._ae.start_server(
                 (self.host, self.requested_port), block=False, evt_handlers=handlers
@@ -224,14 +459,14 @@ class DicomNode:
             self.port,
             self.out_dir,
         )
-        if not _is_loopback(self.host):
-            # DICOM associations carry no credentials: only the called AE title is checked.
-            log.warning(
-                "listening on %s, reachable from the network: any peer that knows the AE title %s can send "
-                "images; restrict access with a firewall or bind to 127.0.0.1",
-                self.host,
-                self.ae_title,
-            )
+        log.info("accepting images of %s: %s", ", ".join(self.modalities), self.modalities_reason)
+        log.info(
+            "peers: calling AE titles %s, hosts %s; at most %d connection(s) per peer, %d in all",
+            ", ".join(self.allowed_aets) or "any",
+            ", ".join(self.allowed_hosts) or "any (loopback only)",
+            self._gate.max_per_peer,
+            self._gate.max_total,
+        )
         return self
 
     def stop(self) -> None:
@@ -252,7 +487,80 @@ class DicomNode:
         log.info("C-ECHO from %s", _calling_ae(event))
         return SUCCESS
 
+    def _log_rejected_association(self, event: Event) -> None:
+        requestor = event.assoc.requestor
+        reply = event.assoc.acceptor.primitive
+        diagnosis = (getattr(reply, "result_source", None), getattr(reply, "diagnostic", None))
+        called = _lo(str(getattr(requestor.primitive, "called_ae_title", "") or "").strip())
+        reason = {
+            (0x01, 0x03): "its calling AE title is not in the allowed ones (--allow-aet)",
+            (0x01, 0x07): f"it called AE title {called!r}, not this node's {self.ae_title!r}",
+            (0x03, 0x02): "too many associations are open (--max-associations)",
+            (0x02, 0x01): "its user identity was not accepted",
+        }.get(diagnosis, f"A-ASSOCIATE-RJ source {diagnosis[0]}, reason {diagnosis[1]}")
+        log.warning(
+            "rejected an association from %s at %s: %s",
+            _calling_ae(event),
+            _lo(str(requestor.address)),
+            reason,
+        )
+
+    def _log_rejected_contexts(self, event: Event) -> None:
+        """Log every presentation context the node did not accept, with the reason: one line per reason,
+        naming the SOP classes (dcmtk's storescu proposes ~120 at once). A warning when the peer can send
+        no image at all (nothing but Verification accepted) or an image class failed on its transfer
+        syntaxes, else information: a sender proposing every class it knows is no problem."""
+        rejected = event.assoc.rejected_contexts
+        if not rejected:
+            return
+        proposed = {
+            cx.context_id: cx
+            for cx in getattr(event.assoc.requestor.primitive, "presentation_context_definition_list", None)
+            or []
+        }
+        groups: dict[str, list[str]] = {}
+        for cx in rejected:
+            name = _lo(UID(str(cx.abstract_syntax)).name)
+            if cx.result == 0x03:
+                modality = next((m for m, c in ACCEPTED_STORAGE.items() if cx.abstract_syntax in c), None)
+                if modality:
+                    why = (
+                        f"abstract syntax not supported: modality {modality} is not among those accepted "
+                        f"({', '.join(self.modalities)}; {self.modalities_reason}; --accept-modality adds one)"
+                    )
+                else:
+                    why = "abstract syntax not supported: not an image storage SOP class this node classifies"
+            elif cx.result == 0x04:
+                offered = proposed.get(cx.context_id)
+                names = sorted({_lo(UID(str(t)).name) for t in (offered.transfer_syntax if offered else [])})
+                why = (
+                    f"transfer syntax not supported: none of {', '.join(names) or 'the proposed ones'} can be "
+                    "decoded here"
+                )
+            else:
+                why = {0x01: "rejected by the user", 0x02: "no reason given"}.get(
+                    cx.result, f"result {cx.result}"
+                )
+            groups.setdefault(why, [])
+            if name not in groups[why]:
+                groups[why].append(name)
+        no_image = not any(cx.abstract_syntax != sop.Verification for cx in event.assoc.accepted_contexts)
+        for why, names in groups.items():
+            serious = no_image or why.startswith("transfer syntax")
+            log.log(
+                logging.WARNING if serious else logging.INFO,
+                "rejected presentation context(s) from %s at %s: %s: %s",
+                _calling_ae(event),
+                _lo(str(event.assoc.requestor.address)),
+                why,
+                ", ".join(names),
+            )
+
     def _handle_store(self, event: Event) -> Dataset:
+        """Classify one C-STORE. A SOP Instance UID already classified is never classified again and its
+        result never overwritten: an identical copy (same patient, study, series and decoded pixels, in
+        any transfer syntax: a retry, a re-forward) gets Success, as Orthanc answers; another object under
+        that UID gets a failure (``duplicate_uid``) and a log line. The first result stands either way."""
         started = time.perf_counter()
         calling = _calling_ae(event)
         uid = _lo(str(event.request.AffectedSOPInstanceUID or ""))  # printable only: it goes to the log
@@ -271,6 +579,11 @@ class DicomNode:
         except Exception:  # a bug must not take the node down; the peer gets a failure, the log the cause
             log.exception("processing %s from %s failed", uid, calling)
             return _status(PROCESSING_FAILURE, "internal error while classifying")
+        if result.get("duplicate"):
+            log.info(
+                "%s from %s: already classified, an identical copy; the first result is kept", uid, calling
+            )
+            return _status(SUCCESS)
         log.info(
             "classified %s from %s as %s (p=%.3f) in %.0f ms",
             uid,
@@ -279,6 +592,8 @@ class DicomNode:
             result["confidence"],
             result["latency_ms"],
         )
+        if result.get("ood"):
+            log.warning("%s from %s: %s", uid, calling, result.get("warning", "out of distribution"))
         return _status(SUCCESS)
 
     def _classify_and_write(self, event: Event, calling: str, started: float) -> dict[str, Any]:
@@ -294,6 +609,10 @@ class DicomNode:
         finally:
             tmp.unlink(missing_ok=True)
         source = _source_of(header, request.AffectedSOPClassUID, uid)
+        content = _content_sha256(header, image.pixels)
+        json_path = self.out_dir / f"{source.instance}.json"
+        if (earlier := _earlier_result(json_path)) is not None:  # before the model runs: it is not needed
+            return _duplicate(earlier, content, source.instance)
         with self._predict_lock:
             (prediction,) = self.bundle.predict([image])
         if "error" in prediction:
@@ -309,22 +628,29 @@ class DicomNode:
             "predicted": prediction["predicted"],
             "confidence": prediction["confidence"],
             "probabilities": prediction["probabilities"],
+            **{key: prediction[key] for key in ("ood", "ood_score", "warning") if key in prediction},
             "model": {"sha256": self.bundle.sha256, "arch": self.bundle.arch, "classes": self.bundle.classes},
             "received_at": now.isoformat(timespec="milliseconds"),
             "calling_ae": calling,
             "transfer_syntax": str(event.context.transfer_syntax),
+            # One-way: tells a re-sent copy of this instance from another object under the same UID.
+            "content_sha256": content,
             "sr": {
                 "file": f"{source.instance}.sr.dcm",
                 "sop_instance_uid": str(sr.SOPInstanceUID),
                 "series_instance_uid": str(sr.SeriesInstanceUID),
             },
         }
-        _write_atomic(
-            self.out_dir / f"{source.instance}.sr.dcm", lambda fh: dcmwrite(fh, sr, enforce_file_format=True)
-        )
-        result["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
-        text = json.dumps(result, indent=2, ensure_ascii=False) + "\n"
-        _write_atomic(self.out_dir / f"{source.instance}.json", lambda fh: fh.write(text.encode("utf-8")))
+        with self._results_lock:  # two associations may deliver the same UID at the same time
+            if (earlier := _earlier_result(json_path)) is not None:
+                return _duplicate(earlier, content, source.instance)
+            _write_atomic(
+                self.out_dir / f"{source.instance}.sr.dcm",
+                lambda fh: dcmwrite(fh, sr, enforce_file_format=True),
+            )
+            result["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
+            text = json.dumps(result, indent=2, ensure_ascii=False) + "\n"
+            _write_atomic(json_path, lambda fh: fh.write(text.encode("utf-8")))
         return result
 
     def serve_forever(self) -> None:
@@ -348,6 +674,42 @@ class DicomNode:
                 signal.signal(signal.SIGTERM, previous)
 
 
+def _content_sha256(header: Dataset, pixels: Any) -> str:
+    """sha256 of an instance's identity (class, patient, study, series) and decoded pixels: the same for a
+    copy in another (lossless) transfer syntax, different for another object. Not reversible, and unique
+    to one image, so it links nothing across images."""
+    h = hashlib.sha256()
+    for keyword in ("SOPClassUID", "PatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID"):
+        h.update(f"{keyword}={header.get(keyword, '')}\n".encode("utf-8", "replace"))
+    h.update(f"SeriesInstanceUID={header.get('SeriesInstanceUID', '')}\n".encode("utf-8", "replace"))
+    h.update(f"{pixels.dtype.str}{pixels.shape}".encode())
+    h.update(pixels.tobytes())
+    return h.hexdigest()
+
+
+def _earlier_result(json_path: Path) -> dict[str, Any] | None:
+    """The result already written for this UID, ``{}`` when its JSON cannot be read, None when none."""
+    try:
+        text = json_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    try:
+        earlier = json.loads(text)
+    except ValueError:
+        return {}
+    return earlier if isinstance(earlier, dict) else {}
+
+
+def _duplicate(earlier: dict[str, Any], content: str, instance: str) -> dict[str, Any]:
+    if earlier.get("content_sha256") == content:
+        return {"duplicate": True, "sop_instance_uid": instance}
+    raise InputRejected(
+        f"SOP Instance UID {instance} was already received with other content (patient, study, series or "
+        "pixels); the first result is kept",
+        reason="duplicate_uid",
+    )
+
+
 def run_dicom_node(
     bundle: str | Path,
     out: str | Path,
@@ -355,13 +717,17 @@ def run_dicom_node(
     port: int = 11112,
     ae_title: str = "MEDCLF",
     host: str = "127.0.0.1",
+    **node_options: Any,
 ) -> None:
-    """Load (and verify) ``bundle``, then serve until interrupted: what ``medclf dicom-node`` runs."""
+    """Load (and verify) ``bundle``, then serve until interrupted: what ``medclf dicom-node`` runs.
+
+    ``node_options``: the other keyword arguments of :class:`DicomNode` (access control, time limits,
+    modalities)."""
     from medclf.bundle import load_bundle
     from medclf.engines import tune_allocator
 
     tune_allocator()
-    node = DicomNode(load_bundle(bundle), out, ae_title=ae_title, host=host, port=port)
+    node = DicomNode(load_bundle(bundle), out, ae_title=ae_title, host=host, port=port, **node_options)
     node.serve_forever()
 
 
@@ -393,10 +759,16 @@ def build_sr(
     ds.InstanceCreationDate = ds.ContentDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = ds.ContentTime = now.strftime("%H%M%S.%f")
     ds.TimezoneOffsetFromUTC = now.strftime("%z") or "+0000"
-    scheme = Dataset()
-    scheme.CodingSchemeDesignator = PRIVATE_SCHEME
-    scheme.CodingSchemeName = "medclf model classes"
-    ds.CodingSchemeIdentificationSequence = [scheme]
+    schemes = []
+    for designator, name in (
+        (PRIVATE_SCHEME, "medclf model classes"),
+        (CHECK_SCHEME, "medclf result checks"),
+    ):
+        scheme = Dataset()
+        scheme.CodingSchemeDesignator = designator
+        scheme.CodingSchemeName = name
+        schemes.append(scheme)
+    ds.CodingSchemeIdentificationSequence = schemes
     # Patient and General Study: copied so that the archive files the SR with its study (type 2: present,
     # empty when the source lacks them).
     for keyword in _PATIENT_KEYWORDS + _STUDY_KEYWORDS:
@@ -445,46 +817,83 @@ def build_sr(
 
 
 def _content_tree(src: _Source, prediction: dict[str, Any], bundle: Bundle, observer: str) -> list[Dataset]:
+    """The SR's items. An input the out-of-distribution guard flags gets no finding and no probabilities:
+    a reader (or a PACS rule) must not take the model's answer for a result; the check item and the
+    summary say why there is none."""
     device_uid = _uid2_25(uuid.uuid5(_UID_NAMESPACE, f"model|{bundle.sha256}"))
     predicted = str(prediction["predicted"])
-    image = _item("INFERRED FROM", "IMAGE", codes.DCM.SourceOfMeasurement)
-    image.ReferencedSOPSequence = [_sop_ref(src.sop_class, src.instance)]
-    finding = _item("CONTAINS", "CODE", codes.DCM.Finding)
-    finding.ConceptCodeSequence = [_code(_class_code(predicted))]
-    finding.ContentSequence = [
-        _text("HAS CONCEPT MOD", codes.DCM.AlgorithmName, f"medclf {bundle.arch}"),
-        _text("HAS CONCEPT MOD", codes.DCM.AlgorithmVersion, bundle.sha256),
-        image,
-    ]
-    probabilities = []
-    for name, p in prediction["probabilities"].items():
-        num = _item("CONTAINS", "NUM", codes.DCM.Probability)
-        value = Dataset()
-        value.NumericValue = f"{float(p):.6f}"
-        value.MeasurementUnitsCodeSequence = [_code(codes.UCUM.NoUnits)]
-        num.MeasuredValueSequence = [value]
-        which = _item("HAS CONCEPT MOD", "CODE", codes.DCM.Finding)
-        which.ConceptCodeSequence = [_code(_class_code(str(name)))]
-        num.ContentSequence = [which]
-        probabilities.append(num)
-    summary = (
-        f"medclf model {bundle.arch} (sha256 {bundle.sha256[:12]}) predicts '{predicted}' with probability "
-        f"{float(prediction['confidence']):.3f}. Research software: not for diagnostic use."
-    )
+    outside = bool(prediction.get("ood"))
     observer_type = _item("HAS OBS CONTEXT", "CODE", codes.DCM.ObserverType)
     observer_type.ConceptCodeSequence = [_code(codes.DCM.Device)]
     observer_uid = _item("HAS OBS CONTEXT", "UIDREF", codes.DCM.DeviceObserverUID)
     observer_uid.UID = device_uid
-    return [
+    items = [
         observer_type,
         observer_uid,
         _text("HAS OBS CONTEXT", codes.DCM.DeviceObserverName, observer),
         _text("HAS OBS CONTEXT", codes.DCM.DeviceObserverManufacturer, "medclf"),
         _text("HAS OBS CONTEXT", codes.DCM.DeviceObserverModelName, f"{bundle.arch} {bundle.sha256[:12]}"),
-        finding,
-        *probabilities,
-        _text("CONTAINS", codes.DCM.Summary, summary),
     ]
+    model = f"medclf model {bundle.arch} (sha256 {bundle.sha256[:12]})"
+    if not outside:
+        finding = _item("CONTAINS", "CODE", codes.DCM.Finding)
+        finding.ConceptCodeSequence = [_code(_class_code(predicted))]
+        finding.ContentSequence = [
+            _text("HAS CONCEPT MOD", codes.DCM.AlgorithmName, f"medclf {bundle.arch}"),
+            _text("HAS CONCEPT MOD", codes.DCM.AlgorithmVersion, bundle.sha256),
+            _image_ref(src),
+        ]
+        items.append(finding)
+        for name, p in prediction["probabilities"].items():
+            num = _num("CONTAINS", codes.DCM.Probability, float(p))
+            which = _item("HAS CONCEPT MOD", "CODE", codes.DCM.Finding)
+            which.ConceptCodeSequence = [_code(_class_code(str(name)))]
+            num.ContentSequence = [which]
+            items.append(num)
+        summary = f"{model} predicts '{predicted}' with probability {float(prediction['confidence']):.3f}."
+    else:
+        summary = (
+            f"The input is outside the training distribution of {model}: the model gives no valid result for "
+            f"it, so none is reported. {prediction.get('warning', '')}".strip()
+        )
+    if "ood" in prediction:
+        check = _item("CONTAINS", "CODE", RESULT_VALIDITY)
+        check.ConceptCodeSequence = [_code(OUT_OF_DISTRIBUTION if outside else IN_DISTRIBUTION)]
+        check.ContentSequence = []
+        detector = bundle.ood
+        for concept, value in (
+            (OOD_SCORE, prediction.get("ood_score")),
+            (OOD_THRESHOLD, detector.threshold if detector is not None else None),
+        ):
+            if value is not None and math.isfinite(float(value)):
+                check.ContentSequence.append(_num("HAS PROPERTIES", concept, float(value)))
+        check.ContentSequence.append(_image_ref(src))
+        items.append(check)
+    items.append(
+        _text("CONTAINS", codes.DCM.Summary, f"{summary} Research software: not for diagnostic use.")
+    )
+    return items
+
+
+def _image_ref(src: _Source) -> Dataset:
+    image = _item("INFERRED FROM", "IMAGE", codes.DCM.SourceOfMeasurement)
+    image.ReferencedSOPSequence = [_sop_ref(src.sop_class, src.instance)]
+    return image
+
+
+def _num(relationship: str, concept: Code, value: float) -> Dataset:
+    num = _item(relationship, "NUM", concept)
+    measured = Dataset()
+    measured.NumericValue = _ds(value)
+    measured.MeasurementUnitsCodeSequence = [_code(codes.UCUM.NoUnits)]
+    num.MeasuredValueSequence = [measured]
+    return num
+
+
+def _ds(value: float) -> str:
+    """A Decimal String (at most 16 characters) for ``value``."""
+    text = f"{value:.6f}"
+    return text if len(text) <= 16 else f"{value:.6g}"
 
 
 def _evidence(src: _Source) -> Dataset:
@@ -636,7 +1045,36 @@ def _write_atomic(dest: Path, write: Any) -> None:
         raise
 
 
-def accepted_sop_classes() -> Iterable[str]:
-    """Every SOP Class UID the node accepts for storage."""
-    for classes in ACCEPTED_STORAGE.values():
-        yield from classes
+def accepted_sop_classes(modalities: Iterable[str] | None = None) -> Iterable[str]:
+    """The storage SOP Class UIDs of ``modalities`` (default: of every modality in the table)."""
+    for modality in ACCEPTED_STORAGE if modalities is None else modalities:
+        yield from ACCEPTED_STORAGE[modality]
+
+
+def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(str(text).strip(), strict=False)
+    except ValueError:
+        raise ConfigError(
+            f"--allow-host {text!r} is not an IP address or network (such as 10.1.2.3 or 10.1.2.0/24)"
+        ) from None
+
+
+def _peer_host(address: Any) -> str:
+    """The peer's IP address as text; an IPv4 peer seen through an IPv6 socket as its IPv4 address."""
+    host = str(address[0] if isinstance(address, tuple) else address)
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+def _in_networks(host: str, networks: list[Any]) -> bool:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(ip.version == n.version and ip in n for n in networks)
