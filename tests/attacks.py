@@ -13,7 +13,6 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -50,121 +49,139 @@ class SocketFates:
         self.answers[line] = self.answers.get(line, 0) + 1
 
 
-def _watch(
-    socks: list[tuple[socket.socket, float]],
-    fates: SocketFates,
-    stop: threading.Event,
-    tick: Callable[[list[socket.socket]], None],
-) -> None:
-    """Poll ``socks`` (with their opening times) until ``stop``; a readable socket is one the server
-    answered or closed."""
-    opened_at = {s: t for s, t in socks}
-    open_socks = [s for s, _ in socks]
-    while open_socks and not stop.is_set():
-        tick(open_socks)
-        readable, _, _ = select.select(open_socks, [], [], 0.05)
-        for s in readable:
-            try:
-                data = s.recv(4096)
-            except OSError:
-                data = b""
-            fates.note_answer(data)
-            fates.closed_by_server += 1
-            fates.open_seconds.append(time.monotonic() - opened_at[s])
-            open_socks.remove(s)
-            s.close()
-    fates.still_open = len(open_socks)
-    for s in open_socks:
-        s.close()
-
-
-class IdleConnections(threading.Thread):
-    """``per_source`` connections from each source address that never send a byte."""
-
-    def __init__(self, host: str, port: int, sources: list[str], per_source: int) -> None:
-        super().__init__(daemon=True)
-        self.host, self.port, self.sources, self.per_source = host, port, sources, per_source
-        self.fates = SocketFates()
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        socks = []
-        for source in self.sources:
-            for _ in range(self.per_source):
-                try:
-                    socks.append((_connect(self.host, self.port, source), time.monotonic()))
-                    self.fates.opened += 1
-                except OSError:
-                    self.fates.failed_to_open += 1
-        _watch(socks, self.fates, self.stop, lambda _: None)
-
-
-class SlowHeaders(threading.Thread):
-    """Connections that send a request head one header line every ``interval`` seconds, never ending it."""
+class _HeldConnections(threading.Thread):
+    """Connections held open from each source address, polled until :attr:`stop`; a readable one is one
+    the server answered or closed. With ``reconnect_after``, each one the server closes is opened again
+    that many seconds later (a persistent attacker)."""
 
     def __init__(
-        self, host: str, port: int, sources: list[str], per_source: int, interval: float = 0.5
+        self,
+        host: str,
+        port: int,
+        sources: list[str],
+        per_source: int,
+        reconnect_after: float | None = None,
     ) -> None:
         super().__init__(daemon=True)
         self.host, self.port, self.sources, self.per_source = host, port, sources, per_source
-        self.interval = interval
+        self.reconnect_after = reconnect_after
         self.fates = SocketFates()
         self.stop = threading.Event()
 
+    def open(self, source: str) -> socket.socket:
+        return _connect(self.host, self.port, source)
+
+    def tick(self, socks: list[socket.socket]) -> None:
+        """Called every poll (about every 50 ms)."""
+
+    def _open(self, source: str, held: dict[socket.socket, tuple[str, float]]) -> None:
+        try:
+            held[self.open(source)] = (source, time.monotonic())
+            self.fates.opened += 1
+        except OSError:
+            self.fates.failed_to_open += 1
+
     def run(self) -> None:
-        socks = []
+        held: dict[socket.socket, tuple[str, float]] = {}
+        due: list[tuple[float, str]] = []
         for source in self.sources:
             for _ in range(self.per_source):
+                self._open(source, held)
+        while (held or due) and not self.stop.is_set():
+            now = time.monotonic()
+            for when, source in [d for d in due if d[0] <= now]:
+                due.remove((when, source))
+                self._open(source, held)
+            socks = list(held)
+            self.tick(socks)
+            readable = select.select(socks, [], [], 0.05)[0] if socks else []
+            if not socks:
+                time.sleep(0.05)
+            for s in readable:
                 try:
-                    s = _connect(self.host, self.port, source)
-                    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-                    socks.append((s, time.monotonic()))
-                    self.fates.opened += 1
+                    data = s.recv(4096)
                 except OSError:
-                    self.fates.failed_to_open += 1
-        last = [time.monotonic()]
+                    data = b""
+                self.fates.note_answer(data)
+                self.fates.closed_by_server += 1
+                source, opened_at = held.pop(s)
+                self.fates.open_seconds.append(time.monotonic() - opened_at)
+                s.close()
+                if self.reconnect_after is not None:
+                    due.append((time.monotonic() + self.reconnect_after, source))
+        self.fates.still_open = len(held)
+        for s in held:
+            s.close()
 
-        def tick(open_socks: list[socket.socket]) -> None:
-            if time.monotonic() - last[0] < self.interval:
-                return
-            last[0] = time.monotonic()
-            for s in open_socks:
-                with contextlib.suppress(OSError):  # the server closed it: the poll sees it
-                    s.send(b"X-Slow: 1\r\n")
 
-        _watch(socks, self.fates, self.stop, tick)
+class IdleConnections(_HeldConnections):
+    """``per_source`` connections from each source address that never send a byte."""
+
+
+class SlowHeaders(_HeldConnections):
+    """Connections that send a request head one header line every ``interval`` seconds, never ending it."""
+
+    def __init__(self, *args: object, interval: float = 0.5, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.interval = interval
+        self._last = time.monotonic()
+
+    def open(self, source: str) -> socket.socket:
+        s = _connect(self.host, self.port, source)
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        return s
+
+    def tick(self, socks: list[socket.socket]) -> None:
+        if time.monotonic() - self._last < self.interval:
+            return
+        self._last = time.monotonic()
+        for s in socks:
+            with contextlib.suppress(OSError):  # the server closed it: the poll sees it
+                s.send(b"X-Slow: 1\r\n")
 
 
 class HugeHeader(threading.Thread):
-    """One request whose header field is ``size`` bytes long, sent as fast as the server takes it."""
+    """A request whose header field is ``size`` bytes long, sent as fast as the server takes it; with
+    ``repeat``, one after another until :attr:`stop`. :attr:`sent` and :attr:`answer` describe the first."""
 
-    def __init__(self, host: str, port: int, source: str, size: int) -> None:
+    def __init__(self, host: str, port: int, source: str, size: int, repeat: bool = False) -> None:
         super().__init__(daemon=True)
-        self.host, self.port, self.source, self.size = host, port, source, size
+        self.host, self.port, self.source, self.size, self.repeat = host, port, source, size, repeat
         self.sent = 0
         self.answer = ""  # the status line the server sent, or the error that ended the sending
+        self.attempts = 0
+        self.stop = threading.Event()
 
-    def run(self) -> None:
+    def _one(self) -> tuple[int, str]:
         chunk = b"a" * 65536
+        sent, answer = 0, ""
         try:
-            s = _connect(self.host, self.port, self.source, timeout=30)
+            s = _connect(self.host, self.port, self.source, timeout=120)
         except OSError as exc:
-            self.answer = f"connect: {type(exc).__name__}"
-            return
+            return 0, f"connect: {type(exc).__name__}"
         with s:
             try:
                 s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ")
-                while self.sent < self.size:
-                    self.sent += s.send(chunk[: self.size - self.sent])
+                while sent < self.size and not self.stop.is_set():
+                    sent += s.send(chunk[: self.size - sent])
                 s.sendall(b"\r\n\r\n")
             except OSError as exc:
-                self.answer = type(exc).__name__
+                answer = type(exc).__name__
             try:
                 data = s.recv(4096)
                 if data:
-                    self.answer = data.split(b"\r\n", 1)[0].decode("latin-1")
+                    answer = data.split(b"\r\n", 1)[0].decode("latin-1")
             except OSError as exc:
-                self.answer = self.answer or type(exc).__name__
+                answer = answer or type(exc).__name__
+        return sent, answer
+
+    def run(self) -> None:
+        self.sent, self.answer = self._one()
+        self.attempts = 1
+        while self.repeat and not self.stop.is_set():
+            self._one()
+            self.attempts += 1
+            self.stop.wait(0.1)
 
 
 @dataclass
