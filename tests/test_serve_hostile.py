@@ -127,6 +127,8 @@ def test_hostile_barrage_gets_only_4xx_while_health_checks_answer(server, sim_da
 async def _tiny_app(scope, receive, send) -> None:
     assert scope["type"] == "http"
     body = b"ok"
+    if scope["path"] == "/big":
+        body = b"x" * (64 << 20)
     if scope["path"] == "/read":  # reads the whole body and says how long it was
         size, more = 0, True
         while more:
@@ -295,6 +297,24 @@ def test_guard_closes_a_refused_request_whose_body_trickles_on():
             if closed:
                 break
             time.sleep(0.1)
+        assert closed
+
+
+@pytest.mark.parametrize("connection", ["keep-alive", "close"])
+def test_guard_drops_an_answer_the_client_does_not_read(connection):
+    with _guarded_server(header_timeout_s=0.5) as port, socket.create_connection(("127.0.0.1", port)) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(f"GET /big HTTP/1.1\r\nHost: x\r\nConnection: {connection}\r\n\r\n".encode())
+        time.sleep(2)  # not reading: a plain close would wait for the 64 MiB to drain, forever
+        s.settimeout(1)
+        closed, end = False, time.monotonic() + 10
+        while not closed and time.monotonic() < end:
+            try:
+                closed = s.recv(65536) == b""
+            except ConnectionResetError:
+                closed = True
+            except TimeoutError:
+                pass
         assert closed
 
 

@@ -9,7 +9,8 @@ connections, so a few hundred silent sockets made every request, ``/healthz`` in
 - **a deadline for the request head** (``header_timeout_s``), counted from the connection's start or from
   the previous response; a connection without a complete head by then is closed (408 when it had sent
   something). A response sent before its request body ended (a refusal) is followed by at most
-  ``linger_s`` of discarding the rest of the body, then the connection is closed;
+  ``linger_s`` of discarding the rest of the body, then the connection is closed. An answer the client
+  has not read by the next deadline is dropped with the connection (abort);
 - **head size limits checked on the raw bytes, before the parser sees them**: one line (the request line or
   a header field) at most ``max_line_bytes``, the whole head at most ``max_head_bytes`` and
   ``max_fields`` fields; beyond, 431 and the connection is closed, so at most one read's worth (256 KiB)
@@ -31,7 +32,10 @@ import copy
 import ipaddress
 import logging
 import os
+import socket
+import struct
 from collections import Counter
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -315,7 +319,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # starts the next pipelined request, if one is queued
-        if self.transport.is_closing() or self._busy():
+        if self._busy():
+            return
+        if self.transport.is_closing():  # "Connection: close": it closes once the answer is sent...
+            if self.transport.get_write_buffer_size():
+                self._arm(self.limits.header_timeout_s)  # ...or is aborted if the client does not read it
             return
         if self.body_pending:
             self._arm(self.limits.linger_s)  # answered (refused) before the body ended: discard it, briefly
@@ -343,9 +351,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _on_deadline(self) -> None:
         self._deadline = None
+        busy = self._busy()
+        if not busy and self.transport.get_write_buffer_size():
+            # Its last answer is still unsent after a header timeout: a client that does not read. A plain
+            # close would wait for the buffer to drain, for as long as the client holds on.
+            self.guard.waiting.pop(self, None)
+            self.guard.note("answer_not_read", self.loop)
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:  # reset, so the kernel drops what it still holds for the client too
+                with suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()
+            return
         if self.transport.is_closing():
             return
-        busy = self._busy()
         if self.awaiting_head and not busy:
             if self.scanner.head_bytes:
                 self._refuse(408, "header_timeout", b"the request head did not arrive in time\n")
