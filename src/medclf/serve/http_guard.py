@@ -236,6 +236,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._unchecked_feed = False
         self._began_unchecked = False
+        self._answered = 0  # responses completed on this connection
 
     # -- connection lifecycle
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -254,7 +255,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if victim is None:
                 self._refuse(503, "server_full", b"the server has no free connection\n")
                 return
-            victim._close("evicted_waiting_for_head")
+            victim._close("evicted_waiting_for_head", reset=bool(victim.transport.get_write_buffer_size()))
         self._wait_for_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -318,6 +319,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._wait_for_head()  # answered before its body ended; the body is in: wait for the next head
 
     def on_response_complete(self) -> None:
+        self._answered += 1
         super().on_response_complete()  # starts the next pipelined request, if one is queued
         if self._busy():
             return
@@ -355,19 +357,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if not busy and self.transport.get_write_buffer_size():
             # Its last answer is still unsent after a header timeout: a client that does not read. A plain
             # close would wait for the buffer to drain, for as long as the client holds on.
-            self.guard.waiting.pop(self, None)
-            self.guard.note("answer_not_read", self.loop)
-            sock = self.transport.get_extra_info("socket")
-            if sock is not None:  # reset, so the kernel drops what it still holds for the client too
-                with suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.transport.abort()
+            self._close("answer_not_read", reset=True)
             return
         if self.transport.is_closing():
             return
         if self.awaiting_head and not busy:
             if self.scanner.head_bytes:
                 self._refuse(408, "header_timeout", b"the request head did not arrive in time\n")
+            elif self._answered:
+                self._close(None)  # an idle keep-alive connection: nothing to report
             else:
                 self._close("idle_timeout")
         elif self.body_pending and not busy:
@@ -382,11 +380,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         )
         self._close(reason)
 
-    def _close(self, reason: str) -> None:
+    def _close(self, reason: str | None, reset: bool = False) -> None:
+        """Close (``reset``: at once, dropping whatever is unsent) and count the reason, if there is one."""
         self._cancel_deadline()
         self.guard.waiting.pop(self, None)
-        self.guard.note(reason, self.loop)
-        if not self.transport.is_closing():
+        if reason:
+            self.guard.note(reason, self.loop)
+        if reset:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:  # an RST, so the kernel drops what it still holds for the client too
+                with suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()
+        elif not self.transport.is_closing():
             self.transport.close()
 
 
