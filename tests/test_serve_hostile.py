@@ -216,6 +216,17 @@ def test_head_scanner_limits_and_chunking():
     assert big.scan(b"GET / HTTP/1.1\r\n" + b"A: 12345678\r\n" * 30)[1] == "header_too_large"
 
 
+def test_client_addresses_and_trusted_proxies():
+    from medclf.serve.http_guard import ConnectionLimits, _ServerGuard, client_key
+
+    # An IPv6 subscriber gets a /64 to choose addresses from: it counts as one client.
+    assert client_key("2001:db8::1") == client_key("2001:db8::ffff") == "2001:db8::/64"
+    assert client_key("::ffff:192.0.2.7") == "192.0.2.7" and client_key("192.0.2.7") == "192.0.2.7"
+    guard = _ServerGuard(ConnectionLimits(trusted_proxies="10.0.0.0/8, ::1, /run/proxy.sock"))
+    assert guard.is_trusted("10.1.2.3") and guard.is_trusted("::1") and not guard.is_trusted("127.0.0.1")
+    assert _ServerGuard(ConnectionLimits(trusted_proxies="*")).is_trusted("192.0.2.7")
+
+
 def test_guard_closes_idle_and_slow_heads_and_refuses_huge_ones():
     with _guarded_server(header_timeout_s=0.5, max_line_bytes=8192, max_head_bytes=65536) as port:
         idle = socket.create_connection(("127.0.0.1", port))
