@@ -392,3 +392,104 @@ def test_allocator_tuning_is_accepted_by_glibc():
 
     # Every option is accepted: an out-of-range value (e.g. an mmap threshold above 32 MiB) returns False.
     assert tune_allocator() is True
+
+
+# ------------------------------------------------------------------ issue 21, items 3 and 4
+
+
+def test_no_redirects_to_a_forged_host(client):
+    for method, path in [
+        ("POST", "/v1/predict/"),
+        ("GET", "/v1/model/"),
+        ("GET", "/static"),
+        ("GET", "/healthz/"),
+    ]:
+        r = client.request(method, path, headers={"host": "evil.example"}, follow_redirects=False)
+        assert r.status_code == 404, (path, r.status_code, r.headers)
+        assert "location" not in r.headers and "evil.example" not in r.text
+
+
+def test_the_openapi_specification_tells_nothing_about_the_model(client, bundle, tiny_bundle, tmp_path):
+    spec = client.get("/openapi.json")
+    assert spec.status_code == 200 and "/v1/predict" in spec.json()["paths"]
+    for secret in [*bundle.classes, bundle.arch, bundle.sha256]:
+        assert secret not in spec.text, secret
+    assert client.get("/redoc").status_code == 404
+    # With keys, the specification needs one, the /docs page (which could not send it) is off, and an
+    # unauthenticated client cannot tell a route from a 404.
+    keys = tmp_path / "keys.txt"
+    _, key = add_key(keys, "ward-7")
+    with TestClient(create_app(bundle, audit_db=str(tmp_path / "k.db"), api_key_file=str(keys))) as c:
+        assert_refusal(c.get("/openapi.json"), 401, "unauthorized")
+        assert c.get("/openapi.json", headers={"X-API-Key": key}).status_code == 200
+        assert c.get("/docs").status_code == 404
+        assert_refusal(c.get("/v1/nothing"), 401, "unauthorized")
+        assert_refusal(c.get("/v1/nothing", headers={"X-API-Key": key}), 404, "not_found")
+
+
+def test_an_api_key_in_the_url_is_refused_and_never_stored(bundle, brain_png, tmp_path):
+    keys = tmp_path / "keys.txt"
+    _, key = add_key(keys, "ward-7")
+    app = create_app(bundle, audit_db=str(tmp_path / "audit.db"), api_key_file=str(keys))
+    data = brain_png.read_bytes()
+    with TestClient(app) as c:
+        body = assert_refusal(c.post(f"/v1/predict?api_key={key}", content=data), 400, "key_in_query")
+        assert "exposed" in body["error"]
+        # Under any name, with the key also in its header; and on the page too.
+        body = assert_refusal(
+            c.post(f"/v1/predict?explain=true&x={key}", content=data, headers={"X-API-Key": key}), 400
+        )
+        assert body["reason"] == "key_in_query"
+        assert_refusal(c.get("/?token=abc"), 400, "key_in_query")
+        assert (
+            c.post("/v1/predict?explain=false", content=data, headers={"X-API-Key": key}).status_code == 200
+        )
+        rows = audit_rows(c)
+    assert [(r["status"], r["error_reason"]) for r in rows] == [(400, "key_in_query")] * 2 + [(200, None)]
+    assert key.encode() not in b"".join(p.read_bytes() for p in tmp_path.glob("audit.db*"))
+
+
+def test_refusals_by_the_server_itself_are_audited(client):
+    assert_refusal(client.get("/v1/predict"), 405, "method_not_allowed")
+    assert_refusal(client.get("/v1/no/such/Doe_Jane"), 404, "not_found")
+    assert_refusal(client.post("/v1/predict?explain=perhaps", content=b"x"), 422, "invalid_request")
+    client.get("/healthz")  # not an API request: no row
+    rows = audit_rows(client)
+    assert [(r["status"], r["endpoint"], r["error_reason"]) for r in rows] == [
+        (405, "/v1/predict", "method_not_allowed"),
+        (404, "/v1/*", "not_found"),  # an unknown path is not written: it could hold anything
+        (422, "/v1/predict", "invalid_request"),
+    ]
+
+
+def test_the_audit_log_fails_closed(bundle, brain_png, tmp_path, caplog):
+    """Issue 21, item 4: with the database locked by someone else, predictions are refused with 503 (and
+    their rows go to the server log), never answered without a row; service resumes once it unlocks."""
+    db = tmp_path / "audit.db"
+    app = create_app(bundle, audit_db=str(db), audit_busy_timeout_s=0.2)
+    data = brain_png.read_bytes()
+    with TestClient(app) as c:
+        assert c.post("/v1/predict", content=data).status_code == 200
+        locker = sqlite3.connect(db, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            refused = [c.post("/v1/predict", content=data) for _ in range(3)]
+            for r in refused:
+                assert_refusal(r, 503, "audit_unavailable")
+            ready = c.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["audit_log"] is False
+            assert c.get("/healthz").status_code == 200  # alive, just not ready
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        for _ in range(100):  # the writer checks every second whether it can write again
+            if c.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.1)
+        after = c.post("/v1/predict", content=data)
+        assert after.status_code == 200
+        rows = audit_rows(c)
+    assert [r["status"] for r in rows] == [200, 200]
+    assert rows[-1]["request_id"] == after.json()["request_id"]
+    unwritten = [r.getMessage() for r in caplog.records if "audit row not written" in r.getMessage()]
+    assert len(unwritten) == 3 and all('"status": 503' in line for line in unwritten)

@@ -615,9 +615,23 @@ def serve(
     tta: Annotated[
         bool, typer.Option("--tta", help="Test-time augmentation: average over flips and small shifts")
     ] = False,
+    header_timeout: Annotated[
+        float,
+        typer.Option(help="Seconds a connection has to send a complete request head, else it is closed"),
+    ] = 5.0,
+    max_client_connections: Annotated[
+        int,
+        typer.Option(
+            help="Open connections per client address (IPv6: per /64); trusted proxies exempt; 0: no cap"
+        ),
+    ] = 32,
+    max_connections: Annotated[
+        int, typer.Option(help="Open connections per process; beyond, the one idle longest is closed")
+    ] = 1000,
 ) -> None:
     """HTTP API (POST /v1/predict, GET /v1/model, /healthz, /readyz, /docs) and the web page at /."""
     from medclf.serve.app import ServeSettings, run
+    from medclf.serve.http_guard import ConnectionLimits
 
     settings = ServeSettings(
         max_upload_mb=max_upload_mb,
@@ -631,7 +645,12 @@ def serve(
         engine=engine,
         tta=tta,
     )
-    run(bundle, host=host, port=port, workers=workers, settings=settings, log_level=log_level)
+    limits = ConnectionLimits(
+        header_timeout_s=header_timeout,
+        max_client_connections=max_client_connections,
+        max_connections=max_connections,
+    )
+    run(bundle, host=host, port=port, workers=workers, settings=settings, log_level=log_level, limits=limits)
 
 
 serve_keys_app = typer.Typer(help="API keys for `medclf serve`: stored as sha256 hashes, shown once.")

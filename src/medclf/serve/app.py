@@ -5,8 +5,10 @@
                        probabilities, model id and sha256, input sha256, latency; ``?explain=true`` adds
                        a heatmap (base64 PNGs)
 ``GET /v1/model``      classes, input spec, preprocessing, metrics, model card
-``GET /healthz``       liveness; ``GET /readyz``: ready to take work (503 while the queue is full)
-``GET /docs``          OpenAPI documentation (``/openapi.json`` is the specification)
+``GET /healthz``       liveness; ``GET /readyz``: ready to take work (503 while the queue is full or the
+                       audit log cannot be written)
+``GET /docs``          OpenAPI documentation (``/openapi.json`` is the specification); without a key file
+                       only: with one, ``/docs`` is off and ``/openapi.json`` needs a key
 ``GET /``              the web page (``serve/static``)
 =====================  ==================================================================================
 
@@ -19,13 +21,16 @@ training did. Every :class:`~medclf.errors.MedclfError` becomes its HTTP status 
 Back-pressure: at most ``queue`` predict requests are admitted at once (being uploaded, waiting or
 running); more get 429 at once. Inference runs in a pool of ``threads`` threads, and a request's slot is
 freed only when its work has really finished, so timeouts cannot pile up hidden work. Every API request
-(``/v1/...``) leaves one row in the audit log (:mod:`medclf.serve.auditlog`).
+(``/v1/...``) leaves one row in the audit log (:mod:`medclf.serve.auditlog`), committed before the answer
+is sent (503 when it cannot be): see :mod:`medclf.serve.gate`, which also checks API keys. Below HTTP,
+:mod:`medclf.serve.http_guard` bounds connections: request-head deadlines and sizes, per-client caps.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import json
 import logging
@@ -35,7 +40,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from dataclasses import asdict, dataclass, replace
@@ -58,6 +63,8 @@ from medclf.io import ReadLimits, read_image
 from medclf.preprocess import preprocess
 from medclf.serve.auditlog import AuditLog, AuditRecord
 from medclf.serve.auth import KeyStore
+from medclf.serve.gate import AUDIT_STATE, RequestGate
+from medclf.serve.http_guard import ConnectionLimits
 
 log = logging.getLogger("medclf.serve")
 
@@ -90,6 +97,7 @@ class ServeSettings:
     explain_method: str = "auto"
     engine: str = "auto"  # see medclf.engines: auto runs the bundle's ONNX (int8 first) model when it has one
     tta: bool = False  # test-time augmentation (the bundle's default views)
+    audit_busy_timeout_s: float = 5.0  # a row waits this long for a locked database, then 503
 
     def __post_init__(self) -> None:
         if self.max_upload_mb <= 0:
@@ -158,7 +166,11 @@ class Service:
         self.bundle = bundle
         self.settings = settings
         self.keys = KeyStore(settings.api_key_file) if settings.api_key_file else None
-        self.audit = AuditLog(settings.audit_db) if settings.audit_db else None
+        self.audit = (
+            AuditLog(settings.audit_db, busy_timeout_s=settings.audit_busy_timeout_s)
+            if settings.audit_db
+            else None
+        )
         self.explainer = Explainer(bundle, settings.explain_method)
         self.admission = _Admission(settings.queue)
         self.pool = ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="medclf-infer")
@@ -187,23 +199,6 @@ class Service:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     # -- pieces of a request
-    def authorise(self, request: Request) -> str | None:
-        if self.keys is None:
-            return None
-        key = request.headers.get("x-api-key")
-        auth = request.headers.get("authorization", "")
-        if not key and auth[:7].lower() == "bearer ":
-            key = auth[7:].strip()
-        key_id = self.keys.verify(key)
-        if key_id is None:
-            raise ServeError(
-                "missing or invalid API key (send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY')",
-                status=401,
-                reason="unauthorized",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        return key_id
-
     def model_summary(self) -> dict[str, Any]:
         return {
             "id": self.model_id,
@@ -338,7 +333,6 @@ class Service:
         self.admission.leave()
 
     async def predict(self, request: Request, explain: bool, rec: AuditRecord) -> dict[str, Any]:
-        rec.key_id = self.authorise(request)
         rec.explained = explain
         if not self.admission.try_enter():
             raise ServeError(
@@ -424,6 +418,13 @@ def _model_card(bundle: Bundle) -> dict[str, Any]:
     return card
 
 
+def _audit_record(request: Request) -> AuditRecord:
+    """The row :class:`~medclf.serve.gate.RequestGate` writes for this request (a throwaway one without
+    an audit log)."""
+    rec = request.scope.get("state", {}).get(AUDIT_STATE)
+    return rec if isinstance(rec, AuditRecord) else AuditRecord(request_id=uuid.uuid4().hex, endpoint="")
+
+
 def _error_response(exc: MedclfError) -> JSONResponse:
     status = int(getattr(exc, "http_status", 400))
     reason = getattr(exc, "reason", None) or type(exc).__name__.removesuffix("Error").lower() or "invalid"
@@ -465,13 +466,22 @@ def create_app(
         yield
         service.close()
 
+    # The specification is the same for every model (no architecture, no class names: /v1/model tells those,
+    # behind the key), and with keys it needs one too. No redirects: Starlette builds their absolute URL from
+    # the Host header, which the client chooses; /v1/predict/ is a 404.
     app = FastAPI(
         title="medclf",
-        version=__version__,
-        summary=f"Medical image classification: {b.arch}, classes {', '.join(b.classes)}. {DISCLAIMER}",
+        version="v1",
+        summary=f"Medical image classification. {DISCLAIMER}",
         lifespan=lifespan,
+        docs_url=None if service.keys else "/docs",
+        redoc_url=None,
+        redirect_slashes=False,
     )
     app.state.service = service
+    app.add_middleware(
+        RequestGate, keys=service.keys, audit=service.audit, model_sha256=b.sha256, routes=app.router.routes
+    )
 
     @app.exception_handler(MedclfError)
     async def _medclf_error(request: Request, exc: MedclfError) -> JSONResponse:
@@ -498,34 +508,6 @@ def create_app(
         log.exception("internal error")
         return JSONResponse({"error": "internal server error", "reason": "internal"}, status_code=500)
 
-    async def audited(
-        request: Request, endpoint: str, handler: Callable[[AuditRecord], Awaitable[Any]]
-    ) -> Any:
-        rec = AuditRecord(request_id=uuid.uuid4().hex, endpoint=endpoint, model_sha256=b.sha256)
-        t0 = time.perf_counter()
-        try:
-            body = await handler(rec)
-            rec.status = 200
-            return body
-        except MedclfError as exc:
-            rec.status = int(getattr(exc, "http_status", 400))
-            rec.error_reason = getattr(exc, "reason", None) or type(exc).__name__
-            raise
-        except StarletteHTTPException as exc:  # malformed multipart bodies and the like
-            rec.status = exc.status_code
-            rec.error_reason = "bad_request"
-            raise
-        except Exception:
-            rec.status, rec.error_reason = 500, "internal"
-            raise
-        except BaseException:  # the client went away (nginx's 499: client closed request)
-            rec.status, rec.error_reason = 499, "cancelled"
-            raise
-        finally:
-            rec.latency_ms = round((time.perf_counter() - t0) * 1000, 2)
-            if service.audit:
-                service.audit.record(rec)
-
     @app.post(
         "/v1/predict",
         summary="Classify one image (DICOM, NIfTI, PNG, JPEG, TIFF)",
@@ -543,28 +525,21 @@ def create_app(
         `overlay_png` (input + heatmap + caption), `heatmap_png` (RGBA) and `image_png` (the preprocessed
         input), base64-encoded."""
         t0 = time.perf_counter()
-
-        async def handle(rec: AuditRecord) -> JSONResponse:
-            out = await service.predict(request, explain, rec)
-            rec.predicted, rec.confidence = out["predicted"], out["confidence"]
-            body = {
-                "request_id": rec.request_id,
-                **out,
-                "model": service.model_summary(),
-                "latency_ms": round((time.perf_counter() - t0) * 1000, 2),
-                "disclaimer": DISCLAIMER,
-            }
-            return JSONResponse(body)
-
-        return await audited(request, "/v1/predict", handle)
+        rec = _audit_record(request)
+        out = await service.predict(request, explain, rec)
+        rec.predicted, rec.confidence = out["predicted"], out["confidence"]
+        body = {
+            "request_id": rec.request_id,
+            **out,
+            "model": service.model_summary(),
+            "latency_ms": round((time.perf_counter() - t0) * 1000, 2),
+            "disclaimer": DISCLAIMER,
+        }
+        return JSONResponse(body)
 
     @app.get("/v1/model", summary="Classes, input spec, preprocessing, metrics and model card")
     async def model(request: Request) -> dict[str, Any]:
-        async def handle(rec: AuditRecord) -> dict[str, Any]:
-            rec.key_id = service.authorise(request)
-            return service.model_document()
-
-        return await audited(request, "/v1/model", handle)
+        return service.model_document()
 
     @app.get("/healthz", summary="Liveness")
     async def healthz() -> dict[str, Any]:
@@ -573,8 +548,9 @@ def create_app(
     @app.get("/readyz", summary="Readiness: the model is loaded and the queue has room")
     async def readyz() -> JSONResponse:
         adm = service.admission
-        ready = service.ready and not adm.full
-        body = {"ready": ready, "in_flight": adm.in_flight, "queue": adm.limit}
+        audit_ok = not (service.audit and service.audit.failing)
+        ready = service.ready and not adm.full and audit_ok
+        body = {"ready": ready, "in_flight": adm.in_flight, "queue": adm.limit, "audit_log": audit_ok}
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/", include_in_schema=False)
@@ -600,6 +576,20 @@ def app_from_environment() -> FastAPI:
     return create_app(bundle, settings)
 
 
+def _raise_file_limit(wanted: int) -> None:
+    """Lift the soft limit on open files towards ``wanted`` (never above the hard limit): each connection
+    holds one, and the default soft limit is often 1024."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def _set_torch_threads(settings: ServeSettings, workers: int) -> None:
     """Give each inference thread its share of the CPUs. Requests run in parallel across threads; torch's
     default (every core for each of them) oversubscribes the machine: measured on 2 cores under load, one
@@ -621,24 +611,32 @@ def run(
     workers: int = 1,
     settings: ServeSettings | None = None,
     log_level: str = "info",
+    limits: ConnectionLimits | None = None,
 ) -> None:
     """Serve ``bundle`` with uvicorn until interrupted. Refuses a non-loopback host without API keys."""
     import uvicorn
 
     from medclf.serve.auth import check_exposure
+    from medclf.serve.http_guard import GuardedHttpToolsProtocol, uvicorn_log_config
 
     settings = settings or ServeSettings()
+    limits = limits or ConnectionLimits()
     check_exposure(host, settings.api_key_file)
     if workers < 1:
         raise ConfigError("--workers must be at least 1")
     tune_allocator()
     _set_torch_threads(settings, workers)
-    # Bound open connections too, beyond the predict queue (health checks, the page, slow clients).
+    _raise_file_limit(limits.max_connections + 256)  # plus files, the audit log, the model, threads
+    # Connections are bounded by the guarded protocol (http_guard), not by uvicorn's limit_concurrency: that
+    # one counts idle connections too and answers 503 to everything, /healthz included, once they add up.
     common: dict[str, Any] = {
         "host": host,
         "port": port,
         "log_level": log_level,
-        "limit_concurrency": settings.queue + 64,
+        "log_config": uvicorn_log_config(),
+        "http": functools.partial(GuardedHttpToolsProtocol, limits=limits),
+        "ws": "none",
+        "forwarded_allow_ips": limits.trusted_proxies,
         "timeout_keep_alive": 5,
         "server_header": False,
     }

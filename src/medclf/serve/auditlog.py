@@ -7,7 +7,12 @@ names, ids or dates, client addresses. The input's hash lets an auditor match a 
 without the log revealing whose file it was.
 
 The database runs in WAL mode, so ``medclf audit-log show`` can read while the server writes. Rows are
-queued and committed in small batches by one writer thread, so a request never waits for the disk.
+committed in small batches by one writer thread (a group commit: concurrent requests share one
+transaction). The log fails closed: :meth:`AuditLog.record` returns a future that completes only when the
+row is committed, and the server answers a request only after that; when the row cannot be written (the
+database locked beyond ``busy_timeout_s``, the disk full, ...) the future raises :class:`AuditWriteError`
+and the server refuses the request with 503 instead. While writes fail, :attr:`AuditLog.failing` is true and
+the writer tries every second whether it can write again.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Iterable
+from concurrent.futures import Future
+from contextlib import suppress
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -63,37 +70,51 @@ class AuditRecord:
 _FIELDS = [f.name for f in fields(AuditRecord)]
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=10.0, check_same_thread=False)
+class AuditWriteError(Exception):
+    """A row could not be committed; the request it describes must not be answered as if it were."""
+
+
+def _connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=busy_timeout_s, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across application crashes
+    # FULL: each commit is synced to disk before the answer it vouches for is sent, so a power cut cannot
+    # lose a row either (NORMAL survives only a crashed process). Group commits share one sync.
+    conn.execute("PRAGMA synchronous=FULL")
     conn.execute(COLUMNS_SQL)
     conn.commit()
     return conn
 
 
-class AuditLog:
-    """Append-only request log. :meth:`record` never blocks on the disk; :meth:`flush` waits for it."""
+_PROBE_EVERY_S = 1.0
 
-    def __init__(self, path: str | Path) -> None:
+
+class AuditLog:
+    """Append-only request log. :meth:`record` queues a row and returns a future that completes when the row
+    is committed (or raises :class:`AuditWriteError`); it never blocks the caller on the disk itself."""
+
+    def __init__(self, path: str | Path, *, busy_timeout_s: float = 5.0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._conn = _connect(self.path)
+            self._conn = _connect(self.path, busy_timeout_s)
         except sqlite3.Error as exc:
             raise ConfigError(f"{self.path}: cannot open the audit log ({exc})") from exc
-        self._queue: queue.Queue[AuditRecord | threading.Event | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[AuditRecord, Future[None]] | threading.Event | None] = queue.Queue()
         self.write_errors = 0
+        self.failing = False  # the last write (or probe) failed; cleared by the next one that succeeds
+        self.last_error = ""
         self._thread = threading.Thread(target=self._writer, name="medclf-audit", daemon=True)
         self._thread.start()
 
-    def record(self, rec: AuditRecord) -> None:
+    def record(self, rec: AuditRecord) -> Future[None]:
         if not rec.time:
             rec.time = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
-        self._queue.put(rec)
+        done: Future[None] = Future()
+        self._queue.put((rec, done))
+        return done
 
     def flush(self, timeout: float = 10.0) -> None:
-        """Return once every record queued so far is committed."""
+        """Return once every record queued so far is committed (or has failed)."""
         done = threading.Event()
         self._queue.put(done)
         done.wait(timeout)
@@ -103,11 +124,27 @@ class AuditLog:
         self._thread.join(timeout=10)
         self._conn.close()
 
+    def _probe(self) -> None:
+        """Can we write again? Take the write lock and let it go."""
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            self.last_error = str(exc)
+            with suppress(sqlite3.Error):
+                self._conn.rollback()
+            return
+        self.failing = False
+
     def _writer(self) -> None:
         sql = f"INSERT INTO requests ({', '.join(_FIELDS)}) VALUES ({', '.join('?' * len(_FIELDS))})"
         while True:
-            item = self._queue.get()
-            batch: list[AuditRecord] = []
+            try:
+                item = self._queue.get(timeout=_PROBE_EVERY_S if self.failing else None)
+            except queue.Empty:
+                self._probe()
+                continue
+            batch: list[tuple[AuditRecord, Future[None]]] = []
             events: list[threading.Event] = []
             stop = False
             while True:
@@ -126,9 +163,16 @@ class AuditLog:
             if batch:
                 try:
                     with self._conn:
-                        self._conn.executemany(sql, [_row(r) for r in batch])
-                except sqlite3.Error:
+                        self._conn.executemany(sql, [_row(rec) for rec, _ in batch])
+                except sqlite3.Error as exc:
                     self.write_errors += len(batch)
+                    self.failing, self.last_error = True, str(exc)
+                    for _, done in batch:
+                        done.set_exception(AuditWriteError(f"the audit log cannot be written ({exc})"))
+                else:
+                    self.failing = False
+                    for _, done in batch:
+                        done.set_result(None)
             for e in events:
                 e.set()
             if stop:
