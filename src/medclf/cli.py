@@ -263,6 +263,12 @@ def predict(
     explain_method: Annotated[
         str, typer.Option(help="With --explain: auto, gradcam, gradcampp or occlusion")
     ] = "auto",
+    sr: Annotated[
+        Path | None,
+        typer.Option(
+            "--sr", help="Also write a DICOM SR per DICOM input into this folder (<SOPInstanceUID>.sr.dcm)"
+        ),
+    ] = None,
 ) -> None:
     """Classify images. Exit code 2 if any input was refused (the others still get answers)."""
     from medclf.bundle import load_bundle
@@ -282,6 +288,11 @@ def predict(
         for r in results:
             if r["path"] in heatmaps:
                 r["heatmap"] = heatmaps[r["path"]]
+    sr_notes = []
+    if sr is not None:
+        from medclf.serve.sr import write_sr_files
+
+        sr_notes = write_sr_files(b, results, sr)
     text = _as_csv(results, b.classes) if format == "csv" else json.dumps(results, indent=2)
     if out:
         out.write_text(text + ("" if text.endswith("\n") else "\n"), encoding="utf-8")
@@ -293,6 +304,8 @@ def predict(
     for r in results:
         if r.get("ood"):
             err.print(f"[yellow]warning[/] {r['path']}: {r['warning']}", highlight=False)
+    for note in sr_notes:
+        err.print(f"[yellow]no SR[/] {note}", highlight=False)
     if not results:
         raise MedclfError("no input files found")
     if refused:
@@ -533,6 +546,9 @@ def dicom_node(
             help="Accept images of this modality (MR, CT, US, MG, ...; repeat) instead of the training data's",
         ),
     ] = None,
+    fhir: Annotated[
+        bool, typer.Option("--fhir", help="Also write each result as a FHIR DiagnosticReport (.fhir.json)")
+    ] = False,
 ) -> None:
     """DICOM Storage SCP: answers C-ECHO, classifies each image received by C-STORE and writes
     <SOPInstanceUID>.json and <SOPInstanceUID>.sr.dcm to --out. Stop with Ctrl-C."""
@@ -556,6 +572,7 @@ def dicom_node(
         dimse_timeout=dimse_timeout,
         idle_timeout=idle_timeout,
         modalities=accept_modality or None,
+        fhir=fhir,
     )
 
 
