@@ -50,10 +50,12 @@ def mr_copy(tmp_path) -> Path:
 
 
 def _medclf(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    return subprocess.run(
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    run = subprocess.run(
         [sys.executable, "-m", "medclf", *args], capture_output=True, text=True, timeout=300, env=env
     )
+    assert "Traceback" not in run.stderr, run.stderr
+    return run
 
 
 # -- DICOM SR -------------------------------------------------------------------------------------------------

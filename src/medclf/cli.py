@@ -360,7 +360,7 @@ def ensemble(
 @app.command()
 def export(
     bundle: Annotated[Path, typer.Argument(help="Model bundle to compress (folder or .zip)")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Bundle folder to write")] = None,
     data: Annotated[
         str | None, typer.Option(help="The training data (for int8 calibration, fine-tuning, distillation)")
     ] = None,
@@ -397,10 +397,30 @@ def export(
     workers: Annotated[int | None, typer.Option(help="Decoding processes")] = None,
     cache_dir: Annotated[str | None, typer.Option(help="Where preprocessed tensors are cached")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+    monai_bundle: Annotated[
+        Path | None,
+        typer.Option(
+            "--monai-bundle", help="Write BUNDLE as a MONAI bundle into this new folder (instead of --out)"
+        ),
+    ] = None,
 ) -> None:
-    """Compress a bundle: distil, prune, export to ONNX, quantise to int8; records accuracy before/after."""
+    """Compress a bundle: distil, prune, export to ONNX, quantise to int8; records accuracy before/after.
+    Or, with --monai-bundle, write it as a MONAI bundle."""
     from medclf.api import export as run_export
 
+    if monai_bundle is not None:
+        compressing = any(v for v in (out, data, onnx, int8, prune, distill_from, student, student_kwargs))
+        if compressing:
+            raise MedclfError(
+                "--monai-bundle exports BUNDLE as it is: compress it first (--out), then export the result"
+            )
+        from medclf.api import export_monai_bundle
+
+        written = export_monai_bundle(bundle, monai_bundle)
+        err.print(f"MONAI bundle written to {written}", highlight=False)
+        return
+    if out is None:
+        raise MedclfError("--out is required (the bundle folder to write), or --monai-bundle")
     run_export(
         bundle,
         out,
