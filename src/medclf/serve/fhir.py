@@ -2,10 +2,10 @@
 as a ``Device``, all contained in the report, validated by building them with ``fhir.resources``.
 
 FHIR version: **R4** (4.0.1) is what hospital systems run. ``fhir.resources`` (the maintained FHIR model
-library on pydantic 2) ships models for R5, R4B (4.3.0) and STU3, but no longer for R4 itself; R4B is R4
-with changes confined to medication definition resources, so the report is built and validated with the
-R4B models, and uses only elements that R4 has in the same form (the test checks each resource's
-element names against R4's).
+library on pydantic 2) ships models for R5, R4B (4.3.0) and STU3, but no longer for R4 itself. R4B is a
+limited update of R4 (chiefly new medication definition and evidence resources), so the report is built and
+validated with the R4B models and uses only elements R4 defines (the test checks each resource's element
+names against R4's).
 
 What the report holds (codes as in the DICOM SR, see :mod:`medclf.serve.coding`):
 
