@@ -19,9 +19,11 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ComprehensiveSRStorage, generate_uid
+from pydicom.uid import ComprehensiveSRStorage, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
+
+from .sr_check import check_sr
 
 AE_TITLE = "MEDCLF"
 
@@ -89,113 +91,10 @@ def _mr_small_copy() -> Dataset:
     return ds
 
 
-def _content_items(ds: Dataset):
-    for item in ds.get("ContentSequence", []):
-        yield item
-        yield from _content_items(item)
-
-
-def _meaning(item: Dataset, attribute: str = "ConceptNameCodeSequence") -> str:
-    return str(item[attribute][0].CodeMeaning)
-
-
-# Comprehensive SR IOD (PS3.3 A.35.3): type 1 attributes must hold a value, type 2 must be present.
-_SR_TYPE1 = [
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "StudyInstanceUID",
-    "Modality",
-    "SeriesInstanceUID",
-    "SeriesNumber",
-    "InstanceNumber",
-    "CompletionFlag",
-    "VerificationFlag",
-    "ContentDate",
-    "ContentTime",
-    "ValueType",
-    "ConceptNameCodeSequence",
-    "ContinuityOfContent",
-    "ContentSequence",
-]
-_SR_TYPE2 = [
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-    "ReferencedPerformedProcedureStepSequence",
-    "Manufacturer",
-    "PerformedProcedureCodeSequence",
-]
-
-
-def _check_sr(sr_path: Path, src: Dataset, result: dict) -> None:
-    sr = dcmread(sr_path)
-    # Valid as an IOD: dicom3tools' validator when installed, else the required attributes by hand.
-    for keyword in _SR_TYPE1:
-        assert sr.get(keyword) not in (None, ""), f"type 1 attribute {keyword} missing or empty"
-    for keyword in _SR_TYPE2:
-        assert keyword in sr, f"type 2 attribute {keyword} missing"
-    for item in _content_items(sr):
-        assert item.RelationshipType and item.ValueType
-    if shutil.which("dciodvfy"):  # dicom3tools' validator (Debian package dicom3tools)
-        check = _run("dciodvfy", str(sr_path))
-        errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
-        assert not errors, errors
-    # Its own identity, filed with the source's patient and study.
-    assert sr.SOPClassUID == ComprehensiveSRStorage and sr.Modality == "SR"
-    assert sr.file_meta.MediaStorageSOPInstanceUID == sr.SOPInstanceUID
-    for uid in (sr.SOPInstanceUID, sr.SeriesInstanceUID):
-        assert UID(uid).is_valid
-    assert sr.SOPInstanceUID != src.SOPInstanceUID and sr.SeriesInstanceUID != src.SeriesInstanceUID
-    assert sr.StudyInstanceUID == src.StudyInstanceUID
-    assert sr.PatientID == src.PatientID  # the SR carries the patient module (see the module docstring)
+def _check_sr(sr_path: Path, src: Dataset, result: dict, bundle) -> None:
+    """See tests/sr_check.py; and the node's JSON names the SR it wrote."""
+    sr = check_sr(sr_path, src, result, bundle)
     assert result["sr"]["sop_instance_uid"] == sr.SOPInstanceUID
-    # The evidence: study > series > the source instance.
-    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
-    assert evidence.StudyInstanceUID == src.StudyInstanceUID
-    series = evidence.ReferencedSeriesSequence[0]
-    assert series.SeriesInstanceUID == src.SeriesInstanceUID
-    assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
-    assert series.ReferencedSOPSequence[0].ReferencedSOPClassUID == src.SOPClassUID
-    items = list(_content_items(sr))
-    findings = [
-        i for i in items if i.ValueType == "CODE" and _meaning(i) == "Finding" and "ContentSequence" in i
-    ]
-    probabilities = [i for i in items if i.ValueType == "NUM" and _meaning(i) == "Probability"]
-    checks = [i for i in items if i.ValueType == "CODE" and _meaning(i) == "Validity of the AI result"]
-    assert len(checks) == ("ood" in result)
-    if checks:  # the out-of-distribution check, with its score
-        assert _meaning(checks[0], "ConceptCodeSequence") == (
-            "Not valid: input outside the model's training distribution"
-            if result["ood"]
-            else "Input within the model's training distribution"
-        )
-        (score,) = [i for i in checks[0].ContentSequence if i.ValueType == "NUM" and "score" in _meaning(i)]
-        assert float(score.MeasuredValueSequence[0].NumericValue) == pytest.approx(
-            result["ood_score"], abs=1e-3
-        )
-    if result.get("ood"):  # no result reads as a finding: neither the class nor the probabilities
-        assert not findings and not probabilities
-        summary = next(i for i in items if i.ValueType == "TEXT" and _meaning(i) == "Summary")
-        assert "outside the training distribution" in summary.TextValue
-        return
-    # The prediction as a CODE item inferred from the source image, the probabilities as NUM items.
-    (finding,) = findings
-    assert _meaning(finding, "ConceptCodeSequence") == result["predicted"]
-    (image,) = [i for i in finding.ContentSequence if i.ValueType == "IMAGE"]
-    assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
-    numbers = {
-        _meaning(num.ContentSequence[0], "ConceptCodeSequence"): float(
-            num.MeasuredValueSequence[0].NumericValue
-        )
-        for num in probabilities
-    }
-    assert numbers == pytest.approx(result["probabilities"], abs=1e-6)
 
 
 def _check_json_has_no_patient_identifiers(json_path: Path, src: Dataset) -> None:
@@ -248,7 +147,7 @@ def test_storescu_image_gets_a_json_result_and_a_valid_sr(node, bundle, name, pr
     assert result["predicted"] == expected["predicted"]
     assert result["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-6)
     _check_json_has_no_patient_identifiers(json_path, src)
-    _check_sr(sr_path, src, result)
+    _check_sr(sr_path, src, result, bundle)
     assert not [p.name for p in node.out_dir.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
@@ -648,5 +547,37 @@ def test_out_of_distribution_input_gets_no_finding_in_the_sr(tiny_bundle, tmp_pa
             result = json.loads(json_path.read_text(encoding="utf-8"))
             assert result["ood"] is flagged and result["ood_score"] >= 0
             assert ("warning" in result) is flagged
-            _check_sr(sr_path, src, result)
+            _check_sr(sr_path, src, result, guarded)
     assert _logged(caplog, "unlike the images the model was trained on")
+
+
+# -- FHIR beside the SR (issue 24, item 3) ---------------------------------------------------------------------
+
+
+def test_the_node_writes_a_fhir_report_beside_each_sr(bundle, tmp_path):
+    from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+
+    from medclf.serve.dicom_node import DicomNode
+
+    with DicomNode(bundle, tmp_path, port=0, ae_title=AE_TITLE, fhir=True) as running:
+        src = _mr_small_copy()
+        assert _send(running.port, src).Status == 0x0000
+    json_path, sr_path = _outputs(running, src.SOPInstanceUID)
+    result = json.loads(json_path.read_text(encoding="utf-8"))
+    fhir_path = tmp_path / result["fhir"]["file"]
+    assert fhir_path.name == f"{src.SOPInstanceUID}.fhir.json"
+    document = json.loads(fhir_path.read_text(encoding="utf-8"))
+    DiagnosticReport.model_validate(document)
+    # Identified by the SR it stands beside; probabilities as in the JSON; no patient identifiers.
+    assert document["identifier"] == [
+        {"system": "urn:dicom:uid", "value": f"urn:oid:{result['sr']['sop_instance_uid']}"}
+    ]
+    assert dcmread(sr_path).SOPInstanceUID == result["sr"]["sop_instance_uid"]
+    if not result["ood"]:
+        probabilities = {
+            o["code"]["text"]: o["valueQuantity"]["value"]
+            for o in document["contained"]
+            if o["id"].startswith("p")
+        }
+        assert probabilities == pytest.approx(result["probabilities"])
+    _check_json_has_no_patient_identifiers(fhir_path, src)

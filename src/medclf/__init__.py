@@ -9,6 +9,7 @@ The public API (imported lazily, so ``import medclf`` stays fast)::
     medclf.load_bundle(path) -> Bundle        # Bundle.predict(paths_or_arrays)
     medclf.predict(bundle, inputs) -> list[dict]
     medclf.export(bundle, out, data=..., onnx=True, int8=True) -> ExportResult   # compression
+    medclf.export_monai_bundle(bundle, out) -> Path                           # a MONAI bundle
     medclf.ensemble([b1, b2], out, data=..., method="mean") -> EnsembleResult   # fusion
     medclf.train_folds(data, out, folds=5) -> EnsembleResult                  # K-fold bagging
     medclf.train_members(data, out, members=3) -> EnsembleResult              # seed bagging
@@ -29,6 +30,7 @@ _API = {
     "load_bundle",
     "predict",
     "export",
+    "export_monai_bundle",
     "ensemble",
     "train_folds",
     "train_members",

@@ -124,6 +124,15 @@ def export(bundle: str | Path | Bundle, out: str | Path, **options: Any) -> Expo
     return export_bundle(bundle, out, **options)
 
 
+def export_monai_bundle(bundle: str | Path | Bundle, out: str | Path) -> Path:
+    """Write ``bundle`` as a MONAI bundle folder ``out`` (metadata, inference config, safetensors weights,
+    README) that MONAI's ``python -m monai.bundle run`` executes with medclf's reader and preprocessing;
+    see :mod:`medclf.interop.monai_bundle`."""
+    from medclf.interop.monai_bundle import export_monai_bundle as write
+
+    return write(bundle, out)
+
+
 def baseline(
     data: str | Path,
     out: str | Path,

@@ -263,6 +263,12 @@ def predict(
     explain_method: Annotated[
         str, typer.Option(help="With --explain: auto, gradcam, gradcampp or occlusion")
     ] = "auto",
+    sr: Annotated[
+        Path | None,
+        typer.Option(
+            "--sr", help="Also write a DICOM SR per DICOM input into this folder (<SOPInstanceUID>.sr.dcm)"
+        ),
+    ] = None,
 ) -> None:
     """Classify images. Exit code 2 if any input was refused (the others still get answers)."""
     from medclf.bundle import load_bundle
@@ -282,6 +288,11 @@ def predict(
         for r in results:
             if r["path"] in heatmaps:
                 r["heatmap"] = heatmaps[r["path"]]
+    sr_notes = []
+    if sr is not None:
+        from medclf.serve.sr import write_sr_files
+
+        sr_notes = write_sr_files(b, results, sr)
     text = _as_csv(results, b.classes) if format == "csv" else json.dumps(results, indent=2)
     if out:
         out.write_text(text + ("" if text.endswith("\n") else "\n"), encoding="utf-8")
@@ -293,6 +304,8 @@ def predict(
     for r in results:
         if r.get("ood"):
             err.print(f"[yellow]warning[/] {r['path']}: {r['warning']}", highlight=False)
+    for note in sr_notes:
+        err.print(f"[yellow]no SR[/] {note}", highlight=False)
     if not results:
         raise MedclfError("no input files found")
     if refused:
@@ -347,7 +360,7 @@ def ensemble(
 @app.command()
 def export(
     bundle: Annotated[Path, typer.Argument(help="Model bundle to compress (folder or .zip)")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Bundle folder to write")] = None,
     data: Annotated[
         str | None, typer.Option(help="The training data (for int8 calibration, fine-tuning, distillation)")
     ] = None,
@@ -384,10 +397,30 @@ def export(
     workers: Annotated[int | None, typer.Option(help="Decoding processes")] = None,
     cache_dir: Annotated[str | None, typer.Option(help="Where preprocessed tensors are cached")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+    monai_bundle: Annotated[
+        Path | None,
+        typer.Option(
+            "--monai-bundle", help="Write BUNDLE as a MONAI bundle into this new folder (instead of --out)"
+        ),
+    ] = None,
 ) -> None:
-    """Compress a bundle: distil, prune, export to ONNX, quantise to int8; records accuracy before/after."""
+    """Compress a bundle: distil, prune, export to ONNX, quantise to int8; records accuracy before/after.
+    Or, with --monai-bundle, write it as a MONAI bundle."""
     from medclf.api import export as run_export
 
+    if monai_bundle is not None:
+        compressing = any(v for v in (out, data, onnx, int8, prune, distill_from, student, student_kwargs))
+        if compressing:
+            raise MedclfError(
+                "--monai-bundle exports BUNDLE as it is: compress it first (--out), then export the result"
+            )
+        from medclf.api import export_monai_bundle
+
+        written = export_monai_bundle(bundle, monai_bundle)
+        err.print(f"MONAI bundle written to {written}", highlight=False)
+        return
+    if out is None:
+        raise MedclfError("--out is required (the bundle folder to write), or --monai-bundle")
     run_export(
         bundle,
         out,
@@ -533,6 +566,9 @@ def dicom_node(
             help="Accept images of this modality (MR, CT, US, MG, ...; repeat) instead of the training data's",
         ),
     ] = None,
+    fhir: Annotated[
+        bool, typer.Option("--fhir", help="Also write each result as a FHIR DiagnosticReport (.fhir.json)")
+    ] = False,
 ) -> None:
     """DICOM Storage SCP: answers C-ECHO, classifies each image received by C-STORE and writes
     <SOPInstanceUID>.json and <SOPInstanceUID>.sr.dcm to --out. Stop with Ctrl-C."""
@@ -556,6 +592,7 @@ def dicom_node(
         dimse_timeout=dimse_timeout,
         idle_timeout=idle_timeout,
         modalities=accept_modality or None,
+        fhir=fhir,
     )
 
 

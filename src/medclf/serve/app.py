@@ -513,6 +513,10 @@ def create_app(
         summary="Classify one image (DICOM, NIfTI, PNG, JPEG, TIFF)",
         openapi_extra=_UPLOAD_SCHEMA,
         responses={
+            200: {
+                "description": "the prediction; a FHIR R4 DiagnosticReport with Accept: application/fhir+json",
+                "content": {"application/fhir+json": {}},
+            },
             401: {"description": "missing or invalid API key"},
             413: {"description": "upload larger than the limit"},
             415: {"description": "not a supported image format"},
@@ -520,14 +524,21 @@ def create_app(
             429: {"description": "too many requests in progress"},
         },
     )
-    async def predict(request: Request, explain: bool = False) -> JSONResponse:
+    async def predict(request: Request, explain: bool = False) -> Response:
         """Send the image as multipart field `file` (or as the raw body). `explain=true` adds a heatmap:
         `overlay_png` (input + heatmap + caption), `heatmap_png` (RGBA) and `image_png` (the preprocessed
-        input), base64-encoded."""
+        input), base64-encoded. With `Accept: application/fhir+json` the answer is a FHIR R4
+        `DiagnosticReport` (contained `Observation`s and the model as a `Device`; the overlay as its
+        `presentedForm`)."""
         t0 = time.perf_counter()
         rec = _audit_record(request)
         out = await service.predict(request, explain, rec)
         rec.predicted, rec.confidence = out["predicted"], out["confidence"]
+        from medclf.serve import fhir
+
+        if fhir.wants_fhir(request.headers.get("accept")):
+            text = fhir.http_report(out, service.bundle, rec.request_id)
+            return Response(text.encode("utf-8"), media_type=fhir.MEDIA_TYPE)
         body = {
             "request_id": rec.request_id,
             **out,

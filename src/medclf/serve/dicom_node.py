@@ -23,7 +23,7 @@ ask for an association, ``dimse_timeout`` for a message to complete, ``idle_time
 association to stay silent. Refused connections and associations are logged with the reason.
 
 A refused object gets a failure status (see :data:`STATUS_BY_REASON`) with a short ``ErrorComment`` and a
-log line; the node keeps serving. For an accepted image two files appear in the output folder, each
+log line; the node keeps serving. For an accepted image two (or three) files appear in the output folder, each
 written atomically (temporary file + ``os.replace``, the JSON last, so it marks a complete result), and
 never over an earlier result (see :meth:`DicomNode._handle_store` for what a second object with the same
 SOP Instance UID gets):
@@ -34,15 +34,18 @@ SOP Instance UID gets):
     name, id, birth date): it is meant for logs, dashboards and audit, which must not become a second copy
     of the patient record.
 ``<SOPInstanceUID>.sr.dcm``
-    a Comprehensive SR document with new SOP Instance and Series UIDs, referencing the source instance
-    in the Current Requested Procedure Evidence Sequence and in an IMAGE content item, holding the
-    prediction as a CODE item and each class probability as a NUM item, and the out-of-distribution
-    check as its own CODE item with the score. For an input outside the training distribution the SR
-    holds **no finding and no probabilities**, only that check and a text saying the model gives no
-    valid result for it. The SR **does** copy the Patient module (name, id, birth date, sex) and the
-    General Study module from the source: a PACS files an SR by patient and study, and an SR without
-    them would be orphaned or mismatched. It carries the same identifiers the source image already
-    carried to the same archive, nothing more.
+    a Comprehensive 3D SR (TID 1500 measurement report, built with highdicom by
+    :func:`medclf.serve.sr.build_sr`: see there) with new SOP Instance and Series UIDs, referencing the
+    source instance, holding one measurement group per class (its probability; the predicted class
+    "Present"), the operating point's decision when the bundle has one, and the out-of-distribution check.
+    For an input outside the training distribution the SR holds **no finding and no probabilities**, only
+    the check saying the model gives no valid result for it. The SR **does** copy the Patient module
+    (name, id, birth date, sex) and the General Study module from the source: a PACS files an SR by
+    patient and study, and an SR without them would be orphaned or mismatched. It carries the same
+    identifiers the source image already carried to the same archive, nothing more.
+``<SOPInstanceUID>.fhir.json`` (``fhir=True``, ``medclf dicom-node --fhir``)
+    the same result as a FHIR R4 ``DiagnosticReport`` (:mod:`medclf.serve.fhir`), identified by the SR's
+    SOP Instance UID; like the JSON, it holds no patient identifiers.
 """
 
 from __future__ import annotations
@@ -53,32 +56,28 @@ import hashlib
 import ipaddress
 import json
 import logging
-import math
 import os
 import signal
 import socket
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
-from pydicom.sr.codedict import codes
-from pydicom.sr.coding import Code
-from pydicom.uid import UID, AllTransferSyntaxes, ComprehensiveSRStorage, ExplicitVRLittleEndian
+from pydicom.uid import UID, AllTransferSyntaxes
 from pynetdicom import AE, evt
 from pynetdicom import sop_class as sop
 from pynetdicom.transport import ThreadedAssociationServer
 
-import medclf
 from medclf.errors import ConfigError, InputRejected
 from medclf.io import ReadLimits, read_image
+from medclf.serve.sr import build_sr
 
 if TYPE_CHECKING:
     from pynetdicom.events import Event
@@ -184,28 +183,6 @@ STATUS_BY_REASON: dict[str, int] = {
     # why. (An identical re-send gets Success, as Orthanc answers: the instance is held.)
     "duplicate_uid": CANNOT_UNDERSTAND,
 }
-
-# Class codes live in a private coding scheme ("99" prefix, PS3.16 8.2); described in the SR itself. The
-# out-of-distribution check has codes of its own, in a second scheme, so no class name can collide with them.
-PRIVATE_SCHEME = "99MEDCLF"
-CHECK_SCHEME = "99MEDCLFQC"
-RESULT_VALIDITY = Code("VALIDITY", CHECK_SCHEME, "Validity of the AI result")
-OUT_OF_DISTRIBUTION = Code("OOD", CHECK_SCHEME, "Not valid: input outside the model's training distribution")
-IN_DISTRIBUTION = Code("INDIST", CHECK_SCHEME, "Input within the model's training distribution")
-OOD_SCORE = Code("OODSCORE", CHECK_SCHEME, "Out-of-distribution score")
-OOD_THRESHOLD = Code("OODTHRESHOLD", CHECK_SCHEME, "Out-of-distribution threshold")
-SR_SERIES_NUMBER = 990
-_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "medclf:dicom-node")
-_PATIENT_KEYWORDS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex")
-_STUDY_KEYWORDS = (
-    "StudyInstanceUID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-    "StudyDescription",
-)
 
 
 def decodable_transfer_syntaxes() -> list[str]:
@@ -352,6 +329,7 @@ class DicomNode:
     time limits: see the module docstring; ``allowed_hosts`` holds addresses or networks (``10.1.2.0/24``)
     and is required when ``host`` is not a loopback address (``0.0.0.0/0`` allows every IPv4 peer).
     ``modalities`` overrides the storage classes the training data calls for (:func:`storage_modalities`).
+    ``fhir``: also write each result as a FHIR ``DiagnosticReport`` (``<SOPInstanceUID>.fhir.json``).
     One node per output folder: duplicates are detected within the node.
     """
 
@@ -372,8 +350,10 @@ class DicomNode:
         dimse_timeout: float = 30.0,
         idle_timeout: float = 30.0,
         modalities: Sequence[str] | None = None,
+        fhir: bool = False,
     ) -> None:
         self.bundle = bundle
+        self.fhir = bool(fhir)
         self.out_dir = Path(out_dir)
         self.host = host
         self.requested_port = int(port)
@@ -641,6 +621,13 @@ class DicomNode:
                 "series_instance_uid": str(sr.SeriesInstanceUID),
             },
         }
+        report = None
+        if self.fhir:
+            from medclf.serve.fhir import diagnostic_report, report_json
+
+            sr_uid = {"system": "urn:dicom:uid", "value": f"urn:oid:{sr.SOPInstanceUID}"}
+            report = report_json(diagnostic_report(prediction, self.bundle, issued=now, identifiers=[sr_uid]))
+            result["fhir"] = {"file": f"{source.instance}.fhir.json"}
         with self._results_lock:  # two associations may deliver the same UID at the same time
             if (earlier := _earlier_result(json_path)) is not None:
                 return _duplicate(earlier, content, source.instance)
@@ -648,6 +635,9 @@ class DicomNode:
                 self.out_dir / f"{source.instance}.sr.dcm",
                 lambda fh: dcmwrite(fh, sr, enforce_file_format=True),
             )
+            if report is not None:
+                data = report.encode("utf-8")
+                _write_atomic(self.out_dir / f"{source.instance}.fhir.json", lambda fh: fh.write(data))
             result["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
             text = json.dumps(result, indent=2, ensure_ascii=False) + "\n"
             _write_atomic(json_path, lambda fh: fh.write(text.encode("utf-8")))
@@ -731,239 +721,13 @@ def run_dicom_node(
     node.serve_forever()
 
 
-# -- the structured report ---------------------------------------------------------------------------------
-
-
-def build_sr(
-    source: Dataset,
-    prediction: dict[str, Any],
-    bundle: Bundle,
-    *,
-    now: dt.datetime | None = None,
-    observer_name: str = "MEDCLF",
-) -> Dataset:
-    """A Comprehensive SR about ``source`` (a header, pixels not needed) holding ``prediction``.
-
-    ``prediction`` is one entry of :meth:`Bundle.predict`. The SR has new SOP Instance and Series UIDs
-    (the series UID is derived from the source series and the model, so all reports of one model about
-    one series share an SR series), copies the Patient and General Study modules from ``source`` (see
-    the module docstring for why), and references the source instance as evidence.
-    """
-    now = now or dt.datetime.now(dt.timezone.utc)
-    src = _source_of(source, None, None)
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: class names and copied names may be any script
-    # SOP Common
-    ds.SOPClassUID = ComprehensiveSRStorage
-    ds.SOPInstanceUID = _uid2_25(uuid.uuid4())
-    ds.InstanceCreationDate = ds.ContentDate = now.strftime("%Y%m%d")
-    ds.InstanceCreationTime = ds.ContentTime = now.strftime("%H%M%S.%f")
-    ds.TimezoneOffsetFromUTC = now.strftime("%z") or "+0000"
-    schemes = []
-    for designator, name in (
-        (PRIVATE_SCHEME, "medclf model classes"),
-        (CHECK_SCHEME, "medclf result checks"),
-    ):
-        scheme = Dataset()
-        scheme.CodingSchemeDesignator = designator
-        scheme.CodingSchemeName = name
-        schemes.append(scheme)
-    ds.CodingSchemeIdentificationSequence = schemes
-    # Patient and General Study: copied so that the archive files the SR with its study (type 2: present,
-    # empty when the source lacks them).
-    for keyword in _PATIENT_KEYWORDS + _STUDY_KEYWORDS:
-        if keyword in source:
-            ds.add(source[keyword])
-    for keyword in (
-        "PatientName",
-        "PatientID",
-        "PatientBirthDate",
-        "PatientSex",
-        "StudyDate",
-        "StudyTime",
-        "ReferringPhysicianName",
-        "StudyID",
-        "AccessionNumber",
-    ):
-        if keyword not in ds:
-            setattr(ds, keyword, "")
-    # SR Document Series
-    ds.Modality = "SR"
-    ds.SeriesInstanceUID = _uid2_25(uuid.uuid5(_UID_NAMESPACE, f"sr-series|{src.series}|{bundle.sha256}"))
-    ds.SeriesNumber = SR_SERIES_NUMBER
-    ds.SeriesDescription = "medclf AI classification"
-    ds.SeriesDate, ds.SeriesTime = ds.ContentDate, ds.ContentTime
-    ds.ReferencedPerformedProcedureStepSequence = []
-    # General Equipment
-    ds.Manufacturer = "medclf"
-    ds.ManufacturerModelName = _lo(f"{bundle.arch} {bundle.sha256[:12]}")
-    ds.SoftwareVersions = medclf.__version__
-    # SR Document General
-    ds.InstanceNumber = _instance_number(source)
-    ds.CompletionFlag = "COMPLETE"
-    ds.VerificationFlag = "UNVERIFIED"
-    ds.PerformedProcedureCodeSequence = []
-    ds.CurrentRequestedProcedureEvidenceSequence = [_evidence(src)]
-    # SR Document Content: the root container and its tree
-    ds.ValueType = "CONTAINER"
-    ds.ConceptNameCodeSequence = [_code(codes.LN.DiagnosticImagingReport)]
-    ds.ContinuityOfContent = "SEPARATE"
-    ds.ContentSequence = _content_tree(src, prediction, bundle, observer_name)
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return ds
-
-
-def _content_tree(src: _Source, prediction: dict[str, Any], bundle: Bundle, observer: str) -> list[Dataset]:
-    """The SR's items. An input the out-of-distribution guard flags gets no finding and no probabilities:
-    a reader (or a PACS rule) must not take the model's answer for a result; the check item and the
-    summary say why there is none."""
-    device_uid = _uid2_25(uuid.uuid5(_UID_NAMESPACE, f"model|{bundle.sha256}"))
-    predicted = str(prediction["predicted"])
-    outside = bool(prediction.get("ood"))
-    observer_type = _item("HAS OBS CONTEXT", "CODE", codes.DCM.ObserverType)
-    observer_type.ConceptCodeSequence = [_code(codes.DCM.Device)]
-    observer_uid = _item("HAS OBS CONTEXT", "UIDREF", codes.DCM.DeviceObserverUID)
-    observer_uid.UID = device_uid
-    items = [
-        observer_type,
-        observer_uid,
-        _text("HAS OBS CONTEXT", codes.DCM.DeviceObserverName, observer),
-        _text("HAS OBS CONTEXT", codes.DCM.DeviceObserverManufacturer, "medclf"),
-        _text("HAS OBS CONTEXT", codes.DCM.DeviceObserverModelName, f"{bundle.arch} {bundle.sha256[:12]}"),
-    ]
-    model = f"medclf model {bundle.arch} (sha256 {bundle.sha256[:12]})"
-    if not outside:
-        finding = _item("CONTAINS", "CODE", codes.DCM.Finding)
-        finding.ConceptCodeSequence = [_code(_class_code(predicted))]
-        finding.ContentSequence = [
-            _text("HAS CONCEPT MOD", codes.DCM.AlgorithmName, f"medclf {bundle.arch}"),
-            _text("HAS CONCEPT MOD", codes.DCM.AlgorithmVersion, bundle.sha256),
-            _image_ref(src),
-        ]
-        items.append(finding)
-        for name, p in prediction["probabilities"].items():
-            num = _num("CONTAINS", codes.DCM.Probability, float(p))
-            which = _item("HAS CONCEPT MOD", "CODE", codes.DCM.Finding)
-            which.ConceptCodeSequence = [_code(_class_code(str(name)))]
-            num.ContentSequence = [which]
-            items.append(num)
-        summary = f"{model} predicts '{predicted}' with probability {float(prediction['confidence']):.3f}."
-    else:
-        summary = (
-            f"The input is outside the training distribution of {model}: the model gives no valid result for "
-            f"it, so none is reported. {prediction.get('warning', '')}".strip()
-        )
-    if "ood" in prediction:
-        check = _item("CONTAINS", "CODE", RESULT_VALIDITY)
-        check.ConceptCodeSequence = [_code(OUT_OF_DISTRIBUTION if outside else IN_DISTRIBUTION)]
-        check.ContentSequence = []
-        detector = bundle.ood
-        for concept, value in (
-            (OOD_SCORE, prediction.get("ood_score")),
-            (OOD_THRESHOLD, detector.threshold if detector is not None else None),
-        ):
-            if value is not None and math.isfinite(float(value)):
-                check.ContentSequence.append(_num("HAS PROPERTIES", concept, float(value)))
-        check.ContentSequence.append(_image_ref(src))
-        items.append(check)
-    items.append(
-        _text("CONTAINS", codes.DCM.Summary, f"{summary} Research software: not for diagnostic use.")
-    )
-    return items
-
-
-def _image_ref(src: _Source) -> Dataset:
-    image = _item("INFERRED FROM", "IMAGE", codes.DCM.SourceOfMeasurement)
-    image.ReferencedSOPSequence = [_sop_ref(src.sop_class, src.instance)]
-    return image
-
-
-def _num(relationship: str, concept: Code, value: float) -> Dataset:
-    num = _item(relationship, "NUM", concept)
-    measured = Dataset()
-    measured.NumericValue = _ds(value)
-    measured.MeasurementUnitsCodeSequence = [_code(codes.UCUM.NoUnits)]
-    num.MeasuredValueSequence = [measured]
-    return num
-
-
-def _ds(value: float) -> str:
-    """A Decimal String (at most 16 characters) for ``value``."""
-    text = f"{value:.6f}"
-    return text if len(text) <= 16 else f"{value:.6g}"
-
-
-def _evidence(src: _Source) -> Dataset:
-    """Hierarchical SOP Instance Reference (PS3.3 C.17.2.1): study > series > instance."""
-    series = Dataset()
-    series.SeriesInstanceUID = src.series
-    series.ReferencedSOPSequence = [_sop_ref(src.sop_class, src.instance)]
-    study = Dataset()
-    study.StudyInstanceUID = src.study
-    study.ReferencedSeriesSequence = [series]
-    return study
-
-
-def _sop_ref(sop_class: str, instance: str) -> Dataset:
-    ref = Dataset()
-    ref.ReferencedSOPClassUID = sop_class
-    ref.ReferencedSOPInstanceUID = instance
-    return ref
-
-
-def _item(relationship: str, value_type: str, concept: Code) -> Dataset:
-    item = Dataset()
-    item.RelationshipType = relationship
-    item.ValueType = value_type
-    item.ConceptNameCodeSequence = [_code(concept)]
-    return item
-
-
-def _text(relationship: str, concept: Code, text: str) -> Dataset:
-    item = _item(relationship, "TEXT", concept)
-    item.TextValue = text
-    return item
-
-
-def _code(code: Code) -> Dataset:
-    ds = Dataset()
-    ds.CodeValue = code.value
-    ds.CodingSchemeDesignator = code.scheme_designator
-    if code.scheme_version:
-        ds.CodingSchemeVersion = code.scheme_version
-    ds.CodeMeaning = _lo(code.meaning)
-    return ds
-
-
-def _class_code(name: str) -> Code:
-    """The private code of a class: its name when that is a valid short string (SH), else a hash of it."""
-    clean = name.strip()
-    if 0 < len(clean) <= 16 and "\\" not in clean and clean.isprintable() and clean.isascii():
-        value = clean
-    else:
-        value = "C" + hashlib.sha256(name.encode("utf-8")).hexdigest()[:15]
-    return Code(value, PRIVATE_SCHEME, name)
+# -- small helpers -----------------------------------------------------------------------------------------
 
 
 def _lo(text: str) -> str:
     """A value fit for a Long String: at most 64 characters, no backslash or control characters."""
     clean = "".join(c if c.isprintable() and c != "\\" else " " for c in text)
     return clean[:64]
-
-
-def _uid2_25(u: uuid.UUID) -> str:
-    """A UID under the 2.25 root from a UUID (PS3.5 B.2): no organisation root needed."""
-    return f"2.25.{u.int}"
-
-
-def _instance_number(source: Dataset) -> int:
-    try:
-        return max(int(source.get("InstanceNumber") or 1), 1)
-    except (TypeError, ValueError):
-        return 1
 
 
 def _safe_uid(value: object, what: str) -> str:
