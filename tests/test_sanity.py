@@ -39,7 +39,8 @@ def test_below_the_majority_class_or_the_baseline_or_a_cut_schedule_fails():
 def test_thumbnails_and_baselines_on_2d_and_3d_rows():
     rng = np.random.default_rng(0)
     assert sanity.thumbnails(rng.random((5, 1, 28, 28)).astype(np.float16), np.arange(5)).shape == (5, 256)
-    assert sanity.thumbnails(rng.random((3, 16, 28, 28)), np.arange(3)).shape == (3, 16 * 64)
+    assert sanity.thumbnails(rng.random((3, 16, 28, 28)), np.arange(3)).shape == (3, 256)
+    assert sanity.thumbnails(rng.random((3, 3, 28, 28)), np.arange(3), chunk_bytes=1).shape == (3, 192)
     assert sanity.thumbnails(rng.random((3, 1, 16, 16, 16)), np.array([2, 0])).shape == (2, 64)
     # A bright square marks class 1: the thumbnail baseline finds it, the majority class cannot.
     x = rng.random((200, 1, 16, 16)).astype(np.float32) * 0.2

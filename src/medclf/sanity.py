@@ -4,7 +4,7 @@ After training, on the validation split, the model is compared with
 
 * the **majority class**: always answering the most frequent training class (its accuracy; AUC 0.5);
 * a **cheap baseline**: a logistic regression (scikit-learn) on small thumbnails of the cached input
-  tensors (area-averaged to 16x16 or 8x8 per channel in 2D, 4x4x4 in 3D), fitted on (up to
+  tensors (area-averaged to at most 256 values, see :func:`thumbnails`), fitted on (up to
   :data:`MAX_FIT` of) the training rows;
 
 and the schedule is checked: did the learning rate anneal, or did the time budget cut it?
@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+
+from medclf.data.stream import StreamedRows
 
 __all__ = ["SanityVerdict", "baselines", "judge"]
 
@@ -52,25 +54,49 @@ def majority_class(train_y: np.ndarray, val_y: np.ndarray, classes: list[str]) -
     return {"class": classes[c], "accuracy": float(np.mean(val_y == c)) if len(val_y) else None}
 
 
-def thumbnails(tensors: Any, idx: np.ndarray, *, chunk: int = 512) -> np.ndarray:
-    """Area-averaged thumbnails of the cache rows ``idx``, flattened: ``(len(idx), features)``."""
-    import torch
-    import torch.nn.functional as F
+def thumbnails(tensors: Any, idx: np.ndarray, *, chunk_bytes: int = 1 << 20) -> np.ndarray:
+    """Block-averaged thumbnails of the cache rows ``idx``, flattened to at most 256 values each: 16x16 for
+    one channel, 8x8 per channel for up to four, channels pooled to four groups beyond (2.5D slabs), 4x4x4
+    per channel in 3D.
 
+    Memory stays flat however many rows there are (a streamed run has little to spare): a disk cache is read
+    with preadv a few rows (``chunk_bytes``) at a time, as streamed training reads it, rather than through
+    the memory map, and the averages are numpy reductions written into one array allocated up front
+    (per-chunk tensors kept alive between large temporary buffers grew the heap by about the bytes read)."""
     idx = np.sort(np.asarray(idx))
-    shape = tuple(tensors.shape[1:])
+    shape = tuple(int(v) for v in tensors.shape[1:])
     channels, spatial = shape[0], shape[1:]
     if len(spatial) == 3:
         size: tuple[int, ...] = tuple(min(4, s) for s in spatial)
-    else:
-        side = 16 if channels * 256 <= 1024 else 8
-        size = tuple(min(side, s) for s in spatial)
-    parts = []
-    for start in range(0, len(idx), chunk):
-        x = torch.from_numpy(np.asarray(tensors[idx[start : start + chunk]], dtype=np.float32))
-        pooled = F.adaptive_avg_pool3d(x, size) if len(spatial) == 3 else F.adaptive_avg_pool2d(x, size)
-        parts.append(pooled.flatten(1).numpy())
-    return np.concatenate(parts) if parts else np.zeros((0, channels * int(np.prod(size))), np.float32)
+    elif channels <= 4:
+        size = tuple(min(16 if channels == 1 else 8, s) for s in spatial)
+    else:  # the channels are slabs of a volume: average them in groups too
+        size = (4, *(min(8, s) for s in spatial))
+    n_values = int(np.prod(size)) * (channels if len(size) == len(spatial) else 1)
+    out = np.empty((len(idx), n_values), dtype=np.float32)
+    rows = StreamedRows(tensors, idx) if getattr(tensors, "filename", None) is not None else None
+    per_chunk = max(1, chunk_bytes // (int(np.prod(shape)) * np.dtype(tensors.dtype).itemsize))
+    try:
+        for start in range(0, len(idx), per_chunk):
+            stop = min(len(idx), start + per_chunk)
+            x = rows.read(idx[start:stop]) if rows is not None else np.asarray(tensors[idx[start:stop]])
+            out[start:stop] = _block_mean(x, size).reshape(stop - start, -1)
+    finally:
+        if rows is not None:
+            rows.close()
+    return out
+
+
+def _block_mean(x: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
+    """Means over near-equal blocks of the trailing ``len(size)`` axes of ``x`` (float32)."""
+    for k, n_out in enumerate(size):
+        axis = x.ndim - len(size) + k
+        length = x.shape[axis]
+        starts = (np.arange(n_out) * length) // n_out
+        counts = np.diff(np.append(starts, length)).astype(np.float32)
+        x = np.add.reduceat(x, starts, axis=axis, dtype=np.float32)
+        x /= counts.reshape([-1 if a == axis else 1 for a in range(x.ndim)])
+    return x
 
 
 def thumbnail_baseline(

@@ -244,13 +244,20 @@ def cpu_availability(*, measure_load: bool = True, window_s: float = LOAD_WINDOW
     if _availability is not None and (_availability.others_busy is not None or not measure_load):
         return _availability
     cpus = allowed_cpus()
+    quota = cgroup_quota()
     others = None
     if measure_load:
         monitor = LoadMonitor(cpus)
         time.sleep(window_s)
         others = monitor.sample()
+        if others is not None and CpuAvailability(len(cpus), len(cpus), quota, others).busy:
+            # Busy in the first window: look once more, so that a blip (a process exiting, a shell) does
+            # not cost a quiet machine half its threads; the load must hold in both windows.
+            time.sleep(window_s)
+            again = monitor.sample()
+            others = min(others, again) if again is not None else others
     _availability = CpuAvailability(
-        cores=os.cpu_count() or len(cpus), allowed=len(cpus), quota=cgroup_quota(), others_busy=others
+        cores=os.cpu_count() or len(cpus), allowed=len(cpus), quota=quota, others_busy=others
     )
     return _availability
 
