@@ -59,3 +59,10 @@ def test_measure_throughput_warms_up_and_respects_its_time_cap():
     plan = initial_plan(FP, 600, {"arch": "compact-s"})
     ips = measure_throughput(plan, 16, {"stem_stride": 1}, batch_size=4, max_seconds=0.0)
     assert ips > 0
+
+
+def test_the_narrower_fallback_times_small_sizes_not_the_expensive_largest(monkeypatch):
+    timed = _fake_machine(monkeypatch, pixel_rate=4e4)  # compact fits nowhere, compact-s at 32 px
+    plan = choose_size_and_epochs(initial_plan(FP, 600, {}), n_train=600, budget_s=600, fp=FP, overrides={})
+    assert plan.arch == "compact-s" and plan.spec.size[0] == 32
+    assert [t for t in timed if t[0] == "compact-s"] == [("compact-s", 28), ("compact-s", 32)]

@@ -25,6 +25,9 @@ def test_availability_counts_cores_other_processes_keep_busy():
     # A cgroup quota of 1.5 CPUs allows one full CPU; affinity limits too.
     assert CpuAvailability(cores=16, allowed=4, quota=1.5, others_busy=0.0).available == 1
     assert CpuAvailability(cores=16, allowed=3, quota=None, others_busy=None).available == 3
+    # A container with a 2-CPU quota on a busy 64-core host: other tenants do not take its quota.
+    assert CpuAvailability(cores=64, allowed=64, quota=2.0, others_busy=30.0).available == 2
+    assert CpuAvailability(cores=64, allowed=64, quota=2.0, others_busy=63.2).available == 1
 
 
 def test_cgroup_quota_v2_and_v1(tmp_path):

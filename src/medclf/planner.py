@@ -376,7 +376,11 @@ def _choose(
     device: str,
     world_size: int,
     probe: _Probe,
+    from_smallest: bool = False,
 ) -> Plan:
+    """:func:`choose_size_and_epochs` with a shared probe. ``from_smallest``: time the smallest size first
+    and start the search at the largest size that timing (scaled by pixels: pessimistic for larger sizes)
+    says fits; the narrower-network fallback uses it, as its wider twin just failed at the smallest size."""
     dims = plan.spec.spatial_dims
     native = min(fp.median_shape[1:]) if plan.spec.slices_as_channels else min(fp.median_shape)
     want_epochs = int(overrides.get("epochs") or target_epochs(n_train))
@@ -397,7 +401,16 @@ def _choose(
     chosen = None
     per_process = max(1, plan.batch_size // world_size)
     scale = world_size * (0.9 if world_size > 1 else 1.0)
+
+    def predicted_fits(size: int) -> bool:  # True when there is no timing to predict from
+        predicted = probe.predict(plan, size, arch_kwargs_for(plan.arch, size, dims), per_process)
+        return predicted is None or n_train / (predicted * scale) * min_epochs <= budget_s
+
     i = 0
+    if from_smallest and len(candidates) > 1:
+        smallest = candidates[-1]
+        probe.ips(plan, smallest, arch_kwargs_for(plan.arch, smallest, dims), device, per_process)
+        i = next(j for j, size in enumerate(candidates) if predicted_fits(size) or j == len(candidates) - 1)
     while i < len(candidates):
         size = candidates[i]
         kw = arch_kwargs_for(plan.arch, size, dims)
@@ -412,17 +425,13 @@ def _choose(
             break
         # Skip the sizes that even the optimistic pixel-scaled prediction says cannot fit.
         i += 1
-        while i < len(candidates) - 1:
-            kw_i = arch_kwargs_for(plan.arch, candidates[i], dims)
-            predicted = probe.predict(plan, candidates[i], kw_i, per_process)
-            if predicted is None or n_train / (predicted * scale) * min_epochs <= budget_s:
-                break
+        while i < len(candidates) - 1 and not predicted_fits(candidates[i]):
             i += 1
     assert chosen is not None
     size, kw, ips, epoch_s, fits, estimated = chosen
 
-    def replan(changed: Plan) -> Plan:
-        return _choose(changed, n_train, budget_s, fp, overrides, device, world_size, probe)
+    def replan(changed: Plan, from_smallest: bool = False) -> Plan:
+        return _choose(changed, n_train, budget_s, fp, overrides, device, world_size, probe, from_smallest)
 
     if not fits and dims == 3 and overrides.get("slices_as_channels") is None and not overrides.get("size"):
         slabs = max(2, min(DEFAULT_SLABS, fp.median_shape[0]))
@@ -438,7 +447,7 @@ def _choose(
             f"switching to the narrower {narrower}"
         )
         plan.arch = narrower
-        return replan(plan)
+        return replan(plan, from_smallest=True)
     plan.spec = PreprocessSpec(**{**plan.spec.to_dict(), "size": (size,) * dims, "extra": {}})
     plan.arch_kwargs = {**kw, **overrides.get("arch_kwargs", {})}
     plan.throughput, plan.epoch_seconds = ips, epoch_s

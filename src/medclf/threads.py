@@ -72,10 +72,12 @@ class CpuAvailability:
 
     @property
     def available(self) -> int:
-        """CPUs left after other processes' load: a core busier than :data:`BUSY_CORE` counts as taken."""
+        """CPUs left after other processes' load: a core busier than :data:`BUSY_CORE` counts as taken.
+        The load is counted on the CPUs of the affinity mask, then capped by the quota: in a container
+        limited to 2 CPUs of a busy 64-core host, 2 stay available while 2 of the 64 are free."""
         if self.others_busy is None:
             return self.limit
-        free = self.limit - self.others_busy
+        free = self.allowed - self.others_busy
         return max(1, min(self.limit, math.floor(free + 1.0 - BUSY_CORE)))
 
     @property
