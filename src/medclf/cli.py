@@ -201,6 +201,8 @@ def train(
     cfg = cfg.updated({k: v for k, v in settings.items() if v is not None})
     if folds is not None and members is not None:
         raise MedclfError("choose --folds or --members, not both")
+    if strict and (folds is not None or members is not None):
+        raise MedclfError("--strict gates single runs (and their automatic members), not --folds/--members")
     if members is not None:
         from medclf.api import train_members
 
