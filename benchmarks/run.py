@@ -169,6 +169,8 @@ EXTRAS: dict[str, list[str]] = {
         "benchmarks/results/served-int8-brain.json",
     ],
     "load": ["benchmarks/load.py"],
+    # Issue 20: train/audit beside one competing CPU-bound process, and the 2-minute BreastMNIST gate check.
+    "contention": ["benchmarks/contention.py"],
 }
 
 
@@ -623,7 +625,13 @@ def _extra_sections() -> list[str]:
             f"{m['epochs']} epochs each, then scored on the same {m['n_test']} clean test images. "
             "Plain: a `Dataset` that decodes and resizes each JPEG on every access, `DataLoader` with one "
             "worker per core, fp32, contiguous tensors. medclf: tensors decoded once and cached, batched "
-            f"augmentation, {'fp32 (no autocast)' if m['amp'] == 'off' else m['amp'] + ' autocast'}, channels-last. CPU: {t.get('cpu', '?')}, {t['threads']} threads; "
+            f"augmentation, {'fp32 (no autocast)' if m['amp'] == 'off' else m['amp'] + ' autocast'}, channels-last. CPU: {t.get('cpu', '?')}"
+            + (
+                f" (flags: {', '.join(t['cpu_flags']) or 'no AVX-512, AVX-VNNI or AMX'})"
+                if "cpu_flags" in t
+                else ""
+            )
+            + f", {t['threads']} threads; network arguments {m.get('arch_kwargs')}; "
             f"fp32 matmul peak {t['matmul_peak_gflops']['fp32']} GFLOP/s, bf16 {t['matmul_peak_gflops']['bf16']}.",
             "",
             "| loop | images/s | achieved GFLOP/s | test accuracy |",
@@ -638,6 +646,11 @@ def _extra_sections() -> list[str]:
             + f". {t['date']}: `{t['command']}`",
             "",
         ]
+    c = _read("contention.json")
+    if c:
+        from contention import render as render_contention
+
+        lines += [render_contention(c), ""]
     o = _read("ood.json")
     if o:
         lines += [

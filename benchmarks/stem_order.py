@@ -1,5 +1,6 @@
 """Training-step speed of the default ``compact`` network with its stem as it is, and with the stem's
-max-pool moved before its batch norm and ReLU (a candidate for a faster default; not adopted yet).
+max-pool moved before its batch norm and ReLU (``stem_pool_first=True``; new plans get it when
+``medclf.planner.STEM_POOL_FIRST`` is on, e.g. ``MEDCLF_STEM_POOL_FIRST=1`` for measuring accuracy).
 
     .venv/bin/python benchmarks/stem_order.py [--size 96] [--batch 64] [--compile]
 
@@ -17,17 +18,13 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from medclf.models import create_model
 
 
 def step_rate(pool_first: bool, size: int, batch: int, bf16: bool, compile_: bool) -> float:
     torch.manual_seed(0)
-    model = create_model("compact", 1, 4, 2, stem_stride=2)
-    if pool_first:
-        conv, norm, act, pool = model.stem
-        model.stem = nn.Sequential(conv, pool, norm, act)
+    model = create_model("compact", 1, 4, 2, stem_stride=2, stem_pool_first=pool_first)
     x = torch.randn(batch, 1, size, size)
     if bf16:  # the default recipe's setting on a CPU with AVX-512 bf16
         model, x = (

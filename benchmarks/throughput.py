@@ -37,6 +37,19 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def cpu_flags() -> list[str]:
+    """The vector extensions that decide CPU training speed (AVX-512 and its bf16/VNNI parts, AVX-VNNI,
+    AMX), from /proc/cpuinfo: the 3x criterion is stated for an AVX-512 bf16 CPU."""
+    import re
+
+    try:
+        line = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    wanted = re.compile(r"^(avx512[a-z0-9_]*|avx_vnni[a-z0-9_]*|amx[a-z0-9_]*)$")
+    return sorted({f for f in line.split(":", 1)[1].split() if wanted.match(f)})
+
+
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
@@ -266,6 +279,7 @@ def main() -> None:
         "command": f"python benchmarks/throughput.py --data {os.path.relpath(args.data, ROOT)} --size {args.size} "
         f"--epochs {args.epochs}",
         "threads": torch.get_num_threads(),
+        "cpu_flags": cpu_flags(),
         "cpu": next(
             (
                 ln.split(":", 1)[1].strip()

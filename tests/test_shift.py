@@ -115,3 +115,34 @@ def test_warning_bar_is_higher_on_small_sets() -> None:
     assert warn_at(30) == pytest.approx(0.801, abs=1e-3)
     assert warn_at(40) == pytest.approx(0.760, abs=1e-3)
     assert warn_at(68) == WARN_AUC and warn_at(500) == WARN_AUC
+
+
+def test_split_shift_runs_its_classifiers_on_one_thread_and_shows_progress(monkeypatch) -> None:
+    # On a machine where another process holds a core, OpenMP threads waiting for each other made one
+    # check ~100x slower (issue 20): the classifiers run with every thread pool limited to one thread.
+    from io import StringIO
+
+    from rich.console import Console
+    from threadpoolctl import threadpool_info
+
+    import medclf.data.shift as shift
+
+    seen: list[int] = []
+    original = shift.cross_val_predict
+
+    def recording(*args, **kw):
+        seen.extend(p["num_threads"] for p in threadpool_info())
+        return original(*args, **kw)
+
+    monkeypatch.setattr(shift, "cross_val_predict", recording)
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(200, 64))
+    splits = ["train"] * 100 + ["test"] * 100
+    labels = np.zeros(200, dtype=int)
+    buf = StringIO()
+    console = Console(file=buf, force_terminal=True, width=100)
+    found = shift.split_shift(
+        feats, splits, labels, np.ones(200, bool), ["a"], progress=True, console=console
+    )
+    assert len(found) == 1 and seen and set(seen) == {1}
+    assert "split shift check" in buf.getvalue()

@@ -48,17 +48,20 @@ __all__ = [
 def audit(
     data: str | Path,
     *,
-    workers: int = 2,
+    workers: int | None = None,
     near_threshold: float | None = None,
     progress: bool = True,
     check_shift: bool = True,
 ) -> AuditReport:
     """Audit a dataset: counts, unreadable files, exact/near duplicates, cross-split leakage, conflicts,
-    and (``check_shift``) whether val/test differ in distribution from train, class by class."""
+    and (``check_shift``) whether val/test differ in distribution from train, class by class.
+    ``workers``: decoding processes (default: the CPUs available, see :mod:`medclf.threads`)."""
+    from medclf import threads
+
     samples = load_source(data, default_split="train")
     return _audit(
         samples,
-        workers=workers,
+        workers=workers or threads.decode_workers(),
         near_threshold=near_threshold or NEAR_THRESHOLD,
         progress=progress,
         check_shift=check_shift,

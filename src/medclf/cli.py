@@ -25,6 +25,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True, soft_wrap=True)
+_THREADS_HELP = "PyTorch/ONNX Runtime threads (default: the CPUs not busy with other processes)"
+
+
+def _apply_threads(threads: int | None) -> None:
+    from medclf import threads as threads_mod
+
+    threads_mod.apply(threads)
 
 
 @app.command()
@@ -33,7 +40,9 @@ def audit(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the JSON report")] = Path(
         "audit.json"
     ),
-    workers: Annotated[int, typer.Option(help="Decoding processes")] = 2,
+    workers: Annotated[
+        int | None, typer.Option(help="Decoding processes (default: the CPUs available, at most 4)")
+    ] = None,
     near_threshold: Annotated[
         float | None, typer.Option(help="Correlation at which two images count as copies")
     ] = None,
@@ -41,10 +50,12 @@ def audit(
     shift: Annotated[
         bool, typer.Option(help="Check, class by class, whether val/test differ in distribution from train")
     ] = True,
+    threads: Annotated[int | None, typer.Option("--threads", help=_THREADS_HELP)] = None,
 ) -> None:
     """Counts, unreadable files, exact and near duplicates, leakage between splits, label conflicts, shift."""
     from medclf.api import audit as run_audit
 
+    _apply_threads(threads)
     report = run_audit(
         data, workers=workers, near_threshold=near_threshold, progress=progress, check_shift=shift
     )
@@ -141,10 +152,21 @@ def train(
         ),
     ] = "mean",
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+    threads: Annotated[int | None, typer.Option("--threads", help=_THREADS_HELP)] = None,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict",
+            help="Exit with code 3 when the sanity gate fails (the model is not clearly better than the "
+            "majority class or a thumbnail baseline, or the time budget cut its schedule); the bundle is "
+            "still written",
+        ),
+    ] = False,
 ) -> None:
     """Train a classifier and write a verified model bundle. With no options a planner decides.
 
     Several processes or GPUs: `torchrun --nproc_per_node N -m medclf train DATA ...` (README, Scaling out).
+    Exit codes: 0 done, 2 bad input or settings, 3 with --strict when the sanity gate failed.
     """
     from medclf.api import train as run_train
     from medclf.training import TrainConfig
@@ -172,12 +194,15 @@ def train(
         "compile": compile,
         "stream": stream,
         "memory_limit": memory_limit,
+        "threads": threads,
     }
     if include_train_copies:
         settings["include_train_copies"] = True
     cfg = cfg.updated({k: v for k, v in settings.items() if v is not None})
     if folds is not None and members is not None:
         raise MedclfError("choose --folds or --members, not both")
+    if strict and (folds is not None or members is not None):
+        raise MedclfError("--strict gates single runs (and their automatic members), not --folds/--members")
     if members is not None:
         from medclf.api import train_members
 
@@ -199,7 +224,11 @@ def train(
             data, out, folds=folds, method=fusion, config=cfg, resume=resume, progress=progress, console=err
         )
         return
-    run_train(data, out, config=cfg, resume=resume, progress=progress, console=err)
+    result = run_train(data, out, config=cfg, resume=resume, progress=progress, console=err)
+    if strict and result.sanity is not None and not result.sanity.get("passed", True):
+        from medclf.sanity import EXIT_CODE
+
+        raise typer.Exit(EXIT_CODE)
 
 
 @app.command()
@@ -223,10 +252,12 @@ def evaluate(
     robustness: Annotated[
         bool, typer.Option("--robustness", help="Also measure accuracy under FGSM and PGD attacks")
     ] = False,
+    threads: Annotated[int | None, typer.Option("--threads", help=_THREADS_HELP)] = None,
 ) -> None:
     """metrics.json, predictions.csv, ROC/confusion/reliability plots and report.html for one split."""
     from medclf.api import evaluate as run_evaluate
 
+    _apply_threads(threads)
     run_evaluate(
         bundle,
         data,
@@ -269,10 +300,12 @@ def predict(
             "--sr", help="Also write a DICOM SR per DICOM input into this folder (<SOPInstanceUID>.sr.dcm)"
         ),
     ] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help=_THREADS_HELP)] = None,
 ) -> None:
     """Classify images. Exit code 2 if any input was refused (the others still get answers)."""
     from medclf.bundle import load_bundle
 
+    _apply_threads(threads)
     if format not in ("json", "csv"):
         raise MedclfError(f"--format must be json or csv, not {format!r}")
     b = load_bundle(bundle)
@@ -403,11 +436,13 @@ def export(
             "--monai-bundle", help="Write BUNDLE as a MONAI bundle into this new folder (instead of --out)"
         ),
     ] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help=_THREADS_HELP)] = None,
 ) -> None:
     """Compress a bundle: distil, prune, export to ONNX, quantise to int8; records accuracy before/after.
     Or, with --monai-bundle, write it as a MONAI bundle."""
     from medclf.api import export as run_export
 
+    _apply_threads(threads)
     if monai_bundle is not None:
         compressing = any(v for v in (out, data, onnx, int8, prune, distill_from, student, student_kwargs))
         if compressing:
@@ -473,6 +508,15 @@ def info(bundle: Annotated[Path, typer.Argument(help="Model bundle (folder or .z
     print(f"classes     {', '.join(b.classes)}")
     print(f"created     {m.get('created')}  medclf {m.get('versions', {}).get('medclf')}")
     print(f"validation  n={val.get('n')} accuracy={val.get('accuracy')} auc={val.get('auc')}")
+    gate = m.get("sanity")
+    if gate is not None:
+        if gate.get("passed"):
+            print("sanity      passed (clearly better than the majority class and a thumbnail baseline)")
+        else:
+            print("sanity      FAILED: " + "; ".join(gate.get("warnings", [])))
+    leftover = m.get("leftover")
+    if leftover and leftover.get("failure"):
+        print(f"leftover    {leftover['failure']}")
     from medclf.engines import available_engines
 
     print(f"engines     {', '.join(available_engines(m['files']))} (default: {b.engine()})")
@@ -791,6 +835,10 @@ def main() -> None:
     # A decoder plugin written in Rust (pylibjpeg-rle) panics on some malformed data before medclf turns
     # the failure into a refusal: keep its panic to one line, never a backtrace.
     os.environ["RUST_BACKTRACE"] = "0"
+    # Before torch is imported: GNU OpenMP reads its wait policy once (medclf.threads).
+    from medclf.threads import configure_openmp_env
+
+    configure_openmp_env(sys.argv[1:])
     try:
         # With standalone_mode=False click returns the code of a typer.Exit instead of exiting.
         rc = app(standalone_mode=False)

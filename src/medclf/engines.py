@@ -159,21 +159,21 @@ def tune_allocator() -> bool:
 
 
 def ort_threads() -> int:
-    """Intra-op threads for ONNX Runtime: the CPUs this process may use (``MEDCLF_ORT_THREADS`` overrides).
+    """Intra-op threads for ONNX Runtime: the thread policy of this process (:mod:`medclf.threads`: the
+    CPUs really available, or ``--threads``), else the CPUs its affinity and cgroup quota allow
+    (``MEDCLF_ORT_THREADS`` overrides both).
 
     ONNX Runtime's own default counts the machine's physical cores, which oversubscribes a process
-    restricted to fewer CPUs (a container, ``taskset``): one thread per usable CPU instead."""
+    restricted to fewer CPUs (a container, ``taskset``) or sharing them with a busy neighbour."""
     env = os.environ.get("MEDCLF_ORT_THREADS")
     if env:
         try:
             return max(1, int(env))
         except ValueError:
             raise ConfigError(f"MEDCLF_ORT_THREADS must be a whole number, not {env!r}") from None
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        n = os.cpu_count() or 1
-    return max(1, min(n, 16))
+    from medclf import threads
+
+    return max(1, min(threads.ort_threads(), 16))
 
 
 def ort_session(model: bytes | str | Path, *, threads: int | None = None) -> Any:

@@ -209,6 +209,9 @@ def _pin(cfg: TrainConfig, plan: dict[str, Any], spec: PreprocessSpec) -> dict[s
         "lr": plan.get("lr"),
         "augment": plan.get("augment"),
         "denoise": spec.denoise,
+        # 3D or 2.5D as the first run chose: a later run planned alone could fall back to the other, and
+        # members that differ in dimensions cannot be fused (0: keep volumes 3D; no effect on 2D data).
+        "slices_as_channels": int(spec.slices_as_channels or 0),
     }
     return {k: v for k, v in chosen.items() if getattr(cfg, k) is None and v is not None}
 

@@ -9,6 +9,7 @@ machine, the number of epochs that fits the budget. Explicit user settings alway
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,13 @@ SIZES_3D = (28, 32, 48, 64, 96, 128)
 NARROWER = {"compact-l": "compact", "compact": "compact-s"}
 # Axial slabs of the automatic 2.5D fallback: ~1 cm each over a head, thin enough for a lesion to show.
 DEFAULT_SLABS = 16
+# New plans put the compact networks' stem max-pool before its batch norm and ReLU (fewer memory-bound
+# passes at full resolution; ``benchmarks/stem_order.py``). Off until its accuracy is measured on the three
+# shared benchmarks; ``MEDCLF_STEM_POOL_FIRST=1`` turns it on for that measurement. Bundles record the choice
+# in their architecture arguments, so flipping it never changes how an existing bundle is rebuilt.
+STEM_POOL_FIRST = os.environ.get("MEDCLF_STEM_POOL_FIRST", "0") == "1"
+# The timing probe's share of the time budget (and its floor in seconds): planning is overhead.
+PLANNING_SHARE, PLANNING_MIN_S = 0.05, 3.0
 
 
 @dataclass
@@ -78,6 +86,8 @@ class Plan:
     # Batch mixing (see medclf.augment.MIX_METHODS) and its Beta(alpha, alpha); bundles made before it: none.
     mix: str = "none"
     mix_alpha: float = 0.0
+    # PyTorch intra-op threads the run started with (medclf.threads); None in bundles made before it.
+    threads: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -261,12 +271,68 @@ def resolve_amp(amp: str, device: str = "cpu") -> str:
 def arch_kwargs_for(arch: str, size: int, dims: int) -> dict[str, Any]:
     if arch.startswith("compact"):
         kw: dict[str, Any] = {"stem_stride": 1 if size <= 64 else 2}
+        if STEM_POOL_FIRST and kw["stem_stride"] > 1:
+            kw["stem_pool_first"] = True
         if dims == 3 and arch == "compact":
             kw["width"] = 16  # 3D convolutions cost ~size times more: halve the width
         return kw
     if arch.startswith("resnet"):
         return {"small_input": size <= 64}
     return {}
+
+
+class _Probe:
+    """Throughput timings on this machine within a time allowance, shared by every re-plan of one planning
+    run. Past the allowance a network's throughput at another size is estimated from its nearest measured
+    size, scaled by the pixels (voxels) the network processes after its stem."""
+
+    def __init__(self, allowance_s: float | None) -> None:
+        self.t0 = time.perf_counter()
+        self.allowance_s = allowance_s
+        self.measured: dict[tuple[Any, ...], dict[float, float]] = {}
+        self.n_measured = self.n_estimated = 0
+
+    def left(self) -> float:
+        if self.allowance_s is None:
+            return math.inf
+        return self.allowance_s - (time.perf_counter() - self.t0)
+
+    def ips(
+        self, plan: Plan, size: int, kw: dict[str, Any], device: str, batch_size: int, *, force: bool = False
+    ) -> tuple[float, bool]:
+        """(images/s, estimated?) of ``plan``'s network at ``size``; ``force``: time it even past the
+        allowance (with the fewest steps)."""
+        dims = plan.spec.spatial_dims
+        group = (plan.arch, dims, plan.spec.channels, batch_size, plan.amp)
+        work = _pixels(size, kw, dims)
+        seen = self.measured.setdefault(group, {})
+        if work in seen:
+            return seen[work], False
+        if seen and self.left() <= 0 and not force:
+            near = min(seen, key=lambda w: abs(math.log(w / work)))
+            self.n_estimated += 1
+            return seen[near] * near / work, True
+        ips = measure_throughput(
+            plan, size, kw, device=device, batch_size=batch_size, max_seconds=max(self.left(), 0.5)
+        )
+        seen[work] = ips
+        self.n_measured += 1
+        return ips, False
+
+    def predict(self, plan: Plan, size: int, kw: dict[str, Any], batch_size: int) -> float | None:
+        """Images/s at ``size`` scaled from the nearest measured size (an upper bound for smaller sizes:
+        fixed per-step costs weigh more on small inputs)."""
+        dims = plan.spec.spatial_dims
+        seen = self.measured.get((plan.arch, dims, plan.spec.channels, batch_size, plan.amp))
+        if not seen:
+            return None
+        work = _pixels(size, kw, dims)
+        near = min(seen, key=lambda w: abs(math.log(w / work)))
+        return seen[near] * near / work
+
+
+def _pixels(size: int, kw: dict[str, Any], dims: int) -> float:
+    return float((size / int(kw.get("stem_stride", 1))) ** dims)
 
 
 def choose_size_and_epochs(
@@ -278,6 +344,7 @@ def choose_size_and_epochs(
     overrides: dict[str, Any],
     device: str = "cpu",
     world_size: int = 1,
+    planning_s: float | None = None,
 ) -> Plan:
     """Pick the largest input size whose measured epoch time allows the target epochs within ``budget_s``,
     then the number of epochs that fits. Explicit ``size``/``epochs`` are kept.
@@ -285,7 +352,35 @@ def choose_size_and_epochs(
     With ``world_size`` processes, throughput is measured for one process at its share of the batch and
     counted ``world_size`` times at an assumed 90 % scaling efficiency (gradient all-reduce), so the epoch
     time is about 1/world_size of one process's. Volumes whose smallest 3D size cannot fit the budget fall
-    back to 2.5D (:func:`as_slices_as_channels`) unless ``slices_as_channels`` or ``size`` was set."""
+    back to 2.5D (:func:`as_slices_as_channels`) unless ``slices_as_channels`` or ``size`` was set.
+
+    ``planning_s`` bounds the timing probe (default: no bound): once spent, throughput at further sizes is
+    estimated from the sizes already measured. Sizes that a measurement, scaled by pixels, shows cannot fit
+    are skipped without being timed; the size finally chosen is always timed."""
+    probe = _Probe(planning_s)
+    plan = _choose(plan, n_train, budget_s, fp, overrides, device, world_size, probe)
+    plan.reasons.append(
+        f"timing probe: {time.perf_counter() - probe.t0:.1f} s, {probe.n_measured} network/size pair(s) "
+        f"timed, {probe.n_estimated} estimated"
+        + (f" (allowance {planning_s:.0f} s)" if planning_s is not None else "")
+    )
+    return plan
+
+
+def _choose(
+    plan: Plan,
+    n_train: int,
+    budget_s: float,
+    fp: Fingerprint,
+    overrides: dict[str, Any],
+    device: str,
+    world_size: int,
+    probe: _Probe,
+    from_smallest: bool = False,
+) -> Plan:
+    """:func:`choose_size_and_epochs` with a shared probe. ``from_smallest``: time the smallest size first
+    and start the search at the largest size that timing (scaled by pixels: pessimistic for larger sizes)
+    says fits; the narrower-network fallback uses it, as its wider twin just failed at the smallest size."""
     dims = plan.spec.spatial_dims
     native = min(fp.median_shape[1:]) if plan.spec.slices_as_channels else min(fp.median_shape)
     want_epochs = int(overrides.get("epochs") or target_epochs(n_train))
@@ -305,29 +400,38 @@ def choose_size_and_epochs(
     min_epochs = want_epochs if overrides.get("epochs") else max(1, int(0.6 * want_epochs))
     chosen = None
     per_process = max(1, plan.batch_size // world_size)
-    efficiency = 0.9 if world_size > 1 else 1.0
-    for size in candidates:
-        kw = arch_kwargs_for(plan.arch, size, dims)
-        ips = measure_throughput(plan, size, kw, device=device, batch_size=per_process)
-        ips *= world_size * efficiency
-        epoch_s = n_train / ips
-        fits = epoch_s * min_epochs <= budget_s
-        if fits or size == candidates[-1]:
-            chosen = (size, kw, ips, epoch_s, fits)
-            break
-    assert chosen is not None
-    size, kw, ips, epoch_s, fits = chosen
+    scale = world_size * (0.9 if world_size > 1 else 1.0)
 
-    def replan(changed: Plan) -> Plan:
-        return choose_size_and_epochs(
-            changed,
-            n_train=n_train,
-            budget_s=budget_s,
-            fp=fp,
-            overrides=overrides,
-            device=device,
-            world_size=world_size,
-        )
+    def predicted_fits(size: int) -> bool:  # True when there is no timing to predict from
+        predicted = probe.predict(plan, size, arch_kwargs_for(plan.arch, size, dims), per_process)
+        return predicted is None or n_train / (predicted * scale) * min_epochs <= budget_s
+
+    i = 0
+    if from_smallest and len(candidates) > 1:
+        smallest = candidates[-1]
+        probe.ips(plan, smallest, arch_kwargs_for(plan.arch, smallest, dims), device, per_process)
+        i = next(j for j, size in enumerate(candidates) if predicted_fits(size) or j == len(candidates) - 1)
+    while i < len(candidates):
+        size = candidates[i]
+        kw = arch_kwargs_for(plan.arch, size, dims)
+        ips, estimated = probe.ips(plan, size, kw, device, per_process)
+        fits = n_train / (ips * scale) * min_epochs <= budget_s
+        if fits or i == len(candidates) - 1:
+            if estimated:  # the choice is timed, not guessed (a few steps past the allowance)
+                ips, estimated = probe.ips(plan, size, kw, device, per_process, force=True)
+                fits = n_train / (ips * scale) * min_epochs <= budget_s
+            ips *= scale
+            chosen = (size, kw, ips, n_train / ips, fits, estimated)
+            break
+        # Skip the sizes that even the optimistic pixel-scaled prediction says cannot fit.
+        i += 1
+        while i < len(candidates) - 1 and not predicted_fits(candidates[i]):
+            i += 1
+    assert chosen is not None
+    size, kw, ips, epoch_s, fits, estimated = chosen
+
+    def replan(changed: Plan, from_smallest: bool = False) -> Plan:
+        return _choose(changed, n_train, budget_s, fp, overrides, device, world_size, probe, from_smallest)
 
     if not fits and dims == 3 and overrides.get("slices_as_channels") is None and not overrides.get("size"):
         slabs = max(2, min(DEFAULT_SLABS, fp.median_shape[0]))
@@ -343,7 +447,7 @@ def choose_size_and_epochs(
             f"switching to the narrower {narrower}"
         )
         plan.arch = narrower
-        return replan(plan)
+        return replan(plan, from_smallest=True)
     plan.spec = PreprocessSpec(**{**plan.spec.to_dict(), "size": (size,) * dims, "extra": {}})
     plan.arch_kwargs = {**kw, **overrides.get("arch_kwargs", {})}
     plan.throughput, plan.epoch_seconds = ips, epoch_s
@@ -352,8 +456,9 @@ def choose_size_and_epochs(
     else:
         fit = int(budget_s // max(epoch_s, 1e-6))
         plan.epochs = int(max(1, min(fit, math.ceil(want_epochs * 1.5))))
+        how = "estimated from the sizes timed" if estimated else "measured"
         plan.reasons.append(
-            f"size {size}: {ips:.0f} img/s measured -> {epoch_s:.1f} s/epoch; {plan.epochs} epochs fit the "
+            f"size {size}: {ips:.0f} img/s {how} -> {epoch_s:.1f} s/epoch; {plan.epochs} epochs fit the "
             f"{budget_s / 60:.1f} min left (target {want_epochs})"
         )
     if not plan.patience:
@@ -369,9 +474,15 @@ def measure_throughput(
     device: str = "cpu",
     steps: int = 3,
     batch_size: int | None = None,
+    max_seconds: float | None = None,
 ) -> float:
     """Training images per second of this plan's network at ``size`` on this machine (random data), at
-    ``batch_size`` (default: the plan's)."""
+    ``batch_size`` (default: the plan's).
+
+    Two warm-up steps come first: oneDNN creates its kernels on the first call and AdamW its state on the
+    first step, and either would make a timed step look several times slower than training's. Then up to
+    ``steps`` timed steps, fewer once ``max_seconds`` have passed (at least one); their median is taken, so
+    one step slowed by another process does not decide the plan."""
     dims = plan.spec.spatial_dims
     bs = batch_size or plan.batch_size
     model = create_model(plan.arch, plan.spec.channels, 2, dims, **arch_kwargs).to(device)
@@ -391,15 +502,18 @@ def measure_throughput(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if dev_type == "cuda":
+            torch.cuda.synchronize()
 
-    step()  # warm-up: oneDNN picks its kernels on the first call
-    if dev_type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(steps):
+    t_start = time.perf_counter()
+    step()
+    step()
+    times: list[float] = []
+    while len(times) < steps:
+        t = time.perf_counter()
         step()
-    if dev_type == "cuda":
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t
+        times.append(time.perf_counter() - t)
+        if max_seconds is not None and time.perf_counter() - t_start > max_seconds:
+            break
     # ~10% of a real step goes to batching, augmentation and bookkeeping that this benchmark skips.
-    return 0.9 * bs * steps / dt
+    return 0.9 * bs / float(np.median(times))

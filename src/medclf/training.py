@@ -12,11 +12,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medclf import augment as augment_mod
-from medclf.bundle import save_bundle
+from medclf import sanity
+from medclf import threads as threads_mod
+from medclf.budget import Budget, parse_duration
+from medclf.bundle import WEIGHTS, save_bundle, update_bundle
 from medclf.data.cache import PreparedData, prepare
 from medclf.data.samples import SampleSet
 from medclf.data.sources import load_source
@@ -39,7 +41,16 @@ from medclf.errors import ConfigError, DataError, MedclfError
 from medclf.evaluation.calibration import apply_temperature, fit_temperature_from_probs, log_probs
 from medclf.evaluation.metrics import compute_metrics
 from medclf.ood import OOD_FILE, OODDetector, fit_detector, penultimate_features
-from medclf.planner import Fingerprint, Plan, choose_size_and_epochs, fingerprint, initial_plan
+from medclf.planner import (
+    PLANNING_MIN_S,
+    PLANNING_SHARE,
+    Fingerprint,
+    Plan,
+    choose_size_and_epochs,
+    fingerprint,
+    initial_plan,
+)
+from medclf.schedule import Schedule
 
 CHECKPOINT_SUFFIX = ".ckpt"
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
@@ -47,22 +58,6 @@ MAX_LEFTOVER_MEMBERS = 5
 LEFTOVER_FUSION_S = 20.0  # validation predictions of every member, fitting and writing the ensemble
 OOD_FIT_SAMPLES = 3000  # plenty for class means and a shrunk covariance of a few hundred features
 AUC_TIE = 1e-3
-
-
-def parse_duration(text: str | float | int) -> float:
-    """'90s', '10m', '2h', '1h30m', or a number of seconds -> seconds."""
-    if isinstance(text, (int, float)):
-        if text <= 0:
-            raise ConfigError("a time budget must be positive")
-        return float(text)
-    s = str(text).strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", s):
-        return parse_duration(float(s))
-    parts = re.findall(r"(\d+(?:\.\d+)?)\s*(h|m|min|s|sec)", s)
-    if not parts or "".join(a + b for a, b in parts) != s.replace(" ", ""):
-        raise ConfigError(f"cannot read the duration {text!r}: use e.g. 90s, 10m, 2h or 1h30m")
-    unit = {"h": 3600, "m": 60, "min": 60, "s": 1, "sec": 1}
-    return parse_duration(sum(float(a) * unit[b] for a, b in parts))
 
 
 @dataclass
@@ -105,6 +100,8 @@ class TrainConfig:
     # Memory the run may fill with cached rows, e.g. "8G" (default: what the machine/cgroup has free).
     memory_limit: str | int | None = None
     compile: bool = False  # torch.compile the training forward pass
+    # PyTorch intra-op threads (None: the CPUs really available, see medclf.threads).
+    threads: int | None = None
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:
@@ -139,6 +136,8 @@ class TrainConfig:
         if kw["amp"] not in AMP_CHOICES:
             raise ConfigError(f"--amp must be one of {', '.join(AMP_CHOICES)}, not {kw['amp']!r}")
         augment_mod.check_mix(kw["mix"] or "none", kw["mix_alpha"])  # fail before any data is read
+        if kw["threads"] is not None and int(kw["threads"]) < 1:
+            raise ConfigError(f"--threads must be at least 1, not {kw['threads']}")
         return TrainConfig(**kw)
 
     def overrides(self) -> dict[str, Any]:
@@ -164,6 +163,14 @@ class TrainResult:
     stop_reason: str = "completed"
     # With seed bagging (--members, or the time left after an early stop): the members' bundles.
     members: list[Path] = field(default_factory=list)
+    # The sanity gate's verdict (medclf.sanity) as in bundle.json; None on ranks other than 0.
+    sanity: dict[str, Any] | None = None
+    # What the gate compared with (majority class, thumbnail baseline), kept for a fused ensemble's verdict.
+    references: dict[str, Any] | None = None
+    # The schedule as it ran: mode, planned and run epochs, whether the learning rate annealed.
+    schedule: dict[str, Any] | None = None
+    # Why the leftover-budget members were not fused (the best single member was kept), if they were not.
+    leftover_failure: str | None = None
 
 
 def resolve_device(device: str) -> str:
@@ -191,10 +198,11 @@ def train(
     When the planner sets the epochs (no ``epochs`` given) and validation stops the run early, the time
     left in the budget trains more members with other seeds, and ``out`` becomes their mean ensemble
     (``members=1`` turns this off; ``medclf.train_members`` asks for K members outright). Everything else
-    is :func:`_train_one`'s.
+    is :func:`_train_one`'s. The sanity gate's verdict (:mod:`medclf.sanity`) is printed at the end and
+    returned in ``TrainResult.sanity``.
     """
-    t_start = time.perf_counter()
     cfg = (config or TrainConfig()).updated(settings)
+    budget = Budget(cfg.time_budget)
     if cfg.members is not None and cfg.members != 1:
         raise ConfigError(
             "train() makes one model (members=1) or decides itself (None); use train_members(K)"
@@ -209,6 +217,7 @@ def train(
         console=console,
         epoch_callback=epoch_callback,
         val_fold=val_fold,
+        budget=budget,
     )
     auto = (
         cfg.members is None
@@ -218,9 +227,10 @@ def train(
         and int(os.environ.get("WORLD_SIZE", "1")) == 1
         and first.stop_reason == "early_stop"
     )
-    if not auto:
-        return first
-    return _use_leftover_budget(first, data, Path(out), cfg, t_start, progress, console)
+    result = _use_leftover_budget(first, data, Path(out), cfg, budget, progress, console) if auto else first
+    if result.sanity is not None:
+        sanity.render(result.sanity, console)
+    return result
 
 
 def _train_one(
@@ -233,6 +243,8 @@ def _train_one(
     console: Console | None = None,
     epoch_callback: Callable[[dict[str, Any], nn.Module, Plan], dict[str, Any] | None] | None = None,
     val_fold: tuple[int, int] | None = None,
+    budget: Budget | None = None,
+    base_plan: Plan | None = None,
     **settings: Any,
 ) -> TrainResult:
     """Train one classifier on ``data`` and write a bundle to ``out``.
@@ -245,9 +257,15 @@ def _train_one(
     ``val_fold=(k, K)`` validates on fold ``k`` of ``K`` of the training split instead of a random
     fraction (K-fold bagging: :func:`medclf.folds.train_folds`). The bundle's temperature is fitted on
     the validation predictions of the selected model (:mod:`medclf.evaluation.calibration`).
+
+    ``budget`` (default: ``config.time_budget`` from now) is the clock everything here draws on: planning,
+    decoding, the epochs, the OOD fit and writing the bundle. ``base_plan`` skips planning and trains that
+    plan (same preprocessing, network and recipe) with the epochs that fit this budget at its measured pace:
+    the leftover-budget members use the first member's plan, so that they can be fused with it.
     """
-    t_start = time.perf_counter()
     cfg = (config or TrainConfig()).updated(settings)
+    budget = budget or Budget(cfg.time_budget)
+    t_start = budget.start
     console = console or Console(stderr=True, soft_wrap=True)
     out = Path(out)
     ckpt_dir = out.with_name(out.name + CHECKPOINT_SUFFIX)
@@ -269,6 +287,11 @@ def _train_one(
     state = _load_checkpoint_state(ckpt_dir) if resume else None
     if resume and state is None:
         raise ConfigError(f"--resume: no checkpoint at {ckpt_dir} (nothing to resume)")
+    # A resumed run keeps the thread count it started with: same seed and threads, same weights.
+    resumed_threads = state["plan"].get("threads") if state and not cfg.threads else None
+    policy = threads_mod.apply(
+        cfg.threads or resumed_threads, source="checkpoint" if resumed_threads else "--threads"
+    )
 
     t_fp = time.perf_counter()
     fp = fingerprint(samples, seed=cfg.seed)
@@ -277,36 +300,14 @@ def _train_one(
     if state is not None:
         plan = Plan.from_dict(state["plan"])
         console.print(f"[bold]Resuming[/] after epoch {state['epoch'] + 1} of {plan.epochs} ({ckpt_dir})")
+    elif base_plan is not None:
+        plan = _plan_like(base_plan, cfg, budget)
     else:
-        overrides = cfg.overrides()
-        source = _transfer_source(cfg, overrides, fp)
-        plan = initial_plan(fp, n_train, overrides, world_size=dist.world_size, device=device)
-        if cfg.size is not None and cfg.size < 4:
-            raise ConfigError("--size must be at least 4")
-        workers = cfg.workers or min(4, os.cpu_count() or 1)
-        decode_estimate = probe_s * len(samples) / workers * 1.3
-        budget_left = cfg.time_budget - (time.perf_counter() - t_start) - decode_estimate
-        budget_left = budget_left * 0.92 - 5  # headroom for per-epoch validation and writing the bundle
-        if budget_left <= 0 and not cfg.epochs:
-            raise ConfigError(
-                f"the time budget ({cfg.time_budget:.0f} s) is spent on reading the data alone "
-                f"(about {decode_estimate:.0f} s); give a larger --time-budget"
-            )
-        if dist.is_main:  # the others take rank 0's plan below: one timing, one plan
-            plan = choose_size_and_epochs(
-                plan,
-                n_train=n_train,
-                budget_s=max(budget_left, 1.0),
-                fp=fp,
-                overrides=overrides,
-                device=device,
-                world_size=dist.world_size,
-            )
-        if source is not None:
-            _apply_transfer(plan, source, cfg)
+        plan = _plan(samples, fp, n_train, cfg, budget, probe_s, policy, dist, device)
+    plan.threads = policy.torch_threads
     if dist.enabled:
         plan = Plan.from_dict(dist.broadcast_json(plan.to_dict()))
-    _print_plan(console, plan, fp, samples)
+    _print_plan(console, plan, fp, samples, policy)
 
     # On each machine local rank 0 decodes into the disk cache while the others wait, then they open it.
     if dist.enabled and not dist.is_local_main:
@@ -335,23 +336,40 @@ def _train_one(
     if len(present) < 2:
         raise DataError("the training split holds a single class: nothing to learn")
 
+    # What follows the last epoch must fit the budget too: features for the OOD guard, the temperature,
+    # the sanity gate's baseline and writing the bundle (inference runs ~3x faster than a training step).
+    budget.reserve(
+        7.0 + (min(len(train_idx), OOD_FIT_SAMPLES) + len(val_idx)) / (3.0 * (plan.throughput or 100.0))
+    )
     # Re-fit the epoch count to the time that is really left (decoding may have been faster or cached).
     if state is None and not cfg.epochs and plan.epoch_seconds:
-        left = cfg.time_budget - (time.perf_counter() - t_start)
-        fit = int((left * 0.92 - 5) // plan.epoch_seconds)
+        fit = int((budget.available() * 0.95 - 2) // plan.epoch_seconds)
         plan.epochs = max(1, min(plan.epochs, fit)) if fit < plan.epochs else plan.epochs
     plan.epochs = int(dist.broadcast_json(plan.epochs))  # a clock decided it: rank 0's count for all
 
+    # With a time budget and planner-chosen epochs the schedule follows the clock (medclf.schedule).
+    clock_driven = not cfg.epochs
     loop = _Loop(
-        plan, samples, prepared, train_idx, val_idx, cfg, device, ckpt_dir, console, progress, dist=dist
+        plan,
+        samples,
+        prepared,
+        train_idx,
+        val_idx,
+        cfg,
+        device,
+        ckpt_dir,
+        console,
+        progress,
+        dist=dist,
+        clock_driven=clock_driven,
+        clock=budget.clock,
     )
     loop.epoch_callback = epoch_callback
     loop.t_start = t_start
-    # What follows the last epoch must fit the budget too: features for the OOD guard, the temperature
-    # and writing the bundle (inference runs ~3x faster than a training step).
-    after_s = 5.0 + (min(len(train_idx), OOD_FIT_SAMPLES) + len(val_idx)) / (3.0 * (plan.throughput or 100.0))
-    deadline = t_start + cfg.time_budget - after_s if not cfg.epochs else None
-    history, best_epoch, val_probs = loop.run(state, deadline)
+    if clock_driven and policy.source == "measured":
+        loop.load_monitor = threads_mod.LoadMonitor()
+    history, best_epoch, val_probs = loop.run(state, budget.work_deadline() if clock_driven else None)
+    schedule = loop.schedule_record()
     if not dist.is_main:  # rank 0 calibrates and writes the bundle; wait until it is there
         dist.barrier()
         dist.close()
@@ -361,7 +379,7 @@ def _train_one(
             history=history,
             val_metrics={},
             best_epoch=best_epoch,
-            seconds=time.perf_counter() - t_start,
+            seconds=budget.elapsed(),
             n_val_copies_removed=n_copies,
             unreadable=prepared.errors,
         )
@@ -372,6 +390,10 @@ def _train_one(
     val_metrics = compute_metrics(val_y, val_probs, samples.classes, n_bootstrap=200, seed=cfg.seed)
     val_metrics.update(ece_uncalibrated=calibration.ece_before, temperature=calibration.temperature)
     val_metrics["n_removed_duplicates"] = n_copies if not cfg.include_train_copies else 0
+    references = sanity.baselines(
+        prepared.tensors, train_idx, val_idx, samples.labels, samples.classes, seed=cfg.seed
+    )
+    verdict = sanity.judge(val_metrics, references, schedule).to_dict()
     train_hashes = sorted({prepared.hashes[i] for i in train_idx})
     manifest = {
         "model": {
@@ -396,8 +418,10 @@ def _train_one(
             "streamed": loop.streaming,
             "best_epoch": best_epoch,
             "epochs_run": len(history),
-            "seconds": round(time.perf_counter() - t_start, 1),
+            "seconds": round(budget.elapsed(), 1),
             "augmentation": augment_mod.describe(plan.augment),
+            "schedule": schedule,
+            "cpu": policy.to_dict(),
         },
         "data": {
             "source": Path(samples.source).name,
@@ -412,6 +436,7 @@ def _train_one(
         "metrics": {"val": val_metrics},
         "history": history,
         "calibration": calibration.to_dict(),
+        "sanity": verdict,
     }
     best = loop.best_model()
     detector = _fit_ood(best, prepared.tensors, train_idx, val_idx, samples.labels, cfg.seed, loop.eval_batch)
@@ -427,7 +452,7 @@ def _train_one(
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     dist.barrier()
     dist.close()
-    seconds = time.perf_counter() - t_start
+    seconds = budget.elapsed()
     console.print(
         f"[bold green]Bundle written[/] to {bundle}  (val AUC {_fmt(val_metrics.get('auc'))}, "
         f"accuracy {_fmt(val_metrics.get('accuracy'))}, best epoch {best_epoch}, {seconds / 60:.1f} min)"
@@ -442,7 +467,66 @@ def _train_one(
         n_val_copies_removed=n_copies,
         unreadable=prepared.errors,
         stop_reason=loop.stop_reason,
+        sanity=verdict,
+        references=references,
+        schedule=schedule,
     )
+
+
+def _plan(
+    samples: SampleSet,
+    fp: Fingerprint,
+    n_train: int,
+    cfg: TrainConfig,
+    budget: Budget,
+    probe_s: float,
+    policy: threads_mod.ThreadPolicy,
+    dist: DistContext,
+    device: str,
+) -> Plan:
+    """The planner's plan for a new run: rules, then a timing probe bounded by a share of the budget."""
+    overrides = cfg.overrides()
+    source = _transfer_source(cfg, overrides, fp)
+    plan = initial_plan(fp, n_train, overrides, world_size=dist.world_size, device=device)
+    if cfg.size is not None and cfg.size < 4:
+        raise ConfigError("--size must be at least 4")
+    workers = cfg.workers or policy.decode_workers
+    decode_estimate = probe_s * len(samples) / workers * 1.3
+    planning_s = budget.fraction(PLANNING_SHARE, at_least=PLANNING_MIN_S)
+    # Headroom for per-epoch validation and writing the bundle; the probe's own time comes off too.
+    budget_left = (budget.left() - decode_estimate - planning_s) * 0.92 - 5
+    if budget_left <= 0 and not cfg.epochs:
+        raise ConfigError(
+            f"the time budget ({cfg.time_budget:.0f} s) is spent on reading the data alone "
+            f"(about {decode_estimate:.0f} s); give a larger --time-budget"
+        )
+    if dist.is_main:  # the others take rank 0's plan: one timing, one plan
+        plan = choose_size_and_epochs(
+            plan,
+            n_train=n_train,
+            budget_s=max(budget_left, 1.0),
+            fp=fp,
+            overrides=overrides,
+            device=device,
+            world_size=dist.world_size,
+            planning_s=planning_s,
+        )
+    if source is not None:
+        _apply_transfer(plan, source, cfg)
+    return plan
+
+
+def _plan_like(base: Plan, cfg: TrainConfig, budget: Budget) -> Plan:
+    """``base`` (another member's plan) for this run: the same preprocessing, network and recipe, and the
+    epochs that fit this budget at the pace ``base`` measured (at most its own epochs)."""
+    plan = Plan.from_dict(base.to_dict())
+    plan.reasons = [f"the plan of the first member ({base.arch}, input {list(base.spec.input_shape)})"]
+    if cfg.epochs:
+        plan.epochs = int(cfg.epochs)
+    elif plan.epoch_seconds:
+        fit = int((budget.left() * 0.92 - 5) // plan.epoch_seconds)
+        plan.epochs = int(max(1, min(base.epochs, fit)))
+    return plan
 
 
 def _use_leftover_budget(
@@ -450,16 +534,21 @@ def _use_leftover_budget(
     data: str | Path,
     out: Path,
     cfg: TrainConfig,
-    t_start: float,
+    budget: Budget,
     progress: bool,
     console: Console,
 ) -> TrainResult:
     """When training stopped early, spend the rest of the time budget on more members (other seeds, the
     same validation split and plan) and fuse them by their mean: small datasets converge in a fraction of
-    the budget, and their noisy validation split makes one model a lottery ticket."""
+    the budget, and their noisy validation split makes one model a lottery ticket.
+
+    This never costs the first model: ``out`` keeps its bundle until the fused one replaces it (atomically),
+    every extra member trains on the first member's plan (same preprocessing, dimensions and channels), and
+    when a member or the fusion fails for any reason the best single member becomes the bundle and the
+    failure is reported (console, ``bundle.json`` ``leftover``, ``TrainResult.leftover_failure``)."""
     from medclf.fusion import ensemble
 
-    left = cfg.time_budget - (time.perf_counter() - t_start)
+    left = budget.left()
     # Later members skip decoding (cached) and planning: their cost is the first run's training time.
     per_member = max(sum(h["seconds"] for h in first.history), 1.0) * 1.15 + 5.0
     n_more = min(MAX_LEFTOVER_MEMBERS - 1, int((left - LEFTOVER_FUSION_S) // per_member))
@@ -469,58 +558,123 @@ def _use_leftover_budget(
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     members = [work / "member-0"]
-    os.replace(out, members[0])
+    shutil.copytree(out, members[0])
     console.print(
         f"[bold]Early stop left {left / 60:.1f} min of the budget[/]: training {n_more} more member(s) with "
         "other seeds on the same validation split, then fusing them by their mean (seed bagging)"
     )
-    p = first.plan
-    pinned = {
-        "arch": p.arch,
-        "size": int(p.spec.size[0]),
-        "batch_size": p.batch_size,
-        "lr": p.lr,
-        "augment": p.augment,
-        "denoise": p.spec.denoise,
-        "members": 1,
-        "split_seed": cfg.seed if cfg.split_seed is None else cfg.split_seed,
-    }
+    # The first member's measured pace decides the others' epochs.
+    base = Plan.from_dict(first.plan.to_dict())
+    if first.history:
+        base.epoch_seconds = float(np.mean([h["seconds"] for h in first.history]))
+    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    budget.reserve(LEFTOVER_FUSION_S)
+    failure: str | None = None
     for k in range(1, n_more + 1):
         member = work / f"member-{k}"
-        share = (cfg.time_budget - (time.perf_counter() - t_start) - LEFTOVER_FUSION_S) / (n_more + 1 - k)
-        run = cfg.updated({**pinned, "seed": cfg.seed + k, "time_budget": max(share, 1.0)})
-        train(data, member, config=run, progress=progress, console=console)
+        share = budget.share(n_more + 1 - k)
+        run = cfg.updated(
+            {"members": 1, "seed": cfg.seed + k, "split_seed": split_seed, "time_budget": max(share, 1.0)}
+        )
+        try:
+            _train_one(
+                data,
+                member,
+                config=run,
+                progress=progress,
+                console=console,
+                budget=budget.child(max(share, 1.0)),
+                base_plan=base,
+            )
+        except Exception as exc:  # the members trained so far (and the first bundle) stay
+            failure = f"member {k + 1} failed: {_one_line(exc)}"
+            break
         members.append(member)
-    fused = ensemble(
-        members,
-        out,
-        data=data,
-        method="mean",
-        cache_dir=cfg.cache_dir,
-        workers=cfg.workers,
-        progress=progress,
-        console=console,
-        seed=cfg.seed,
-        recipe={
-            "bagging": "seeds (time left after an early stop)",
+    fused = None
+    if len(members) >= 2:
+        try:
+            fused = ensemble(
+                members,
+                out,
+                data=data,
+                method="mean",
+                cache_dir=cfg.cache_dir,
+                workers=cfg.workers,
+                progress=progress,
+                console=console,
+                seed=cfg.seed,
+                recipe={
+                    "bagging": "seeds (time left after an early stop)",
+                    "members": len(members),
+                    "seed": cfg.seed,
+                },
+            )
+        except Exception as exc:
+            failure = (
+                failure + "; " if failure else ""
+            ) + f"fusing {len(members)} members failed: {_one_line(exc)}"
+            fused = None
+    if fused is None:
+        result = _keep_best_member(first, members, out, failure or "no extra member finished", console)
+    else:
+        verdict = sanity.judge(fused.val_metrics or first.val_metrics, first.references or {}, first.schedule)
+        # The first member's run, which the fused bundle's own record (an ensemble) does not hold.
+        leftover = {
             "members": len(members),
-            "seed": cfg.seed,
-        },
-    )
+            "failure": failure,
+            "first_member": {
+                "schedule": first.schedule,
+                "epoch_seconds": [h["seconds"] for h in first.history],
+            },
+        }
+        update_bundle(out, {"sanity": verdict.to_dict(), "leftover": leftover})
+        result = replace(
+            first,
+            bundle=fused.bundle,
+            val_metrics=fused.val_metrics or first.val_metrics,
+            members=members if cfg.keep_checkpoints else [],
+            sanity=verdict.to_dict(),
+            leftover_failure=failure,
+        )
     if not cfg.keep_checkpoints:
         shutil.rmtree(work, ignore_errors=True)
-    return TrainResult(
-        bundle=fused.bundle,
-        plan=first.plan,
-        history=first.history,
-        val_metrics=fused.val_metrics or first.val_metrics,
-        best_epoch=first.best_epoch,
-        seconds=time.perf_counter() - t_start,
-        n_val_copies_removed=first.n_val_copies_removed,
-        unreadable=first.unreadable,
-        stop_reason=first.stop_reason,
-        members=members if cfg.keep_checkpoints else [],
+    return replace(result, seconds=budget.elapsed())
+
+
+def _keep_best_member(
+    first: TrainResult, members: list[Path], out: Path, failure: str, console: Console
+) -> TrainResult:
+    """The fallback when the leftover members cannot be fused: the member with the best validation AUC
+    (then accuracy) becomes the bundle at ``out``, which records why (``leftover``)."""
+    from medclf.bundle import load_bundle
+
+    def score(path: Path) -> tuple[float, float]:
+        val = load_bundle(path).manifest.get("metrics", {}).get("val", {})
+        return (val.get("auc") or -1.0, val.get("accuracy") or -1.0)
+
+    best = max(members, key=score)
+    console.print(
+        f"[bold yellow]warning:[/] the leftover-budget ensemble was not made ({failure}); keeping the best "
+        f"single member ({best.name}, of {len(members)}) as the bundle"
     )
+    b = load_bundle(best)
+    manifest = {k: v for k, v in b.manifest.items() if k not in ("files", "self_sha256")}
+    manifest["leftover"] = {"members": len(members), "failure": failure, "kept": best.name}
+    extra = {name: b.path / name for name in b.manifest["files"] if name != WEIGHTS}
+    save_bundle(out, model=b.model, manifest=manifest, extra_files=extra)
+    return replace(
+        first,
+        val_metrics=manifest.get("metrics", {}).get("val", first.val_metrics),
+        best_epoch=int(manifest.get("recipe", {}).get("best_epoch", first.best_epoch)),
+        history=manifest.get("history", first.history),
+        sanity=manifest.get("sanity", first.sanity),
+        leftover_failure=failure,
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = exc.message if isinstance(exc, MedclfError) else f"{type(exc).__name__}: {exc}"
+    return " ".join(str(text).split())[:300]
 
 
 def _fmt(v: Any) -> str:
@@ -533,7 +687,13 @@ def _seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _print_plan(console: Console, plan: Plan, fp: Fingerprint, samples: SampleSet) -> None:
+def _print_plan(
+    console: Console,
+    plan: Plan,
+    fp: Fingerprint,
+    samples: SampleSet,
+    policy: threads_mod.ThreadPolicy | None = None,
+) -> None:
     counts = ", ".join(f"{s}: {sum(c.values())}" for s, c in samples.summary().items())
     console.print(
         f"[bold]Data[/] {samples.source} ({samples.kind}; {counts}; classes {', '.join(samples.classes)})"
@@ -545,6 +705,8 @@ def _print_plan(console: Console, plan: Plan, fp: Fingerprint, samples: SampleSe
     )
     for r in plan.reasons:
         console.print(f"  - {r}")
+    if policy is not None:
+        console.print(f"  - threads: {policy.describe()}")
 
 
 class _Loop:
@@ -563,8 +725,11 @@ class _Loop:
         console: Console,
         progress: bool,
         dist: DistContext | None = None,
+        clock_driven: bool = False,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.plan, self.samples, self.prepared, self.cfg = plan, samples, prepared, cfg
+        self.clock = clock or time.perf_counter
         self.device, self.ckpt_dir, self.console, self.progress = device, ckpt_dir, console, progress
         self.train_idx, self.val_idx = train_idx, val_idx
         dims = plan.spec.spatial_dims
@@ -586,22 +751,27 @@ class _Loop:
         self.train_model = self._parallel(self.model)
         self.ema: torch.optim.swa_utils.AveragedModel | None = None
         steps_per_epoch = max(1, len(train_idx) // plan.batch_size)
-        self.total_steps = steps_per_epoch * plan.epochs
+        # Warm-up and cosine, the EMA's horizon and the patience (re-planned after epochs when clock-driven).
+        self.schedule = Schedule(steps_per_epoch, plan.epochs, plan.patience, clock_driven=clock_driven)
+        self.total_steps = self.schedule.total_steps
         if plan.ema:
             # Average over roughly the last tenth of training (at least 10 steps).
-            decay = min(0.9995, 1.0 - 1.0 / max(10.0, self.total_steps / 10))
             self.ema = torch.optim.swa_utils.AveragedModel(
-                self.model, multi_avg_fn=_warmup_ema(decay), use_buffers=True
+                self.model, multi_avg_fn=_warmup_ema(self.schedule.ema_decay), use_buffers=True
             )
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
             lr=plan.lr,
             weight_decay=plan.weight_decay,
         )
-        warmup = min(max(1, steps_per_epoch), self.total_steps // 5 + 1)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _warmup_cosine(warmup, self.total_steps)
-        )
+        schedule = self.schedule
+
+        def lr_factor(step: int) -> float:  # a plain function: LambdaLR's state then holds only counters
+            return schedule.lr_factor(step)
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
+        # Another process's load, measured over each epoch (set by _train_one when threads were measured).
+        self.load_monitor: threads_mod.LoadMonitor | None = None
         counts = np.bincount(samples.labels[train_idx], minlength=n_classes).astype(np.float64)
         # Balanced class weights (n / (K n_c)), so a rare class counts as much as a common one.
         weights = np.where(counts > 0, counts.sum() / (n_classes * np.maximum(counts, 1)), 0.0)
@@ -625,7 +795,7 @@ class _Loop:
         self.epoch_callback: Callable[[dict[str, Any], nn.Module, Plan], dict[str, Any] | None] | None = None
         # (augmented batch, logits, cross-entropy) -> the loss to minimise; knowledge distillation sets it.
         self.loss_hook: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-        self.t_start = time.perf_counter()
+        self.t_start = self.clock()
 
     def _to_device(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
@@ -787,6 +957,7 @@ class _Loop:
     ) -> tuple[list[dict[str, float]], int, np.ndarray]:
         history: list[dict[str, float]] = []
         self.stop_reason = "completed"
+        self.epochs_run = 0
         best_auc, best_loss, best_epoch, start_epoch = -1.0, float("inf"), 0, 0
         if state is not None:
             self._restore(state)
@@ -798,7 +969,7 @@ class _Loop:
         bar = _ProgressDisplay(self.console, self.plan.epochs, start_epoch, enabled=self.progress)
         with bar:
             for epoch in range(start_epoch, self.plan.epochs):
-                t0 = time.perf_counter()
+                t0 = self.clock()
                 self.epoch = epoch
                 loss = self.train_epoch()
                 probs = self.predict_val(self.eval_model())
@@ -807,7 +978,7 @@ class _Loop:
                     F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)), torch.from_numpy(val_y))
                 )
                 val_acc = float((probs.argmax(1) == val_y).mean())
-                epoch_times.append(time.perf_counter() - t0)
+                epoch_times.append(self.clock() - t0)
                 # Validation AUCs within AUC_TIE of the best are noise: among them keep the later, more
                 # annealed model (PneumoniaMNIST: val AUC flat at 0.9965 +- 0.0005 from epoch 11 on while
                 # test AUC rose from 0.973 to 0.980).
@@ -835,38 +1006,102 @@ class _Loop:
                     "val_loss": val_loss,
                     "lr": lr,
                     "seconds": epoch_times[-1],
-                    "wall_s": time.perf_counter() - self.t_start,
+                    "wall_s": self.clock() - self.t_start,
+                    "threads": torch.get_num_threads(),
                 }
                 if self.epoch_callback is not None and self.dist.is_main:
                     with torch.random.fork_rng(devices=[]):
                         row.update(self.epoch_callback(dict(row), self.eval_model(), self.plan) or {})
                 history.append(row)
+                self._replan(epoch + 1, epoch_times, deadline)
                 if self.dist.is_main:
                     self._checkpoint(epoch, history, best_auc, best_loss, best_epoch)
-                remaining = (self.plan.epochs - epoch - 1) * float(np.mean(epoch_times[-3:]))
+                horizon = self.schedule.horizon_epochs if self.schedule.clock_driven else self.plan.epochs
+                remaining = (horizon - epoch - 1) * float(np.mean(epoch_times[-3:]))
                 if deadline is not None:
-                    remaining = min(remaining, max(deadline - time.perf_counter(), 0.0))
-                bar.update(row, best_auc, remaining)
-                if epoch + 1 - best_epoch >= self.plan.patience:
+                    remaining = min(remaining, max(deadline - self.clock(), 0.0))
+                bar.update(row, best_auc, remaining, total=horizon)
+                patience = self.schedule.patience()
+                if epoch + 1 - best_epoch >= patience:
                     self.stop_reason = "early_stop"
                     self.console.print(
-                        f"Early stop: validation AUC has not come within {AUC_TIE} of its best for {self.plan.patience} epochs"
+                        f"Early stop: validation AUC has not come within {AUC_TIE} of its best for {patience} epochs"
                     )
                     break
-                if self.dist.agree(
-                    deadline is not None
-                    and time.perf_counter() + float(np.mean(epoch_times[-3:])) * 1.05 > deadline
+                if self.schedule.clock_driven and deadline is not None:
+                    if epoch + 1 >= self.schedule.horizon_epochs:
+                        if epoch + 1 < self.plan.epochs:
+                            self.stop_reason = "time_budget"
+                            annealed = self.schedule.completed(self.scheduler.last_epoch)
+                            self.console.print(
+                                f"Time budget reached after {epoch + 1} of {self.plan.epochs} planned epochs: "
+                                + (
+                                    "the schedule was fitted to end here"
+                                    if annealed
+                                    else "[yellow]stopping before the learning rate annealed[/]"
+                                )
+                            )
+                        break
+                elif self.dist.agree(
+                    deadline is not None and self.clock() + float(np.mean(epoch_times[-3:])) * 1.05 > deadline
                 ):
                     if epoch + 1 < self.plan.epochs:
                         self.stop_reason = "time_budget"
                         self.console.print("Time budget reached: stopping with the best model so far")
                     break
+                self._follow_load()
+        self.epochs_run = len(history)
         if self.best_state is None:
             # Resumed after the last epoch had already run: rebuild the best model from its checkpoint.
             self.best_state = load_file(str(self.ckpt_dir / "best.safetensors"))
             model = self.best_model()
             self.best_probs = self.predict_val(self._to_device(model))
         return history, best_epoch, self.best_probs
+
+    def _replan(self, epochs_done: int, epoch_times: list[float], deadline: float | None) -> None:
+        """Clock-driven schedule: fit the horizon to the epochs that still fit (rank 0 decides for all)."""
+        if not self.schedule.clock_driven or deadline is None:
+            return
+        # The first epoch pays one-off costs (kernel creation, compilation): leave it out once others ran.
+        recent = epoch_times[1:][-3:] if len(epoch_times) > 1 else epoch_times
+        pace = max(epoch_times[-1], float(np.mean(recent))) * 1.05
+        if self.dist.is_main:
+            self.schedule.replan(self.scheduler.last_epoch, epochs_done, deadline - self.clock(), pace)
+        self.schedule.load_state_dict(self.dist.broadcast_json(self.schedule.state_dict()))
+        # LambdaLR computed the next step's learning rate under the old horizon.
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base * self.schedule.lr_factor(self.scheduler.last_epoch)
+
+    def _follow_load(self) -> None:
+        """With measured threads: give a core back when another process took it during the last epoch,
+        take it again when it is free (see :mod:`medclf.threads`)."""
+        policy = threads_mod.current()
+        if self.load_monitor is None or policy is None:
+            return
+        others = self.load_monitor.sample()
+        if others is None:
+            return
+        wanted = replace(policy.cpus, others_busy=others).available
+        have = torch.get_num_threads()
+        if wanted != have:
+            self.console.print(
+                f"Threads: {have} -> {wanted} (other processes kept {others:.1f} core(s) busy in the last epoch)"
+            )
+            threads_mod.set_torch_threads(wanted)
+
+    def schedule_record(self) -> dict[str, Any]:
+        """The schedule as it ran, for the bundle: planned vs run epochs and whether it annealed."""
+        step = int(self.scheduler.last_epoch)
+        return {
+            "mode": "clock" if self.schedule.clock_driven else "epochs",
+            "planned_epochs": self.schedule.planned_epochs,
+            "horizon_epochs": self.schedule.horizon_epochs,
+            "epochs_run": self.epochs_run,
+            "stop_reason": self.stop_reason,
+            "completed": self.schedule.completed(step),
+            "final_progress": round(self.schedule.progress(step), 4),
+            "final_lr_factor": round(self.schedule.lr_factor(step), 4),
+        }
 
     # --- checkpoints: safetensors for tensors, JSON for the rest (no pickle) ---
 
@@ -899,6 +1134,7 @@ class _Loop:
             "best_loss": best_loss,
             "best_epoch": best_epoch,
             "scheduler": self.scheduler.state_dict(),
+            "schedule": self.schedule.state_dict(),
             "optim_param_groups": opt_state["param_groups"],
             "data_fingerprint": self.prepared.fingerprint,
         }
@@ -920,6 +1156,7 @@ class _Loop:
                 opt_state["state"].setdefault(int(pid), {})[name] = v
         self.optimizer.load_state_dict(opt_state)
         self.scheduler.load_state_dict(state["scheduler"])
+        self.schedule.load_state_dict(state.get("schedule"))
         torch.set_rng_state(tensors["rng.torch"])
         self.gen.set_state(tensors["rng.gen"])
         best = self.ckpt_dir / "best.safetensors"
@@ -1091,14 +1328,15 @@ def _auc(y: np.ndarray, probs: np.ndarray, n_classes: int) -> float:
     return float(np.mean(scores))
 
 
-def _warmup_ema(decay: float) -> Any:
+def _warmup_ema(decay: float | Callable[[], float]) -> Any:
     """EMA whose decay ramps up as (1 + n) / (10 + n) (as timm's ModelEmaV3 warm-up): early on the average
-    follows the fast-changing network instead of mixing weights from incompatible points."""
+    follows the fast-changing network instead of mixing weights from incompatible points. ``decay`` may be
+    a callable, read at every update (the schedule's horizon can change between epochs)."""
 
     @torch.no_grad()
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
         n = float(num_averaged)
-        d = min(decay, (1.0 + n) / (10.0 + n))
+        d = min(decay() if callable(decay) else decay, (1.0 + n) / (10.0 + n))
         for a, c in zip(averaged, current, strict=True):
             if a.dtype.is_floating_point:
                 a.lerp_(c, 1.0 - d)
@@ -1106,16 +1344,6 @@ def _warmup_ema(decay: float) -> Any:
                 a.copy_(c)  # integer buffers (BatchNorm's num_batches_tracked)
 
     return update
-
-
-def _warmup_cosine(warmup: int, total: int) -> Any:
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + np.cos(np.pi * min(progress, 1.0)))
-
-    return f
 
 
 def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -1169,7 +1397,13 @@ class _ProgressDisplay:
             self.task = self.progress.add_task("train", total=self.total, completed=self.start, info="")
         return self
 
-    def update(self, row: dict[str, float], best: float, remaining_s: float) -> None:
+    def update(
+        self, row: dict[str, float], best: float, remaining_s: float, total: int | None = None
+    ) -> None:
+        if total is not None and total != self.total:
+            self.total = total
+            if self.progress is not None:
+                self.progress.update(self.task, total=total)
         info = (
             f"loss {row['loss']:.4f}  val AUC {row['val_auc']:.4f} (best {best:.4f})  "
             f"acc {row['val_acc']:.3f}  left ~{remaining_s / 60:.1f} min"

@@ -182,10 +182,14 @@ def _prune_compact(
     if len(blocks) != 4 or not isinstance(blocks[0][1].shortcut, nn.Identity):
         raise ConfigError("unexpected CompactCNN layout: cannot prune it")
     modules = dict(model.named_modules())
+    # The stem's batch norm: stem.1, or stem.2 when its max-pool comes first (stem_pool_first).
+    stem_bn = next(
+        f"stem.{i}" for i, m in enumerate(model.stem) if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    )
     # Producers of each channel group: the batch norms that write those channels.
-    producers: dict[str, list[str]] = {"w1": ["stem.1", f"{blocks[0][0]}.bn2"]}
+    producers: dict[str, list[str]] = {"w1": [stem_bn, f"{blocks[0][0]}.bn2"]}
     # (state-dict prefix, group of its output channels, group of its input channels)
-    layout: list[tuple[str, str | None, str | None]] = [("stem.0", "w1", None), ("stem.1", "w1", None)]
+    layout: list[tuple[str, str | None, str | None]] = [("stem.0", "w1", None), (stem_bn, "w1", None)]
     previous = "w1"
     for i, (name, _block) in enumerate(blocks, start=1):
         out = "w1" if i == 1 else f"w{i}"

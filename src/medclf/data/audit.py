@@ -825,7 +825,7 @@ def audit(
             )
         )
 
-    shift = _split_shift_summary(samples, sr, copies, warn) if check_shift else None
+    shift = _split_shift_summary(samples, sr, copies, warn, progress) if check_shift else None
 
     dec = np.flatnonzero(sr.decoded)
     sizes = _size_summary([shape for i in dec if (shape := sr.shapes[i]) is not None], warn)
@@ -880,12 +880,21 @@ def audit(
 
 
 def _split_shift_summary(
-    samples: SampleSet, sr: ScanResult, copies: np.ndarray, warn: list[tuple[int, str]]
+    samples: SampleSet,
+    sr: ScanResult,
+    copies: np.ndarray,
+    warn: list[tuple[int, str]],
+    progress: bool = False,
 ) -> dict[str, Any]:
     is_3d = np.array([s is not None and len(s) == 3 and s[0] > 1 for s in sr.shapes], dtype=bool)
     usable = sr.decoded & ~sr.constant & ~copies
     found = split_shift(
-        layout_features(sr.signatures, is_3d), samples.splits, samples.labels, usable, samples.classes
+        layout_features(sr.signatures, is_3d),
+        samples.splits,
+        samples.labels,
+        usable,
+        samples.classes,
+        progress=progress,
     )
     for r in found:
         if r.shifted:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from medclf import threads
 from medclf.data.audit import (
     NEAR_THRESHOLD,
     ScanResult,
@@ -102,7 +103,7 @@ def prepare(
 ) -> PreparedData:
     """Decode + preprocess every sample (or reuse the cache) and flag copies of training samples."""
     console = console or Console(stderr=True, soft_wrap=True)
-    workers = workers or min(4, os.cpu_count() or 1)
+    workers = workers or threads.decode_workers()
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     key = cache_key(samples, spec)
     folder = root / key

@@ -14,13 +14,16 @@ Copies of training samples are left out (the audit reports them separately), as 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from threadpoolctl import threadpool_limits
 
 from medclf.data.samples import SPLITS
 
@@ -95,14 +98,19 @@ def domain_auc(
     aucs = []
     if repeats is None:
         repeats = REPEATS if n < SMALL else 1
-    for k in range(repeats):
-        rng = np.random.default_rng(seed + k)
-        x = np.concatenate([a[rng.choice(len(a), n, replace=False)], b[rng.choice(len(b), n, replace=False)]])
-        y = np.r_[np.zeros(n), np.ones(n)]
-        clf = HistGradientBoostingClassifier(max_iter=100, early_stopping=False, random_state=seed + k)
-        folds = StratifiedKFold(5, shuffle=True, random_state=seed + k)
-        p = cross_val_predict(clf, x, y, cv=folds, method="predict_proba")[:, 1]
-        aucs.append(roc_auc_score(y, p))
+    # One thread (OpenMP and BLAS): a few hundred rows of 64 features gain nothing from threads, and on a
+    # machine where another process holds a core, OpenMP threads waiting for each other at every tree made
+    # one check about a hundred times slower.
+    with threadpool_limits(limits=1):
+        for k in range(repeats):
+            rng = np.random.default_rng(seed + k)
+            pick_a, pick_b = rng.choice(len(a), n, replace=False), rng.choice(len(b), n, replace=False)
+            x = np.concatenate([a[pick_a], b[pick_b]])
+            y = np.r_[np.zeros(n), np.ones(n)]
+            clf = HistGradientBoostingClassifier(max_iter=100, early_stopping=False, random_state=seed + k)
+            folds = StratifiedKFold(5, shuffle=True, random_state=seed + k)
+            p = cross_val_predict(clf, x, y, cv=folds, method="predict_proba")[:, 1]
+            aucs.append(roc_auc_score(y, p))
     return float(np.mean(aucs)), n
 
 
@@ -115,20 +123,50 @@ def split_shift(
     *,
     seed: int = 0,
     min_per_side: int = MIN_PER_SIDE,
+    progress: bool = False,
+    console: Any = None,
 ) -> list[SplitShift]:
     """One :class:`SplitShift` per (non-train split, class) with at least ``min_per_side`` usable images
-    on both sides; ``usable`` marks the rows to compare (decoded, not constant, not a copy of train)."""
+    on both sides; ``usable`` marks the rows to compare (decoded, not constant, not a copy of train).
+
+    The classifiers run single-threaded (see :func:`domain_auc`); ``progress`` shows a bar (rich) over the
+    split/class pairs."""
     split_arr = np.asarray(splits)
     labels = np.asarray(labels)
     usable = np.asarray(usable, dtype=bool)
-    results = []
     present = set(split_arr.tolist()) - {"train"}
+    pairs = []
     for split in [s for s in SPLITS if s in present] + sorted(present - set(SPLITS)):
         for c, name in enumerate(classes):
-            train = features[usable & (split_arr == "train") & (labels == c)]
-            other = features[usable & (split_arr == split) & (labels == c)]
-            if min(len(train), len(other)) < min_per_side:
-                continue
-            auc, n = domain_auc(train, other, seed=seed)
-            results.append(SplitShift(split=split, cls=str(name), auc=round(auc, 3), n_per_side=n))
+            train = usable & (split_arr == "train") & (labels == c)
+            other = usable & (split_arr == split) & (labels == c)
+            if min(int(train.sum()), int(other.sum())) >= min_per_side:
+                pairs.append((split, str(name), train, other))
+    results = []
+    with _bar(len(pairs), progress, console) as advance:
+        for split, name, train, other in pairs:
+            auc, n = domain_auc(features[train], features[other], seed=seed)
+            results.append(SplitShift(split=split, cls=name, auc=round(auc, 3), n_per_side=n))
+            advance(f"{split}/{name}")
     return results
+
+
+@contextlib.contextmanager
+def _bar(total: int, enabled: bool, console: Any) -> Iterator[Callable[[str], None]]:
+    if not enabled or total == 0:
+        yield lambda _label: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("split shift check"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[pair]}"),
+        TimeElapsedColumn(),
+        console=console or Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task("shift", total=total, pair="")
+        yield lambda label: bar.update(task, advance=1, pair=label)

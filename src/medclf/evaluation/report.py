@@ -96,6 +96,7 @@ def write_report(
     a dict (shown as a key/value table) or a list of dicts (shown as a table), in order.
     """
     parts = [
+        _training_warnings(metrics),
         _headline(metrics),
         _notes(metrics),
         _comparison(metrics),
@@ -158,6 +159,19 @@ def _headline(m: Mapping[str, Any]) -> str:
         out.append(f'<p class="small">{" ".join(method)}</p>')
     out.append("</section>")
     return "\n".join(out)
+
+
+def _training_warnings(m: Mapping[str, Any]) -> str:
+    """The training run's failed sanity gate (``training_warnings``), above everything else."""
+    warnings = list(m.get("training_warnings") or [])
+    if not warnings:
+        return ""
+    return (
+        '<div class="warn"><strong>Warning: this model failed its training sanity check</strong> (on '
+        "validation, before this evaluation). Do not rely on it without checking:<ul>"
+        + "".join(f"<li>{_e(w)}</li>" for w in warnings)
+        + "</ul></div>"
+    )
 
 
 def _notes(m: Mapping[str, Any]) -> str:

@@ -93,6 +93,12 @@ def evaluate(
             else probs[usable]
         )
     extra: dict[str, Any] = {"bundle_sha256": b.sha256, "engine": engine, "tta": describe_tta(views)}
+    gate = b.manifest.get("sanity")
+    if gate and not gate.get("passed", True):
+        # The training run's sanity gate failed (medclf.sanity): the report shows why, at the top.
+        extra["training_warnings"] = list(gate.get("warnings", []))
+        for w in extra["training_warnings"]:
+            console.print(f"[bold red]warning:[/] this model's training: {w}", highlight=False)
     sections = _report_sections(b, prepared.errors, data, split)
     if robustness and len(usable):
         from medclf.evaluation.robustness import robustness_report
@@ -304,6 +310,26 @@ def _report_sections(b: Bundle, errors: list[dict[str, str]], data: str | Path, 
         "Preprocessing": b.spec.to_dict(),
         "Evaluation protocol": PROTOCOL + f" Data: {data}, split: {split}.",
     }
+    schedule = recipe.get("schedule")
+    if schedule:
+        sections["Model"]["schedule"] = (
+            f"{schedule.get('mode')}: {schedule.get('epochs_run')} of {schedule.get('planned_epochs')} planned "
+            f"epochs, {'annealed' if schedule.get('completed') else 'not annealed'} "
+            f"(stop: {schedule.get('stop_reason')})"
+        )
+    gate = b.manifest.get("sanity")
+    if gate:
+        base = gate.get("baseline") or {}
+        sections["Sanity gate (validation)"] = {
+            "verdict": "passed" if gate.get("passed") else "FAILED",
+            "model accuracy / AUC": f"{_f(gate['model'].get('accuracy'))} / {_f(gate['model'].get('auc'))}",
+            f"majority class ('{gate['majority'].get('class')}') accuracy": _f(
+                gate["majority"].get("accuracy")
+            ),
+            f"baseline ({base.get('method', 'n/a')}) accuracy / AUC": (
+                f"{_f(base.get('accuracy'))} / {_f(base.get('auc'))}"
+            ),
+        }
     val = b.manifest.get("metrics", {}).get("val", {})
     if val:
         sections["Validation (model selection)"] = {

@@ -52,7 +52,11 @@ class CompactCNN(nn.Module):
     Max-pooling after each stage, rather than strided convolutions inside the blocks, measured far better
     on small lesions here (simulated brain MRI, 64 px, 20 epochs: 81 % vs 44 % test accuracy at the same
     cost): pooling keeps a strong local response wherever it occurs. ``stem_stride`` (a max-pool after the
-    single stem convolution) lets the planner trade resolution for speed on inputs above 64 px.
+    single stem convolution) lets the planner trade resolution for speed on inputs above 64 px;
+    ``stem_pool_first`` moves that max-pool before the stem's batch norm and ReLU, so both (and their backward
+    passes, memory-bound at full resolution) run on a quarter of the pixels (``benchmarks/stem_order.py``).
+    ReLU commutes with max-pooling, batch norm does not: it is another network, off unless asked for, so
+    every bundle without the argument is rebuilt exactly as it was trained.
     ``widths`` (the four stage widths) and ``mid_widths`` (each block's inner width) override ``width``:
     structured pruning stores them in the bundle so the pruned network can be rebuilt.
     """
@@ -67,6 +71,7 @@ class CompactCNN(nn.Module):
         dropout: float = 0.2,
         widths: Sequence[int] | None = None,
         mid_widths: Sequence[int] | None = None,
+        stem_pool_first: bool = False,
     ) -> None:
         super().__init__()
         conv, norm = _layers(spatial_dims)
@@ -80,7 +85,7 @@ class CompactCNN(nn.Module):
             nn.ReLU(inplace=True),
         ]
         if stem_stride > 1:
-            stem.append(maxpool(stem_stride))
+            stem.insert(1 if stem_pool_first else 3, maxpool(stem_stride))
         self.stem = nn.Sequential(*stem)
         # The first block adds its input back unchanged (identity); the others project it (1x1 convolution).
         self.layer1 = nn.Sequential(ResidualBlock(w1, w1, 1, spatial_dims, m1, project=False), maxpool(2))
