@@ -35,6 +35,40 @@ def test_help_lists_the_commands():
         assert cmd in proc.stdout
 
 
+def test_bare_command_prints_usage_and_exits_2():
+    proc = medclf()
+    assert proc.returncode == 2
+    assert "Usage" in proc.stdout + proc.stderr and "train" in proc.stdout + proc.stderr
+
+
+def test_version_option():
+    import medclf as package
+
+    proc = medclf("--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"medclf {package.__version__}"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["trian"], "No such command 'trian'"),
+        (["--bogus"], "No such option: --bogus"),
+        (["train"], "Missing argument"),
+        (["train", "data", "--out", "b", "--epochs", "abc"], "Invalid value for '--epochs'"),
+        (["train", "data", "--out"], "requires an argument"),
+        (["serve-keys"], "Missing command"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(args, expected, tmp_path):
+    proc = medclf(*args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert expected in lines[0] and lines[0].startswith("medclf")
+    assert proc.stdout == ""
+
+
 def test_missing_data_is_exit_2_with_a_message(tmp_path):
     proc = medclf("train", tmp_path / "nope", "--out", tmp_path / "b")
     assert proc.returncode == 2 and "no such file or folder" in proc.stderr
