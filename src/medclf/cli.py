@@ -732,7 +732,7 @@ def main(args: list[str] | None = None) -> None:
     os.environ["RUST_BACKTRACE"] = "0"
     try:
         # With standalone_mode=False click returns the code of a typer.Exit instead of exiting, and raises
-        # usage errors to us instead of printing them with a traceback-prone handler.
+        # usage errors to _usage_error (one line) instead of printing them itself.
         rc = app(args=args, prog_name="medclf", standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)
     except MedclfError as exc:
