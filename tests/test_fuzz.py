@@ -89,7 +89,16 @@ SEEDS: dict[str, bytes] = {
     "npz": _npz(),
 }
 # Where each format keeps the header fields worth corrupting.
-HEADER_BYTES = {"dicom": 700, "dicom_rle": 700, "nifti": 352, "nifti_gz": 64, "png": 64, "jpeg": 700, "tiff": 200, "npz": 200}
+HEADER_BYTES = {
+    "dicom": 700,
+    "dicom_rle": 700,
+    "nifti": 352,
+    "nifti_gz": 64,
+    "png": 64,
+    "jpeg": 700,
+    "tiff": 200,
+    "npz": 200,
+}
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
