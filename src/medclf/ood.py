@@ -121,7 +121,7 @@ def _n_statistics(shape: tuple[int, ...]) -> int:
 
 
 # Statistics are computed at most at this many pixels per axis (block means of larger inputs): they describe
-# the image, not its resolution, and stay cheap next to the network (a few ms for a batch of 64 at 224 px).
+# the image rather than its resolution, and their cost stays small next to the network's.
 _WORKING_SIDE = {2: 64, 3: 32}
 
 
