@@ -35,6 +35,40 @@ def test_help_lists_the_commands():
         assert cmd in proc.stdout
 
 
+def test_bare_command_prints_usage_and_exits_2():
+    proc = medclf()
+    assert proc.returncode == 2
+    assert "Usage" in proc.stdout + proc.stderr and "train" in proc.stdout + proc.stderr
+
+
+def test_version_option():
+    import medclf as package
+
+    proc = medclf("--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"medclf {package.__version__}"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["trian"], "No such command 'trian'"),
+        (["--bogus"], "No such option: --bogus"),
+        (["train"], "Missing argument"),
+        (["train", "data", "--out", "b", "--epochs", "abc"], "Invalid value for '--epochs'"),
+        (["train", "data", "--out"], "requires an argument"),
+        (["serve-keys"], "Missing command"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(args, expected, tmp_path):
+    proc = medclf(*args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert expected in lines[0] and lines[0].startswith("medclf")
+    assert proc.stdout == ""
+
+
 def test_missing_data_is_exit_2_with_a_message(tmp_path):
     proc = medclf("train", tmp_path / "nope", "--out", tmp_path / "b")
     assert proc.returncode == 2 and "no such file or folder" in proc.stderr
@@ -213,3 +247,33 @@ def test_demo_runs_end_to_end_small(tmp_path):
     assert metrics["n_removed_duplicates"] == 2, "the two planted copies must be found and left out"
     assert (tmp_path / "demo" / "eval" / "report.html").exists()
     assert (tmp_path / "demo" / "audit.json").exists()
+
+
+def test_predict_folder_survives_a_file_rewritten_while_read(tiny_bundle, sim_data, tmp_path, monkeypatch):
+    # Another process truncates a NIfTI between sniffing and decoding (the race that raised struct.error
+    # and ended a folder run): that file gets an error entry, the others keep their answers.
+    import nibabel as nib
+
+    import medclf
+    import medclf.io as mio
+
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    good = sorted((sim_data / "test" / "normal").glob("*.png"))[:2]
+    for g in good:
+        shutil.copy(g, folder / g.name)
+    scan = folder / "zz-scan.nii"
+    nib.save(nib.Nifti1Image(np.ones((64, 64, 1), np.float32), np.eye(4)), scan)
+    real_sniff = mio.sniff
+
+    def sniff_then_truncate(path, size=None):
+        sniffed = real_sniff(path, size)
+        if Path(path).name == scan.name:
+            Path(path).write_bytes(b"")
+        return sniffed
+
+    monkeypatch.setattr(mio, "sniff", sniff_then_truncate)
+    results = medclf.predict(tiny_bundle, [folder])
+    assert [Path(r["path"]).name for r in results] == sorted([g.name for g in good] + [scan.name])
+    assert all("probabilities" in r for r in results[:2])
+    assert results[2]["reason"] in ("truncated", "changed_while_reading"), results[2]

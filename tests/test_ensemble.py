@@ -89,6 +89,10 @@ def test_an_ensemble_is_a_bundle_like_any_other(members, val_data, tmp_path):
     answers = b.predict(files)
     assert [a["path"] for a in answers] == [str(f) for f in files]
     assert all(abs(sum(a["probabilities"].values()) - 1) < 1e-9 for a in answers)
+    # An ensemble has its own out-of-distribution guard, like any bundle.
+    assert b.manifest["ood"]["version"] == 2 and all("ood" in a and "ood_score" in a for a in answers)
+    noise = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    assert b.predict([noise])[0]["ood"] is True
 
 
 def test_weights_minimise_validation_log_loss():

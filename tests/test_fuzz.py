@@ -1,4 +1,4 @@
-"""Property-based fuzzing (hypothesis): mutated DICOM, NIfTI, PNG and JPEG files either read as a valid
+"""Property-based fuzzing (hypothesis): mutated DICOM, NIfTI, PNG, JPEG, TIFF and NPZ files either read as a valid
 image or are refused with InputRejected; no reader raises anything else, whatever the damage.
 
 Mutations: byte flips, truncations, header field overwrites (1, 2 or 4 bytes written into the first bytes,
@@ -67,6 +67,12 @@ def _raster(fmt: str) -> bytes:
     return buf.getvalue()
 
 
+def _npz() -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, image=_pixels(), spacing=np.array([0.5, 0.5]))
+    return buf.getvalue()
+
+
 def _nifti() -> bytes:
     data = np.random.default_rng(6).normal(size=(16, 20, 6)).astype(np.float32)
     return nib.Nifti1Image(data, np.diag([0.8, 0.9, 2.0, 1.0])).to_bytes()
@@ -79,9 +85,20 @@ SEEDS: dict[str, bytes] = {
     "nifti_gz": gzip.compress(_nifti(), mtime=0),
     "png": _raster("PNG"),
     "jpeg": _raster("JPEG"),
+    "tiff": _raster("TIFF"),
+    "npz": _npz(),
 }
 # Where each format keeps the header fields worth corrupting.
-HEADER_BYTES = {"dicom": 700, "dicom_rle": 700, "nifti": 352, "nifti_gz": 64, "png": 64, "jpeg": 700}
+HEADER_BYTES = {
+    "dicom": 700,
+    "dicom_rle": 700,
+    "nifti": 352,
+    "nifti_gz": 64,
+    "png": 64,
+    "jpeg": 700,
+    "tiff": 200,
+    "npz": 200,
+}
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

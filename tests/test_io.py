@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import struct
 import zlib
@@ -667,3 +668,129 @@ def test_damaged_inputs_only_raise_input_rejected(tmp_path: Path) -> None:
                 assert exc.reason and exc.message
             else:
                 assert img.pixels.dtype == np.float32 and np.isfinite(img.pixels).all(), name
+
+
+# ----------------------------------------------------------------------------------------------------
+# a file rewritten while it is read (another process saving it): InputRejected for that file, or a whole
+# image, never anything else
+
+
+def _race_before_open(monkeypatch: pytest.MonkeyPatch, target: Path, nth: int, replacement: bytes) -> None:
+    """Rewrite ``target`` with ``replacement`` just before the ``nth`` time anything opens it: what another
+    process saving the file at that moment does to the reader (deterministic, unlike a real race)."""
+    import builtins
+    import io as iomodule
+    import os
+
+    real_open = builtins.open
+    opened = 0
+
+    def racing_open(file, *args, **kwargs):
+        nonlocal opened
+        if isinstance(file, (str, os.PathLike)) and Path(os.fspath(file)).resolve() == target:
+            opened += 1
+            if opened == nth:
+                with real_open(target, "wb") as fh:
+                    fh.write(replacement)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", racing_open)
+    monkeypatch.setattr(iomodule, "open", racing_open)
+
+
+def _opens_of_one_read(monkeypatch: pytest.MonkeyPatch, target: Path) -> int:
+    import builtins
+    import io as iomodule
+    import os
+
+    real_open, count = builtins.open, []
+
+    def counting_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and Path(os.fspath(file)).resolve() == target:
+            count.append(1)
+        return real_open(file, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(builtins, "open", counting_open)
+        m.setattr(iomodule, "open", counting_open)
+        read_image(target)
+    return len(count)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns that the file's mtime changed
+def test_file_rewritten_while_it_is_read_is_refused_for_that_file_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    samples = _samples(tmp_path)
+    names = sorted(samples)
+    target = (tmp_path / "racing").resolve()
+    failures = []
+    for i, name in enumerate(names):
+        blob = samples[name]
+        other = samples[names[(i + 1) % len(names)]]
+        target.write_bytes(blob)
+        opens = _opens_of_one_read(monkeypatch, target)
+        for nth in range(1, opens + 1):
+            for replacement in (b"", blob[:12], blob[: len(blob) // 2], other):
+                target.write_bytes(blob)
+                with monkeypatch.context() as m:
+                    _race_before_open(m, target, nth, replacement)
+                    try:
+                        image = read_image(target)
+                    except InputRejected as exc:
+                        assert exc.reason and exc.message
+                        continue
+                    except Exception as exc:  # what used to end `medclf predict FOLDER` with a traceback
+                        failures.append(f"{name}, open {nth}, {len(replacement)} bytes: {exc!r}")
+                        continue
+                assert image.pixels.dtype == np.float32 and np.isfinite(image.pixels).all(), name
+    assert not failures, "\n".join(failures)
+
+
+def test_nifti_header_truncated_after_sniffing_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The issue's case: sniffing saw a NIfTI, then the writer truncated the file: struct.error in read_nifti.
+    import medclf.io as mio
+
+    p = _nifti(tmp_path, np.ones((16, 16, 4), np.float32))
+    real_sniff = mio.sniff
+
+    def sniff_then_truncate(path, size=None):
+        sniffed = real_sniff(path, size)
+        Path(path).write_bytes(b"")
+        return sniffed
+
+    monkeypatch.setattr(mio, "sniff", sniff_then_truncate)
+    exc = rejected(p, ("truncated", "changed_while_reading"))
+    assert "nii" in str(exc)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_concurrent_rewrites_only_ever_give_input_rejected(tmp_path: Path) -> None:
+    """A real race: one thread keeps saving (truncate, then write) while the main thread reads."""
+    import threading
+
+    samples = _samples(tmp_path)
+    for name in ("nii", "PNG", "MR_small.dcm", "JPEG"):
+        blob = samples[name]
+        target = tmp_path / f"live-{name}"
+        target.write_bytes(blob)
+        stop = threading.Event()
+        thread = threading.Thread(target=_keep_saving, args=(target, blob, stop), daemon=True)
+        thread.start()
+        try:
+            for _ in range(60):
+                with contextlib.suppress(InputRejected):  # anything else fails the test
+                    read_image(target)
+        finally:
+            stop.set()
+            thread.join()
+
+
+def _keep_saving(target: Path, blob: bytes, stop) -> None:
+    while not stop.is_set():
+        with open(target, "wb") as fh:  # truncates, then writes in two steps, as a slow writer does
+            fh.write(blob[: len(blob) // 3])
+            fh.flush()
+            fh.write(blob[len(blob) // 3 :])

@@ -158,13 +158,13 @@ class Bundle:
         """(flags, scores) of the OOD guard for preprocessed inputs, or None when the bundle has none.
 
         The features come from ``engine`` (an exported ONNX graph carries them), so an ONNX prediction
-        does not also run the PyTorch model."""
+        does not also run the PyTorch model; the input statistics (detector version 2) from ``x`` itself."""
         detector = self.ood
         if detector is None:
             return None
         from medclf.engines import features_for
 
-        return detector.flags(features_for(self, x, engine))
+        return detector.flags(features_for(self, x, engine), x)
 
     def tta_views(self, tta: bool | str | Sequence[str] | None) -> list[str]:
         """The test-time view names that ``tta`` means for this bundle's inputs ([] for none)."""

@@ -830,7 +830,43 @@ def deid(
         raise MedclfError(f"{src}: no DICOM file found")
 
 
-def main() -> None:
+def _print_version(value: bool) -> None:
+    if value:
+        from medclf import __version__
+
+        print(f"medclf {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit"),
+    ] = False,
+) -> None:
+    """Deep-learning classification of medical images: audit, train, evaluate, predict."""
+
+
+def _usage_error(exc: typer.TyperException) -> None:
+    """Report a command-line usage error (unknown command or option, missing argument, bad value).
+
+    Typer bundles its own click, whose exceptions all derive from the public ``typer.TyperException``:
+    catching that (not ``click.ClickException``, a different class) is what keeps tracebacks away.
+    """
+    ctx = getattr(exc, "ctx", None)
+    command = getattr(ctx, "command_path", None) or "medclf"
+    if type(exc).__name__ == "NoArgsIsHelpError":  # a bare `medclf` (typer checks it by name too)
+        help_text = exc.format_message().strip()  # empty when rich has already printed the help
+        if help_text:
+            err.print(help_text, markup=False, highlight=False)
+        sys.exit(2)
+    message = " ".join(exc.format_message().split())  # one line, whatever click wraps
+    err.print(f"{command}: error: {message} (try `{command} --help`)", markup=False, highlight=False)
+    sys.exit(2)
+
+
+def main(args: list[str] | None = None) -> None:
     """Entry point of the console script: user errors exit 2 with one line, never a traceback."""
     # A decoder plugin written in Rust (pylibjpeg-rle) panics on some malformed data before medclf turns
     # the failure into a refusal: keep its panic to one line, never a backtrace.
@@ -840,8 +876,9 @@ def main() -> None:
 
     configure_openmp_env(sys.argv[1:])
     try:
-        # With standalone_mode=False click returns the code of a typer.Exit instead of exiting.
-        rc = app(standalone_mode=False)
+        # With standalone_mode=False click returns the code of a typer.Exit instead of exiting, and raises
+        # usage errors to _usage_error (one line) instead of printing them itself.
+        rc = app(args=args, prog_name="medclf", standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)
     except MedclfError as exc:
         err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
@@ -851,15 +888,11 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        raise
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(1)
+    except typer.TyperException as exc:  # click's usage errors, as typer bundles them
+        _usage_error(exc)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from medclf.errors import BundleError, ConfigError, DataError
 from medclf.evaluation.calibration import MIN_SAMPLES, TemperatureFit, apply_temperature, fit_temperature
 from medclf.evaluation.metrics import compute_metrics, expected_calibration_error
 from medclf.models.ensemble import LOG_FLOOR, METHODS, Ensemble
+from medclf.ood import OOD_FILE, OODDetector, fit_detector, penultimate_features
 
 __all__ = ["METHODS", "EnsembleResult", "ensemble", "fit_stacking", "fit_weights", "member_validation_splits"]
 
@@ -43,6 +44,7 @@ __all__ = ["METHODS", "EnsembleResult", "ensemble", "fit_stacking", "fit_weights
 MIN_FIT = MIN_SAMPLES
 STACKING_C = 1.0
 _BATCH = 256
+OOD_FIT_SAMPLES = 1000  # training rows whose features fit the ensemble's out-of-distribution guard
 
 
 @dataclass
@@ -239,8 +241,14 @@ def ensemble(
         "calibration": cal.to_dict(),
     }
     union_hashes = sorted(set().union(*train_hashes))
+    detector = _fit_ood(model, prepared.tensors, is_train[-1] & readable, own_val[-1], labels, seed)
+    manifest["ood"] = detector.manifest()
     path = save_bundle(
-        out, model=model, manifest=manifest, extra_files={"train_hashes.json": json.dumps(union_hashes)}
+        out,
+        model=model,
+        manifest=manifest,
+        extra_files={"train_hashes.json": json.dumps(union_hashes)},
+        writers={OOD_FILE: detector.save},
     )
     _print_summary(console, path, member_fit_metrics, member_own_metrics, val_metrics, weights, cal)
     return EnsembleResult(
@@ -400,6 +408,34 @@ def _build(members: list[Bundle], method: str) -> Ensemble:
     for net, b in zip(model.members, members, strict=True):
         net.load_state_dict(b.model.state_dict())
     return model.eval()
+
+
+def _fit_ood(
+    model: Ensemble,
+    tensors: np.ndarray,
+    train_rows: np.ndarray,
+    val_rows: np.ndarray,
+    labels: np.ndarray,
+    seed: int,
+) -> OODDetector:
+    """The ensemble's out-of-distribution guard (:mod:`medclf.ood`), fitted like a single model's on the
+    features its graph exposes (the last member's penultimate features; the stacked log-probabilities for
+    ``stacking``) and the input statistics, over the training and validation rows of that last member.
+    Fewer training rows than for one model: every member runs on each."""
+    rng = np.random.default_rng(seed)
+    train_idx = np.flatnonzero(train_rows)
+    fit_idx = np.sort(rng.choice(train_idx, size=min(len(train_idx), OOD_FIT_SAMPLES), replace=False))
+    val_idx = np.flatnonzero(val_rows)
+    fit_x = np.asarray(tensors[fit_idx], dtype=np.float32)
+    val_x = np.asarray(tensors[val_idx], dtype=np.float32)
+    return fit_detector(
+        penultimate_features(model, fit_x),
+        labels[fit_idx],
+        penultimate_features(model, val_x),
+        train_inputs=fit_x,
+        val_inputs=val_x,
+        seed=seed,
+    )
 
 
 def _train_hashes(b: Bundle) -> set[str]:

@@ -40,7 +40,7 @@ from medclf.distributed import DistContext, epoch_seed, from_env, shard
 from medclf.errors import ConfigError, DataError, MedclfError
 from medclf.evaluation.calibration import apply_temperature, fit_temperature_from_probs, log_probs
 from medclf.evaluation.metrics import compute_metrics
-from medclf.ood import OOD_FILE, OODDetector, fit_detector, penultimate_features
+from medclf.ood import OOD_FILE, OODDetector, fit_detector, input_statistics, penultimate_features
 from medclf.planner import (
     PLANNING_MIN_S,
     PLANNING_SHARE,
@@ -1174,26 +1174,32 @@ def _fit_ood(
     seed: int,
     batch_size: int | None = None,
 ) -> OODDetector:
-    """The out-of-distribution guard for this model: features of (up to) a few thousand un-augmented
-    training samples and of the validation samples (:mod:`medclf.ood`)."""
+    """The out-of-distribution guard for this model: penultimate features and input statistics of (up to) a
+    few thousand un-augmented training samples and of the validation samples (:mod:`medclf.ood`)."""
     rng = np.random.default_rng(seed)
     fit_idx = np.sort(rng.choice(train_idx, size=min(len(train_idx), OOD_FIT_SAMPLES), replace=False))
-    train_f = _features(model, tensors, fit_idx, batch_size)
-    val_f = _features(model, tensors, np.sort(val_idx), batch_size)
-    return fit_detector(train_f, labels[fit_idx], val_f, seed=seed)
+    train_f, train_s = _features(model, tensors, fit_idx, batch_size)
+    val_f, val_s = _features(model, tensors, np.sort(val_idx), batch_size)
+    return fit_detector(train_f, labels[fit_idx], val_f, train_inputs=train_s, val_inputs=val_s, seed=seed)
 
 
-def _features(model: nn.Module, tensors: np.ndarray, idx: np.ndarray, batch_size: int | None) -> np.ndarray:
-    """Penultimate features of the cache rows ``idx``. With ``batch_size`` (streaming: memory is tight) the
-    rows are read from disk one batch at a time instead of all at once."""
+def _features(
+    model: nn.Module, tensors: np.ndarray, idx: np.ndarray, batch_size: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Penultimate features and input statistics of the cache rows ``idx``. With ``batch_size`` (streaming:
+    memory is tight) the rows are read from disk one batch at a time instead of all at once."""
     if batch_size is None or getattr(tensors, "filename", None) is None:
-        return penultimate_features(model, np.asarray(tensors[idx], dtype=np.float32))
+        x = np.asarray(tensors[idx], dtype=np.float32)
+        return penultimate_features(model, x), input_statistics(x)
     rows = StreamedRows(tensors, idx)
-    parts = [
-        penultimate_features(model, rows[start : start + batch_size], batch_size=batch_size)
-        for start in range(0, len(idx), batch_size)
-    ]
-    return np.concatenate(parts) if parts else penultimate_features(model, rows[0:0])
+    feats, stats = [], []
+    for start in range(0, len(idx), batch_size):
+        x = rows[start : start + batch_size]
+        feats.append(penultimate_features(model, x, batch_size=batch_size))
+        stats.append(input_statistics(x))
+    if not feats:
+        return penultimate_features(model, rows[0:0]), input_statistics(rows[0:0])
+    return np.concatenate(feats), np.concatenate(stats)
 
 
 def _transfer_source(cfg: TrainConfig, overrides: dict[str, Any], fp: Fingerprint) -> Any:

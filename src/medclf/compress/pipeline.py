@@ -455,10 +455,13 @@ def _ood(
         fit_idx = np.sort(
             rng.choice(td.train_idx, size=min(len(td.train_idx), OOD_FIT_SAMPLES), replace=False)
         )
+        fit_x = td.tensors(fit_idx)
         detector = fit_detector(
-            penultimate_features(model, td.tensors(fit_idx)),
+            penultimate_features(model, fit_x),
             td.samples.labels[fit_idx],
             penultimate_features(model, val_x),
+            train_inputs=fit_x,
+            val_inputs=val_x,
             seed=seed,
         )
         manifest["ood"] = detector.manifest()
@@ -468,13 +471,13 @@ def _ood(
         extra[info["file"]] = src.file(info["file"])
     record: dict[str, Any] = {"refit": changed}
     if val_x is not None:
-        flagged = {"torch": float(detector.flags(penultimate_features(model, val_x))[0].mean())}
+        flagged = {"torch": float(detector.flags(penultimate_features(model, val_x), val_x)[0].mean())}
         for name in (ONNX_FP32, ONNX_INT8):
             if name in extra and isinstance(extra[name], Path):
                 feats = OnnxRunner(extra[name]).features(val_x)
                 if feats is not None:
                     engine = "onnx-int8" if name == ONNX_INT8 else "onnx-fp32"
-                    flagged[engine] = float(detector.flags(feats)[0].mean())
+                    flagged[engine] = float(detector.flags(feats, val_x)[0].mean())
         record["val_flagged_fraction"] = flagged
     return writers, record
 

@@ -13,10 +13,13 @@ import numpy as np
 
 from medclf.io.guard import (
     FORMATS,
+    FileStamp,
     ReadLimits,
     check_file,
     check_shape,
+    check_unchanged,
     read_deadline,
+    reader_errors,
     replace_nonfinite,
     sniff,
     sniff_format,
@@ -43,7 +46,8 @@ def read_image(path: str | Path, *, limits: ReadLimits | None = None) -> Image:
     by 0 and counted in ``meta["nonfinite_replaced"]``. Raises :class:`~medclf.errors.InputRejected` for
     anything that cannot be used, including a MedMNIST dataset ``.npz`` (``reason="dataset_npz"``).
     The read is bounded by ``limits``: memory from the header before decoding, wall time by a watchdog
-    (:func:`medclf.io.guard.read_deadline`).
+    (:func:`medclf.io.guard.read_deadline`). A file rewritten while it is read is refused
+    (``reason="changed_while_reading"``), and no reader failure escapes as anything but InputRejected.
     """
     limits = limits or ReadLimits()
     p = Path(path)
@@ -52,7 +56,16 @@ def read_image(path: str | Path, *, limits: ReadLimits | None = None) -> Image:
 
 
 def _read(p: Path, limits: ReadLimits) -> Image:
+    before = FileStamp.of(p)  # first: a change between here and any later read is then noticed
     size = check_file(p, limits)
+    with reader_errors(p, before):
+        image = _decode(p, size, limits)
+    # Checked (and decoded) one version, but maybe decoded bytes of the next: refuse rather than mix them.
+    check_unchanged(p, before)
+    return image
+
+
+def _decode(p: Path, size: int, limits: ReadLimits) -> Image:
     sniffed = sniff(p, size)
     # Readers are imported on demand: pydicom, nibabel and Pillow are slow to import.
     if sniffed.format == "dicom":

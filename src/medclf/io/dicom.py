@@ -11,7 +11,6 @@ window when the file has one, and MONOCHROME1 inversion so that higher always me
 from __future__ import annotations
 
 import math
-import mmap
 import struct
 import zlib
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ from medclf.io.guard import (
     check_preamble,
     check_shape,
     collapse_grey,
+    count_in_file,
     inflated_size,
     library_errors,
     reject,
@@ -340,8 +340,9 @@ def _check_header(ds: Dataset, path: Path, limits: ReadLimits, size: int) -> _He
 def _missing_pixels(ds: Dataset, path: Path) -> Exception:
     # pydicom silently drops an encapsulated pixel data element that the end of the file cuts short, so
     # "no pixel data" may really mean "truncated": look for the element's tag in the raw bytes.
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        tag_seen = mm.rfind(b"\xe0\x7f\x10\x00") != -1 or mm.rfind(b"\x7f\xe0\x00\x10") != -1
+    tag_seen = any(
+        count_in_file(path, tag, stop_after=0) for tag in (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
+    )
     if tag_seen:
         return reject(
             "the DICOM pixel data is truncated: the file ends before the end of the pixel data element",

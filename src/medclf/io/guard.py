@@ -27,7 +27,8 @@ pixel is decoded. Every refusal is an :class:`~medclf.errors.InputRejected` whos
 ``inconsistent_header``    header values contradict each other, the format's rules or the stored data
                            (e.g. DICOM Rows x Columns x BitsAllocated vs the pixel data length)
 ``truncated``              the file ends before the pixel data it declares
-``decode_failed``          the pixel data could not be decoded
+``decode_failed``          the pixel data could not be decoded (or a reader failed in a way no check foresaw)
+``changed_while_reading``  the file was rewritten, truncated or replaced while it was being read
 ``unsupported_*``          a valid file using a feature medclf does not handle (compression,
                            photometric interpretation, dtype, layout)
 ``no_pixels``              a valid file with no image in it (e.g. a DICOM structured report)
@@ -401,6 +402,24 @@ def check_memory(
     )
 
 
+def count_in_file(path: Path, needle: bytes, *, stop_after: int | None = None) -> int:
+    """How many times ``needle`` (a marker that cannot overlap itself) occurs in the file; counting stops
+    once it exceeds ``stop_after``.
+
+    Reads 1 MiB blocks rather than mapping the file: reading a mapped file that another process truncates
+    meanwhile kills the reading process with SIGBUS, with no exception to turn into a refusal.
+    """
+    count, tail = 0, b""
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            window = tail + block  # a marker split across two blocks is found in the overlap
+            count += window.count(needle)
+            if stop_after is not None and count > stop_after:
+                break
+            tail = window[-(len(needle) - 1) :] if len(needle) > 1 else b""
+    return count
+
+
 def inflated_size(pieces: Iterable[bytes], cap: int, *, wbits: int = zlib.MAX_WBITS) -> tuple[int, bool]:
     """Inflate a deflate/zlib/gzip stream given in pieces without keeping the output.
 
@@ -525,6 +544,72 @@ def library_errors(path: str | Path, what: str, reason: str = "decode_failed") -
         # BaseException, not Exception: Rust-based decoders (pylibjpeg-rle via pyo3) signal a panic on
         # malformed data with pyo3's PanicException, which derives from BaseException.
         raise reject(f"cannot decode the {what}: {_describe(exc)}", reason, path) from exc
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    """What identifies one version of a file: device, inode, size and modification time (ns)."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: str | Path) -> FileStamp | None:
+        """The stamp of ``path`` now, or None when it cannot be stat'ed (gone, unreadable)."""
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):
+            return None
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def check_unchanged(path: str | Path, before: FileStamp | None) -> None:
+    """Refuse a file whose stamp differs from ``before``: it was rewritten or replaced during the read, so
+    what was decoded may mix two versions (or one version checked and another decoded)."""
+    if changed_since(path, before):
+        raise _changed_error(path)
+
+
+def changed_since(path: str | Path, before: FileStamp | None) -> bool:
+    return before is not None and FileStamp.of(path) != before
+
+
+def _changed_error(path: str | Path) -> InputRejected:
+    return reject(
+        "the file changed while it was being read (rewritten, truncated or replaced); read it again once "
+        "it is complete",
+        "changed_while_reading",
+        path,
+    )
+
+
+@contextmanager
+def reader_errors(path: str | Path, before: FileStamp | None = None) -> Iterator[None]:
+    """The one choke point of :func:`medclf.io.read_image` and the ``.npz`` readers: whatever a reader
+    raises becomes InputRejected for this file only.
+
+    Readers turn the failures they foresee into specific refusals (:func:`library_errors` around library
+    calls). What still escapes (``struct.error``, ``OSError``, ``ValueError``, ``IndexError`` ... from
+    reading a file that another process is rewriting, or from damage no check anticipated) must not end a
+    folder's prediction or an audit with a traceback: it is refused as ``changed_while_reading`` when the
+    file's stamp moved since ``before``, else as ``decode_failed``, with the original exception chained.
+    """
+    try:
+        yield
+    except (InputRejected, _ReadTimeout):
+        raise
+    except MemoryError:
+        raise reject("not enough memory to read the file", "too_large", path) from None
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # BaseException: see library_errors (pyo3 panics)
+        if changed_since(path, before):
+            raise _changed_error(path) from exc
+        raise reject(
+            f"cannot read the file ({type(exc).__name__}: {_describe(exc)})", "decode_failed", path
+        ) from exc
 
 
 def replace_nonfinite(pixels: np.ndarray, meta: dict[str, Any], path: str | Path | None) -> np.ndarray:

@@ -42,7 +42,15 @@ _MAX_TRAILING = 1 << 20
 def read_nifti(path: Path, limits: ReadLimits, *, size: int, gzipped: bool) -> Image:
     """Decode a NIfTI file (see the module docstring for the axis order)."""
     raw_head = _head(path, gzipped)
+    if len(raw_head) < 348:  # the sniffer saw a whole header: the file was cut short since
+        raise reject(
+            f"the NIfTI header is truncated ({len(raw_head)} of at least 348 bytes)", "truncated", path
+        )
     sizeof_hdr = 540 if struct.unpack("<i", raw_head[:4])[0] in (540, 0x1C020000) else 348
+    if len(raw_head) < sizeof_hdr:
+        raise reject(
+            f"the NIfTI-2 header is truncated ({len(raw_head)} of {sizeof_hdr} bytes)", "truncated", path
+        )
     klass = nib.Nifti2Image if sizeof_hdr == 540 else nib.Nifti1Image
     with library_errors(path, "NIfTI header", reason="malformed"):
         header = klass.header_class(binaryblock=raw_head[:sizeof_hdr], check=False)
@@ -123,14 +131,15 @@ def read_nifti(path: Path, limits: ReadLimits, *, size: int, gzipped: bool) -> I
         compressed_bytes=size if gzipped else None,
     )
 
+    # Header and voxels are decoded from one buffer of exactly the bytes the checked header declares, and
+    # that buffer must start with the checked header: a file rewritten since (another process saving it)
+    # cannot slip other dimensions past the checks above.
+    whole = _inflate(path, offset + nbytes) if gzipped else _read_plain(path, offset + nbytes)
+    if whole[:sizeof_hdr] != raw_head[:sizeof_hdr]:
+        raise reject("the NIfTI header changed while the file was being read", "changed_while_reading", path)
     with library_errors(path, "NIfTI image data"):
-        if gzipped:
-            img = klass.from_bytes(_inflate(path, offset + nbytes))
-            data = _voxels(img)
-        else:
-            with open(path, "rb") as fh:
-                img = klass.from_stream(fh)
-                data = _voxels(img)
+        img = klass.from_bytes(whole)
+        data = _voxels(img)
 
     data = data.reshape((*spatial, channels))
     data = apply_orientation(data, ornt)  # acts on the first three axes only
@@ -156,6 +165,18 @@ def _head(path: Path, gzipped: bool) -> bytes:
                 return gz.read(540)
         with open(path, "rb") as fh:
             return fh.read(540)
+
+
+def _read_plain(path: Path, needed: int) -> bytes:
+    with library_errors(path, "NIfTI file", reason="unreadable"), open(path, "rb") as fh:
+        data = fh.read(needed)
+    if len(data) < needed:
+        raise reject(
+            f"the NIfTI file is truncated: it has {len(data)} bytes, the header needs {needed}",
+            "truncated",
+            path,
+        )
+    return data
 
 
 def _inflate(path: Path, needed: int) -> bytes:

@@ -20,12 +20,15 @@ from typing import Any
 import numpy as np
 
 from medclf.io.guard import (
+    FileStamp,
     ReadLimits,
     check_file,
     check_memory,
     check_shape,
+    check_unchanged,
     collapse_grey,
     library_errors,
+    reader_errors,
     reject,
     replace_nonfinite,
 )
@@ -77,19 +80,23 @@ def read_npz(path: str | Path, *, limits: ReadLimits | None = None) -> dict[str,
     """Load every array of an ``.npz`` (e.g. a MedMNIST dataset), never unpickling anything."""
     limits = limits or ReadLimits()
     p = Path(path)
-    check_file(p, limits)
-    if not zipfile.is_zipfile(p):
-        raise reject("not a NumPy .npz file (not a ZIP archive)", "unsupported_format", p)
-    headers = _member_headers(p)
-    total = sum(math.prod(shape) * dt.itemsize for shape, dt in headers.values())
-    if total > limits.max_npz_bytes:
-        raise reject(
-            f"the .npz arrays need {total} bytes in memory, more than the limit of {limits.max_npz_bytes}",
-            "too_large",
-            p,
-        )
-    with library_errors(p, "NPZ arrays", reason="malformed"), np.load(p, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    before = FileStamp.of(p)
+    with reader_errors(p, before):
+        check_file(p, limits)
+        if not zipfile.is_zipfile(p):
+            raise reject("not a NumPy .npz file (not a ZIP archive)", "unsupported_format", p)
+        headers = _member_headers(p)
+        total = sum(math.prod(shape) * dt.itemsize for shape, dt in headers.values())
+        if total > limits.max_npz_bytes:
+            raise reject(
+                f"the .npz arrays need {total} bytes in memory, more than the limit of {limits.max_npz_bytes}",
+                "too_large",
+                p,
+            )
+        with library_errors(p, "NPZ arrays", reason="malformed"), np.load(p, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    check_unchanged(p, before)
+    return arrays
 
 
 def read_npz_image(path: Path, limits: ReadLimits) -> Image:
@@ -137,6 +144,11 @@ def iter_npz_images(
     """
     limits = limits or ReadLimits()
     p = Path(path)
+    with reader_errors(p, FileStamp.of(p)):
+        yield from _iter_npz_images(p, limits)
+
+
+def _iter_npz_images(p: Path, limits: ReadLimits) -> Iterator[tuple[str, np.ndarray]]:
     check_file(p, limits)
     headers = _member_headers(p)
     for key in sorted(k for k in headers if k.endswith("_images")):

@@ -9,7 +9,6 @@ frames (APNG, MPO) are ignored. Spacing is 1.0: raster DPI describes printing, n
 
 from __future__ import annotations
 
-import mmap
 import struct
 import zlib
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from medclf.io.guard import (
     check_memory,
     check_shape,
     collapse_grey,
+    count_in_file,
     inflated_size,
     library_errors,
     reject,
@@ -61,22 +61,25 @@ def read_raster(path: Path, fmt: str, limits: ReadLimits) -> Image:
     png = _png_structure(path) if fmt == "png" else None
     if fmt == "tiff":
         _check_tiff_directories(path, limits)
-    try:
-        with library_errors(path, f"{fmt.upper()} header", reason="malformed"):
-            im = _open(path, fmt)
-    except InputRejected as exc:
-        if fmt == "tiff" and exc.reason == "malformed":  # e.g. float RGB: Pillow cannot open it, tifffile can
-            return _read_tifffile(path, limits)
-        raise
-    with im:
-        if fmt == "tiff" and _needs_tifffile(im):
-            return _read_tifffile(path, limits)
-        return _read_pillow(im, path, fmt, limits, png)
+    # Pillow gets a file object, not the name: given a name it maps an uncompressed TIFF's pixels into
+    # memory (mmap), and reading a mapped file that another process truncates kills us with SIGBUS.
+    with open(path, "rb") as fh:
+        try:
+            with library_errors(path, f"{fmt.upper()} header", reason="malformed"):
+                im = _open(fh, fmt, path)
+        except InputRejected as exc:
+            if fmt == "tiff" and exc.reason == "malformed":  # e.g. float RGB: only tifffile can open it
+                return _read_tifffile(path, limits)
+            raise
+        with im:
+            if fmt == "tiff" and _needs_tifffile(im):
+                return _read_tifffile(path, limits)
+            return _read_pillow(im, path, fmt, limits, png)
 
 
-def _open(path: Path, fmt: str) -> PILImage.Image:
+def _open(fh: Any, fmt: str, path: Path) -> PILImage.Image:
     try:
-        return PILImage.open(path, formats=[_PIL_FORMAT[fmt]])
+        return PILImage.open(fh, formats=[_PIL_FORMAT[fmt]])
     except PILImage.DecompressionBombError as exc:
         raise reject(
             f"refused by the image decoder's size guard: {exc}", "decompression_bomb", path
@@ -380,7 +383,10 @@ def _png_structure(path: Path) -> _PngLayout:
             if count > _PNG_MAX_CHUNKS:
                 raise reject(f"the PNG file has more than {_PNG_MAX_CHUNKS} chunks", "malformed", path)
             if kind == b"IHDR":
-                width, height, depth, colour, _comp, _filt, interlace = struct.unpack(">IIBBBBB", fh.read(13))
+                ihdr = fh.read(13)
+                if len(ihdr) < 13:  # the size was checked above: the file shrank since
+                    raise reject("the PNG file ends inside its IHDR chunk", "truncated", path)
+                width, height, depth, colour, _comp, _filt, interlace = struct.unpack(">IIBBBBB", ihdr)
                 if colour not in _PNG_DEPTHS or depth not in _PNG_DEPTHS[colour] or interlace > 1:
                     raise reject(
                         f"invalid PNG header: bit depth {depth}, colour type {colour}, interlace {interlace}",
@@ -434,6 +440,8 @@ def _check_tiff_directories(path: Path, limits: ReadLimits) -> None:
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(16)
+        if len(head) < 16:
+            raise reject("the TIFF file ends inside its header", "truncated", path)
         endian = "<" if head[:2] == b"II" else ">"
         big = struct.unpack(endian + "H", head[2:4])[0] == 43
         count_fmt, entry_size, pointer_fmt = ("Q", 20, "Q") if big else ("H", 12, "I")
@@ -449,12 +457,22 @@ def _check_tiff_directories(path: Path, limits: ReadLimits) -> None:
             if offset + count_size > size:
                 raise reject("a TIFF image directory lies past the end of the file", "truncated", path)
             fh.seek(offset)
-            n = struct.unpack(endian + count_fmt, fh.read(count_size))[0]
+            n = struct.unpack(endian + count_fmt, _exact(fh, count_size, path))[0]
             next_at = offset + count_size + n * entry_size
             if next_at + struct.calcsize(pointer_fmt) > size:
                 raise reject("a TIFF image directory runs past the end of the file", "truncated", path)
             fh.seek(next_at)
-            offset = struct.unpack(endian + pointer_fmt, fh.read(struct.calcsize(pointer_fmt)))[0]
+            offset = struct.unpack(endian + pointer_fmt, _exact(fh, struct.calcsize(pointer_fmt), path))[0]
+
+
+def _exact(fh: Any, n: int, path: Path) -> bytes:
+    """``n`` bytes, or a refusal: the file ended earlier than the size checked before (cut short since)."""
+    data = fh.read(n)
+    if len(data) < n:
+        raise reject(
+            "the file ends earlier than its size said (truncated while being read)", "truncated", path
+        )
+    return data
 
 
 def _check_png_text(path: Path, fh: Any, kind: bytes, start: int, length: int) -> None:
@@ -492,15 +510,11 @@ def _count_jpeg_scans(path: Path, limits: ReadLimits) -> None:
     0xFF 0xDA (start of scan) cannot occur inside entropy-coded data (every 0xFF there is followed by 0x00
     or a restart marker), so counting it overestimates only by the scans of embedded thumbnails.
     """
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        scans, pos = 0, mm.find(b"\xff\xda")
-        while pos >= 0:
-            scans += 1
-            if scans > limits.max_jpeg_scans:
-                raise reject(
-                    f"the JPEG has more than {limits.max_jpeg_scans} scans; each scan re-decodes the image "
-                    "(a CPU exhaustion attack)",
-                    "too_many_scans",
-                    path,
-                )
-            pos = mm.find(b"\xff\xda", pos + 2)
+    scans = count_in_file(path, b"\xff\xda", stop_after=limits.max_jpeg_scans)
+    if scans > limits.max_jpeg_scans:
+        raise reject(
+            f"the JPEG has more than {limits.max_jpeg_scans} scans; each scan re-decodes the image "
+            "(a CPU exhaustion attack)",
+            "too_many_scans",
+            path,
+        )
