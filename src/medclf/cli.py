@@ -25,6 +25,25 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True, soft_wrap=True)
+# Trust options of the commands that run a bundle (predict, evaluate, info, serve, dicom-node).
+TrustedKeysOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--trusted-keys",
+        help="Folder of Ed25519 public keys (*.pub, *.pem) or one key file: refuse a bundle none of them signed",
+    ),
+]
+BundleSha256Option = Annotated[
+    str | None,
+    typer.Option("--bundle-sha256", help="Refuse any bundle but the one with this sha256 (`medclf info`)"),
+]
+
+
+def _load_trusted(bundle: Path, trusted_keys: Path | None, bundle_sha256: str | None) -> Any:
+    """Load a bundle, refusing it unless it is signed by a trusted key / has the pinned sha256 (if asked)."""
+    from medclf.bundle import load_bundle
+
+    return load_bundle(bundle, trusted_keys=trusted_keys, expected_sha256=bundle_sha256)
 
 
 @app.command()
@@ -223,12 +242,14 @@ def evaluate(
     robustness: Annotated[
         bool, typer.Option("--robustness", help="Also measure accuracy under FGSM and PGD attacks")
     ] = False,
+    trusted_keys: TrustedKeysOption = None,
+    bundle_sha256: BundleSha256Option = None,
 ) -> None:
     """metrics.json, predictions.csv, ROC/confusion/reliability plots and report.html for one split."""
     from medclf.api import evaluate as run_evaluate
 
     run_evaluate(
-        bundle,
+        _load_trusted(bundle, trusted_keys, bundle_sha256),
         data,
         out,
         split=split,
@@ -263,13 +284,13 @@ def predict(
     explain_method: Annotated[
         str, typer.Option(help="With --explain: auto, gradcam, gradcampp or occlusion")
     ] = "auto",
+    trusted_keys: TrustedKeysOption = None,
+    bundle_sha256: BundleSha256Option = None,
 ) -> None:
     """Classify images. Exit code 2 if any input was refused (the others still get answers)."""
-    from medclf.bundle import load_bundle
-
     if format not in ("json", "csv"):
         raise MedclfError(f"--format must be json or csv, not {format!r}")
-    b = load_bundle(bundle)
+    b = _load_trusted(bundle, trusted_keys, bundle_sha256)
     results = b.predict(inputs, engine=engine, tta=tta)
     if explain is not None:
         # Explain the class each prediction chose; the heatmap's path joins that input's entry.
@@ -421,15 +442,20 @@ def _json_option(name: str, text: str | None) -> Any:
 
 
 @app.command()
-def info(bundle: Annotated[Path, typer.Argument(help="Model bundle (folder or .zip)")]) -> None:
-    """Verify a bundle's integrity and show what it holds."""
-    from medclf.bundle import load_bundle
-
-    b = load_bundle(bundle)
+def info(
+    bundle: Annotated[Path, typer.Argument(help="Model bundle (folder or .zip)")],
+    trusted_keys: TrustedKeysOption = None,
+    bundle_sha256: BundleSha256Option = None,
+) -> None:
+    """Verify a bundle's integrity and show what it holds and who signed it."""
+    b = _load_trusted(bundle, trusted_keys, bundle_sha256)
     m = b.manifest
     val = m.get("metrics", {}).get("val", {})
-    print(f"bundle      {b.path}")
+    print(f"bundle      {b.source}")
     print(f"sha256      {b.sha256}  (all {len(m['files'])} file hashes verified)")
+    for i, check in enumerate(b.signatures or [None]):
+        text = check.describe(b.trust_checked) if check else "none (unsigned)"
+        print(f"{'signatures' if i == 0 else '':11s} {text}")
     fusion = m.get("ensemble")
     if fusion:
         archs = ", ".join(f"{r['arch']} {r['size']}" for r in fusion["members"])
@@ -508,6 +534,8 @@ def dicom_node(
     port: Annotated[int, typer.Option(help="TCP port to listen on")] = 11112,
     ae_title: Annotated[str, typer.Option("--ae-title", help="This node's AE title (called AE)")] = "MEDCLF",
     host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    trusted_keys: TrustedKeysOption = None,
+    bundle_sha256: BundleSha256Option = None,
 ) -> None:
     """DICOM Storage SCP: answers C-ECHO, classifies each image received by C-STORE and writes
     <SOPInstanceUID>.json and <SOPInstanceUID>.sr.dcm to --out. Stop with Ctrl-C."""
@@ -517,7 +545,15 @@ def dicom_node(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    run_dicom_node(bundle, out, port=port, ae_title=ae_title, host=host)
+    run_dicom_node(
+        bundle,
+        out,
+        port=port,
+        ae_title=ae_title,
+        host=host,
+        trusted_keys=trusted_keys,
+        bundle_sha256=bundle_sha256,
+    )
 
 
 @app.command()
@@ -574,6 +610,8 @@ def serve(
     tta: Annotated[
         bool, typer.Option("--tta", help="Test-time augmentation: average over flips and small shifts")
     ] = False,
+    trusted_keys: TrustedKeysOption = None,
+    bundle_sha256: BundleSha256Option = None,
 ) -> None:
     """HTTP API (POST /v1/predict, GET /v1/model, /healthz, /readyz, /docs) and the web page at /."""
     from medclf.serve.app import ServeSettings, run
@@ -589,6 +627,8 @@ def serve(
         explain_method=explain_method,
         engine=engine,
         tta=tta,
+        trusted_keys=str(trusted_keys) if trusted_keys else None,
+        bundle_sha256=bundle_sha256,
     )
     run(bundle, host=host, port=port, workers=workers, settings=settings, log_level=log_level)
 
@@ -687,6 +727,35 @@ def deid(
         raise typer.Exit(2)
     if not result.written:
         raise MedclfError(f"{src}: no DICOM file found")
+
+
+@app.command()
+def sign(
+    bundle: Annotated[Path, typer.Argument(help="Model bundle (folder or .zip) to sign")],
+    key: Annotated[Path, typer.Option("--key", help="Ed25519 private key (`medclf keygen`; PEM or raw)")],
+    signer: Annotated[
+        str | None, typer.Option(help="Name recorded with the signature (default: the key file's name)")
+    ] = None,
+) -> None:
+    """Sign a bundle's sha256 with an Ed25519 key (into its signatures.json; the sha256 does not change).
+    Whoever runs it with --trusted-keys holding the matching .pub file then accepts it."""
+    from medclf.bundle import sign_bundle
+
+    check = sign_bundle(bundle, key, signer=signer)
+    err.print(f"{bundle}: signed by {check.describe(trust_checked=False)}", highlight=False, markup=False)
+
+
+@app.command()
+def keygen(
+    prefix: Annotated[Path, typer.Argument(help="Writes PREFIX.key (private, mode 0600) and PREFIX.pub")],
+) -> None:
+    """Make an Ed25519 key pair for `medclf sign`: keep PREFIX.key secret, give PREFIX.pub to those who
+    run your bundles (their --trusted-keys folder). $MEDCLF_KEY_PASSPHRASE, when set, encrypts the key."""
+    from medclf.signing import generate_key_pair, key_id, load_public_key
+
+    private, public = generate_key_pair(prefix)
+    err.print(f"wrote {private} (private: keep it secret) and {public} (public)", highlight=False)
+    print(f"key {key_id(load_public_key(public))}")
 
 
 def main() -> None:
