@@ -738,6 +738,7 @@ def _extract_zip(path: Path) -> Path:
     folder, within declared and total size bounds; refuse, with one line, anything unreadable."""
     label = str(path)
     try:
+        _check_zip_directory(path, label)
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
         raise BundleError(f"{label}: not a readable zip file ({exc})") from None
@@ -776,6 +777,21 @@ def _extract_zip(path: Path) -> Path:
             shutil.rmtree(target, ignore_errors=True)
             raise
     return target
+
+
+def _check_zip_directory(path: Path, label: str) -> None:
+    """Refuse a zip whose central directory (which zipfile reads whole into objects) is too large, from
+    its end record, before zipfile parses it."""
+    end_record = getattr(zipfile, "_EndRecData", None)  # CPython's reader of the end record (and ZIP64's)
+    if end_record is None:
+        return
+    with open(path, "rb") as fh:
+        rec = end_record(fh)
+    if not rec:
+        return
+    entries, size = rec[zipfile._ECD_ENTRIES_TOTAL], rec[zipfile._ECD_SIZE]
+    if entries > MAX_ZIP_MEMBERS or size > MAX_ZIP_MEMBERS * 1024:
+        raise BundleError(f"{label}: refused: the zip holds more than {MAX_ZIP_MEMBERS} entries")
 
 
 def _zip_read(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, label: str) -> bytes:

@@ -742,7 +742,12 @@ def sign(
     from medclf.bundle import sign_bundle
 
     check = sign_bundle(bundle, key, signer=signer)
-    err.print(f"{bundle}: signed by {check.describe(trust_checked=False)}", highlight=False, markup=False)
+    err.print(
+        f"{bundle}: signed as {check.signer!r} with key {check.key_id} at {check.signed_at}; "
+        "its sha256 is unchanged",
+        highlight=False,
+        markup=False,
+    )
 
 
 @app.command()
