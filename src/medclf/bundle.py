@@ -405,7 +405,7 @@ def load_bundle(
             shutil.rmtree(folder, ignore_errors=True)
             raise
         bundle.source = p
-        bundle._cleanup = weakref.finalize(bundle, shutil.rmtree, str(folder), ignore_errors=True)
+        bundle._cleanup = weakref.finalize(bundle, _remove_unpacked, str(folder), os.getpid())
         return bundle
     if not p.is_dir():
         raise BundleError(f"{p}: not a model bundle (expected a folder or .zip holding {MANIFEST})")
@@ -792,6 +792,12 @@ def _check_zip_directory(path: Path, label: str) -> None:
     entries, size = rec[zipfile._ECD_ENTRIES_TOTAL], rec[zipfile._ECD_SIZE]
     if entries > MAX_ZIP_MEMBERS or size > MAX_ZIP_MEMBERS * 1024:
         raise BundleError(f"{label}: refused: the zip holds more than {MAX_ZIP_MEMBERS} entries")
+
+
+def _remove_unpacked(folder: str, owner_pid: int) -> None:
+    # Only the process that unpacked it: a forked worker that drops its copy of the Bundle must not.
+    if os.getpid() == owner_pid:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _zip_read(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, label: str) -> bytes:
