@@ -8,6 +8,7 @@ The public API (imported lazily, so ``import medclf`` stays fast)::
     medclf.baseline(data, out) -> dict        # hand-crafted features + classical classifiers
     medclf.load_bundle(path) -> Bundle        # Bundle.predict(paths_or_arrays)
     medclf.predict(bundle, inputs) -> list[dict]
+    medclf.sign_bundle(bundle, key) -> SignatureCheck    # Ed25519; load_bundle(..., trusted_keys=DIR)
     medclf.export(bundle, out, data=..., onnx=True, int8=True) -> ExportResult   # compression
     medclf.export_monai_bundle(bundle, out) -> Path                           # a MONAI bundle
     medclf.ensemble([b1, b2], out, data=..., method="mean") -> EnsembleResult   # fusion
@@ -29,6 +30,7 @@ _API = {
     "baseline",
     "load_bundle",
     "predict",
+    "sign_bundle",
     "export",
     "export_monai_bundle",
     "ensemble",

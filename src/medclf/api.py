@@ -5,6 +5,8 @@ result = medclf.train("data/", "runs/model", time_budget="10m")
 metrics = medclf.evaluate("runs/model", "data/", "runs/eval")
 bundle = medclf.load_bundle("runs/model")
 bundle.predict(["scan.dcm", "slice.png"])
+medclf.sign_bundle("runs/model", "keys/alice.key")                   # Ed25519, into signatures.json
+medclf.load_bundle("runs/model", trusted_keys="trusted/")            # refuses what no trusted key signed
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medclf.bundle import Bundle, load_bundle
+from medclf.bundle import Bundle, load_bundle, sign_bundle
 from medclf.data.audit import NEAR_THRESHOLD, AuditReport
 from medclf.data.audit import audit as _audit
 from medclf.data.fetch import fetch_medmnist
@@ -39,6 +41,7 @@ __all__ = [
     "fetch_medmnist",
     "load_bundle",
     "predict",
+    "sign_bundle",
     "train",
     "train_folds",
     "train_members",
@@ -75,9 +78,17 @@ def predict(
     batch_size: int = 32,
     engine: str = "auto",
     tta: bool | str | Sequence[str] | None = None,
+    trusted_keys: str | Path | None = None,
+    bundle_sha256: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Classify files, folders or arrays with a bundle (see :meth:`Bundle.predict`)."""
-    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    """Classify files, folders or arrays with a bundle (see :meth:`Bundle.predict`). ``trusted_keys`` /
+    ``bundle_sha256``: refuse a bundle path that no trusted key signed / with another sha256 (see
+    :func:`~medclf.bundle.load_bundle`)."""
+    b = (
+        bundle
+        if isinstance(bundle, Bundle)
+        else load_bundle(bundle, trusted_keys=trusted_keys, expected_sha256=bundle_sha256)
+    )
     return b.predict(inputs, batch_size=batch_size, engine=engine, tta=tta)
 
 

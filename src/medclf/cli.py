@@ -34,6 +34,27 @@ def _apply_threads(threads: int | None) -> None:
     threads_mod.apply(threads)
 
 
+# Trust options of the commands that run a bundle (predict, evaluate, info, serve, dicom-node).
+TrustedKeysOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--trusted-keys",
+        help="Folder of Ed25519 public keys (*.pub, *.pem) or one key file: refuse a bundle none of them signed",
+    ),
+]
+BundleSha256Option = Annotated[
+    str | None,
+    typer.Option("--bundle-sha256", help="Refuse any bundle but the one with this sha256 (`medclf info`)"),
+]
+
+
+def _load_trusted(bundle: Path, trusted_keys: Path | None, bundle_sha256: str | None) -> Any:
+    """Load a bundle, refusing it unless it is signed by a trusted key / has the pinned sha256 (if asked)."""
+    from medclf.bundle import load_bundle
+
+    return load_bundle(bundle, trusted_keys=trusted_keys, expected_sha256=bundle_sha256)
+
+
 @app.command()
 def audit(
     data: Annotated[str, typer.Argument(help="Dataset: folder, CSV manifest or MedMNIST .npz")],
@@ -253,13 +274,15 @@ def evaluate(
         bool, typer.Option("--robustness", help="Also measure accuracy under FGSM and PGD attacks")
     ] = False,
     threads: Annotated[int | None, typer.Option("--threads", help=_THREADS_HELP)] = None,
+    trusted_keys: TrustedKeysOption = None,
+    bundle_sha256: BundleSha256Option = None,
 ) -> None:
     """metrics.json, predictions.csv, ROC/confusion/reliability plots and report.html for one split."""
     from medclf.api import evaluate as run_evaluate
 
     _apply_threads(threads)
     run_evaluate(
-        bundle,
+        _load_trusted(bundle, trusted_keys, bundle_sha256),
         data,
         out,
         split=split,
@@ -301,14 +324,14 @@ def predict(
         ),
     ] = None,
     threads: Annotated[int | None, typer.Option("--threads", help=_THREADS_HELP)] = None,
+    trusted_keys: TrustedKeysOption = None,
+    bundle_sha256: BundleSha256Option = None,
 ) -> None:
     """Classify images. Exit code 2 if any input was refused (the others still get answers)."""
-    from medclf.bundle import load_bundle
-
     _apply_threads(threads)
     if format not in ("json", "csv"):
         raise MedclfError(f"--format must be json or csv, not {format!r}")
-    b = load_bundle(bundle)
+    b = _load_trusted(bundle, trusted_keys, bundle_sha256)
     results = b.predict(inputs, engine=engine, tta=tta)
     if explain is not None:
         # Explain the class each prediction chose; the heatmap's path joins that input's entry.
@@ -489,15 +512,20 @@ def _json_option(name: str, text: str | None) -> Any:
 
 
 @app.command()
-def info(bundle: Annotated[Path, typer.Argument(help="Model bundle (folder or .zip)")]) -> None:
-    """Verify a bundle's integrity and show what it holds."""
-    from medclf.bundle import load_bundle
-
-    b = load_bundle(bundle)
+def info(
+    bundle: Annotated[Path, typer.Argument(help="Model bundle (folder or .zip)")],
+    trusted_keys: TrustedKeysOption = None,
+    bundle_sha256: BundleSha256Option = None,
+) -> None:
+    """Verify a bundle's integrity and show what it holds and who signed it."""
+    b = _load_trusted(bundle, trusted_keys, bundle_sha256)
     m = b.manifest
     val = m.get("metrics", {}).get("val", {})
-    print(f"bundle      {b.path}")
+    print(f"bundle      {b.source}")
     print(f"sha256      {b.sha256}  (all {len(m['files'])} file hashes verified)")
+    for i, check in enumerate(b.signatures or [None]):
+        text = check.describe(b.trust_checked) if check else "none (unsigned)"
+        print(f"{'signatures' if i == 0 else '':11s} {text}")
     fusion = m.get("ensemble")
     if fusion:
         archs = ", ".join(f"{r['arch']} {r['size']}" for r in fusion["members"])
@@ -613,6 +641,8 @@ def dicom_node(
     fhir: Annotated[
         bool, typer.Option("--fhir", help="Also write each result as a FHIR DiagnosticReport (.fhir.json)")
     ] = False,
+    trusted_keys: TrustedKeysOption = None,
+    bundle_sha256: BundleSha256Option = None,
 ) -> None:
     """DICOM Storage SCP: answers C-ECHO, classifies each image received by C-STORE and writes
     <SOPInstanceUID>.json and <SOPInstanceUID>.sr.dcm to --out. Stop with Ctrl-C."""
@@ -637,6 +667,8 @@ def dicom_node(
         idle_timeout=idle_timeout,
         modalities=accept_modality or None,
         fhir=fhir,
+        trusted_keys=trusted_keys,
+        bundle_sha256=bundle_sha256,
     )
 
 
@@ -696,6 +728,8 @@ def serve(
     tta: Annotated[
         bool, typer.Option("--tta", help="Test-time augmentation: average over flips and small shifts")
     ] = False,
+    trusted_keys: TrustedKeysOption = None,
+    bundle_sha256: BundleSha256Option = None,
     header_timeout: Annotated[
         float,
         typer.Option(help="Seconds a connection has to send a complete request head, else it is closed"),
@@ -725,6 +759,8 @@ def serve(
         explain_method=explain_method,
         engine=engine,
         tta=tta,
+        trusted_keys=str(trusted_keys) if trusted_keys else None,
+        bundle_sha256=bundle_sha256,
     )
     limits = ConnectionLimits(
         header_timeout_s=header_timeout,
@@ -864,6 +900,40 @@ def _usage_error(exc: typer.TyperException) -> None:
     message = " ".join(exc.format_message().split())  # one line, whatever click wraps
     err.print(f"{command}: error: {message} (try `{command} --help`)", markup=False, highlight=False)
     sys.exit(2)
+
+
+@app.command()
+def sign(
+    bundle: Annotated[Path, typer.Argument(help="Model bundle (folder or .zip) to sign")],
+    key: Annotated[Path, typer.Option("--key", help="Ed25519 private key (`medclf keygen`; PEM or raw)")],
+    signer: Annotated[
+        str | None, typer.Option(help="Name recorded with the signature (default: the key file's name)")
+    ] = None,
+) -> None:
+    """Sign a bundle's sha256 with an Ed25519 key (into its signatures.json; the sha256 does not change).
+    Whoever runs it with --trusted-keys holding the matching .pub file then accepts it."""
+    from medclf.bundle import sign_bundle
+
+    check = sign_bundle(bundle, key, signer=signer)
+    err.print(
+        f"{bundle}: signed as {check.signer!r} with key {check.key_id} at {check.signed_at}; "
+        "its sha256 is unchanged",
+        highlight=False,
+        markup=False,
+    )
+
+
+@app.command()
+def keygen(
+    prefix: Annotated[Path, typer.Argument(help="Writes PREFIX.key (private, mode 0600) and PREFIX.pub")],
+) -> None:
+    """Make an Ed25519 key pair for `medclf sign`: keep PREFIX.key secret, give PREFIX.pub to those who
+    run your bundles (their --trusted-keys folder). $MEDCLF_KEY_PASSPHRASE, when set, encrypts the key."""
+    from medclf.signing import generate_key_pair, key_id, load_public_key
+
+    private, public = generate_key_pair(prefix)
+    err.print(f"wrote {private} (private: keep it secret) and {public} (public)", highlight=False)
+    print(f"key {key_id(load_public_key(public))}")
 
 
 def main(args: list[str] | None = None) -> None:

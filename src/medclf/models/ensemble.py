@@ -30,6 +30,7 @@ from medclf.errors import ConfigError
 from medclf.models.registry import create_model, register_model
 
 METHODS = ("mean", "weighted", "stacking")
+MAX_MEMBERS = 64
 # Member log-probabilities are floored before stacking: an underflowed probability must not become -inf.
 LOG_FLOOR = math.log(1e-8)
 
@@ -52,6 +53,8 @@ class Ensemble(nn.Module):
             raise ConfigError(f"unknown fusion method {method!r}; choose one of {', '.join(METHODS)}")
         if len(members) < 2:
             raise ConfigError("an ensemble needs at least two members")
+        if len(members) > MAX_MEMBERS:  # a manifest must not make us build networks without end
+            raise ConfigError(f"an ensemble has at most {MAX_MEMBERS} members, not {len(members)}")
         nets = []
         for j, m in enumerate(members):
             shape = (m["in_channels"], m["n_classes"], m["spatial_dims"])

@@ -98,6 +98,8 @@ class ServeSettings:
     engine: str = "auto"  # see medclf.engines: auto runs the bundle's ONNX (int8 first) model when it has one
     tta: bool = False  # test-time augmentation (the bundle's default views)
     audit_busy_timeout_s: float = 5.0  # a row waits this long for a locked database, then 503
+    trusted_keys: str | None = None  # folder of public keys: serve only a bundle one of them signed
+    bundle_sha256: str | None = None  # serve only the bundle with this sha256
 
     def __post_init__(self) -> None:
         if self.max_upload_mb <= 0:
@@ -176,7 +178,7 @@ class Service:
         self.pool = ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="medclf-infer")
         self.tmp = Path(tempfile.mkdtemp(prefix="medclf-serve-"))
         self.limits = ReadLimits(max_file_bytes=max(settings.max_upload_bytes, 1))
-        self.model_id = str(bundle.manifest.get("name") or bundle.path.name)
+        self.model_id = str(bundle.manifest.get("name") or (bundle.source or bundle.path).name)
         # Resolved now, so a bundle without the ONNX file asked for is refused at start-up, not per request.
         self.engine = resolve_engine(bundle.manifest.get("files", {}), settings.engine)
         self.ready = False
@@ -219,6 +221,11 @@ class Service:
             "model_card": _model_card(b),
             "created": m.get("created"),
             "versions": m.get("versions", {}),
+            "signatures": {
+                "summary": b.signature_summary(),
+                "trust_checked": b.trust_checked,
+                "entries": [s.to_dict() for s in b.signatures],
+            },
             "explanation": {"method": self.explainer.method, "layer": self.explainer.layer},
             "limits": {
                 "max_upload_bytes": self.settings.max_upload_bytes,
@@ -396,8 +403,8 @@ def _model_card(bundle: Bundle) -> dict[str, Any]:
     """MODEL_CARD.md when the bundle has one; else the facts the manifest holds."""
     card: dict[str, Any] = {}
     if "MODEL_CARD.md" in bundle.manifest.get("files", {}):
-        with suppress(OSError):
-            card["markdown"] = (bundle.path / "MODEL_CARD.md").read_text(encoding="utf-8")
+        with suppress(OSError, MedclfError, UnicodeDecodeError):  # re-read plain and re-hashed, never a link
+            card["markdown"] = bundle.read_file("MODEL_CARD.md").decode("utf-8")
     m = bundle.manifest
     data = m.get("data", {})
     recipe = m.get("recipe", {})
@@ -409,6 +416,7 @@ def _model_card(bundle: Bundle) -> dict[str, Any]:
         "epochs run (best)": f"{recipe.get('epochs_run')} ({recipe.get('best_epoch')})" if recipe else None,
         "created": m.get("created"),
         "bundle sha256": bundle.sha256,
+        "signed by": bundle.signature_summary(),
     }
     card["facts"] = {k: v for k, v in facts.items() if v not in (None, "")}
     card["intended_use"] = (
@@ -457,7 +465,7 @@ def create_app(
     The bundle is loaded (and verified) here, so a bad bundle fails before the server listens.
     """
     settings = replace(settings or ServeSettings(), **overrides)
-    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    b = bundle if isinstance(bundle, Bundle) else _load(bundle, settings)
     service = Service(b, settings)
 
     @asynccontextmanager
@@ -601,6 +609,10 @@ def _raise_file_limit(wanted: int) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
+def _load(bundle: str | Path, settings: ServeSettings) -> Bundle:
+    return load_bundle(bundle, trusted_keys=settings.trusted_keys, expected_sha256=settings.bundle_sha256)
+
+
 def _set_torch_threads(settings: ServeSettings, workers: int) -> None:
     """Give each inference thread its share of the CPUs. Requests run in parallel across threads; torch's
     default (every core for each of them) oversubscribes the machine: measured on 2 cores under load, one
@@ -654,7 +666,7 @@ def run(
     if workers == 1:
         uvicorn.run(create_app(bundle, settings), **common)
         return
-    load_bundle(bundle)  # fail here, once, rather than in every worker
+    _load(bundle, settings)  # fail here, once, rather than in every worker
     os.environ[_ENV] = json.dumps(
         {"bundle": str(Path(bundle).resolve()), "workers": workers, **asdict(settings)}
     )

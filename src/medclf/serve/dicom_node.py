@@ -707,17 +707,20 @@ def run_dicom_node(
     port: int = 11112,
     ae_title: str = "MEDCLF",
     host: str = "127.0.0.1",
+    trusted_keys: str | Path | None = None,
+    bundle_sha256: str | None = None,
     **node_options: Any,
 ) -> None:
     """Load (and verify) ``bundle``, then serve until interrupted: what ``medclf dicom-node`` runs.
 
     ``node_options``: the other keyword arguments of :class:`DicomNode` (access control, time limits,
-    modalities)."""
+    modalities); ``trusted_keys`` / ``bundle_sha256``: see :func:`medclf.bundle.load_bundle`."""
     from medclf.bundle import load_bundle
     from medclf.engines import tune_allocator
 
     tune_allocator()
-    node = DicomNode(load_bundle(bundle), out, ae_title=ae_title, host=host, port=port, **node_options)
+    loaded = load_bundle(bundle, trusted_keys=trusted_keys, expected_sha256=bundle_sha256)
+    node = DicomNode(loaded, out, ae_title=ae_title, host=host, port=port, **node_options)
     node.serve_forever()
 
 
