@@ -309,6 +309,7 @@ class DicomNode:
             "predicted": prediction["predicted"],
             "confidence": prediction["confidence"],
             "probabilities": prediction["probabilities"],
+            **({"decision": prediction["decision"]} if "decision" in prediction else {}),
             "model": {"sha256": self.bundle.sha256, "arch": self.bundle.arch, "classes": self.bundle.classes},
             "received_at": now.isoformat(timespec="milliseconds"),
             "calling_ae": calling,
@@ -471,6 +472,12 @@ def _content_tree(src: _Source, prediction: dict[str, Any], bundle: Bundle, obse
         f"medclf model {bundle.arch} (sha256 {bundle.sha256[:12]}) predicts '{predicted}' with probability "
         f"{float(prediction['confidence']):.3f}. Research software: not for diagnostic use."
     )
+    if "decision" in prediction:  # the bundle's operating point (medclf recalibrate)
+        d = prediction["decision"]
+        summary += (
+            f" Decision at the operating point: {d['label']} (P({d['group']}) {d['score']:.3f} "
+            f"{'>=' if d['positive'] else '<'} threshold {d['threshold']:.4g})."
+        )
     observer_type = _item("HAS OBS CONTEXT", "CODE", codes.DCM.ObserverType)
     observer_type.ConceptCodeSequence = [_code(codes.DCM.Device)]
     observer_uid = _item("HAS OBS CONTEXT", "UIDREF", codes.DCM.DeviceObserverUID)
