@@ -629,3 +629,50 @@ def test_serve_and_dicom_node_show_the_decision(recalibrated, sim_data, tmp_path
     sr = dcmread(tmp_path / "node" / f"{ds.SOPInstanceUID}.sr.dcm")
     texts = [str(item.TextValue) for item in sr.ContentSequence if "TextValue" in item]
     assert any("Decision at the operating point: " + result["decision"]["label"] in t for t in texts)
+
+
+def test_web_page_shows_the_decision(recalibrated, sim_data, tmp_path):
+    import socket
+    import threading
+    import time
+
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip(f"{chromium} is not installed (Debian package 'chromium'; `make test` installs it)")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="the playwright Python package is not installed"
+    )
+    import uvicorn
+
+    from medclf.serve.app import create_app
+
+    from .test_browser import CHROMIUM_ARGS
+
+    app = create_app(str(recalibrated), audit_db=str(tmp_path / "audit.db"))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not srv.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        image = sorted((sim_data / "test" / "tumour").glob("*.png"))[0]
+        [expected] = load_bundle(recalibrated).predict([image])
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{sock.getsockname()[1]}/")
+            page.set_input_files("#file", str(image))
+            decision = page.locator("#decision")
+            sync_api.expect(decision).to_be_visible(timeout=60_000)
+            sync_api.expect(decision).to_contain_text(
+                f"operating point: {expected['decision']['label']} (P(abnormal)"
+            )
+            browser.close()
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+        sock.close()
