@@ -146,6 +146,16 @@ def test_a_planted_subgroup_failure_is_flagged_and_located(tmp_path):
     assert plot_forest(a, tmp_path / "forest.png").stat().st_size > 1000
 
 
+def test_specificity_is_tested_only_beyond_two_classes():
+    y, p, groups = _synthetic(300, seed=5, worse_in_b=False)
+    three = subgroup_analysis(y, p, ["x", "y", "z"], groups, key="k", n_bootstrap=50)
+    assert {t["metric"] for t in three["tests"]} == {"accuracy", "auc", "sensitivity", "specificity"}
+    binary = (y > 0).astype(int)
+    p2 = np.c_[p[:, 0], p[:, 1:].sum(axis=1)]
+    two = subgroup_analysis(binary, p2, ["neg", "pos"], groups, key="k", n_bootstrap=50)
+    assert {t["metric"] for t in two["tests"]} == {"accuracy", "auc", "sensitivity"}
+
+
 def test_no_subgroup_is_flagged_when_there_is_no_difference():
     y, p, groups = _synthetic(500, seed=2, worse_in_b=False)
     a = subgroup_analysis(y, p, ["x", "y", "z"], groups, key="site", n_bootstrap=400)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -392,8 +393,8 @@ def _subgroup_sections(analysis: dict[str, Any]) -> dict[str, Any]:
             row["significantly worse in"] = ", ".join(g.get("significantly_worse", [])) or "-"
         rows.append(row)
     gap = analysis.get("largest_gap")
-    text = f"{analysis['ci_method']}. Test: {analysis['test_method']}" + (
-        f" Pooled: {analysis['pooled']}." if analysis["pooled"] else ""
+    text = f"{analysis['ci_method']}. Test: {analysis['test_method']}" + "".join(
+        f" Pooled into {name}: {', '.join(values)}." for name, values in analysis["pooled"].items()
     )
     if gap:
         what = gap["metric"] if gap["class"] is None else f"{gap['metric']} of {gap['class']}"
@@ -404,7 +405,7 @@ def _subgroup_sections(analysis: dict[str, Any]) -> dict[str, Any]:
     tests = [
         {
             "group": t["group"],
-            "metric": t["metric"] if t["class"] is None else f"sensitivity of {t['class']}",
+            "metric": t["metric"] if t["class"] is None else f"{t['metric']} of {t['class']}",
             "group value": t["value"],
             "rest": t["rest"],
             "difference": t["difference"],
@@ -517,14 +518,15 @@ def _subgroup_labels(
     if not asked:
         console.print(f"Subgroups: the keys the bundle's shortcut audit flagged: {', '.join(usable)}")
     part = samples.subset(idx)
+    procs = workers or min(4, os.cpu_count() or 1)  # header reads, in as many processes as decoding uses
     cues = (
-        sample_cues(part, workers=workers or 1)
+        sample_cues(part, workers=procs)
         if any(k in GROUP_KEYS and k not in part.metadata for k in usable)
         else None
     )
     out: dict[str, list[str]] = {}
     for key in usable:
-        values = sample_groups(part, key, workers=workers or 1, cues=cues if key in GROUP_KEYS else None)
+        values = sample_groups(part, key, workers=procs, cues=cues if key in GROUP_KEYS else None)
         full = [""] * len(samples)
         for i, v in zip(idx, values, strict=True):
             full[int(i)] = v

@@ -5,15 +5,17 @@ sensitivity and specificity, with percentile bootstrap intervals resampled withi
 when patient ids exist: a patient's images are drawn together), the largest gap between groups, and a test
 of whether a group is **significantly worse** than the rest of the samples.
 
-The test, for each group with at least ``min_n`` samples and each of accuracy, AUC and every class's
-sensitivity (the per-class tests need ``min_class_n`` samples of that class in the group and in the rest):
+The test, for each group with at least ``min_n`` samples and each of accuracy, AUC, every class's
+sensitivity and, with more than two classes, every class's specificity (the per-class tests need
+``min_class_n`` samples of that class, or of the other classes, in the group and in the rest):
 the group and the rest are bootstrapped independently (by patient when ids exist), which gives the
 standard error ``se`` of the difference ``d = group - rest``, and the one-sided p-value of "the group is
 not worse" is ``Phi(d / se)`` (a Wald test with a bootstrap standard error; a p-value counted from the
 resamples could not fall below ``1 / resamples``, too coarse for a correction over dozens of tests). The p-values
 of all tests of one key are adjusted with Holm's step-down method (family-wise error rate ``alpha``), and a
-group is flagged when its adjusted p-value is below ``alpha``. Sensitivity is compared class by class, so a
-group's class mix does not decide its test; accuracy and AUC depend on the mix and are to be read with it.
+group is flagged when its adjusted p-value is below ``alpha``. Sensitivity and specificity are compared
+class by class, so a group's class mix decides their tests less; accuracy and AUC depend on the mix and
+are to be read with it.
 
 Groups smaller than ``min_n`` are reported with their intervals but not tested, and are left out of the
 largest gap. When several values of a key are that small (image sizes, say), they are pooled into one
@@ -51,9 +53,9 @@ OTHER = "other"
 TEST_METHOD = (
     "one-sided Wald test of d = group - rest of the samples with the bootstrap standard error of d (group "
     "and rest resampled independently{unit}): p = Phi(d / se); Holm adjustment over every test of the "
-    "key; flagged when the adjusted p < {alpha:g}. Tested: accuracy, AUC and each class's sensitivity, in "
-    "groups of at least {min_n} samples (per class: at least {min_class_n} of that class in the group and "
-    "in the rest)."
+    "key; flagged when the adjusted p < {alpha:g}. Tested: accuracy, AUC, each class's sensitivity and (more "
+    "than two classes) specificity, in groups of at least {min_n} samples (per class: at least {min_class_n} "
+    "samples of that class, or of the others, in the group and in the rest)."
 )
 # Resampled weights per chunk (float64): bounded memory whatever the group size.
 _CHUNK_ELEMENTS = 2_000_000
@@ -184,11 +186,18 @@ def subgroup_analysis(
         rest_boot = _bootstrap(y[rest], p[rest], k, units[rest], n_bootstrap, rng)
         g_support = np.bincount(y[rows], minlength=k)
         r_support = np.bincount(y[rest], minlength=k)
+        g_other, r_other = len(rows) - g_support, len(rest) - r_support
         candidates = [("accuracy", None), ("auc", None)] + [
             (f"sensitivity:{j}", j)
             for j in range(k)
             if g_support[j] >= min_class_n and r_support[j] >= min_class_n
         ]
+        if k > 2:  # with two classes, one class's specificity is the other's sensitivity
+            candidates += [
+                (f"specificity:{j}", j)
+                for j in range(k)
+                if g_other[j] >= min_class_n and r_other[j] >= min_class_n
+            ]
         for metric, j in candidates:
             here = float(_point(entry, metric, class_names))
             there = float(rest_point[metric][0]) if metric in rest_point else float("nan")
@@ -215,7 +224,7 @@ def subgroup_analysis(
         t["p_holm"] = float(q)
         t["significantly_worse"] = bool(q < alpha and t["difference"] < 0)
         if t["significantly_worse"]:
-            what = t["metric"] if t["class"] is None else f"sensitivity of {t['class']}"
+            what = t["metric"] if t["class"] is None else f"{t['metric']} of {t['class']}"
             warnings.append(
                 f"subgroup {key}={t['group']}: {what} is significantly worse than in the other samples "
                 f"({t['value']:.3f} vs {t['rest']:.3f}; Holm-adjusted p = {t['p_holm']:.3g})"
@@ -223,7 +232,7 @@ def subgroup_analysis(
     for e in entries:
         e["significantly_worse"] = sorted(
             {
-                (t["metric"] if t["class"] is None else f"sensitivity:{t['class']}")
+                (t["metric"] if t["class"] is None else f"{t['metric']}:{t['class']}")
                 for t in tests
                 if t["group"] == e["group"] and t["significantly_worse"]
             }
@@ -360,61 +369,74 @@ def _gaps(
 
 
 def plot_forest(analysis: dict[str, Any], path: str | Path) -> Path:
-    """Forest plot of one key's analysis: a panel per metric (accuracy, AUC, each class's sensitivity), a row
-    per group (and all samples), the point estimate with its interval. Red: significantly worse than the
-    rest; grey: too small to test; dashed line: all samples."""
+    """Forest plot of one key's analysis: a panel per metric (first row accuracy and AUC, then each class's
+    sensitivity, then, with more than two classes, each class's specificity), a row per group (and all
+    samples), the point estimate with its interval. Red: significantly worse than the rest; grey: too small
+    to test; dashed line: all samples."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     from medclf.evaluation.plots import _FONT, DPI, _save
 
     rows = [analysis["overall"], *analysis["groups"]]
-    classes = list(analysis["overall"]["per_class"])
-    panels: list[tuple[str, str | None]] = [("accuracy", None)]
+    classes = list(analysis["overall"]["per_class"])[:8]
+    grid: list[list[tuple[str, str | None]]] = [[("accuracy", None)]]
     if any(r.get("auc") is not None for r in rows):
-        panels.append(("auc", None))
-    panels += [("sensitivity", c) for c in classes[:8]]
-    height = 1.3 + 0.42 * len(rows)
-    fig = Figure(figsize=(2.5 * len(panels) + 2.6, height), dpi=DPI, layout="constrained")
+        grid[0].append(("auc", None))
+    grid.append([("sensitivity", c) for c in classes])
+    if len(analysis["overall"]["per_class"]) > 2:
+        grid.append([("specificity", c) for c in classes])
+    ncols = max(len(line) for line in grid)
+    height = len(grid) * (0.9 + 0.36 * len(rows)) + 0.6
+    fig = Figure(figsize=(2.4 * ncols + 2.6, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    axes = fig.subplots(len(grid), ncols, sharey=True, squeeze=False)
     ypos = np.arange(len(rows))[::-1]
     labels = [f"{r['group']} (n={r['n']})" for r in rows]
-    for ax, (metric, cls) in zip(axes, panels, strict=True):
-        for yv, r in zip(ypos, rows, strict=True):
-            if cls is None:
-                v, iv = r.get(metric), r["ci"].get(metric)
-            else:
-                v, iv = r["per_class"][cls][metric], r["ci"]["per_class"][cls][metric]
-            if v is None:
-                continue
-            flag = f"sensitivity:{cls}" if cls is not None else metric
-            if r is rows[0]:
-                colour = "#0b3c5d"
-            elif flag in r.get("significantly_worse", []):
-                colour = "#c9302c"
-            elif not r["tested"]:
-                colour = "0.6"
-            else:
-                colour = "#3b6ea8"
-            if iv:
-                ax.plot(iv, [yv, yv], color=colour, lw=2)
-            ax.plot([v], [yv], "D" if r is rows[0] else "o", color=colour, ms=6)
-        ref = rows[0].get(metric) if cls is None else rows[0]["per_class"][cls][metric]
-        if ref is not None:
-            ax.axvline(ref, color="0.5", ls="--", lw=1)
-        title = metric.upper() if metric == "auc" else metric
-        ax.set_title(title if cls is None else f"sensitivity\n{cls}", fontsize=_FONT)
-        ax.title.set_parse_math(False)
-        ax.set_xlim(-0.02, 1.02)
-        ax.grid(axis="x", alpha=0.3)
-        ax.tick_params(labelsize=_FONT - 2)
-    axes[0].set_yticks(ypos, labels)
-    for t in axes[0].get_yticklabels():
-        t.set_parse_math(False)
+    for line, panels in zip(axes, grid, strict=True):
+        for ax in line[len(panels) :]:
+            ax.set_visible(False)
+        for ax, (metric, cls) in zip(line, panels, strict=False):
+            _forest_panel(ax, rows, ypos, metric, cls, _FONT)
+        line[0].set_yticks(ypos, labels)
+        for t in line[0].get_yticklabels():
+            t.set_parse_math(False)
     fig.suptitle(
         f"Subgroups by {analysis['key']}: estimates with {100 * analysis['ci_level']:g}% bootstrap intervals "
         "(red: significantly worse than the rest; grey: too few to test)",
         fontsize=_FONT,
     ).set_parse_math(False)
     return _save(fig, path)
+
+
+def _forest_panel(
+    ax: Any, rows: list[dict[str, Any]], ypos: np.ndarray, metric: str, cls: str | None, font: int
+) -> None:
+    for yv, r in zip(ypos, rows, strict=True):
+        if cls is None:
+            v, iv = r.get(metric), r["ci"].get(metric)
+        else:
+            v, iv = r["per_class"][cls][metric], r["ci"]["per_class"][cls][metric]
+        if v is None:
+            continue
+        flag = f"{metric}:{cls}" if cls is not None else metric
+        if r is rows[0]:
+            colour = "#0b3c5d"
+        elif flag in r.get("significantly_worse", []):
+            colour = "#c9302c"
+        elif not r["tested"]:
+            colour = "0.6"
+        else:
+            colour = "#3b6ea8"
+        if iv:
+            ax.plot(iv, [yv, yv], color=colour, lw=2)
+        ax.plot([v], [yv], "D" if r is rows[0] else "o", color=colour, ms=6)
+    ref = rows[0].get(metric) if cls is None else rows[0]["per_class"][cls][metric]
+    if ref is not None:
+        ax.axvline(ref, color="0.5", ls="--", lw=1)
+    title = "AUC" if metric == "auc" else metric
+    ax.set_title(title if cls is None else f"{metric}\n{cls}", fontsize=font)
+    ax.title.set_parse_math(False)
+    ax.set_xlim(-0.02, 1.02)
+    ax.grid(axis="x", alpha=0.3)
+    ax.tick_params(labelsize=font - 2)
