@@ -37,8 +37,11 @@ def int8_bundle(tiny_bundle, sim_data, tmp_path_factory):
     return out
 
 
-def test_onnx_matches_pytorch_and_is_recorded(int8_bundle, sim_data):
+def test_onnx_matches_pytorch_and_is_recorded(int8_bundle, sim_data, tiny_bundle):
     b = load_bundle(int8_bundle)
+    # The training references travel with the compressed model (evaluate removes copies of training images).
+    for name in ("train_hashes.json", "train_signatures.safetensors"):
+        assert b.manifest["files"][name] == load_bundle(tiny_bundle).manifest["files"][name]
     onnx_step = next(s for s in b.manifest["compression"]["steps"] if s["step"] == "onnx")
     assert onnx_step["parity"]["max_abs_prob_diff"] <= 1e-4
     assert onnx_step["parity"]["samples"].startswith("validation samples")

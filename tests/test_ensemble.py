@@ -71,6 +71,13 @@ def test_mean_ensemble_averages_the_members(members, val_data, tmp_path):
     # Training samples of every member are known to `evaluate`.
     train_hashes = set().union(*(json.loads((p.path / "train_hashes.json").read_text()) for p in parts))
     assert set(json.loads((b.path / "train_hashes.json").read_text())) == train_hashes
+    # ... and so are their signatures (near copies), the same row for the same training image.
+    from medclf.data.references import read_train_references
+
+    fused = read_train_references(b.path, m["files"]).by_hash
+    for p in parts:
+        for h, sig in read_train_references(p.path, p.manifest["files"]).by_hash.items():
+            np.testing.assert_array_equal(fused[h], sig)
 
 
 def test_an_ensemble_is_a_bundle_like_any_other(members, val_data, tmp_path):

@@ -15,6 +15,7 @@ The public API (imported lazily, so ``import medclf`` stays fast)::
     medclf.train_folds(data, out, folds=5) -> EnsembleResult                  # K-fold bagging
     medclf.train_members(data, out, members=3) -> EnsembleResult              # seed bagging
     medclf.fetch_medmnist("breastmnist", size=128, out_dir="data") -> Path   # checksum-verified download
+    medclf.recalibrate(bundle, site_data, out, positive=..., sensitivity=0.95) -> dict   # site operating point
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ _API = {
     "train_folds",
     "train_members",
     "fetch_medmnist",
+    "recalibrate",
     "Bundle",
     "TrainConfig",
     "TrainResult",

@@ -41,6 +41,7 @@ __all__ = [
     "fetch_medmnist",
     "load_bundle",
     "predict",
+    "recalibrate",
     "sign_bundle",
     "train",
     "train_folds",
@@ -178,3 +179,14 @@ def baseline(
         progress=progress,
         console=console,
     )
+
+
+def recalibrate(
+    bundle: str | Path | Bundle, data: str | Path, out: str | Path, **options: Any
+) -> dict[str, Any]:
+    """Fit a bundle's temperature and an operating point (``positive=``, ``sensitivity=`` or Youden's J,
+    ``class_map=``) on a labelled sample from a new site; write a new sealed bundle to ``out`` and return
+    its ``operating_point`` record. See :func:`medclf.evaluation.recalibrate.recalibrate`."""
+    from medclf.evaluation.recalibrate import recalibrate as _recalibrate
+
+    return _recalibrate(bundle, data, out, **options)

@@ -276,6 +276,30 @@ def evaluate(
     threads: Annotated[int | None, typer.Option("--threads", help=_THREADS_HELP)] = None,
     trusted_keys: TrustedKeysOption = None,
     bundle_sha256: BundleSha256Option = None,
+    by: Annotated[
+        str | None,
+        typer.Option(
+            help="Subgroup evaluation by KEY[,KEY]: a CSV column, an acquisition key (size, format, mode, ...) "
+            "or a DICOM keyword; default: the keys the bundle's shortcut audit flagged"
+        ),
+    ] = None,
+    class_map: Annotated[
+        str | None,
+        typer.Option(
+            help="Score groups of the model's classes, e.g. 'tumour=glioma,meningioma,pituitary;normal=notumor' "
+            "(external data labelled by group)"
+        ),
+    ] = None,
+    operating_point: Annotated[
+        bool | None,
+        typer.Option(
+            "--operating-point/--no-operating-point",
+            help="Sensitivity/specificity at the bundle's operating point (default: when it has one)",
+        ),
+    ] = None,
+    min_group_n: Annotated[
+        int, typer.Option(help="Subgroups smaller than this are reported, not tested")
+    ] = 30,
 ) -> None:
     """metrics.json, predictions.csv, ROC/confusion/reliability plots and report.html for one split."""
     from medclf.api import evaluate as run_evaluate
@@ -294,6 +318,10 @@ def evaluate(
         engine=engine,
         tta=tta,
         robustness=robustness,
+        by=by,
+        class_map=class_map,
+        operating_point=operating_point,
+        min_group_n=min_group_n,
     )
 
 
@@ -373,14 +401,22 @@ def _as_csv(results: list[dict[str, Any]], classes: list[str]) -> str:
 
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["path", "predicted", "confidence", *[f"prob_{c}" for c in classes], "ood", "error"])
+    decided = any("decision" in r for r in results)  # the bundle has an operating point
+    w.writerow(
+        ["path", "predicted", "confidence", *[f"prob_{c}" for c in classes], "ood", "error"]
+        + (["decision", "decision_threshold"] if decided else [])
+    )
     for r in results:
+        tail = [r["decision"]["label"], f"{r['decision']['threshold']:.6g}"] if "decision" in r else ["", ""]
         if "error" in r:
-            w.writerow([r["path"], "", "", *[""] * len(classes), "", r["error"]])
+            w.writerow([r["path"], "", "", *[""] * len(classes), "", r["error"]] + (tail if decided else []))
         else:
             probs = [f"{r['probabilities'][c]:.6f}" for c in classes]
             ood = "" if "ood" not in r else str(r["ood"]).lower()
-            w.writerow([r["path"], r["predicted"], f"{r['confidence']:.6f}", *probs, ood, ""])
+            w.writerow(
+                [r["path"], r["predicted"], f"{r['confidence']:.6f}", *probs, ood, ""]
+                + (tail if decided else [])
+            )
     return buf.getvalue()
 
 
@@ -548,6 +584,65 @@ def info(
     from medclf.engines import available_engines
 
     print(f"engines     {', '.join(available_engines(m['files']))} (default: {b.engine()})")
+    op = m.get("operating_point")
+    if op:
+        achieved = op.get("achieved") or {}
+        ci = achieved.get("ci") or {}
+
+        def fig(key: str) -> str:
+            v, iv = achieved.get(key), ci.get(key)
+            return "n/a" if v is None else f"{v:.3f}" + (f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else "")
+
+        site = op.get("site") or {}
+        print(f"operating   {op.get('rule')}")
+        print(
+            f"            site sample {site.get('source')} n={achieved.get('n')}: sensitivity {fig('sensitivity')}, "
+            f"specificity {fig('specificity')} (fitted there: optimistic)"
+        )
+
+
+@app.command()
+def recalibrate(
+    bundle: Annotated[Path, typer.Argument(help="Model bundle (folder or .zip); never modified")],
+    data: Annotated[str, typer.Argument(help="Labelled sample from the new site (folder, CSV or .npz)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The new bundle folder to write")],
+    positive: Annotated[
+        str | None,
+        typer.Option(help="The class or --class-map group a positive decision means (two classes: class 1)"),
+    ] = None,
+    sensitivity: Annotated[
+        float | None,
+        typer.Option(help="Target sensitivity of the positive group, e.g. 0.95 (default: Youden's J)"),
+    ] = None,
+    class_map: Annotated[
+        str | None,
+        typer.Option(
+            help="Groups of the model's classes, e.g. 'tumour=glioma,meningioma,pituitary;normal=notumor'"
+        ),
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="Use only this split of DATA (default: all)")] = None,
+    engine: Annotated[str, typer.Option(help="torch, onnx, onnx-fp32, onnx-int8 or auto")] = "auto",
+    workers: Annotated[int | None, typer.Option(help="Decoding processes")] = None,
+    cache_dir: Annotated[str | None, typer.Option(help="Where preprocessed tensors are cached")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+) -> None:
+    """Fit the temperature and an operating point (threshold) on a site's labelled sample; write a new bundle."""
+    from medclf.api import recalibrate as run_recalibrate
+
+    run_recalibrate(
+        bundle,
+        data,
+        out,
+        positive=positive,
+        sensitivity=sensitivity,
+        class_map=class_map,
+        split=split,
+        engine=engine,
+        workers=workers,
+        cache_dir=cache_dir,
+        progress=progress,
+        console=err,
+    )
 
 
 @app.command()

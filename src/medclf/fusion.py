@@ -29,6 +29,7 @@ from rich.console import Console
 from medclf.bundle import Bundle, load_bundle, save_bundle
 from medclf.data.audit import train_copy_flags
 from medclf.data.cache import prepare
+from medclf.data.references import TRAIN_SIGNATURES, aligned_signatures, pack_signatures
 from medclf.data.samples import SampleSet
 from medclf.data.sources import load_source
 from medclf.data.splits import ensure_validation, fold_split
@@ -243,11 +244,16 @@ def ensemble(
     union_hashes = sorted(set().union(*train_hashes))
     detector = _fit_ood(model, prepared.tensors, is_train[-1] & readable, own_val[-1], labels, seed)
     manifest["ood"] = detector.manifest()
+    union_rows = np.flatnonzero(is_train.any(axis=0) & prepared.ok)
+    signatures = aligned_signatures(union_hashes, prepared.hashes, prepared.scan.signatures, union_rows)
     path = save_bundle(
         out,
         model=model,
         manifest=manifest,
-        extra_files={"train_hashes.json": json.dumps(union_hashes)},
+        extra_files={
+            "train_hashes.json": json.dumps(union_hashes),
+            TRAIN_SIGNATURES: pack_signatures(signatures),
+        },
         writers={OOD_FILE: detector.save},
     )
     _print_summary(console, path, member_fit_metrics, member_own_metrics, val_metrics, weights, cal)

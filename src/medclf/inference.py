@@ -17,6 +17,7 @@ import numpy as np
 from medclf.data.sources import NON_IMAGE_SUFFIXES
 from medclf.errors import InputRejected, MedclfError
 from medclf.io import Image, image_from_array, iter_npz_images, read_image
+from medclf.operating_point import OperatingPoint
 from medclf.preprocess import preprocess
 
 if TYPE_CHECKING:
@@ -83,6 +84,8 @@ def predict_inputs(
     """See :meth:`medclf.bundle.Bundle.predict`."""
     engine = bundle.engine(engine)  # an engine the bundle cannot run is refused before any file is read
     views = bundle.tta_views(tta)  # so is an unknown test-time transform
+    point = OperatingPoint.from_manifest(bundle.manifest)
+    columns = point.columns(bundle.classes) if point is not None else None
     results: list[dict[str, Any]] = []
     pending: list[tuple[int, np.ndarray]] = []
 
@@ -94,6 +97,9 @@ def predict_inputs(
         ood = bundle.ood_scores(x, engine=engine)
         for j, ((slot, _), p) in enumerate(zip(pending, probs, strict=True)):
             results[slot].update(_answer(bundle, p))
+            if point is not None:
+                # The bundle's operating point (medclf recalibrate): a yes/no call at a site's threshold.
+                results[slot]["decision"] = point.decide(float(p[columns].sum()))
             if ood is not None:
                 results[slot].update(_ood_answer(bool(ood[0][j]), float(ood[1][j]), bundle))
         pending.clear()

@@ -32,6 +32,7 @@ from medclf import threads as threads_mod
 from medclf.budget import Budget, parse_duration
 from medclf.bundle import WEIGHTS, save_bundle, update_bundle
 from medclf.data.cache import PreparedData, prepare
+from medclf.data.references import TRAIN_SIGNATURES, aligned_signatures, pack_signatures
 from medclf.data.samples import SampleSet
 from medclf.data.sources import load_source
 from medclf.data.splits import ensure_validation, fold_split
@@ -445,7 +446,13 @@ def _train_one(
         out,
         model=best,
         manifest=manifest,
-        extra_files={"train_hashes.json": json.dumps(train_hashes)},
+        extra_files={
+            "train_hashes.json": json.dumps(train_hashes),
+            # Near copies of training images, recognisable by external evaluation without the data.
+            TRAIN_SIGNATURES: pack_signatures(
+                aligned_signatures(train_hashes, prepared.hashes, prepared.scan.signatures, train_idx)
+            ),
+        },
         writers={OOD_FILE: detector.save},
     )
     if not cfg.keep_checkpoints:

@@ -40,7 +40,7 @@ from medclf.evaluation.metrics import compute_metrics
 from medclf.training import parse_duration
 
 # Files of the source bundle that stay true for the compressed one (the training data did not change).
-CARRIED_FILES = ("train_hashes.json",)
+CARRIED_FILES = ("train_hashes.json", "train_signatures.safetensors")
 PRUNE_CALIBRATION_SAMPLES = 512  # training images that rank channels and re-estimate batch-norm statistics
 OOD_FIT_SAMPLES = 4000  # training samples whose features fit a refitted out-of-distribution guard
 # A fresh student learns from soft targets more slowly than its teacher learned from labels and keeps gaining

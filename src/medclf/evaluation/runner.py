@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,18 @@ import numpy as np
 from rich.console import Console
 
 from medclf.bundle import Bundle, load_bundle
+from medclf.data.audit import train_copy_matches
 from medclf.data.cache import prepare
+from medclf.data.references import read_train_references
 from medclf.data.samples import SampleSet
 from medclf.data.sources import load_source
-from medclf.errors import DataError
+from medclf.errors import ConfigError, DataError
+from medclf.evaluation.classmap import ClassMap, parse_class_map
 from medclf.evaluation.metrics import compute_metrics, expected_calibration_error
 from medclf.evaluation.plots import plot_augmentation_gallery, plot_confusion, plot_reliability, plot_roc
 from medclf.evaluation.report import write_report
+from medclf.evaluation.subgroups import MIN_GROUP_N
+from medclf.operating_point import OperatingPoint
 from medclf.tta import describe as describe_tta
 
 PROTOCOL = (
@@ -48,8 +54,19 @@ def evaluate(
     engine: str = "auto",
     tta: bool | str | Sequence[str] | None = None,
     robustness: bool = False,
+    by: str | Sequence[str] | None = None,
+    class_map: str | Mapping[str, Sequence[str]] | ClassMap | None = None,
+    operating_point: bool | None = None,
+    min_group_n: int = MIN_GROUP_N,
 ) -> dict[str, Any]:
     """Evaluate ``bundle`` on ``split`` of ``data``; write the outputs to ``out`` and return the metrics.
+
+    ``by``: grouping keys (``"site,sex"`` or a list) for subgroup evaluation (:mod:`.subgroups`): manifest
+    columns, acquisition keys (``size``, ``format``, ...) or DICOM keywords; by default the keys the
+    bundle's shortcut audit flagged, if any. ``class_map``: score the model on groups of its classes
+    (``'tumour=glioma,meningioma,pituitary;normal=notumor'``, :mod:`.classmap`); the data's labels are
+    group names or model classes. ``operating_point``: report sensitivity/specificity at the bundle's
+    operating point (``medclf recalibrate``); None: when the bundle has one.
 
     ``robustness``: also measure accuracy under FGSM and PGD attacks (:mod:`.robustness`) on the
     headline samples, into ``metrics["robustness"]`` and a section of the report.
@@ -66,10 +83,19 @@ def evaluate(
     if not samples.has_split(split):
         have = ", ".join(sorted(set(samples.splits)))
         raise DataError(f"{data}: no {split!r} split (it has: {have}); choose one with --split")
+    cmap = _class_map(class_map, b.classes)
+    if cmap is not None and robustness:
+        raise ConfigError("--robustness attacks the model's own classes: run it without --class-map")
+    labels = _map_labels(samples, b.classes, data) if cmap is None else _group_labels(samples, cmap, data)
+    classes = b.classes if cmap is None else cmap.names
+    point = _operating_point(b, operating_point, classes, cmap)
+    in_split = np.array([s == split for s in samples.splits])
+    idx = np.flatnonzero(in_split)
+    groups = _subgroup_labels(b, samples, idx, by, workers, console)
+    refs = read_train_references(b.path, b.manifest.get("files", {}))
+    train_hashes = set(refs.hashes)
     # Decode the whole dataset (not just train + split): the cache key then matches training's, so a
     # dataset already seen by `train` is not decoded again.
-    labels = _map_labels(samples, b.classes, data)
-    train_hashes = _bundle_train_hashes(b)
     prepared = prepare(
         samples,
         b.spec,
@@ -79,8 +105,17 @@ def evaluate(
         console=console,
         extra_train_hashes=train_hashes,
     )
-    in_split = np.array([s == split for s in samples.splits])
-    idx = np.flatnonzero(in_split)
+    # Copies of the model's training images, by hash and by the signatures the bundle carries (a dataset
+    # the model never saw has no train split of its own to compare against).
+    exact, near, _ = train_copy_matches(
+        samples, prepared.scan, extra_train_hashes=train_hashes, extra_train_signatures=refs.signatures
+    )
+    prepared.train_copy = exact | near
+    if refs.signatures is None and not samples.has_split("train"):
+        console.print(
+            "[yellow]note:[/] this bundle carries no training signatures (made before they were stored): "
+            "only exact copies of training images (same bytes) can be removed"
+        )
     usable = idx[prepared.ok[idx] & (labels[idx] >= 0)]
     probs = np.full((len(samples), len(b.classes)), np.nan)
     uncalibrated = probs.copy()
@@ -92,7 +127,20 @@ def evaluate(
             if b.temperature != 1.0
             else probs[usable]
         )
-    extra: dict[str, Any] = {"bundle_sha256": b.sha256, "engine": engine, "tta": describe_tta(views)}
+    if cmap is not None:  # a group's probability is the sum of its classes'
+        probs, uncalibrated = cmap.apply(probs), cmap.apply(uncalibrated)
+    usable_split = in_split & prepared.ok & (labels >= 0)
+    extra: dict[str, Any] = {
+        "bundle_sha256": b.sha256,
+        "engine": engine,
+        "tta": describe_tta(views),
+        "n_removed_exact": 0 if include_train_copies else int((exact & usable_split).sum()),
+        "n_removed_near": 0 if include_train_copies else int((near & ~exact & usable_split).sum()),
+        "near_copies_checked": refs.signatures is not None or samples.has_split("train"),
+    }
+    if cmap is not None:
+        extra["class_map"] = cmap.to_dict()
+        extra["model_classes"] = list(b.classes)
     gate = b.manifest.get("sanity")
     if gate and not gate.get("passed", True):
         # The training run's sanity gate failed (medclf.sanity): the report shows why, at the top.
@@ -100,6 +148,16 @@ def evaluate(
         for w in extra["training_warnings"]:
             console.print(f"[bold red]warning:[/] this model's training: {w}", highlight=False)
     sections = _report_sections(b, prepared.errors, data, split)
+    if cmap is not None:
+        sections["Class map (external validation)"] = {
+            "groups": cmap.describe(),
+            "group probability": "sum of the probabilities of the group's model classes",
+            "copies of training images removed": (
+                f"{extra['n_removed_exact']} exact (same bytes), {extra['n_removed_near']} near (same picture "
+                "re-encoded or resized)"
+                + ("" if extra["near_copies_checked"] else "; near copies not checked")
+            ),
+        }
     if robustness and len(usable):
         from medclf.evaluation.robustness import robustness_report
 
@@ -125,11 +183,15 @@ def evaluate(
         train_copy=prepared.train_copy,
         errors=[str(m or "unreadable") for m in prepared.scan.messages],
         split=split,
-        classes=b.classes,
+        classes=classes,
         include_train_copies=include_train_copies,
         n_bootstrap=n_bootstrap,
         seed=seed,
         title=f"medclf evaluation: {Path(str(data)).name} / {split}",
+        subgroups=groups,
+        patient_ids=samples.patient_ids,
+        operating_point=point,
+        min_group_n=min_group_n,
         sections=sections,
         extra=extra,
         console=console,
@@ -180,9 +242,18 @@ def write_evaluation(
     uncalibrated_probs: np.ndarray | None = None,
     temperature: float | None = None,
     extra_figures: dict[str, Path] | None = None,
+    subgroups: Mapping[str, Sequence[str]] | None = None,
+    patient_ids: Sequence[str | None] | None = None,
+    operating_point: tuple[OperatingPoint, np.ndarray] | None = None,
+    min_group_n: int = MIN_GROUP_N,
 ) -> dict[str, Any]:
     """Metrics (headline without copies of training samples, and ``all_samples``), predictions.csv, plots
     and report.html for class probabilities ``probs`` (rows for every sample; NaN where unusable).
+
+    ``subgroups``: key -> the group of every sample, for a subgroup analysis of the headline samples
+    (``metrics["subgroups"]``, a forest plot and warnings); ``patient_ids`` make its bootstrap resample
+    patients. ``operating_point``: a bundle's operating point and the columns of ``probs`` that sum to its
+    positive group: sensitivity/specificity at it go to ``metrics["operating_point"]``.
 
     Shared by ``evaluate`` and by anything else that produces probabilities (baselines, ensembles), so every
     method is scored and reported the same way. ``uncalibrated_probs`` (same rows, before temperature
@@ -215,6 +286,42 @@ def write_evaluation(
     )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    sections = dict(sections or {})
+    extra_figures = dict(extra_figures or {})
+    if operating_point is not None:
+        from medclf.evaluation.operating import binary_figures
+
+        point, columns = operating_point
+        found = binary_figures(
+            np.isin(labels[clean], columns), point.scores(probs[clean], columns), point.threshold
+        )
+        metrics["operating_point"] = {**point.to_manifest(), "evaluated": found}
+        sections["Operating point"] = _operating_point_section(point, found)
+    if subgroups:
+        from medclf.evaluation.subgroups import plot_forest, subgroup_analysis
+
+        ids = [patient_ids[i] for i in clean] if patient_ids is not None else None
+        has_ids = ids is not None and any(pid not in (None, "") for pid in ids)
+        metrics["subgroups"] = {}
+        for key, values in subgroups.items():
+            analysis = subgroup_analysis(
+                labels[clean],
+                probs[clean],
+                classes,
+                [values[i] for i in clean],
+                key=key,
+                patient_ids=ids if has_ids else None,
+                n_bootstrap=n_bootstrap,
+                seed=seed,
+                min_n=min_group_n,
+            )
+            metrics["subgroups"][key] = analysis
+            metrics["notes"] = [*metrics.get("notes", []), *analysis["warnings"]]
+            safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in key)
+            extra_figures[f"Subgroups by {key} (forest plot)"] = plot_forest(
+                analysis, out / f"subgroups_{safe}.png"
+            )
+            sections.update(_subgroup_sections(analysis))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _write_predictions(out / "predictions.csv", samples, labels, probs, ok, train_copy, errors, idx, classes)
     figures = {
@@ -237,8 +344,200 @@ def write_evaluation(
     console.print(
         f"  all samples (n={all_metrics['n']}): accuracy {all_metrics['accuracy']:.4f}  AUC {_f(all_metrics['auc'])}"
     )
+    for key, analysis in metrics.get("subgroups", {}).items():
+        gap = analysis.get("largest_gap")
+        groups_text = ", ".join(f"{g['group']} (n={g['n']})" for g in analysis["groups"])
+        console.print(f"Subgroups by {key}: {groups_text}")
+        if gap:
+            what = gap["metric"] if gap["class"] is None else f"{gap['metric']} of {gap['class']}"
+            console.print(
+                f"  largest gap: {what} {gap['best']:.3f} ({gap['best_group']}) vs {gap['worst']:.3f} "
+                f"({gap['worst_group']}), {gap['gap']:.3f}"
+            )
+        for w in analysis["warnings"]:
+            console.print(f"  [yellow]warning:[/] {w}", highlight=False)
+    if "operating_point" in metrics:
+        op = metrics["operating_point"]
+        e = op["evaluated"]
+        console.print(f"Operating point: {op['rule']}")
+        console.print(
+            f"  sensitivity {_f(e['sensitivity'])} {_ci_pair(e['ci']['sensitivity'])}  "
+            f"specificity {_f(e['specificity'])} {_ci_pair(e['ci']['specificity'])}  "
+            f"(n={e['n_positive']} {op['positive']}, {e['n_negative']} {op['negative']})"
+        )
     console.print(f"Report: {out / 'report.html'}")
     return metrics
+
+
+def _ci_pair(iv: list[float] | None) -> str:
+    return f"[{iv[0]:.4f}, {iv[1]:.4f}]" if iv else ""
+
+
+def _fmt_ci(v: float | None, iv: list[float] | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f} ({iv[0]:.3f}-{iv[1]:.3f})" if iv else f"{v:.3f}"
+
+
+def _subgroup_sections(analysis: dict[str, Any]) -> dict[str, Any]:
+    """Report tables of one key's subgroup analysis: estimates per group, then the tests."""
+    key = analysis["key"]
+    rows = []
+    for g in [analysis["overall"], *analysis["groups"]]:
+        row: dict[str, Any] = {
+            "group": g["group"],
+            "n": g["n"],
+            "tested": "reference" if g is analysis["overall"] else g["tested"],
+            "accuracy": _fmt_ci(g["accuracy"], g["ci"]["accuracy"]),
+            "AUC": _fmt_ci(g["auc"], g["ci"]["auc"]),
+        }
+        for cls, pc in g["per_class"].items():
+            ci = g["ci"]["per_class"][cls]
+            row[f"sens. {cls}"] = _fmt_ci(pc["sensitivity"], ci["sensitivity"])
+            row[f"spec. {cls}"] = _fmt_ci(pc["specificity"], ci["specificity"])
+        if g is not analysis["overall"]:
+            row["significantly worse in"] = ", ".join(g.get("significantly_worse", [])) or "-"
+        rows.append(row)
+    gap = analysis.get("largest_gap")
+    text = f"{analysis['ci_method']}. Test: {analysis['test_method']}" + "".join(
+        f" Pooled into {name}: {', '.join(values)}." for name, values in analysis["pooled"].items()
+    )
+    if gap:
+        what = gap["metric"] if gap["class"] is None else f"{gap['metric']} of {gap['class']}"
+        text += (
+            f" Largest gap: {what}, {gap['best']:.3f} in {gap['best_group']} vs {gap['worst']:.3f} in "
+            f"{gap['worst_group']} ({gap['gap']:.3f})."
+        )
+    tests = [
+        {
+            "group": t["group"],
+            "metric": t["metric"] if t["class"] is None else f"{t['metric']} of {t['class']}",
+            "group value": t["value"],
+            "rest": t["rest"],
+            "difference": t["difference"],
+            "p (one-sided)": t["p_value"],
+            "p (Holm)": t["p_holm"],
+            "significantly worse": t["significantly_worse"],
+        }
+        for t in analysis["tests"]
+    ]
+    out: dict[str, Any] = {f"Subgroups by {key}": rows, f"Subgroups by {key}: method": text}
+    if tests:
+        out[f"Subgroups by {key}: tests (group vs the other samples)"] = tests
+    return out
+
+
+def _operating_point_section(point: OperatingPoint, found: dict[str, Any]) -> dict[str, Any]:
+    ci = found["ci"]
+    site = point.fit.get("achieved") or {}
+    return {
+        "decision rule": point.rule,
+        "positive group": f"{point.positive} ({', '.join(point.classes)})",
+        f"sensitivity (n={found['n_positive']})": _fmt_ci(found["sensitivity"], ci["sensitivity"]),
+        f"specificity (n={found['n_negative']})": _fmt_ci(found["specificity"], ci["specificity"]),
+        "PPV": _fmt_ci(found["ppv"], ci["ppv"]),
+        "NPV": _fmt_ci(found["npv"], ci["npv"]),
+        "TP / FN / TN / FP": f"{found['tp']} / {found['fn']} / {found['tn']} / {found['fp']}",
+        "intervals": found["ci_method"],
+        "fitted on (site sample)": (
+            f"n={site.get('n')}: sensitivity {_fmt_ci(site.get('sensitivity'), (site.get('ci') or {}).get('sensitivity'))}, "
+            f"specificity {_fmt_ci(site.get('specificity'), (site.get('ci') or {}).get('specificity'))}"
+            if site
+            else "-"
+        ),
+    }
+
+
+def _class_map(
+    class_map: str | Mapping[str, Sequence[str]] | ClassMap | None, classes: list[str]
+) -> ClassMap | None:
+    if class_map is None or isinstance(class_map, ClassMap):
+        return class_map
+    return parse_class_map(class_map, classes)
+
+
+def _group_labels(samples: SampleSet, cmap: ClassMap, data: str | Path) -> np.ndarray:
+    """The dataset's labels as indices into the class map's groups."""
+    lut = cmap.label_lookup(samples.classes, where=str(data))
+    return np.where(samples.labels >= 0, lut[np.maximum(samples.labels, 0)], -1)
+
+
+def _operating_point(
+    b: Bundle, wanted: bool | None, classes: list[str], cmap: ClassMap | None
+) -> tuple[OperatingPoint, np.ndarray] | None:
+    """The bundle's operating point and the evaluated columns that sum to its positive group."""
+    if wanted is False:
+        return None
+    point = OperatingPoint.from_manifest(b.manifest)
+    if point is None:
+        if wanted:
+            raise ConfigError(
+                f"{b.path}: the bundle has no operating point (medclf recalibrate fits one on a site sample)"
+            )
+        return None
+    try:
+        return point, point.columns(classes, cmap.groups if cmap is not None else None)
+    except ConfigError:
+        if wanted:
+            raise
+        return None
+
+
+def _subgroup_keys(b: Bundle, by: str | Sequence[str] | None) -> tuple[list[str], bool]:
+    """The keys asked for, or (``by`` None) those the bundle's shortcut audit flagged; and whether asked."""
+    if by is not None:
+        items = by.split(",") if isinstance(by, str) else list(by)
+        keys = [k.strip() for k in items if k.strip()]
+        if not keys:
+            raise ConfigError("--by needs at least one key, e.g. --by size or --by site,sex")
+        return list(dict.fromkeys(keys)), True
+    flagged = (b.manifest.get("shortcuts") or {}).get("flagged_keys") or []
+    return [str(k) for k in flagged], False
+
+
+def _subgroup_labels(
+    b: Bundle,
+    samples: SampleSet,
+    idx: np.ndarray,
+    by: str | Sequence[str] | None,
+    workers: int | None,
+    console: Console,
+) -> dict[str, list[str]]:
+    """key -> the group of every sample (read for the evaluated split only; "" elsewhere)."""
+    from medclf.data.acquisition import GROUP_KEYS, check_key, sample_cues, sample_groups
+
+    keys, asked = _subgroup_keys(b, by)
+    usable = []
+    for key in keys:
+        try:
+            check_key(samples, key)
+        except ConfigError:
+            if asked:
+                raise
+            console.print(
+                f"[yellow]note:[/] the shortcut audit flagged {key!r}, which this dataset lacks: not analysed"
+            )
+            continue
+        usable.append(key)
+    if not usable:
+        return {}
+    if not asked:
+        console.print(f"Subgroups: the keys the bundle's shortcut audit flagged: {', '.join(usable)}")
+    part = samples.subset(idx)
+    procs = workers or min(4, os.cpu_count() or 1)  # header reads, in as many processes as decoding uses
+    cues = (
+        sample_cues(part, workers=procs)
+        if any(k in GROUP_KEYS and k not in part.metadata for k in usable)
+        else None
+    )
+    out: dict[str, list[str]] = {}
+    for key in usable:
+        values = sample_groups(part, key, workers=procs, cues=cues if key in GROUP_KEYS else None)
+        full = [""] * len(samples)
+        for i, v in zip(idx, values, strict=True):
+            full[int(i)] = v
+        out[key] = full
+    return out
 
 
 def _f(v: float | None) -> str:
@@ -260,12 +559,6 @@ def _map_labels(samples: SampleSet, classes: list[str], data: str | Path) -> np.
         )
     lut = np.array([classes.index(c) for c in samples.classes], dtype=np.int64)
     return np.where(samples.labels >= 0, lut[np.maximum(samples.labels, 0)], -1)
-
-
-def _bundle_train_hashes(b: Bundle) -> set[str]:
-    if "train_hashes.json" not in b.manifest.get("files", {}):
-        return set()
-    return set(json.loads((b.path / "train_hashes.json").read_text()))
 
 
 def _write_predictions(

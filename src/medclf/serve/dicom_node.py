@@ -609,6 +609,7 @@ class DicomNode:
             "confidence": prediction["confidence"],
             "probabilities": prediction["probabilities"],
             **{key: prediction[key] for key in ("ood", "ood_score", "warning") if key in prediction},
+            **({"decision": prediction["decision"]} if "decision" in prediction else {}),
             "model": {"sha256": self.bundle.sha256, "arch": self.bundle.arch, "classes": self.bundle.classes},
             "received_at": now.isoformat(timespec="milliseconds"),
             "calling_ae": calling,

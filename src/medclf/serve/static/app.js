@@ -229,6 +229,11 @@
     $("result").hidden = false;
     $("predicted").textContent = r.predicted;
     $("confidence").textContent = "confidence " + pct(r.confidence);
+    // The bundle's operating point (medclf recalibrate): a yes/no call at a threshold fitted for a site.
+    const d = r.decision;
+    $("decision").textContent = d ? "Decision at the operating point: " + d.label + " (P(" + d.group + ") " +
+      pct(d.score) + (d.positive ? " \u2265 " : " < ") + "threshold " + pct(d.threshold) + ")" : "";
+    $("decision").hidden = !d;
     // The bundle's out-of-distribution check, when it has one: this input looks unlike the training data.
     $("ood-warning").textContent = r.ood ? "Caution: " + (r.warning || "this image looks unlike the training data.") : "";
     $("ood-warning").hidden = !r.ood;

@@ -1,0 +1,331 @@
+"""``medclf recalibrate``: fit a bundle's temperature and an operating point on a labelled sample from a site.
+
+A model moved to a new site (scanner, protocol, population) keeps its ranking of images better than its
+probabilities: its confidence drifts, and a threshold chosen elsewhere no longer gives the sensitivity it
+promised. On a small labelled sample from the site this flow
+
+1. removes copies of the model's training images (exact by hash, near by the signatures the bundle
+   carries), as every evaluation does;
+2. refits the temperature (minimum log-loss, :mod:`.calibration`; on the class map's groups when the site's
+   labels are groups);
+3. fits a threshold on the positive group's probability: the highest one whose sensitivity on the sample
+   reaches ``--sensitivity``, or the one maximising Youden's J;
+
+and writes a **new** sealed bundle (the source is never touched) with ``operating_point`` and the new
+``calibration`` in its manifest: what was fitted, on what (a content hash of the images and labels used),
+and the sensitivity/specificity it achieved on the sample with exact 95 % intervals. Those figures are
+measured on the sample the threshold was fitted on, so they are optimistic: confirm them with
+``medclf evaluate NEW OTHER_SITE_DATA`` on images the fit never saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax, logsumexp
+
+from medclf.bundle import WEIGHTS, Bundle, load_bundle, save_bundle
+from medclf.data.audit import train_copy_matches
+from medclf.data.cache import prepare
+from medclf.data.references import read_train_references
+from medclf.data.sources import load_source
+from medclf.errors import ConfigError, DataError
+from medclf.evaluation.calibration import (
+    MIN_SAMPLES,
+    T_BOUNDS,
+    TemperatureFit,
+    apply_temperature,
+    fit_temperature,
+    log_probs,
+)
+from medclf.evaluation.classmap import ClassMap, parse_class_map
+from medclf.evaluation.metrics import expected_calibration_error
+from medclf.evaluation.operating import binary_figures, fit_threshold
+from medclf.operating_point import METHODS, OperatingPoint
+
+__all__ = ["MIN_PER_SIDE", "fit_grouped_temperature", "recalibrate"]
+
+# Fewer positive or negative site samples than this cannot place a threshold usefully (one image moves
+# the sensitivity by 5 points at 20).
+MIN_PER_SIDE = 20
+
+
+def recalibrate(
+    bundle: str | Path | Bundle,
+    data: str | Path,
+    out: str | Path,
+    *,
+    positive: str | None = None,
+    sensitivity: float | None = None,
+    class_map: str | Mapping[str, Sequence[str]] | None = None,
+    split: str | None = None,
+    engine: str = "auto",
+    workers: int | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Fit the temperature and an operating point of ``bundle`` on the labelled site sample ``data`` and
+    write a new bundle to ``out``. Returns the ``operating_point`` record written.
+
+    ``positive``: the class, or the ``class_map`` group, a positive decision means (default: class 1 of a
+    two-class model). ``sensitivity``: the target sensitivity (default: Youden's J). ``split``: use only that
+    split of ``data`` (default: every labelled sample). ``engine``: what runs the model, as for ``predict``.
+    """
+    console = console or Console(stderr=True, soft_wrap=True)
+    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    out = Path(out)
+    if out.resolve() == b.path.resolve() or (
+        not isinstance(bundle, Bundle) and out.resolve() == Path(bundle).resolve()
+    ):
+        raise ConfigError(
+            f"--out {out} is the source bundle: recalibration writes a new bundle, never over its source"
+        )
+    if sensitivity is not None and not 0 < sensitivity <= 1:
+        raise ConfigError(f"--sensitivity must lie in (0, 1], got {sensitivity}")
+    engine = b.engine(engine)
+    cmap = parse_class_map(class_map, b.classes) if class_map is not None else None
+    point_classes, negative = _positive_group(b.classes, cmap, positive)
+    positive = positive or point_classes[0]
+
+    samples = load_source(data, default_split="test")
+    if split is not None:
+        if not samples.has_split(split):
+            have = ", ".join(sorted(set(samples.splits)))
+            raise DataError(f"{data}: no {split!r} split (it has: {have})")
+        samples = samples.subset(samples.indices(split))
+    # Every image is a site sample: none of them is the model's training data, whatever its split folder says.
+    samples = samples.with_splits(["test"] * len(samples))
+    by_class = all(c in b.classes for c in samples.classes)
+    if by_class:
+        lut = np.array([b.classes.index(c) for c in samples.classes], dtype=np.int64)
+    elif cmap is not None:
+        lut = cmap.label_lookup(samples.classes, where=str(data))
+    else:
+        unknown = [c for c in samples.classes if c not in b.classes]
+        raise DataError(
+            f"{data}: labels {unknown} are not model classes {b.classes}; give --class-map when the site's "
+            "labels group the model's classes"
+        )
+    labels = np.where(samples.labels >= 0, lut[np.maximum(samples.labels, 0)], -1)
+
+    refs = read_train_references(b.path, b.manifest.get("files", {}))
+    prepared = prepare(
+        samples,
+        b.spec,
+        cache_dir=cache_dir,
+        workers=workers,
+        progress=progress,
+        console=console,
+        extra_train_hashes=set(refs.hashes),
+    )
+    exact, near, _ = train_copy_matches(
+        samples, prepared.scan, extra_train_hashes=set(refs.hashes), extra_train_signatures=refs.signatures
+    )
+    readable = prepared.ok & (labels >= 0)
+    copies = (exact | near) & readable
+    rows = np.flatnonzero(readable & ~copies)
+    if refs.signatures is None:
+        console.print("[yellow]note:[/] the bundle carries no training signatures: only exact copies removed")
+
+    raw = b.predict_tensors(
+        np.asarray(prepared.tensors[rows]), batch_size=128, engine=engine, calibrated=False
+    )
+    y = labels[rows]
+    z = log_probs(raw)
+    if by_class:
+        temp = fit_temperature(z, y)
+        probs = apply_temperature(z, temp.temperature)
+        point = OperatingPoint(positive, point_classes, 0.0, "youden", negative)
+        truth = np.isin(y, point.columns(b.classes))
+    else:
+        assert cmap is not None
+        temp = fit_grouped_temperature(z, y, cmap.matrix())
+        probs = apply_temperature(z, temp.temperature)
+        point = OperatingPoint(positive, point_classes, 0.0, "youden", negative)
+        truth = np.isin(y, point.columns(cmap.names, cmap.groups))
+    n_pos, n_neg = int(truth.sum()), int((~truth).sum())
+    if n_pos < MIN_PER_SIDE or n_neg < MIN_PER_SIDE:
+        raise DataError(
+            f"{data}: {n_pos} positive ({positive}) and {n_neg} negative usable samples (after removing "
+            f"{int(copies.sum())} copies of training images and {int((~prepared.ok).sum())} unreadable files); "
+            f"recalibration needs at least {MIN_PER_SIDE} of each"
+        )
+    note = temp.note
+    temperature = temp.temperature
+    if note and temperature == 1.0 and b.temperature != 1.0:
+        # Nothing to fit against (e.g. no errors on the sample): keep the bundle's own temperature.
+        temperature, note = b.temperature, f"{note}; the bundle's temperature {b.temperature:.4g} was kept"
+        probs = apply_temperature(z, temperature)
+    score = point.scores(probs, point.columns(b.classes))
+    threshold = fit_threshold(truth, score, sensitivity=sensitivity)
+    figures = binary_figures(truth, score, threshold)
+    method = "sensitivity" if sensitivity is not None else "youden"
+    used = sorted(f"{prepared.hashes[i]} {int(labels[i])}" for i in rows)
+    site = {
+        "source": Path(str(data)).name,
+        "split": split,
+        "content_sha256": hashlib.sha256("\n".join(used).encode()).hexdigest(),
+        "n_files": len(samples),
+        "n_used": len(rows),
+        "n_removed_copies": int(copies.sum()),
+        "n_removed_exact": int((exact & readable).sum()),
+        "n_removed_near": int((near & ~exact & readable).sum()),
+        "n_unreadable": int((~prepared.ok).sum()),
+        "near_copies_checked": refs.signatures is not None,
+        "labels": "model classes" if by_class else "class-map groups",
+        "class_map": cmap.to_dict() if cmap is not None else None,
+    }
+    fit = {
+        "method_description": METHODS[method],
+        "achieved": figures,
+        "engine": engine,
+        "temperature": temperature,
+        "site": site,
+        "source_bundle_sha256": b.sha256,
+        "caution": "figures measured on the sample the threshold was fitted on: optimistic; confirm them "
+        "with medclf evaluate on other images from the site",
+    }
+    point = OperatingPoint(
+        positive=positive,
+        classes=point_classes,
+        threshold=threshold,
+        method=method,
+        negative=negative,
+        target=sensitivity,
+        fit=fit,
+    )
+    calibration = {
+        **temp.to_dict(),
+        "temperature": temperature,
+        "note": note,
+        "fitted_on": f"site sample {site['source']} (medclf recalibrate), n={len(rows)}",
+        "labels": site["labels"],
+        "previous": b.manifest.get("calibration"),
+    }
+    manifest = {k: v for k, v in b.manifest.items() if k not in ("files", "self_sha256")}
+    manifest.update(
+        calibration={k: v for k, v in calibration.items() if v is not None},
+        operating_point=point.to_manifest(),
+        recalibration={"source_bundle_sha256": b.sha256, "source_bundle": str(b.path), "site": site},
+    )
+    keep = {name: b.path / name for name in b.manifest["files"] if name != WEIGHTS}
+    path = save_bundle(out, model=b.model, manifest=manifest, extra_files=keep)
+    _print_summary(console, path, point, figures, temp, temperature, b.temperature, site)
+    return point.to_manifest()
+
+
+def fit_grouped_temperature(
+    logits: np.ndarray, group_labels: np.ndarray, membership: np.ndarray
+) -> TemperatureFit:
+    """The temperature minimising the log-loss of **grouped** probabilities: ``P(group) = sum over its
+    classes of softmax(logits / T)``, for labels that name groups of the model's classes (a class map).
+
+    ``membership``: the (classes, groups) 0/1 matrix of :meth:`ClassMap.matrix`. Same bounds and degenerate
+    cases as :func:`~medclf.evaluation.calibration.fit_temperature`."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(group_labels, dtype=np.int64)
+    member = np.asarray(membership, dtype=bool).T[y]  # (N, classes): the classes of each sample's group
+
+    def nll(t: float) -> float:
+        lp = np.where(member, log_softmax(z / t, axis=1), -np.inf)
+        return float(-logsumexp(lp, axis=1).mean())
+
+    def grouped(t: float) -> np.ndarray:
+        return apply_temperature(z, t) @ np.asarray(membership, dtype=np.float64)
+
+    n = len(y)
+    before = grouped(1.0)
+    nll_before, ece_before = nll(1.0), expected_calibration_error(y, before)
+    unfit = None
+    if n < MIN_SAMPLES:
+        unfit = f"{n} samples are too few to fit a temperature (need {MIN_SAMPLES}): T left at 1"
+    elif (before.argmax(axis=1) == y).all():
+        unfit = "no errors on the grouped labels: nothing to calibrate against, T left at 1"
+    if unfit:
+        return TemperatureFit(1.0, n, nll_before, nll_before, ece_before, ece_before, note=unfit)
+    res = minimize_scalar(
+        lambda log_t: nll(math.exp(log_t)),
+        bounds=(math.log(T_BOUNDS[0]), math.log(T_BOUNDS[1])),
+        method="bounded",
+        options={"xatol": 1e-5},
+    )
+    t = float(math.exp(res.x))
+    nll_after = nll(t)
+    if nll_after > nll_before:
+        t, nll_after = 1.0, nll_before
+    return TemperatureFit(
+        temperature=t,
+        n=n,
+        nll_before=nll_before,
+        nll_after=nll_after,
+        ece_before=ece_before,
+        ece_after=expected_calibration_error(y, grouped(t)),
+        method="temperature scaling (minimum log-loss of the class-map groups' probabilities)",
+    )
+
+
+def _positive_group(
+    classes: Sequence[str], cmap: ClassMap | None, positive: str | None
+) -> tuple[tuple[str, ...], str]:
+    """The model classes of the positive group, and the name of a negative decision."""
+    if positive is None:
+        if len(classes) == 2 and cmap is None:
+            return (classes[1],), classes[0]
+        choices = list(cmap.groups) if cmap is not None else list(classes)
+        raise ConfigError(
+            f"--positive is required: name the class or class-map group to detect ({', '.join(choices)})"
+        )
+    if cmap is not None and positive in cmap.groups:
+        others = [g for g in cmap.groups if g != positive]
+        return cmap.groups[positive], others[0] if len(others) == 1 else f"not {positive}"
+    if positive in classes:
+        others = [c for c in classes if c != positive]
+        return (positive,), others[0] if len(others) == 1 else f"not {positive}"
+    choices = [*(cmap.groups if cmap is not None else []), *classes]
+    raise ConfigError(
+        f"--positive {positive!r} is neither a model class nor a class-map group ({', '.join(choices)})"
+    )
+
+
+def _print_summary(
+    console: Console,
+    path: Path,
+    point: OperatingPoint,
+    figures: dict[str, Any],
+    temp: TemperatureFit,
+    temperature: float,
+    previous: float,
+    site: dict[str, Any],
+) -> None:
+    ci = figures["ci"]
+
+    def f(key: str) -> str:
+        v, iv = figures[key], ci[key]
+        return "n/a" if v is None else f"{v:.3f} [{iv[0]:.3f}, {iv[1]:.3f}]"
+
+    console.print(
+        f"Site sample: {site['n_used']} images used ({figures['n_positive']} {point.positive}, "
+        f"{figures['n_negative']} {point.negative}); removed {site['n_removed_copies']} copies of training "
+        f"images ({site['n_removed_exact']} exact, {site['n_removed_near']} near), {site['n_unreadable']} unreadable"
+    )
+    console.print(
+        f"Temperature {previous:.4g} -> {temperature:.4g}" + (f" ({temp.note})" if temp.note else "")
+    )
+    console.print(f"Operating point: {point.rule}")
+    console.print(
+        f"  on the site sample: sensitivity {f('sensitivity')}, specificity {f('specificity')} (95% exact CIs)"
+    )
+    if point.target is not None and ci["sensitivity"] and ci["sensitivity"][0] < point.target:
+        console.print(
+            f"  [yellow]note:[/] the interval's lower end {ci['sensitivity'][0]:.3f} is below the target "
+            f"{point.target:g}: a larger site sample would pin the sensitivity down"
+        )
+    console.print(f"[bold green]Bundle written[/] to {path}")
