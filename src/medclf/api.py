@@ -52,9 +52,11 @@ def audit(
     near_threshold: float | None = None,
     progress: bool = True,
     check_shift: bool = True,
+    check_shortcut: bool = True,
 ) -> AuditReport:
     """Audit a dataset: counts, unreadable files, exact/near duplicates, cross-split leakage, conflicts,
-    and (``check_shift``) whether val/test differ in distribution from train, class by class."""
+    (``check_shift``) whether val/test differ in distribution from train, class by class, and
+    (``check_shortcut``) how well acquisition cues alone predict each class (shortcut learning)."""
     samples = load_source(data, default_split="train")
     return _audit(
         samples,
@@ -62,6 +64,7 @@ def audit(
         near_threshold=near_threshold or NEAR_THRESHOLD,
         progress=progress,
         check_shift=check_shift,
+        check_shortcut=check_shortcut,
     )
 
 

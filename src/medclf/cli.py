@@ -41,12 +41,24 @@ def audit(
     shift: Annotated[
         bool, typer.Option(help="Check, class by class, whether val/test differ in distribution from train")
     ] = True,
+    shortcuts: Annotated[
+        bool,
+        typer.Option(
+            help="Check how well acquisition cues alone (size, format, scanner...) predict each class"
+        ),
+    ] = True,
 ) -> None:
-    """Counts, unreadable files, exact and near duplicates, leakage between splits, label conflicts, shift."""
+    """Counts, unreadable files, exact and near duplicates, leakage between splits, label conflicts, shift,
+    shortcuts."""
     from medclf.api import audit as run_audit
 
     report = run_audit(
-        data, workers=workers, near_threshold=near_threshold, progress=progress, check_shift=shift
+        data,
+        workers=workers,
+        near_threshold=near_threshold,
+        progress=progress,
+        check_shift=shift,
+        check_shortcut=shortcuts,
     )
     report.render(Console())
     report.write_json(out)
