@@ -153,6 +153,13 @@ def train(
         ),
     ] = "mean",
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+    shortcut_mitigation: Annotated[
+        str | None,
+        typer.Option(
+            help="auto (on when the shortcut check flags acquisition cues), on, off: randomise acquisition "
+            "cues in augmentation and balance sampling over class x acquisition group"
+        ),
+    ] = None,
 ) -> None:
     """Train a classifier and write a verified model bundle. With no options a planner decides.
 
@@ -184,6 +191,7 @@ def train(
         "compile": compile,
         "stream": stream,
         "memory_limit": memory_limit,
+        "shortcut_mitigation": shortcut_mitigation,
     }
     if include_train_copies:
         settings["include_train_copies"] = True

@@ -78,6 +78,10 @@ class Plan:
     # Batch mixing (see medclf.augment.MIX_METHODS) and its Beta(alpha, alpha); bundles made before it: none.
     mix: str = "none"
     mix_alpha: float = 0.0
+    # Shortcut mitigation (medclf.mitigation): "on"/"off", and the acquisition group keys training batches
+    # are balanced over within each class. Bundles made before it: off, none.
+    shortcut_mitigation: str = "off"
+    balance_by: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -38,6 +38,9 @@ from medclf.distributed import DistContext, epoch_seed, from_env, shard
 from medclf.errors import ConfigError, DataError, MedclfError
 from medclf.evaluation.calibration import apply_temperature, fit_temperature_from_probs, log_probs
 from medclf.evaluation.metrics import compute_metrics
+from medclf.mitigation import check_mode as check_mitigation_mode
+from medclf.mitigation import shortcut_step
+from medclf.model_card import model_card
 from medclf.ood import OOD_FILE, OODDetector, fit_detector, penultimate_features
 from medclf.planner import Fingerprint, Plan, choose_size_and_epochs, fingerprint, initial_plan
 
@@ -105,6 +108,8 @@ class TrainConfig:
     # Memory the run may fill with cached rows, e.g. "8G" (default: what the machine/cgroup has free).
     memory_limit: str | int | None = None
     compile: bool = False  # torch.compile the training forward pass
+    # Shortcut mitigation: auto (on when the shortcut check flags the training split), on, off.
+    shortcut_mitigation: str = "auto"
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:
@@ -139,6 +144,7 @@ class TrainConfig:
         if kw["amp"] not in AMP_CHOICES:
             raise ConfigError(f"--amp must be one of {', '.join(AMP_CHOICES)}, not {kw['amp']!r}")
         augment_mod.check_mix(kw["mix"] or "none", kw["mix_alpha"])  # fail before any data is read
+        check_mitigation_mode(kw["shortcut_mitigation"])
         return TrainConfig(**kw)
 
     def overrides(self) -> dict[str, Any]:
@@ -335,6 +341,12 @@ def _train_one(
     if len(present) < 2:
         raise DataError("the training split holds a single class: nothing to learn")
 
+    # Shortcut check on the training split (cues from the decoding pass); may switch the mitigation on.
+    shortcut_section, sample_weights = shortcut_step(
+        plan, samples, prepared.scan, train_idx, mode=cfg.shortcut_mitigation, decide=state is None,
+        seed=cfg.seed, workers=cfg.workers or 1, console=console if dist.is_main else Console(quiet=True),
+    )  # fmt: skip
+
     # Re-fit the epoch count to the time that is really left (decoding may have been faster or cached).
     if state is None and not cfg.epochs and plan.epoch_seconds:
         left = cfg.time_budget - (time.perf_counter() - t_start)
@@ -347,6 +359,7 @@ def _train_one(
     )
     loop.epoch_callback = epoch_callback
     loop.t_start = t_start
+    loop.sample_weights = None if sample_weights is None else torch.from_numpy(sample_weights)
     # What follows the last epoch must fit the budget too: features for the OOD guard, the temperature
     # and writing the bundle (inference runs ~3x faster than a training step).
     after_s = 5.0 + (min(len(train_idx), OOD_FIT_SAMPLES) + len(val_idx)) / (3.0 * (plan.throughput or 100.0))
@@ -412,6 +425,7 @@ def _train_one(
         "metrics": {"val": val_metrics},
         "history": history,
         "calibration": calibration.to_dict(),
+        "shortcuts": shortcut_section,
     }
     best = loop.best_model()
     detector = _fit_ood(best, prepared.tensors, train_idx, val_idx, samples.labels, cfg.seed, loop.eval_batch)
@@ -420,7 +434,7 @@ def _train_one(
         out,
         model=best,
         manifest=manifest,
-        extra_files={"train_hashes.json": json.dumps(train_hashes)},
+        extra_files={"train_hashes.json": json.dumps(train_hashes), "MODEL_CARD.md": model_card(manifest)},
         writers={OOD_FILE: detector.save},
     )
     if not cfg.keep_checkpoints:
@@ -625,6 +639,8 @@ class _Loop:
         self.epoch_callback: Callable[[dict[str, Any], nn.Module, Plan], dict[str, Any] | None] | None = None
         # (augmented batch, logits, cross-entropy) -> the loss to minimise; knowledge distillation sets it.
         self.loss_hook: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        # Per-training-sample sampling weights (shortcut mitigation: class x acquisition group balance).
+        self.sample_weights: torch.Tensor | None = None
         self.t_start = time.perf_counter()
 
     def _to_device(self, model: nn.Module) -> nn.Module:
@@ -668,7 +684,9 @@ class _Loop:
             self.gen.manual_seed(epoch_seed(self.cfg.seed, self.epoch, self.dist.rank))
             # Dropout draws from the global generator: per rank and epoch too (only rank 0's is checkpointed).
             torch.manual_seed(epoch_seed(self.cfg.seed, self.epoch, self.dist.rank, stream=1))
-        if self.streaming:  # neighbouring rows together: sequential-ish reads from the disk cache
+        if self.sample_weights is not None:
+            perm = torch.multinomial(self.sample_weights, n, replacement=True, generator=order_gen)
+        elif self.streaming:  # neighbouring rows together: sequential-ish reads from the disk cache
             perm = block_shuffled_order(n, order_gen)
         else:
             perm = torch.randperm(n, generator=order_gen)
