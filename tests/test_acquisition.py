@@ -150,3 +150,14 @@ def test_dicom_keyword_groups_are_hashed_and_group_keys_read_the_scanner(tmp_pat
     assert stations == sample_groups(samples, "station")  # the group key and the keyword agree
     assert set(sample_groups(samples, "manufacturer")) == {header_cues(samples.refs[0])["manufacturer"]}
     assert sample_groups(samples, "kvp") == ["120"] * 4 and sample_groups(samples, "modality") == ["MR"] * 4
+
+
+def test_tiff_cues_report_size_and_bits(tmp_path):
+    import tifffile
+
+    p = tmp_path / "a.tif"
+    tifffile.imwrite(p, np.zeros((20, 30), dtype=np.uint16))
+    cues = header_cues(str(p))
+    assert (
+        cues["format"] == "tiff" and (cues["width"], cues["height"]) == (30, 20) and cues["bit_depth"] == 16
+    )
