@@ -314,6 +314,10 @@ class RandomResolution(BatchTransform):
         }
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        with _one_thread():  # small per-sample tensor work: threads only add overhead
+            return self._apply(x, params)
+
+    def _apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         idx = torch.nonzero(params["active"]).flatten().tolist()
         if not idx:
             return x
@@ -348,6 +352,10 @@ class RandomJpeg(BatchTransform):
         }
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        with _one_thread():  # small per-sample tensor work: threads only add overhead
+            return self._apply(x, params)
+
+    def _apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         idx = torch.nonzero(params["active"]).flatten().tolist()
         if not idx or x.ndim != 4:
             return x
@@ -390,6 +398,10 @@ class RandomPadding(BatchTransform):
         }
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        with _one_thread():  # small per-sample tensor work: threads only add overhead
+            return self._apply(x, params)
+
+    def _apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         idx = torch.nonzero(params["active"]).flatten().tolist()
         if not idx:
             return x
@@ -433,26 +445,29 @@ class RandomHistogram(BatchTransform):
         }
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        idx = torch.nonzero(params["active"]).flatten().tolist()
-        if not idx:
+        with _one_thread():  # small per-sample tensor work: threads only add overhead
+            return self._apply(x, params)
+
+    def _apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        active = params["active"]
+        if not active.any():
             return x
         out = x.clone()
+        # Batched over the active samples: flattened pixels (n, N), one curve and one histogram per row.
+        xi = x[active].float().clamp(0.0, 1.0).flatten(1)
         k = self.knots
-        xs = torch.linspace(0.0, 1.0, k + 1)
-        for i in idx:
-            xi = x[i].float().clamp(0.0, 1.0)
-            ys = torch.cat([torch.zeros(1), torch.cumsum(params["steps"][i], 0)])
-            seg = (xi * k).floor().clamp(max=k - 1).long()
-            frac = (xi - xs[seg]) * k
-            y = ys[seg] + frac * (ys[seg + 1] - ys[seg])
-            alpha = float(params["equalise"][i])
-            if alpha > 0:
-                bins = 256
-                hist = torch.histc(xi, bins=bins, min=0.0, max=1.0)
-                cdf = torch.cumsum(hist, 0) / hist.sum().clamp_min(1.0)
-                eq = cdf[(xi * (bins - 1)).round().long()]
-                y = (1 - alpha) * y + alpha * eq
-            out[i] = y.clamp(0.0, 1.0).to(x.dtype)
+        ys = torch.cat([torch.zeros(len(xi), 1), torch.cumsum(params["steps"][active], 1)], dim=1)
+        seg = (xi * k).floor().clamp(max=k - 1).long()
+        frac = xi * k - seg
+        lo, hi = ys.gather(1, seg), ys.gather(1, seg + 1)
+        y = lo + frac * (hi - lo)
+        alpha = params["equalise"][active].float()[:, None]
+        bins = 256
+        level = (xi * (bins - 1)).round().long()
+        hist = torch.zeros(len(xi), bins).scatter_add_(1, level, torch.ones_like(xi))
+        cdf = torch.cumsum(hist, 1) / xi.shape[1]
+        y = (1 - alpha) * y + alpha * cdf.gather(1, level)
+        out[active] = y.clamp(0.0, 1.0).reshape(-1, *x.shape[1:]).to(x.dtype)
         return out
 
 
