@@ -133,3 +133,31 @@ def test_npz_samples_take_cues_from_their_arrays():
     assert sample_groups(samples, "size") == ["28x28"] * 5
     assert sample_groups(samples, "bit_depth") == ["8"] * 3 + ["16"] * 2
     assert sample_groups(samples, "mode") == ["grey"] * 3 + ["rgb"] * 2
+
+
+def test_dicom_keyword_groups_are_hashed_and_group_keys_read_the_scanner(tmp_path):
+    from tests.hostile_corpus import _dicom_bytes, _dicom_dataset
+
+    for cls, station in (("a", "NORTH"), ("b", "SOUTH")):
+        (tmp_path / cls).mkdir()
+        for i in range(2):
+            ds = _dicom_dataset(rows=16, cols=16, identity=False)
+            ds.StationName, ds.Manufacturer, ds.KVP = station, "ACME", 120
+            (tmp_path / cls / f"{i}.dcm").write_bytes(_dicom_bytes(ds))
+    samples = load_source(tmp_path)
+    stations = sample_groups(samples, "StationName")
+    assert len(set(stations)) == 2 and "NORTH" not in stations and UNKNOWN not in stations
+    assert stations == sample_groups(samples, "station")  # the group key and the keyword agree
+    assert set(sample_groups(samples, "manufacturer")) == {header_cues(samples.refs[0])["manufacturer"]}
+    assert sample_groups(samples, "kvp") == ["120"] * 4 and sample_groups(samples, "modality") == ["MR"] * 4
+
+
+def test_tiff_cues_report_size_and_bits(tmp_path):
+    import tifffile
+
+    p = tmp_path / "a.tif"
+    tifffile.imwrite(p, np.zeros((20, 30), dtype=np.uint16))
+    cues = header_cues(str(p))
+    assert (
+        cues["format"] == "tiff" and (cues["width"], cues["height"]) == (30, 20) and cues["bit_depth"] == 16
+    )

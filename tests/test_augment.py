@@ -141,3 +141,74 @@ def test_mix_settings_are_checked():
         check_mix("mixmax")
     with pytest.raises(ConfigError, match="positive"):
         check_mix("mixup", 0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Acquisition-cue randomisation (the shortcut mitigation's "decue" preset)
+
+
+def test_decue_transforms_are_reproducible_from_their_parameters():
+    x = torch.rand(6, 1, 32, 32)
+    aug = build_augmentation("mri+decue")
+    names = [type(t).__name__ for t in aug.transforms]
+    assert {"RandomResolution", "RandomJpeg", "RandomPadding", "RandomHistogram"} <= set(names)
+    assert names.index("RandomFlip") < names.index("RandomPadding")  # the base preset first
+    y, record = aug.with_params(x, torch.Generator().manual_seed(1))
+    assert torch.allclose(aug.replay(x, record), y)
+    with pytest.raises(ConfigError, match="unknown augmentation preset 'nope'"):
+        build_augmentation("light+nope")
+
+
+def test_resolution_loss_blurs_and_identity_factor_keeps_the_image():
+    from medclf.augment import RandomResolution
+
+    x = (torch.arange(32).float().remainder(2)).expand(1, 1, 32, 32).clone()  # finest stripes
+    t = RandomResolution()
+    blurred = t.apply(x, {"active": torch.tensor([True]), "factor": torch.tensor([4.0])})
+    assert blurred.std() < 0.1 * x.std()
+    same = t.apply(x, {"active": torch.tensor([True]), "factor": torch.tensor([1.0])})
+    assert torch.allclose(same, x, atol=1e-5)
+
+
+def test_jpeg_recompression_quality_orders_the_error():
+    from medclf.augment import RandomJpeg
+
+    x = torch.rand(1, 1, 32, 32)
+    t = RandomJpeg()
+    err = {
+        q: (t.apply(x, {"active": torch.tensor([True]), "quality": torch.tensor([q])}) - x).abs().mean()
+        for q in (10, 95)
+    }
+    assert err[95] < err[10]
+    vol = torch.rand(1, 1, 4, 8, 8)
+    assert torch.equal(t.apply(vol, {"active": torch.tensor([True]), "quality": torch.tensor([10])}), vol)
+
+
+def test_random_padding_adds_constant_margins():
+    from medclf.augment import RandomPadding
+
+    x = torch.ones(1, 1, 40, 40)
+    margins = torch.tensor([[[0.1, 0.0], [0.0, 0.25]]])  # 4 rows on top, 10 columns on the right
+    y = RandomPadding().apply(
+        x, {"active": torch.tensor([True]), "margins": margins, "fill": torch.tensor([0.05])}
+    )
+    assert torch.allclose(y[0, 0, :4], torch.tensor(0.05)) and torch.allclose(
+        y[0, 0, :, 30:], torch.tensor(0.05)
+    )
+    assert torch.allclose(y[0, 0, 4:, :30], torch.tensor(1.0))
+
+
+def test_histogram_curve_is_monotone_and_keeps_the_range():
+    from medclf.augment import RandomHistogram
+
+    x = torch.linspace(0, 1, 256).reshape(1, 1, 16, 16)
+    t = RandomHistogram()
+    steps = torch.tensor([[0.7, 0.1, 0.1, 0.1]])
+    y = t.apply(x, {"active": torch.tensor([True]), "steps": steps, "equalise": torch.tensor([0.3])})
+    flat = y.flatten()
+    assert (flat[1:] >= flat[:-1] - 1e-6).all()
+    assert flat[0] == pytest.approx(0.0, abs=1e-2) and flat[-1] == pytest.approx(1.0, abs=1e-3)
+    # Even steps and no equalisation: the identity.
+    even = torch.full((1, 4), 0.25)
+    same = t.apply(x, {"active": torch.tensor([True]), "steps": even, "equalise": torch.tensor([0.0])})
+    assert torch.allclose(same, x, atol=1e-5)

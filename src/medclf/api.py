@@ -56,9 +56,11 @@ def audit(
     near_threshold: float | None = None,
     progress: bool = True,
     check_shift: bool = True,
+    check_shortcut: bool = True,
 ) -> AuditReport:
     """Audit a dataset: counts, unreadable files, exact/near duplicates, cross-split leakage, conflicts,
-    and (``check_shift``) whether val/test differ in distribution from train, class by class.
+    (``check_shift``) whether val/test differ in distribution from train, class by class, and
+    (``check_shortcut``) how well acquisition cues alone predict each class (shortcut learning).
     ``workers``: decoding processes (default: the CPUs available, see :mod:`medclf.threads`)."""
     from medclf import threads
 
@@ -69,6 +71,7 @@ def audit(
         near_threshold=near_threshold or NEAR_THRESHOLD,
         progress=progress,
         check_shift=check_shift,
+        check_shortcut=check_shortcut,
     )
 
 

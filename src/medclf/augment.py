@@ -290,6 +290,199 @@ class RandomGhosting(BatchTransform):
         return out
 
 
+# Transforms that make acquisition cues uninformative (``medclf train --shortcut-mitigation``): when one
+# source supplied most images of a class, its resolution, compression, padding and contrast style separate
+# the classes without any anatomy. Randomising exactly those properties during training takes the shortcut
+# away (the idea of "acquisition augmentation" against site confounds: e.g. Zech et al. 2018, PLOS Med.
+# 15:e1002683, on how CNNs detect the hospital; Ilse et al. / Glocker et al. on scanner effects).
+
+
+@dataclass
+class RandomResolution(BatchTransform):
+    """Resolution loss: shrink (anti-aliased) by a factor in ``factor`` and enlarge back, so that images
+    from low-resolution sources are not the only blurry ones."""
+
+    factor: tuple[float, float] = (1.0, 4.0)
+    p: float = 0.5
+
+    def sample(self, x: torch.Tensor, gen: torch.Generator) -> Params:
+        n = x.shape[0]
+        lf = (math.log(self.factor[0]), math.log(self.factor[1]))
+        return {
+            "active": torch.rand(n, generator=gen) < self.p,
+            "factor": torch.exp(_uniform(n, *lf, gen)),
+        }
+
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        with _one_thread():  # small per-sample tensor work: threads only add overhead
+            return self._apply(x, params)
+
+    def _apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        idx = torch.nonzero(params["active"]).flatten().tolist()
+        if not idx:
+            return x
+        out = x.clone()
+        spatial = tuple(x.shape[2:])
+        mode = "bilinear" if len(spatial) == 2 else "trilinear"
+        for i in idx:
+            small = tuple(max(4, round(s / float(params["factor"][i]))) for s in spatial)
+            xi = x[i : i + 1].float()
+            if len(spatial) == 2:
+                y = F.interpolate(xi, size=small, mode=mode, antialias=True, align_corners=False)
+            else:
+                y = F.adaptive_avg_pool3d(xi, small)
+            y = F.interpolate(y, size=spatial, mode=mode, align_corners=False)
+            out[i] = y[0].clamp(0.0, 1.0).to(x.dtype)
+        return out
+
+
+@dataclass
+class RandomJpeg(BatchTransform):
+    """JPEG re-compression at a random quality in ``quality`` (Pillow, 8 bits): blocking and ringing of
+    strongly compressed sources stop being a class cue. 2D only (volumes pass unchanged)."""
+
+    quality: tuple[int, int] = (25, 95)
+    p: float = 0.3
+
+    def sample(self, x: torch.Tensor, gen: torch.Generator) -> Params:
+        n = x.shape[0]
+        return {
+            "active": torch.rand(n, generator=gen) < self.p,
+            "quality": torch.randint(self.quality[0], self.quality[1] + 1, (n,), generator=gen),
+        }
+
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        with _one_thread():  # small per-sample tensor work: threads only add overhead
+            return self._apply(x, params)
+
+    def _apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        idx = torch.nonzero(params["active"]).flatten().tolist()
+        if not idx or x.ndim != 4:
+            return x
+        import io
+
+        import numpy as np
+        from PIL import Image as PILImage
+
+        out = x.clone()
+        for i in idx:
+            q = int(params["quality"][i])
+            channels = []
+            for c in range(x.shape[1]):
+                arr = (x[i, c].float().clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8).numpy()
+                buf = io.BytesIO()
+                PILImage.fromarray(arr).save(buf, format="JPEG", quality=q)
+                buf.seek(0)
+                with PILImage.open(buf) as im:
+                    channels.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0))
+            out[i] = torch.stack(channels).to(x.dtype)
+        return out
+
+
+@dataclass
+class RandomPadding(BatchTransform):
+    """Random letterboxing: the image shrinks into a box with a random margin on each side (up to
+    ``max_fraction`` of the size) filled with a random dark value, so padding and framing vary within
+    every class instead of between sources."""
+
+    max_fraction: float = 0.15
+    max_fill: float = 0.1
+    p: float = 0.3
+
+    def sample(self, x: torch.Tensor, gen: torch.Generator) -> Params:
+        n, nd = x.shape[0], x.ndim - 2
+        return {
+            "active": torch.rand(n, generator=gen) < self.p,
+            "margins": torch.rand(n, nd, 2, generator=gen) * self.max_fraction,
+            "fill": torch.rand(n, generator=gen) * self.max_fill,
+        }
+
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        with _one_thread():  # small per-sample tensor work: threads only add overhead
+            return self._apply(x, params)
+
+    def _apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        idx = torch.nonzero(params["active"]).flatten().tolist()
+        if not idx:
+            return x
+        out = x.clone()
+        spatial = tuple(x.shape[2:])
+        mode = "bilinear" if len(spatial) == 2 else "trilinear"
+        for i in idx:
+            m = params["margins"][i]
+            before = [round(float(m[a, 0]) * s) for a, s in enumerate(spatial)]
+            after = [round(float(m[a, 1]) * s) for a, s in enumerate(spatial)]
+            inner = [s - b - e for s, b, e in zip(spatial, before, after, strict=True)]
+            if min(inner) < 4:
+                continue
+            y = F.interpolate(x[i : i + 1].float(), size=tuple(inner), mode=mode, align_corners=False)
+            canvas = torch.full((1, x.shape[1], *spatial), float(params["fill"][i]))
+            box = tuple(slice(b, b + s) for b, s in zip(before, inner, strict=True))
+            canvas[(slice(None), slice(None), *box)] = y
+            out[i] = canvas[0].clamp(0.0, 1.0).to(x.dtype)
+        return out
+
+
+@dataclass
+class RandomHistogram(BatchTransform):
+    """Histogram and contrast randomisation: a random monotone piecewise-linear intensity curve
+    (``knots`` segments; each segment's share of the output range drawn uniformly, then normalised),
+    blended with the image's own histogram equalisation by a random strength in [0, ``max_equalise``].
+    Different sources' contrast styles (windowing, gamma, equalisation) then overlap."""
+
+    knots: int = 4
+    max_equalise: float = 0.5
+    p: float = 0.5
+
+    def sample(self, x: torch.Tensor, gen: torch.Generator) -> Params:
+        n = x.shape[0]
+        active = torch.rand(n, generator=gen) < self.p
+        steps = 0.3 + torch.rand(n, self.knots, generator=gen)
+        return {
+            "active": active,
+            "steps": steps / steps.sum(dim=1, keepdim=True),
+            "equalise": torch.rand(n, generator=gen) * self.max_equalise,
+        }
+
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        with _one_thread():  # small per-sample tensor work: threads only add overhead
+            return self._apply(x, params)
+
+    def _apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        active = params["active"]
+        if not active.any():
+            return x
+        out = x.clone()
+        # Batched over the active samples: flattened pixels (n, N), one curve and one histogram per row.
+        xi = x[active].float().clamp(0.0, 1.0).flatten(1)
+        k = self.knots
+        ys = torch.cat([torch.zeros(len(xi), 1), torch.cumsum(params["steps"][active], 1)], dim=1)
+        seg = (xi * k).floor().clamp(max=k - 1).long()
+        frac = xi * k - seg
+        lo, hi = ys.gather(1, seg), ys.gather(1, seg + 1)
+        y = lo + frac * (hi - lo)
+        alpha = params["equalise"][active].float()[:, None]
+        bins = 256
+        level = (xi * (bins - 1)).round().long()
+        hist = torch.zeros(len(xi), bins).scatter_add_(1, level, torch.ones_like(xi))
+        cdf = torch.cumsum(hist, 1) / xi.shape[1]
+        y = (1 - alpha) * y + alpha * cdf.gather(1, level)
+        out[active] = y.clamp(0.0, 1.0).reshape(-1, *x.shape[1:]).to(x.dtype)
+        return out
+
+
+def decue_transforms(spatial_dims: int) -> list[BatchTransform]:
+    """The transforms of the ``decue`` preset (appended to the planned preset by the shortcut mitigation)."""
+    steps: list[BatchTransform] = [
+        RandomPadding(),
+        RandomResolution(),
+        RandomHistogram(),
+    ]
+    if spatial_dims == 2:
+        steps.append(RandomJpeg())
+    return steps
+
+
 @dataclass
 class Compose(BatchTransform):
     transforms: list[BatchTransform] = field(default_factory=list)
@@ -334,11 +527,15 @@ def list_presets() -> dict[str, str]:
 
 
 def build_augmentation(name: str, spatial_dims: int = 2) -> Compose:
-    if name not in _PRESETS:
+    """The preset ``name``; presets joined with ``+`` (``mri+decue``) run one after the other."""
+    parts = name.split("+")
+    unknown = [p for p in parts if p not in _PRESETS]
+    if unknown:
         raise ConfigError(
-            f"unknown augmentation preset {name!r}; choose one of {', '.join(sorted(_PRESETS))}"
+            f"unknown augmentation preset {unknown[0]!r}; choose one of {', '.join(sorted(_PRESETS))} "
+            "(or several joined with +)"
         )
-    return _PRESETS[name][0](spatial_dims)
+    return Compose([t for p in parts for t in _PRESETS[p][0](spatial_dims).transforms])
 
 
 @register_preset("none", "no augmentation")
@@ -429,6 +626,15 @@ def _strong(spatial_dims: int) -> Compose:
     return Compose(steps)
 
 
+@register_preset(
+    "decue",
+    "acquisition-cue randomisation against shortcuts: random padding, resolution loss, histogram/contrast "
+    "curves, JPEG re-compression (2D)",
+)
+def _decue(spatial_dims: int) -> Compose:
+    return Compose(decue_transforms(spatial_dims))
+
+
 # Which preset suits which modality (DICOM Modality codes); the planner uses it when the data says.
 MODALITY_PRESETS = {"MR": "mri", "CR": "xray", "DX": "xray", "RG": "xray", "MG": "xray"}
 
@@ -452,7 +658,7 @@ def describe(name: str) -> dict[str, Any]:
     comp = build_augmentation(name)
     return {
         "preset": name,
-        "description": _PRESETS[name][1],
+        "description": "; then ".join(_PRESETS[p][1] for p in name.split("+")),
         "transforms": [repr(t) for t in comp.transforms],
     }
 

@@ -72,13 +72,25 @@ def audit(
         bool, typer.Option(help="Check, class by class, whether val/test differ in distribution from train")
     ] = True,
     threads: Annotated[int | None, typer.Option("--threads", help=_THREADS_HELP)] = None,
+    shortcuts: Annotated[
+        bool,
+        typer.Option(
+            help="Check how well acquisition cues alone (size, format, scanner...) predict each class"
+        ),
+    ] = True,
 ) -> None:
-    """Counts, unreadable files, exact and near duplicates, leakage between splits, label conflicts, shift."""
+    """Counts, unreadable files, exact and near duplicates, leakage between splits, label conflicts, shift,
+    shortcuts."""
     from medclf.api import audit as run_audit
 
     _apply_threads(threads)
     report = run_audit(
-        data, workers=workers, near_threshold=near_threshold, progress=progress, check_shift=shift
+        data,
+        workers=workers,
+        near_threshold=near_threshold,
+        progress=progress,
+        check_shift=shift,
+        check_shortcut=shortcuts,
     )
     report.render(Console())
     report.write_json(out)
@@ -183,6 +195,13 @@ def train(
             "still written",
         ),
     ] = False,
+    shortcut_mitigation: Annotated[
+        str | None,
+        typer.Option(
+            help="auto (on when the shortcut check flags acquisition cues), on, off: randomise acquisition "
+            "cues in augmentation and balance sampling over class x acquisition group"
+        ),
+    ] = None,
 ) -> None:
     """Train a classifier and write a verified model bundle. With no options a planner decides.
 
@@ -216,6 +235,7 @@ def train(
         "stream": stream,
         "memory_limit": memory_limit,
         "threads": threads,
+        "shortcut_mitigation": shortcut_mitigation,
     }
     if include_train_copies:
         settings["include_train_copies"] = True

@@ -88,6 +88,10 @@ class Plan:
     mix_alpha: float = 0.0
     # PyTorch intra-op threads the run started with (medclf.threads); None in bundles made before it.
     threads: int | None = None
+    # Shortcut mitigation (medclf.mitigation): "on"/"off", and the acquisition group keys training batches
+    # are balanced over within each class. Bundles made before it: off, none.
+    shortcut_mitigation: str = "off"
+    balance_by: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

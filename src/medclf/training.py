@@ -41,6 +41,9 @@ from medclf.distributed import DistContext, epoch_seed, from_env, shard
 from medclf.errors import ConfigError, DataError, MedclfError
 from medclf.evaluation.calibration import apply_temperature, fit_temperature_from_probs, log_probs
 from medclf.evaluation.metrics import compute_metrics
+from medclf.mitigation import check_mode as check_mitigation_mode
+from medclf.mitigation import shortcut_step
+from medclf.model_card import model_card
 from medclf.ood import OOD_FILE, OODDetector, fit_detector, input_statistics, penultimate_features
 from medclf.planner import (
     PLANNING_MIN_S,
@@ -103,6 +106,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training forward pass
     # PyTorch intra-op threads (None: the CPUs really available, see medclf.threads).
     threads: int | None = None
+    # Shortcut mitigation: auto (on when the shortcut check flags the training split), on, off.
+    shortcut_mitigation: str = "auto"
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:
@@ -139,6 +144,7 @@ class TrainConfig:
         augment_mod.check_mix(kw["mix"] or "none", kw["mix_alpha"])  # fail before any data is read
         if kw["threads"] is not None and int(kw["threads"]) < 1:
             raise ConfigError(f"--threads must be at least 1, not {kw['threads']}")
+        check_mitigation_mode(kw["shortcut_mitigation"])
         return TrainConfig(**kw)
 
     def overrides(self) -> dict[str, Any]:
@@ -337,6 +343,12 @@ def _train_one(
     if len(present) < 2:
         raise DataError("the training split holds a single class: nothing to learn")
 
+    # Shortcut check on the training split (cues from the decoding pass); may switch the mitigation on.
+    shortcut_section, sample_weights = shortcut_step(
+        plan, samples, prepared.scan, train_idx, mode=cfg.shortcut_mitigation, decide=state is None,
+        seed=cfg.seed, workers=cfg.workers or 1, console=console if dist.is_main else Console(quiet=True),
+    )  # fmt: skip
+
     # What follows the last epoch must fit the budget too: features for the OOD guard, the temperature,
     # the sanity gate's baseline and writing the bundle (inference runs ~3x faster than a training step).
     budget.reserve(
@@ -367,6 +379,7 @@ def _train_one(
     )
     loop.epoch_callback = epoch_callback
     loop.t_start = t_start
+    loop.sample_weights = None if sample_weights is None else torch.from_numpy(sample_weights)
     if clock_driven and policy.source == "measured":
         loop.load_monitor = threads_mod.LoadMonitor()
     history, best_epoch, val_probs = loop.run(state, budget.work_deadline() if clock_driven else None)
@@ -438,6 +451,7 @@ def _train_one(
         "history": history,
         "calibration": calibration.to_dict(),
         "sanity": verdict,
+        "shortcuts": shortcut_section,
     }
     best = loop.best_model()
     detector = _fit_ood(best, prepared.tensors, train_idx, val_idx, samples.labels, cfg.seed, loop.eval_batch)
@@ -448,6 +462,7 @@ def _train_one(
         manifest=manifest,
         extra_files={
             "train_hashes.json": json.dumps(train_hashes),
+            "MODEL_CARD.md": model_card(manifest),
             # Near copies of training images, recognisable by external evaluation without the data.
             TRAIN_SIGNATURES: pack_signatures(
                 aligned_signatures(train_hashes, prepared.hashes, prepared.scan.signatures, train_idx)
@@ -802,6 +817,8 @@ class _Loop:
         self.epoch_callback: Callable[[dict[str, Any], nn.Module, Plan], dict[str, Any] | None] | None = None
         # (augmented batch, logits, cross-entropy) -> the loss to minimise; knowledge distillation sets it.
         self.loss_hook: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        # Per-training-sample sampling weights (shortcut mitigation: class x acquisition group balance).
+        self.sample_weights: torch.Tensor | None = None
         self.t_start = self.clock()
 
     def _to_device(self, model: nn.Module) -> nn.Module:
@@ -845,7 +862,9 @@ class _Loop:
             self.gen.manual_seed(epoch_seed(self.cfg.seed, self.epoch, self.dist.rank))
             # Dropout draws from the global generator: per rank and epoch too (only rank 0's is checkpointed).
             torch.manual_seed(epoch_seed(self.cfg.seed, self.epoch, self.dist.rank, stream=1))
-        if self.streaming:  # neighbouring rows together: sequential-ish reads from the disk cache
+        if self.sample_weights is not None:
+            perm = torch.multinomial(self.sample_weights, n, replacement=True, generator=order_gen)
+        elif self.streaming:  # neighbouring rows together: sequential-ish reads from the disk cache
             perm = block_shuffled_order(n, order_gen)
         else:
             perm = torch.randperm(n, generator=order_gen)

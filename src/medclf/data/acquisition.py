@@ -147,12 +147,10 @@ def _raster_cues(path: Path, fmt: str) -> dict[str, Any]:
             if len(ihdr) >= 25:
                 bits = int(ihdr[24])  # IHDR bit depth: Pillow reports 16-bit RGB as 8-bit "RGB"
         elif fmt == "tiff":
+            # Pages are not counted: that walks every directory, which a hostile file makes endless.
             tag = getattr(im, "tag_v2", {}).get(258)
             if tag:
                 bits = int(max(tag) if isinstance(tag, tuple) else tag)
-            pages = int(getattr(im, "n_frames", 1) or 1)
-            if pages > 1:
-                cues["depth"] = pages
         cues["bit_depth"] = bits
         if fmt == "jpeg":
             tables = getattr(im, "quantization", None) or {}

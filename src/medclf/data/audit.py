@@ -33,8 +33,10 @@ from rich.table import Table
 from scipy import sparse
 from scipy.sparse.csgraph import connected_components
 
+from medclf.data.acquisition import header_cues, image_cues_of
 from medclf.data.samples import SPLITS, SampleSet
 from medclf.data.shift import MIN_PER_SIDE, WARN_AUC, layout_features, split_shift
+from medclf.data.shortcuts import check_shortcuts, pixel_cues
 from medclf.errors import InputRejected
 from medclf.io import Image
 
@@ -157,6 +159,9 @@ class ScanResult:
     stats: np.ndarray
     extra: list[Any] | None = None
     seconds: float = 0.0
+    # Acquisition cues per sample (header facts + border/histogram, see medclf.data.shortcuts); {} for
+    # failed samples; None when loaded from a cache written before cues were recorded.
+    cues: list[dict[str, Any]] | None = None
 
     def __len__(self) -> int:
         return len(self.ok)
@@ -181,6 +186,7 @@ class _Record:
     format: str | None = None
     mode: str | None = None
     stats: np.ndarray | None = None
+    cues: dict[str, Any] | None = None
     extra: Any = None
 
 
@@ -237,6 +243,7 @@ def _scan_one(i: int) -> _Record:
         rec.stats = _intensity_stats(image.pixels)
         rec.shape, rec.channels = image.spatial_shape, image.channels
         rec.format, rec.mode = image.format, _image_mode(image)
+        rec.cues = _cues(samples, i, image)
     except Exception as exc:
         rec.reason, rec.message = "scan_error", f"{samples.display_ref(i)}: {type(exc).__name__}: {exc}"
         return rec
@@ -253,6 +260,17 @@ def _scan_one(i: int) -> _Record:
             return rec
     rec.ok = True
     return rec
+
+
+def _cues(samples: SampleSet, i: int, image: Image) -> dict[str, Any]:
+    """Acquisition cues of sample ``i``: its file header (an array's layout for ``.npz``) and pixel cues."""
+    if samples.arrays:
+        split = samples.refs[i].split("/")[0]
+        cues = image_cues_of(image, samples.arrays[split].dtype)
+    else:
+        cues = header_cues(samples.refs[i])
+    cues.update(pixel_cues(image.pixels))
+    return cues
 
 
 @contextmanager
@@ -340,6 +358,7 @@ def scan(
         stats=stats,
         extra=[r.extra for r in recs] if extra is not None and sink is None else None,
         seconds=time.perf_counter() - t0,
+        cues=[r.cues or {} for r in recs],
     )
 
 
@@ -637,6 +656,7 @@ class AuditReport:
             + "   [bold]modes[/] "
             + escape(_fmt_counts(d["modes"]))
         )
+        _render_shortcuts(console, d.get("shortcuts"))
         console.print(f"[dim]scanned {d['n_samples']} samples in {d['scan_seconds']:.1f} s[/]")
         if d["warnings"]:
             console.print("[bold yellow]Warnings[/]")
@@ -646,6 +666,36 @@ class AuditReport:
                 console.print(f"  ... and {len(d['warnings']) - max_warnings} more (see the JSON report)")
         else:
             console.print("[green]No warnings.[/]")
+
+
+def _render_shortcuts(console: Console, sc: dict[str, Any] | None) -> None:
+    """The shortcut check as a table: per class, the cue-only AUC and the cues that carry it."""
+    if not sc or not sc.get("checked") or not sc.get("per_class"):
+        return
+    from medclf.data.shortcuts import cue_words
+
+    t = Table(
+        title=f"Shortcut check — can acquisition cues alone predict the class? (flag: AUC >= "
+        f"{sc['threshold']}, lower bound >= {sc.get('lower_bound', '-')})",
+        title_justify="left",
+    )
+    t.add_column("class")
+    t.add_column("cue-only AUC (95% CI)", justify="right")
+    t.add_column("intensity style AUC", justify="right")
+    t.add_column("cues")
+    for cls, c in sc["per_class"].items():
+        if c["auc"] is None:
+            t.add_row(escape(cls), "-", "-", f"too few samples ({c['n']})")
+            continue
+        ci = c.get("ci") or [float("nan"), float("nan")]
+        mark = "[bold red]" if c["flagged"] else ""
+        t.add_row(
+            escape(cls),
+            f"{mark}{c['auc']:.2f} ({ci[0]:.2f}-{ci[1]:.2f})",
+            "-" if c.get("style_auc") is None else f"{c['style_auc']:.2f}",
+            escape(", ".join(f"{cue_words(k)} {c['cue_aucs'][k]:.2f}" for k in c["cues"][:3]) or "-"),
+        )
+    console.print(t)
 
 
 def _n(count: int, word: str, plural: str | None = None) -> str:
@@ -681,13 +731,15 @@ def audit(
     workers: int = 2,
     progress: bool = True,
     check_shift: bool = True,
+    check_shortcut: bool = True,
 ) -> AuditReport:
     """Audit ``samples`` (scanning them unless ``scan_result`` from :func:`scan` is given).
 
     Warnings come most serious first: leakage into val/test, label conflicts, unusable files, patient
     leakage, then duplicates within splits, distribution shift between splits, balance and heterogeneity.
     ``check_shift``: also ask whether each val/test class can be told apart from the same class in train
-    (:mod:`medclf.data.shift`; a few seconds per class on large sets).
+    (:mod:`medclf.data.shift`; a few seconds per class on large sets). ``check_shortcut``: also ask how
+    well acquisition cues alone predict each class (:mod:`medclf.data.shortcuts`).
     """
     sr = scan_result if scan_result is not None else scan(samples, workers=workers, progress=progress)
     if len(sr) != len(samples):
@@ -826,6 +878,7 @@ def audit(
         )
 
     shift = _split_shift_summary(samples, sr, copies, warn, progress) if check_shift else None
+    shortcuts = _shortcut_summary(samples, sr, copies, warn) if check_shortcut else None
 
     dec = np.flatnonzero(sr.decoded)
     sizes = _size_summary([shape for i in dec if (shape := sr.shapes[i]) is not None], warn)
@@ -873,6 +926,7 @@ def audit(
         "constant_images": n_constant,
         "intensity": intensity,
         "split_shift": shift,
+        "shortcuts": shortcuts,
         "scan_seconds": round(sr.seconds, 3),
         "warnings": [text for _, text in sorted(warn, key=lambda w: w[0])],
     }
@@ -907,6 +961,20 @@ def _split_shift_summary(
                 )
             )
     return {"warn_auc": WARN_AUC, "min_per_side": MIN_PER_SIDE, "results": [r.to_dict() for r in found]}
+
+
+def _shortcut_summary(
+    samples: SampleSet, sr: ScanResult, copies: np.ndarray, warn: list[tuple[int, str]]
+) -> dict[str, Any] | None:
+    """The shortcut check on every usable labelled sample (copies of training images left out: a copy
+    adds no new acquisition)."""
+    if sr.cues is None:
+        return None
+    usable = np.flatnonzero(sr.decoded & ~copies)
+    report = check_shortcuts(samples, sr.cues, indices=usable)
+    for text in report.warnings():
+        warn.append((1, text))
+    return report.to_manifest()
 
 
 def _patient_summary(samples: SampleSet) -> dict[str, Any]:

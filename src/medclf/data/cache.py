@@ -248,6 +248,7 @@ def _store(folder: Path, tmp: Path, result: ScanResult, samples: SampleSet, spec
         "shapes": [list(s) if s is not None else None for s in result.shapes],
         "seconds": result.seconds,
         **{f: getattr(result, f) for f in _LIST_FIELDS},
+        "cues": result.cues,
     }
     (tmp / "meta.json").write_text(json.dumps(meta))
     if folder.exists():
@@ -275,5 +276,6 @@ def _load(folder: Path, n: int) -> tuple[np.ndarray, ScanResult] | None:
         stats=stats,
         seconds=0.0,
         **{f: meta[f] for f in _LIST_FIELDS},
+        cues=meta.get("cues"),  # absent in caches written before the shortcut check
     )
     return tensors, result

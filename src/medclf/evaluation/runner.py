@@ -645,6 +645,11 @@ def _report_sections(b: Bundle, errors: list[dict[str, str]], data: str | Path, 
             }
             for j, m in enumerate(fusion.get("members", []))
         ]
+    if "shortcuts" in b.manifest:
+        from medclf.model_card import shortcut_lines
+
+        lines = shortcut_lines(b.manifest["shortcuts"])
+        sections["Shortcut check (training data)"] = [x.removeprefix("- ").replace("**", "") for x in lines]
     calibration = b.manifest.get("calibration", {})
     sections["Calibration (temperature scaling)"] = {
         k: v for k, v in calibration.items() if k in ("temperature", "n", "ece_before", "ece_after", "note")
