@@ -626,6 +626,7 @@ def test_serve_and_dicom_node_show_the_decision(recalibrated, sim_data, tmp_path
     ds = dcmread(get_testdata_file("MR_small.dcm"))
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    b.ood.threshold = 1e9  # MR_small is a stranger to this model: an OOD input's SR carries no decision
     with DicomNode(b, tmp_path / "node", port=0, ae_title="MEDCLF") as node:
         ae = AE(ae_title="TESTSCU")
         ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
@@ -637,8 +638,19 @@ def test_serve_and_dicom_node_show_the_decision(recalibrated, sim_data, tmp_path
     result = json.loads((tmp_path / "node" / f"{ds.SOPInstanceUID}.json").read_text())
     assert result["decision"]["threshold"] == b.manifest["operating_point"]["threshold"]
     sr = dcmread(tmp_path / "node" / f"{ds.SOPInstanceUID}.sr.dcm")
-    texts = [str(item.TextValue) for item in sr.ContentSequence if "TextValue" in item]
-    assert any("Decision at the operating point: " + result["decision"]["label"] in t for t in texts)
+    assert result["ood"] is False
+
+    def texts(items):  # every text and code meaning in the SR's content tree
+        for item in items:
+            for key in ("TextValue", "CodeMeaning", "UID"):
+                if key in item:
+                    yield str(item.get(key))
+            for seq in ("ConceptCodeSequence", "ConceptNameCodeSequence", "ContentSequence"):
+                if seq in item:
+                    yield from texts(item.get(seq))
+
+    threshold = f"threshold: {result['decision']['threshold']:.6g}"
+    assert threshold in set(texts(sr.ContentSequence)), "the operating point's group is missing from the SR"
 
 
 def test_web_page_shows_the_decision(recalibrated, sim_data, tmp_path):
