@@ -862,13 +862,23 @@ def _hardening_sections() -> list[str]:
             "an attacker on 127.0.0.2, a well-behaved peer on 127.0.0.3 associating and sending C-ECHO once a "
             "second.",
             "",
-            "| attack | peer's attempts | failed | longest lockout s |",
-            "|---|---|---|---|",
+            "| attack | attacker's connections | still open at the end | peer's attempts | failed | longest lockout s |",
+            "|---|---|---|---|---|---|",
         ]
-        for name in ("keep_alive", "silent"):
-            r = lockout[name]
+        ka, si = lockout["keep_alive"], lockout["silent"]
+        rows = (
+            (f"{ka['of']} associations, C-ECHO every 20 s", ka["of"], ka["attacker_associations_served"], ka),
+            (
+                "silent TCP connections",
+                si["silent_connections"],
+                si["silent_connections"] - si["closed_by_the_node"],
+                si,
+            ),
+        )
+        for name, n, left, r in rows:
+            p = r["other_peer"]
             lines.append(
-                f"| {name.replace('_', '-')} | {r['attempts']} | {r['failed']} | {r['longest_lockout_s']} |"
+                f"| {name} | {n} | {left} | {p['attempts']} | {p['failed']} | {p['longest_lockout_s']} |"
             )
         lines += ["", f"{_flags(lockout)}. {lockout['date']}: `{lockout['command']}`", ""]
     return lines
