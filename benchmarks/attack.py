@@ -39,6 +39,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from contention import cpu as cpu_info  # noqa: E402  (the machine's model and vector flags)
+
 RESULTS = ROOT / "benchmarks" / "results" / "attack.json"
 
 
@@ -137,6 +139,7 @@ def main() -> None:
     result = {
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+        "cpu": cpu_info(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "serve_options": serve_options,
         "duration_s": args.duration,

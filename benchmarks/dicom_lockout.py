@@ -35,6 +35,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from contention import cpu as cpu_info  # noqa: E402  (the machine's model and vector flags)
+
 RESULTS = ROOT / "benchmarks" / "results" / "dicom_lockout.json"
 AE_TITLE = "MEDCLF"
 ATTACKER, VICTIM = "127.0.0.2", "127.0.0.3"
@@ -167,6 +170,7 @@ def main() -> None:
     report = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": platform.platform(),
+        "cpu": cpu_info(),
         "command": " ".join(["benchmarks/dicom_lockout.py", *sys.argv[1:]]),
         "node_options": extra,
         "keep_alive": keep_alive,

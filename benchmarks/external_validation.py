@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime as _dt
 import json
 import shlex
 import subprocess
@@ -136,7 +137,13 @@ def main() -> None:
             "evaluate", bundle, str(site), "--split", "test", "--class-map", CLASS_MAP, "--out", str(out / name), *common
         )  # fmt: skip
 
+    sys.path.insert(0, str(Path(__file__).parent))
+    from contention import cpu
+
     summary = {
+        "command": "python benchmarks/external_validation.py " + " ".join(sys.argv[1:]),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu(),
         "bundle": args.bundle,
         "data": args.data,
         "class_map": CLASS_MAP,

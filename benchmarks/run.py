@@ -172,6 +172,22 @@ EXTRAS: dict[str, list[str]] = {
     "load": ["benchmarks/load.py"],
     # Issue 20: train/audit beside one competing CPU-bound process, and the 2-minute BreastMNIST gate check.
     "contention": ["benchmarks/contention.py"],
+    # Issue 19: the audit's speed and shortcut check, the shortcut stress test (two 20-minute trainings), and
+    # external validation of the stress test's mitigated bundle.
+    "audit-brain": ["benchmarks/audit_speed.py"],
+    "stress": ["benchmarks/stress.py"],
+    "external": [
+        "benchmarks/external_validation.py",
+        "--bundle",
+        "runs/stress/on/model",
+        "--data",
+        "../shared/datasets/brain-tumor-mri",
+        "--out",
+        "runs/external",
+    ],
+    # Issue 21: the HTTP server and the DICOM node under denial-of-service attacks.
+    "attack": ["benchmarks/attack.py", "--duration", "95"],
+    "dicom-lockout": ["benchmarks/dicom_lockout.py"],
 }
 
 
@@ -735,6 +751,136 @@ def _extra_sections() -> list[str]:
             for lv in ld["levels"]
         ]
         lines += ["", f"{ld['date']}: `{ld['command']}`", ""]
+    lines += _shortcut_sections() + _hardening_sections()
+    return lines
+
+
+def _flags(record: dict[str, Any]) -> str:
+    """The CPU of a result that recorded one (benchmarks/contention.py's ``cpu()``)."""
+    cpu = record.get("cpu")
+    if not isinstance(cpu, dict):
+        return "CPU flags not recorded"
+    return (
+        f"{cpu['model']} ({', '.join(cpu['flags']) or 'no AVX-512, AVX-VNNI or AMX'}), {cpu['allowed']} cores"
+    )
+
+
+def _shortcut_sections() -> list[str]:
+    """Issue 19: the audit's shortcut check, the stress test and the external-validation sequence."""
+    audit, stress, ext = _read("audit-brain.json"), _read("brain-stress.json"), _read("external-brain.json")
+    if not (audit or stress or ext):
+        return []
+    lines = ["## Shortcuts and external validation (brain MRI)", ""]
+    if audit:
+        from audit_speed import markdown as render_audit
+
+        lines += [render_audit(audit), ""]
+    if stress:
+        from stress import markdown as render_stress
+
+        lines += [render_stress(stress), ""]
+    if ext:
+        lines += _external_lines(ext)
+    return lines
+
+
+def _external_lines(e: dict[str, Any]) -> list[str]:
+    cm, sub = e["classmap"], e["subgroups"]
+    ci = (cm.get("ci") or {}).get("accuracy") or [None, None]
+    lines = [
+        "### External validation, subgroups and site recalibration",
+        "",
+        f"Bundle `{e['bundle']}`; {_flags(e)}. {e.get('date', '')}: `{e.get('command', '')}`",
+        "",
+        f"- **Class map** `{e['class_map']}` on the Testing images alone (a CSV without the Training split): "
+        f"n = {cm['n']} after removing {cm.get('n_removed_exact')} exact and {cm.get('n_removed_near')} near "
+        f"copies of training images through the bundle's hashes and signatures; accuracy {_f(cm['accuracy'])} "
+        f"({_f(ci[0])}-{_f(ci[1])}), AUC {_f(cm.get('auc'))}; per group: "
+        + ", ".join(
+            f"{g} sensitivity {_f(c.get('sensitivity'))}, specificity {_f(c.get('specificity'))}"
+            for g, c in (cm.get("per_class") or {}).items()
+        ),
+    ]
+    for key, a in (sub.get("subgroups") or {}).items():
+        groups = "; ".join(
+            f"{g['group']} n={g['n']} accuracy {_f(g['accuracy'])}{'' if g['tested'] else ' (too small to test)'}"
+            for g in a["groups"]
+        )
+        warn = " Warnings: " + " ".join(a["warnings"]) if a["warnings"] else ""
+        lines.append(f"- **Subgroups by {key}**: {groups}.{warn}")
+    op = e["recalibration"]
+    before, after = e["heldout_original"], e["heldout_recalibrated"]
+    lines.append(
+        f"- **Recalibration** on half of Testing (stratified, seed 0): {op.get('rule')}. On the other half: "
+        f"original bundle accuracy {_f(before['accuracy'])}, recalibrated {_f(after['accuracy'])}"
+        + (
+            f"; at the operating point sensitivity {_f(after['operating_point']['achieved'].get('sensitivity'))}, "
+            f"specificity {_f(after['operating_point']['achieved'].get('specificity'))}"
+            if (after.get("operating_point") or {}).get("achieved")
+            else ""
+        )
+        + ". The two halves are not independent sites (Testing holds near-duplicates of itself): this shows "
+        "the mechanics, not a site transfer."
+    )
+    return [*lines, ""]
+
+
+def _hardening_sections() -> list[str]:
+    """Issue 21: the HTTP server and the DICOM node under denial-of-service attacks."""
+    attack, lockout = _read("attack.json"), _read("dicom_lockout.json")
+    lines: list[str] = []
+    if attack:
+        h, conns = attack["health"], attack["attack_connections"]
+        huge = ", ".join(
+            f"{x['size_mib']} MiB x{x['attempts']} ({x['first_answer']})" for x in conns["huge_headers"]
+        )
+        lines += [
+            "## Denial of service without a key",
+            "",
+            f"`medclf serve {' '.join(attack['serve_options'])}` for {attack['duration_s']:.0f} s under "
+            f"{attack['idle_connections']} idle and {attack['slow_header_connections']} slow-header connections "
+            f"from {len(attack['attack_sources']) or 1} attack addresses (reopened as soon as closed: "
+            f"{conns['opened']} in all) and one 256 MiB plus three 128 MiB headers sent again and again ({huge}), "
+            "with the attacker on the same 2 cores. A healthy client on another address:",
+            "",
+            "| probe | answered | failures | over 1 s | p50 ms | p99 ms | max ms |",
+            "|---|---|---|---|---|---|---|",
+            f"| `GET /healthz` every 0.1 s | {h['ok']} of {h['checks']} | {h['n_failures']} | {h['over_1s']} "
+            f"| {h['latency_ms']['p50']} | {h['latency_ms']['p99']} | {h['latency_ms']['max']} |",
+            f"| `POST /v1/predict` every 0.5 s | {attack['predict']['ok']} | {len(attack['predict']['failures'])} "
+            "| | | | |",
+            "",
+            f"Server peak memory {attack['server_peak_rss_mib']} MiB; "
+            f"{'PASS' if attack['passed'] else 'FAIL'}. {_flags(attack)}. {attack['date']}: `{attack['command']}`",
+            "",
+        ]
+    if lockout:
+        lines += [
+            "## DICOM node: can one peer lock others out?",
+            "",
+            f"`medclf dicom-node` (its defaults{', ' + ' '.join(lockout['node_options']) if lockout['node_options'] else ''}); "
+            "an attacker on 127.0.0.2, a well-behaved peer on 127.0.0.3 associating and sending C-ECHO once a "
+            "second.",
+            "",
+            "| attack | attacker's connections | still open at the end | peer's attempts | failed | longest lockout s |",
+            "|---|---|---|---|---|---|",
+        ]
+        ka, si = lockout["keep_alive"], lockout["silent"]
+        rows = (
+            (f"{ka['of']} associations, C-ECHO every 20 s", ka["of"], ka["attacker_associations_served"], ka),
+            (
+                "silent TCP connections",
+                si["silent_connections"],
+                si["silent_connections"] - si["closed_by_the_node"],
+                si,
+            ),
+        )
+        for name, n, left, r in rows:
+            p = r["other_peer"]
+            lines.append(
+                f"| {name} | {n} | {left} | {p['attempts']} | {p['failed']} | {p['longest_lockout_s']} |"
+            )
+        lines += ["", f"{_flags(lockout)}. {lockout['date']}: `{lockout['command']}`", ""]
     return lines
 
 

@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "command": "python benchmarks/stress.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": dt.date.today().isoformat(),
-        "machine": f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}",
+        "machine": f"{m['cpu']} ({m['isa']}), {m['cores']} cores, torch {m['torch']}",
         "time_budget": args.time_budget,
         "fraction": args.fraction,
         "counts": counts,

@@ -259,6 +259,8 @@ def test_command_line(members, val_data, tmp_path):
         "ensemble", *members[:2], "--data", val_data, "--out", out, "--method", "stacking", "--no-progress"
     )
     assert proc.returncode == 0, proc.stderr
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "Ensemble (stacking) of 2 members" in card and "## Evaluation" in card
     files = sorted((val_data / "test" / "tumour").glob("*.png"))[:2]
     proc = medclf("predict", out, *files, "--tta")
     assert proc.returncode == 0, proc.stderr

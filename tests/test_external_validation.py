@@ -508,6 +508,9 @@ def test_recalibrate_writes_a_new_sealed_bundle_and_leaves_the_source(tiny_bundl
     b, src = load_bundle(recalibrated), load_bundle(tiny_bundle)
     assert sha256_file(Path(tiny_bundle) / "bundle.json") == source_hash
     assert "operating_point" not in src.manifest
+    card = b.read_file("MODEL_CARD.md").decode()
+    assert "Recalibrated from bundle " + src.sha256[:12] in card and "Decision rule" in card
+    assert "Decision rule" not in src.read_file("MODEL_CARD.md").decode()
     op = b.manifest["operating_point"]
     assert (op["positive"], op["classes"], op["negative"], op["method"], op["target"]) == (
         "abnormal",

@@ -572,10 +572,18 @@ def info(
     bundle: Annotated[Path, typer.Argument(help="Model bundle (folder or .zip)")],
     trusted_keys: TrustedKeysOption = None,
     bundle_sha256: BundleSha256Option = None,
+    card: Annotated[bool, typer.Option("--card", help="Print the bundle's MODEL_CARD.md instead")] = False,
 ) -> None:
-    """Verify a bundle's integrity and show what it holds and who signed it."""
+    """Verify a bundle's integrity and show what it holds and who signed it (--card: its model card)."""
+    from medclf.model_card import MODEL_CARD
+
     b = _load_trusted(bundle, trusted_keys, bundle_sha256)
     m = b.manifest
+    if card:
+        if MODEL_CARD not in m["files"]:
+            raise MedclfError(f"{bundle}: this bundle has no {MODEL_CARD} (made before medclf wrote one)")
+        print(b.read_file(MODEL_CARD).decode("utf-8"), end="")
+        return
     val = m.get("metrics", {}).get("val", {})
     print(f"bundle      {b.source}")
     print(f"sha256      {b.sha256}  (all {len(m['files'])} file hashes verified)")
@@ -604,6 +612,8 @@ def info(
     from medclf.engines import available_engines
 
     print(f"engines     {', '.join(available_engines(m['files']))} (default: {b.engine()})")
+    if MODEL_CARD in m["files"]:
+        print(f"model card  {MODEL_CARD} (medclf info --card prints it)")
     op = m.get("operating_point")
     if op:
         achieved = op.get("achieved") or {}

@@ -36,6 +36,7 @@ from medclf.data.splits import ensure_validation, fold_split
 from medclf.errors import BundleError, ConfigError, DataError
 from medclf.evaluation.calibration import MIN_SAMPLES, TemperatureFit, apply_temperature, fit_temperature
 from medclf.evaluation.metrics import compute_metrics, expected_calibration_error
+from medclf.model_card import MODEL_CARD, model_card
 from medclf.models.ensemble import LOG_FLOOR, METHODS, Ensemble
 from medclf.ood import OOD_FILE, OODDetector, fit_detector, penultimate_features
 
@@ -253,6 +254,7 @@ def ensemble(
         extra_files={
             "train_hashes.json": json.dumps(union_hashes),
             TRAIN_SIGNATURES: pack_signatures(signatures),
+            MODEL_CARD: model_card(manifest),
         },
         writers={OOD_FILE: detector.save},
     )

@@ -43,7 +43,7 @@ from medclf.evaluation.calibration import apply_temperature, fit_temperature_fro
 from medclf.evaluation.metrics import compute_metrics
 from medclf.mitigation import check_mode as check_mitigation_mode
 from medclf.mitigation import shortcut_step
-from medclf.model_card import model_card
+from medclf.model_card import MODEL_CARD, model_card
 from medclf.ood import OOD_FILE, OODDetector, fit_detector, input_statistics, penultimate_features
 from medclf.planner import (
     PLANNING_MIN_S,
@@ -462,7 +462,7 @@ def _train_one(
         manifest=manifest,
         extra_files={
             "train_hashes.json": json.dumps(train_hashes),
-            "MODEL_CARD.md": model_card(manifest),
+            MODEL_CARD: model_card(manifest),
             # Near copies of training images, recognisable by external evaluation without the data.
             TRAIN_SIGNATURES: pack_signatures(
                 aligned_signatures(train_hashes, prepared.hashes, prepared.scan.signatures, train_idx)

@@ -37,6 +37,7 @@ from medclf.compress.quantize import quantize_int8
 from medclf.engines import ONNX_FP32, ONNX_INT8, OnnxRunner, TorchRunner, probabilities, resolve_engine
 from medclf.errors import BundleError, ConfigError
 from medclf.evaluation.metrics import compute_metrics
+from medclf.model_card import MODEL_CARD, model_card
 from medclf.training import parse_duration
 
 # Files of the source bundle that stay true for the compressed one (the training data did not change).
@@ -390,6 +391,7 @@ def export_bundle(
             **({"ood": ood_record} if ood_record else {}),
             **({"previous": src.manifest["compression"]} if "compression" in src.manifest else {}),
         }
+        extra[MODEL_CARD] = model_card(manifest)  # the source's card describes another model
         path = save_bundle(out, model=model, manifest=manifest, extra_files=extra, writers=writers)
     finally:
         shutil.rmtree(work, ignore_errors=True)

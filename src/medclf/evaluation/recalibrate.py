@@ -48,6 +48,7 @@ from medclf.evaluation.calibration import (
 from medclf.evaluation.classmap import ClassMap, parse_class_map
 from medclf.evaluation.metrics import expected_calibration_error
 from medclf.evaluation.operating import binary_figures, fit_threshold
+from medclf.model_card import MODEL_CARD, model_card
 from medclf.operating_point import METHODS, OperatingPoint
 
 __all__ = ["MIN_PER_SIDE", "fit_grouped_temperature", "recalibrate"]
@@ -216,7 +217,8 @@ def recalibrate(
         operating_point=point.to_manifest(),
         recalibration={"source_bundle_sha256": b.sha256, "source_bundle": str(b.path), "site": site},
     )
-    keep = {name: b.path / name for name in b.manifest["files"] if name != WEIGHTS}
+    keep: dict[str, Path | str] = {name: b.path / name for name in b.manifest["files"] if name != WEIGHTS}
+    keep[MODEL_CARD] = model_card(manifest)  # with the operating point and the new calibration
     path = save_bundle(out, model=b.model, manifest=manifest, extra_files=keep)
     _print_summary(console, path, point, figures, temp, temperature, b.temperature, site)
     return point.to_manifest()
