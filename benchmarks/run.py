@@ -790,7 +790,12 @@ def _external_lines(e: dict[str, Any]) -> list[str]:
     lines = [
         "### External validation, subgroups and site recalibration",
         "",
-        f"Bundle `{e['bundle']}`; {_flags(e)}. {e.get('date', '')}: `{e.get('command', '')}`",
+        f"Bundle `{e['bundle']}`; {_flags(e)}. "
+        + (
+            f"{e['date']}: `{e['command']}`"
+            if "command" in e
+            else f"Run as `.venv/bin/python {' '.join(EXTRAS['external'])}` (date not recorded)"
+        ),
         "",
         f"- **Class map** `{e['class_map']}` on the Testing images alone (a CSV without the Training split): "
         f"n = {cm['n']} after removing {cm.get('n_removed_exact')} exact and {cm.get('n_removed_near')} near "
@@ -885,11 +890,12 @@ def _hardening_sections() -> list[str]:
 
 
 def load_rows() -> list[dict[str, Any]]:
-    return [
+    rows = [
         json.loads(p.read_text())
         for p in sorted(RESULTS.glob("*-*.json"))
         if p.stem.split("-")[0] in DATASETS
     ]
+    return [r for r in rows if "dataset" in r]  # brain-stress.json & co. are rendered as sections
 
 
 def main() -> None:

@@ -206,7 +206,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "### Shortcut stress test (brain-tumor-mri)",
         "",
-        f"Command: `{result['command']}`; {result['machine']}; {result['date']}.",
+        f"Command: `{result['command']}` (time budget {result.get('time_budget', '?')} per recipe); "
+        f"{result['machine']}; {result['date']}.",
         "",
         f"Training: Training minus its {c['removed_from_training_non512_tumours']} non-512 x 512 tumour images "
         f"({sum(c['train'].values())} images). Stress set: {sum(c['stress'].values())} non-512 x 512 tumour "
