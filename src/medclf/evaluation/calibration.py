@@ -11,6 +11,7 @@ fit and apply a temperature.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -81,26 +82,50 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> TemperatureFit:
     y = np.asarray(labels, dtype=np.int64)
     if z.ndim != 2 or len(z) != len(y):
         raise ValueError(f"logits must be (N, K) with one label per row, got {z.shape} and {y.shape}")
-    n = len(y)
-    if n == 0:
+    if len(y) == 0:
         return TemperatureFit(1.0, 0, None, None, None, None, note="no validation samples: T left at 1")
-    ece_before = expected_calibration_error(y, softmax(z, axis=1))
-    nll_before = _nll(z, y, 1.0)
+    return fit_temperature_by(
+        y,
+        lambda t: _nll(z, y, t),
+        lambda t: apply_temperature(z, t),
+        samples="validation samples",
+        no_errors="no validation errors",
+    )
+
+
+def fit_temperature_by(
+    labels: np.ndarray,
+    nll: Callable[[float], float],
+    probs_at: Callable[[float], np.ndarray],
+    *,
+    samples: str = "samples",
+    no_errors: str = "no errors",
+    method: str | None = None,
+) -> TemperatureFit:
+    """The temperature minimising ``nll(T)``, whose predictions at ``T`` are ``probs_at(T)`` (rows scored
+    against ``labels``): the search, its bounds and degenerate cases shared by every temperature fit.
+
+    Degenerate data leaves ``T = 1`` with a ``note``: fewer than :data:`MIN_SAMPLES` ``samples``, or no
+    errors at ``T = 1``; the search never ends worse than not scaling."""
+    y = np.asarray(labels, dtype=np.int64)
+    n = len(y)
+    before = probs_at(1.0)
+    nll_before, ece_before = nll(1.0), expected_calibration_error(y, before)
     unfit = None
     if n < MIN_SAMPLES:
-        unfit = f"{n} validation samples are too few to fit a temperature (need {MIN_SAMPLES}): T left at 1"
-    elif (z.argmax(axis=1) == y).all():
-        unfit = "no validation errors: nothing to calibrate against, T left at 1"
+        unfit = f"{n} {samples} are too few to fit a temperature (need {MIN_SAMPLES}): T left at 1"
+    elif (before.argmax(axis=1) == y).all():
+        unfit = f"{no_errors}: nothing to calibrate against, T left at 1"
     if unfit:
         return TemperatureFit(1.0, n, nll_before, nll_before, ece_before, ece_before, note=unfit)
     res = minimize_scalar(
-        lambda log_t: _nll(z, y, math.exp(log_t)),
+        lambda log_t: nll(math.exp(log_t)),
         bounds=(math.log(T_BOUNDS[0]), math.log(T_BOUNDS[1])),
         method="bounded",
         options={"xatol": 1e-5},
     )
     t = float(math.exp(res.x))
-    nll_after = _nll(z, y, t)
+    nll_after = nll(t)
     if nll_after > nll_before:  # the search never does worse than not scaling
         t, nll_after = 1.0, nll_before
     note = None
@@ -112,8 +137,9 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> TemperatureFit:
         nll_before=nll_before,
         nll_after=nll_after,
         ece_before=ece_before,
-        ece_after=expected_calibration_error(y, apply_temperature(z, t)),
+        ece_after=expected_calibration_error(y, probs_at(t)),
         note=note,
+        **({"method": method} if method is not None else {}),
     )
 
 

@@ -21,14 +21,12 @@ measured on the sample the threshold was fitted on, so they are optimistic: conf
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rich.console import Console
-from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, logsumexp
 
 from medclf.bundle import WEIGHTS, Bundle, load_bundle, save_bundle
@@ -38,15 +36,13 @@ from medclf.data.references import read_train_references
 from medclf.data.sources import load_source
 from medclf.errors import ConfigError, DataError
 from medclf.evaluation.calibration import (
-    MIN_SAMPLES,
-    T_BOUNDS,
     TemperatureFit,
     apply_temperature,
     fit_temperature,
+    fit_temperature_by,
     log_probs,
 )
 from medclf.evaluation.classmap import ClassMap, parse_class_map
-from medclf.evaluation.metrics import expected_calibration_error
 from medclf.evaluation.operating import binary_figures, fit_threshold
 from medclf.model_card import MODEL_CARD, model_card
 from medclf.operating_point import METHODS, OperatingPoint
@@ -243,33 +239,11 @@ def fit_grouped_temperature(
     def grouped(t: float) -> np.ndarray:
         return apply_temperature(z, t) @ np.asarray(membership, dtype=np.float64)
 
-    n = len(y)
-    before = grouped(1.0)
-    nll_before, ece_before = nll(1.0), expected_calibration_error(y, before)
-    unfit = None
-    if n < MIN_SAMPLES:
-        unfit = f"{n} samples are too few to fit a temperature (need {MIN_SAMPLES}): T left at 1"
-    elif (before.argmax(axis=1) == y).all():
-        unfit = "no errors on the grouped labels: nothing to calibrate against, T left at 1"
-    if unfit:
-        return TemperatureFit(1.0, n, nll_before, nll_before, ece_before, ece_before, note=unfit)
-    res = minimize_scalar(
-        lambda log_t: nll(math.exp(log_t)),
-        bounds=(math.log(T_BOUNDS[0]), math.log(T_BOUNDS[1])),
-        method="bounded",
-        options={"xatol": 1e-5},
-    )
-    t = float(math.exp(res.x))
-    nll_after = nll(t)
-    if nll_after > nll_before:
-        t, nll_after = 1.0, nll_before
-    return TemperatureFit(
-        temperature=t,
-        n=n,
-        nll_before=nll_before,
-        nll_after=nll_after,
-        ece_before=ece_before,
-        ece_after=expected_calibration_error(y, grouped(t)),
+    return fit_temperature_by(
+        y,
+        nll,
+        grouped,
+        no_errors="no errors on the grouped labels",
         method="temperature scaling (minimum log-loss of the class-map groups' probabilities)",
     )
 
