@@ -297,8 +297,19 @@ class RandomGhosting(BatchTransform):
 # 15:e1002683, on how CNNs detect the hospital; Ilse et al. / Glocker et al. on scanner effects).
 
 
+class SingleThreadedTransform(BatchTransform):
+    """A transform whose ``_apply`` loops over samples on small tensors: run it on one thread."""
+
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        with _one_thread():
+            return self._apply(x, params)
+
+    def _apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        raise NotImplementedError
+
+
 @dataclass
-class RandomResolution(BatchTransform):
+class RandomResolution(SingleThreadedTransform):
     """Resolution loss: shrink (anti-aliased) by a factor in ``factor`` and enlarge back, so that images
     from low-resolution sources are not the only blurry ones."""
 
@@ -312,10 +323,6 @@ class RandomResolution(BatchTransform):
             "active": torch.rand(n, generator=gen) < self.p,
             "factor": torch.exp(_uniform(n, *lf, gen)),
         }
-
-    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        with _one_thread():  # small per-sample tensor work: threads only add overhead
-            return self._apply(x, params)
 
     def _apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         idx = torch.nonzero(params["active"]).flatten().tolist()
@@ -337,7 +344,7 @@ class RandomResolution(BatchTransform):
 
 
 @dataclass
-class RandomJpeg(BatchTransform):
+class RandomJpeg(SingleThreadedTransform):
     """JPEG re-compression at a random quality in ``quality`` (Pillow, 8 bits): blocking and ringing of
     strongly compressed sources stop being a class cue. 2D only (volumes pass unchanged)."""
 
@@ -350,10 +357,6 @@ class RandomJpeg(BatchTransform):
             "active": torch.rand(n, generator=gen) < self.p,
             "quality": torch.randint(self.quality[0], self.quality[1] + 1, (n,), generator=gen),
         }
-
-    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        with _one_thread():  # small per-sample tensor work: threads only add overhead
-            return self._apply(x, params)
 
     def _apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         idx = torch.nonzero(params["active"]).flatten().tolist()
@@ -380,7 +383,7 @@ class RandomJpeg(BatchTransform):
 
 
 @dataclass
-class RandomPadding(BatchTransform):
+class RandomPadding(SingleThreadedTransform):
     """Random letterboxing: the image shrinks into a box with a random margin on each side (up to
     ``max_fraction`` of the size) filled with a random dark value, so padding and framing vary within
     every class instead of between sources."""
@@ -396,10 +399,6 @@ class RandomPadding(BatchTransform):
             "margins": torch.rand(n, nd, 2, generator=gen) * self.max_fraction,
             "fill": torch.rand(n, generator=gen) * self.max_fill,
         }
-
-    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        with _one_thread():  # small per-sample tensor work: threads only add overhead
-            return self._apply(x, params)
 
     def _apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         idx = torch.nonzero(params["active"]).flatten().tolist()
@@ -424,7 +423,7 @@ class RandomPadding(BatchTransform):
 
 
 @dataclass
-class RandomHistogram(BatchTransform):
+class RandomHistogram(SingleThreadedTransform):
     """Histogram and contrast randomisation: a random monotone piecewise-linear intensity curve
     (``knots`` segments; each segment's share of the output range drawn uniformly, then normalised),
     blended with the image's own histogram equalisation by a random strength in [0, ``max_equalise``].
@@ -443,10 +442,6 @@ class RandomHistogram(BatchTransform):
             "steps": steps / steps.sum(dim=1, keepdim=True),
             "equalise": torch.rand(n, generator=gen) * self.max_equalise,
         }
-
-    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        with _one_thread():  # small per-sample tensor work: threads only add overhead
-            return self._apply(x, params)
 
     def _apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         active = params["active"]
