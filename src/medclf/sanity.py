@@ -121,9 +121,13 @@ def thumbnail_baseline(
     y_fit, y_val = labels[fit_idx], labels[np.sort(val_idx)]
     if len(np.unique(y_fit)) < 2 or len(y_val) == 0:
         return None
-    x_fit, x_val = thumbnails(tensors, fit_idx), thumbnails(tensors, val_idx)
+    # float64 once and scaled in place: sklearn would otherwise copy the rows at each step, and a streamed
+    # run has little memory to spare after training.
+    x_fit = thumbnails(tensors, fit_idx).astype(np.float64)
+    x_val = thumbnails(tensors, val_idx).astype(np.float64)
     clf = make_pipeline(
-        StandardScaler(), LogisticRegression(C=0.1, max_iter=500, class_weight="balanced", random_state=seed)
+        StandardScaler(copy=False),
+        LogisticRegression(C=0.1, max_iter=500, class_weight="balanced", random_state=seed),
     )
     with threadpool_limits(1):  # a few hundred features: threads cost more than they save on a busy CPU
         clf.fit(x_fit, y_fit)
