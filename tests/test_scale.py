@@ -364,3 +364,12 @@ def test_planner_narrows_the_network_when_even_the_smallest_size_is_too_slow(mon
         initial_plan(fp, 4000, {}), n_train=4000, budget_s=3000, fp=fp, overrides={}
     )
     assert roomy.arch == "compact"
+
+
+def test_streaming_pins_the_mmap_threshold_where_the_c_library_is_glibc():
+    import platform
+
+    from medclf.data.stream import return_freed_batches_to_os
+
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert return_freed_batches_to_os() is expected

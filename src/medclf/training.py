@@ -36,7 +36,14 @@ from medclf.data.references import TRAIN_SIGNATURES, aligned_signatures, pack_si
 from medclf.data.samples import SampleSet
 from medclf.data.sources import load_source
 from medclf.data.splits import ensure_validation, fold_split
-from medclf.data.stream import StreamedRows, block_shuffled_order, parse_bytes, prefetched, should_stream
+from medclf.data.stream import (
+    StreamedRows,
+    block_shuffled_order,
+    parse_bytes,
+    prefetched,
+    return_freed_batches_to_os,
+    should_stream,
+)
 from medclf.distributed import DistContext, epoch_seed, from_env, shard
 from medclf.errors import ConfigError, DataError, MedclfError
 from medclf.evaluation.calibration import apply_temperature, fit_temperature_from_probs, log_probs
@@ -850,6 +857,8 @@ class _Loop:
             stream, why = False, "no disk cache to stream from: rows held in memory"
         if stream or self.cfg.stream != "auto":
             self.console.print(f"Training data: {why}")
+        if stream:
+            return_freed_batches_to_os()
         return stream
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

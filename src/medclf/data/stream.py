@@ -10,10 +10,16 @@ To keep those reads sequential-ish on disk, :func:`block_shuffled_order` shuffle
 neighbouring rows and then the samples inside a window of a few blocks (the shuffle-buffer scheme of
 streaming loaders such as WebDataset): each batch touches a handful of nearby regions instead of scattered
 single rows, at the price of a slightly less random order.
+
+A streamed run also fixes glibc's mmap threshold (:func:`return_freed_batches_to_os`): by default glibc raises
+that threshold each time a large block is freed, after which every batch buffer comes from the heap, whose
+freed holes stay resident; RSS then grew with the number of batches rather than with their size.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import re
 import resource
@@ -38,6 +44,9 @@ WINDOW_BLOCKS = 8
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+_MMAP_THRESHOLD_BYTES = 128 << 10  # glibc's own initial value: batches (MiBs) are always mapped afresh
 
 
 def parse_bytes(text: str | int | float | None) -> int | None:
@@ -205,3 +214,19 @@ def prefetched(fn: Callable[[T], R], items: Iterable[T], depth: int = 2) -> Iter
         while queue:
             head, fut = queue.popleft()
             yield head, fut.result()
+
+
+def return_freed_batches_to_os() -> bool:
+    """Pin glibc's mmap threshold at its initial 128 KiB, so every batch-sized buffer is mapped on allocation
+    and unmapped on free instead of leaving holes in the heap. Setting the threshold explicitly also turns
+    off glibc's dynamic raise of it (``mallopt(3)``). Returns False where the C library is not glibc."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl, macOS, Windows: no mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES))
