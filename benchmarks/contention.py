@@ -204,6 +204,29 @@ def run_short(work: Path, budget: str, seeds: list[int], n_subset: int | None) -
     return rows
 
 
+def merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Re-running some datasets or sections replaces those and keeps the rest, which keep their own date and
+    command (a training row carries its own; earlier files held one date for everything)."""
+    out = {**old, **{k: v for k, v in new.items() if k != "training"}}
+    for section in ("audit", "short"):
+        if section not in new and section in old:
+            out[section] = old[section]
+            out.setdefault("section_dates", {})[section] = old.get("section_dates", {}).get(
+                section, f"{old['date']}: `{old['command']}`"
+            )
+    if "training" in new:
+        fresh = {row["dataset"] for row in new["training"]}
+        kept = [
+            {"date": old["date"], "command": old["command"], **row}
+            for row in old.get("training", [])
+            if row["dataset"] not in fresh
+        ]
+        out["training"] = kept + new["training"]
+    elif "training" in old:
+        out["training"] = [{"date": old["date"], "command": old["command"], **r} for r in old["training"]]
+    return out
+
+
 def render(result: dict[str, Any]) -> str:
     c = result["cpu"]
     flags = ", ".join(c["flags"]) or "none of AVX-512, AVX-VNNI, AMX"
@@ -243,6 +266,7 @@ def render(result: dict[str, Any]) -> str:
                 f"- {row['dataset']} under contention: AUC/accuracy floor {floor['auc']}/{floor['accuracy']} "
                 f"{'met' if met else 'NOT met'}; epoch-time slowdown {slow}x (limit {MAX_SLOWDOWN}x: "
                 f"{'met' if slow is not None and slow <= MAX_SLOWDOWN else 'NOT met'})."
+                + (f" Run {row['date']}: `{row['command']}`." if row.get("date") else "")
             )
         lines.append("")
     if result.get("audit"):
@@ -275,8 +299,11 @@ def render(result: dict[str, Any]) -> str:
             f"Above the majority class or loudly warned on every seed: {'yes' if ok else 'NO'}.",
             "",
         ]
+    for section, when in result.get("section_dates", {}).items():
+        lines.append(f"The {section} rows: {when}.")
     lines.append(
-        f"{result['date']}: `{result['command']}`" + (" (smoke settings)" if result.get("smoke") else "")
+        f"Last run {result['date']}: `{result['command']}`"
+        + (" (smoke settings)" if result.get("smoke") else "")
     )
     return "\n".join(lines)
 
@@ -308,13 +335,18 @@ def main() -> None:
         "short_budget": args.short_budget,
     }
     if "training" in only:
-        result["training"] = run_training(args.datasets.split(","), args.budget, args.work, args.subset)
+        rows = run_training(args.datasets.split(","), args.budget, args.work, args.subset)
+        for row in rows:
+            row.update(date=result["date"], command=result["command"])
+        result["training"] = rows
     if "audit" in only:
         result["audit"] = run_audit(args.work, args.subset)
     if "short" in only:
         seeds = [int(s) for s in args.seeds.split(",")]
         result["short"] = run_short(args.work, args.short_budget, seeds, args.subset)
     out = RESULTS if not result["smoke"] else args.work / "contention.json"
+    if out.exists() and not result["smoke"]:
+        result = merged(json.loads(out.read_text()), result)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(render(result))

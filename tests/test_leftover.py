@@ -77,3 +77,11 @@ def test_when_fusion_fails_the_best_single_member_is_kept(sim_data, tmp_path, mo
     assert leftover["members"] == 2 and "simulated fusion failure" in leftover["failure"]
     assert leftover["kept"] in ("member-0", "member-1")
     assert not out.with_name("model.folds").exists()
+
+
+def test_an_extra_member_is_priced_at_the_time_the_first_took_to_reach_its_best_epoch():
+    """Not at its whole run: the epochs spent waiting out the patience bought nothing."""
+    history = [{"seconds": 10.0} for _ in range(40)]  # best at epoch 10, stopped at 40
+    assert training.leftover_member_seconds(history, best_epoch=10) == pytest.approx(100 * 1.15 + 5)
+    assert training.leftover_member_seconds(history, best_epoch=40) == pytest.approx(400 * 1.15 + 5)
+    assert training.leftover_member_seconds([], best_epoch=0) == pytest.approx(1.15 + 5)

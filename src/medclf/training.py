@@ -578,8 +578,7 @@ def _use_leftover_budget(
     from medclf.fusion import ensemble
 
     left = budget.left()
-    # Later members skip decoding (cached) and planning: their cost is the first run's training time.
-    per_member = max(sum(h["seconds"] for h in first.history), 1.0) * 1.15 + 5.0
+    per_member = leftover_member_seconds(first.history, first.best_epoch)
     n_more = min(MAX_LEFTOVER_MEMBERS - 1, int((left - LEFTOVER_FUSION_S) // per_member))
     if n_more < 1:
         return first
@@ -668,6 +667,17 @@ def _use_leftover_budget(
     if not cfg.keep_checkpoints:
         shutil.rmtree(work, ignore_errors=True)
     return replace(result, seconds=budget.elapsed())
+
+
+def leftover_member_seconds(history: list[dict[str, Any]], best_epoch: int) -> float:
+    """What one extra member costs: the time the first member took to reach its best epoch, plus headroom.
+
+    Later members skip decoding (cached) and planning, and their schedules follow their own share of the
+    clock, so a member given this much anneals within as many epochs as the first needed for its best
+    model. (Pricing a member at the first run's whole training time, patience included, fitted none after
+    a late early stop: BreastMNIST, 10 min, a busy CPU, left 280 s unused.)"""
+    to_best = sum(h["seconds"] for h in history[: max(best_epoch, 1)])
+    return max(to_best, 1.0) * 1.15 + 5.0
 
 
 def _keep_best_member(
