@@ -156,7 +156,7 @@ def export(bundle: str | Path | Bundle | Predictor, out: str | Path, **options: 
     ``compression`` record (what was done, validation accuracy before and after)."""
     from medclf.compress import export_bundle
 
-    return export_bundle(bundle if isinstance(bundle, (str, Path)) else as_predictor(bundle), out, **options)
+    return export_bundle(bundle, out, **options)
 
 
 def export_monai_bundle(bundle: str | Path | Bundle | Predictor, out: str | Path) -> Path:
