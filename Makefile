@@ -40,11 +40,14 @@ system-deps:
 
 test: install system-deps
 	@$(BIN)/ruff check src tests benchmarks
+	@# The layering contracts of pyproject.toml's [tool.importlinter]: an import against them fails here.
+	$(BIN)/lint-imports --no-cache --no-logo
 	$(BIN)/python -m pytest
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/lint-imports --no-cache --no-logo
 
 bench: install
 	$(BIN)/python benchmarks/run.py

@@ -14,7 +14,7 @@ a structurally pruned one (``--prune``, fine-tuned) and a distilled student (``-
   ``model.int8.onnx``) and the parameter count;
 * **batch 64**: images/s of the model alone on preprocessed tensors (real test images), after warm-up;
 * **model latency**: p50/p99 of one preprocessed image through the model alone;
-* **end-to-end latency**: p50/p99 of ``Bundle.predict([jpeg])`` for one 512x512 JPEG file: reading,
+* **end-to-end latency**: p50/p99 of ``Predictor.predict([jpeg])`` for one 512x512 JPEG file: reading,
   decoding, preprocessing, the model, the out-of-distribution guard and the answer; what a server does per
   request, without HTTP. Brain: 512x512 JPEGs of the test split; other datasets: test images upscaled to
   512x512 and saved as JPEG;
@@ -108,10 +108,9 @@ class Row:
     def __init__(self, label: str, bundle_path: Path, engine: str) -> None:
         import medclf
         from medclf.compress.prune import n_params
-        from medclf.engines import runner_for
 
         self.bundle = medclf.load_bundle(bundle_path)
-        self.engine, self.run = runner_for(self.bundle, engine)
+        self.engine, self.run = self.bundle.runner(engine)
         self.record: dict[str, Any] = {
             "row": label,
             "bundle": str(bundle_path),

@@ -89,9 +89,7 @@ def test_tensors(name: str, spec: Any, *, in_distribution: bool) -> np.ndarray:
 
 def _scores(b: Any, x: np.ndarray, engine: str) -> dict[str, np.ndarray]:
     """The guard's flags and score, and each of its component scores, for preprocessed inputs ``x``."""
-    from medclf.engines import features_for
-
-    features = features_for(b, x, engine)
+    features = b.features(x, engine)
     flags, score = b.ood.flags(features, x)
     return {"flags": flags, "score": score, **b.ood.component_scores(features, x)}
 
@@ -106,12 +104,12 @@ def score_pairs(
     bundles: dict[str, Path], engine: str, log: Callable[[str], None] = print
 ) -> list[dict[str, Any]]:
     """Every bundle against the test images of every other available dataset."""
-    from medclf.bundle import load_bundle
+    from medclf.predictor import Predictor
 
     available = [n for n in DATASETS if (SHARED / DATASETS[n][1]).exists()]
     models = []
     for model_name, path in bundles.items():
-        b = load_bundle(path)
+        b = Predictor.load(path)
         if b.ood is None:
             raise SystemExit(f"{path} has no OOD guard")
         ins = _scores(b, test_tensors(model_name, b.spec, in_distribution=True), engine)

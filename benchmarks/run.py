@@ -285,7 +285,6 @@ def run_row(name: str, method: str, out_root: Path, seed: int) -> dict[str, Any]
     import torch
 
     import medclf
-    from medclf.bundle import load_bundle
 
     cfg = DATASETS[name]
     data: Path = cfg["data"]
@@ -333,7 +332,7 @@ def run_row(name: str, method: str, out_root: Path, seed: int) -> dict[str, Any]
             f"{p.arch} {p.spec.size[0]} px, {len(result.history)} epochs (best {result.best_epoch}), "
             f"augment {p.augment}, {_precision(p.amp)}"
         )
-        fused = load_bundle(result.bundle).manifest.get("ensemble")
+        fused = medclf.load_bundle(result.bundle).manifest.get("ensemble")
         if fused:  # the time left after an early stop trained more members (seed bagging)
             row["description"] += (
                 f"; early stop left time for {len(fused['members'])} members in all, mean ensemble "
@@ -347,7 +346,7 @@ def run_row(name: str, method: str, out_root: Path, seed: int) -> dict[str, Any]
             + f" && medclf evaluate {rel_out}/model {rel_data} --out {rel_out}/eval"
         )
         # Model-only inference speed on preprocessed inputs, batch 64, after a warm-up.
-        b = load_bundle(result.bundle)
+        b = medclf.load_bundle(result.bundle)
         x = torch.rand(256, *b.spec.input_shape)
         b.predict_tensors(x[:64])
         t = time.perf_counter()
@@ -699,7 +698,7 @@ def _extra_sections() -> list[str]:
             "One trained bundle per dataset (the `default` row above), exported by `medclf export` to ONNX and "
             "int8, structurally pruned (then fine-tuned) and distilled into a smaller student, all measured "
             "in one run by `benchmarks/inference.py`. Batch 64: the model alone on preprocessed test tensors. "
-            "End-to-end: `Bundle.predict` on one 512x512 JPEG file (reading, decoding, preprocessing, model, "
+            "End-to-end: `Predictor.predict` on one 512x512 JPEG file (reading, decoding, preprocessing, model, "
             "OOD guard). Test figures: test split minus copies of training images.",
             "",
         ]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from medclf.bundle import load_bundle
+from medclf.api import load_bundle
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"

@@ -12,6 +12,7 @@ from medclf import bundle as bundle_mod
 from medclf.bundle import load_bundle, save_bundle, update_bundle, verify_bundle, zip_bundle
 from medclf.errors import BundleError
 from medclf.models import create_model
+from medclf.predictor import Predictor
 from medclf.preprocess import PreprocessSpec
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "medclf"
@@ -37,7 +38,7 @@ def saved(tmp_path):
 
 def test_roundtrip_gives_identical_predictions(saved):
     path, model = saved
-    b = load_bundle(path)
+    b = Predictor(load_bundle(path))
     x = torch.rand(4, 1, 16, 16)
     model.eval()
     with torch.no_grad():

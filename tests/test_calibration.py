@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from scipy.special import log_softmax, softmax
 
-from medclf.bundle import load_bundle, update_bundle
+from medclf.api import load_bundle
+from medclf.bundle import update_bundle
 from medclf.data.cache import prepare
 from medclf.data.sources import load_source
 from medclf.evaluation.calibration import (

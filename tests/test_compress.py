@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from medclf.bundle import load_bundle
+from medclf.api import load_bundle
 from medclf.compress import export_bundle
 from medclf.compress.pipeline import default_epochs
 from medclf.compress.prune import n_params, prune_model

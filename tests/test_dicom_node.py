@@ -49,7 +49,7 @@ needs_dcmtk = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def bundle(tiny_bundle):
-    from medclf.bundle import load_bundle
+    from medclf.api import load_bundle
 
     return load_bundle(tiny_bundle)
 
@@ -500,7 +500,7 @@ def test_accepted_modalities_follow_the_training_data_and_rejections_are_logged(
 ):
     from pynetdicom.sop_class import MRImageStorage, UltrasoundImageStorage
 
-    from medclf.bundle import load_bundle
+    from medclf.api import load_bundle
     from medclf.serve.dicom_node import DicomNode, storage_modalities
 
     mr_model = load_bundle(tiny_bundle)
@@ -532,7 +532,7 @@ def test_accepted_modalities_follow_the_training_data_and_rejections_are_logged(
 
 
 def test_out_of_distribution_input_gets_no_finding_in_the_sr(tiny_bundle, tmp_path, caplog):
-    from medclf.bundle import load_bundle
+    from medclf.api import load_bundle
     from medclf.serve.dicom_node import DicomNode
 
     guarded = load_bundle(tiny_bundle)

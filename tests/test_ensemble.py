@@ -10,7 +10,8 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from medclf.bundle import load_bundle, zip_bundle
+from medclf.api import load_bundle
+from medclf.bundle import zip_bundle
 from medclf.data.cache import prepare
 from medclf.data.simulate import make_dataset
 from medclf.data.sources import load_source

@@ -14,9 +14,10 @@ import torch
 from PIL import Image as PILImage
 from torch import nn
 
-from medclf.bundle import Bundle, load_bundle
+from medclf.api import load_bundle
 from medclf.errors import ConfigError
 from medclf.explain import Explainer, explain_image, explain_inputs
+from medclf.predictor import Predictor
 from medclf.preprocess import PreprocessSpec
 
 
@@ -38,8 +39,8 @@ class BrightnessProbe(nn.Module):
 
 
 def probe_bundle(
-    template: Bundle, spatial_dims: int, size: int, *, cam_layer: str | None = "features"
-) -> Bundle:
+    template: Predictor, spatial_dims: int, size: int, *, cam_layer: str | None = "features"
+) -> Predictor:
     """An in-memory bundle around :class:`BrightnessProbe` (never written to disk)."""
     manifest = {
         "model": {"arch": "brightness-probe", "spatial_dims": spatial_dims},
@@ -52,15 +53,14 @@ def probe_bundle(
     spec = PreprocessSpec(
         spatial_dims=spatial_dims, size=(size,) * spatial_dims, crop_foreground=False, normalise="none"
     )
-    fresh = {f.name: {} for f in dataclasses.fields(Bundle) if f.name == "runners"}  # no shared engine cache
-    return dataclasses.replace(
-        template,
+    probe = dataclasses.replace(
+        template.bundle,
         model=BrightnessProbe(spatial_dims).eval(),
         manifest=manifest,
         spec=spec,
         classes=["dark", "bright"],
-        **fresh,
     )
+    return Predictor(probe)  # a new Predictor: no engine runner shared with the template
 
 
 def blob(spatial_dims: int, size: int, centre: tuple[int, ...]) -> np.ndarray:
@@ -70,7 +70,7 @@ def blob(spatial_dims: int, size: int, centre: tuple[int, ...]) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_bundle) -> Bundle:
+def loaded(tiny_bundle) -> Predictor:
     return load_bundle(tiny_bundle)
 
 
@@ -192,7 +192,7 @@ def test_cli_explain_and_predict_explain(tiny_bundle, sim_data, tmp_path, capsys
 def test_out_of_distribution_travels_with_the_explanation(
     tiny_bundle, sim_data, tmp_path, capsys, monkeypatch
 ):
-    """Issue 21, item 12: `medclf explain`, `Bundle.explain` and the heatmap PNG carry the OOD result."""
+    """Issue 21, item 12: `medclf explain`, `explain_inputs` and the heatmap PNG carry the OOD result."""
     from medclf.explain import ALERT_COLOUR
 
     image = sorted((sim_data / "test" / "tumour").glob("*.png"))[0]
@@ -214,11 +214,11 @@ def test_out_of_distribution_travels_with_the_explanation(
     assert tuple(png[2, 2]) == ALERT_COLOUR and tuple(calm_png[2, 2]) != ALERT_COLOUR
     assert png.shape[0] > calm_png.shape[0]
 
-    [entry] = guarded.explain([image], tmp_path / "maps")
+    [entry] = explain_inputs(guarded, [image], tmp_path / "maps")
     assert entry["ood"] is True and entry["warning"] == prediction["warning"]
     assert tuple(np.asarray(PILImage.open(entry["heatmap"]))[2, 2]) == ALERT_COLOUR
 
-    monkeypatch.setattr("medclf.bundle.load_bundle", lambda _path: guarded)
+    monkeypatch.setattr("medclf.predictor.Predictor.load", lambda _path, **_options: guarded)
     code, out, err = medclf(capsys, monkeypatch, "explain", tiny_bundle, image, "--out", tmp_path / "cli.png")
     assert code == 0, err
     answer = json.loads(out)

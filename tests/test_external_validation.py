@@ -16,7 +16,8 @@ import pytest
 from PIL import Image as PILImage
 from scipy.stats import binomtest
 
-from medclf.bundle import load_bundle, sha256_file
+from medclf.api import load_bundle
+from medclf.bundle import sha256_file
 from medclf.data.references import (
     TRAIN_SIGNATURES,
     aligned_signatures,

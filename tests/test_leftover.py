@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from medclf import planner, training
-from medclf.bundle import load_bundle
+from medclf.api import load_bundle
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """MONAI bundle export (issue 24, item 4): ``medclf export BUNDLE --monai-bundle OUT``, checked with MONAI's
 own commands (``python -m monai.bundle verify_metadata / verify_net_in_out / run``) and against
-``Bundle.predict``."""
+``Predictor.predict``."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
-from medclf.bundle import load_bundle
+from medclf.api import load_bundle
 from medclf.interop.monai_bundle import METADATA_SCHEMA
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}

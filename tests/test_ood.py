@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from medclf.bundle import load_bundle
+from medclf.api import load_bundle
 from medclf.errors import BundleError
 from medclf.ood import OOD_FILE, fit_detector, input_statistics, penultimate_features
 

@@ -19,7 +19,8 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from medclf.bundle import Bundle, load_bundle
+from medclf.api import load_bundle
+from medclf.predictor import Predictor
 from medclf.serve import coding
 from medclf.serve.app import create_app
 from medclf.serve.fhir import diagnostic_report, wants_fhir
@@ -33,7 +34,7 @@ with warnings.catch_warnings():
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_bundle) -> Bundle:
+def bundle(tiny_bundle) -> Predictor:
     return load_bundle(tiny_bundle)
 
 
@@ -158,7 +159,7 @@ R4_ELEMENTS = {
 R4_DEVICE_NAME_TYPES = {"udi-label-name", "user-friendly-name", "patient-reported-name", "manufacturer-name", "model-name", "other"}  # fmt: skip
 
 
-def check_fhir(document: dict, answer: dict, bundle: Bundle) -> DiagnosticReport:
+def check_fhir(document: dict, answer: dict, bundle: Predictor) -> DiagnosticReport:
     """``document`` is a valid FHIR DiagnosticReport (R4 elements only) saying what ``answer`` says."""
     report = DiagnosticReport.model_validate(document)  # raises on any invalid element
     for resource in [document, *document["contained"]]:

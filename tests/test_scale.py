@@ -258,7 +258,7 @@ def test_slices_as_channels_spec_and_preprocessing():
 
 
 def test_nifti_csv_manifest_trains_2_5d_and_predicts_volumes(tmp_path):
-    from medclf.bundle import load_bundle
+    from medclf.api import load_bundle
     from medclf.data.simulate import make_dataset
     from medclf.training import train
 

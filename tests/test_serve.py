@@ -19,8 +19,9 @@ from PIL import Image as PILImage
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from medclf.bundle import Bundle, load_bundle
+from medclf.api import load_bundle
 from medclf.errors import ConfigError
+from medclf.predictor import Predictor
 from medclf.serve.app import create_app
 from medclf.serve.auditlog import read_rows
 from medclf.serve.auth import KeyStore, add_key, check_exposure, is_loopback, read_key_file, remove_key
@@ -36,7 +37,7 @@ PATIENT_ID = "PID-7734521"
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_bundle) -> Bundle:
+def bundle(tiny_bundle) -> Predictor:
     return load_bundle(tiny_bundle)
 
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from medclf import training
-from medclf.bundle import load_bundle
+from medclf.api import load_bundle
 from medclf.errors import ConfigError
 from medclf.training import TrainConfig, parse_duration, train
 

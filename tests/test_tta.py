@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import medclf
-from medclf.bundle import load_bundle
+from medclf.api import load_bundle
 from medclf.errors import ConfigError
 from medclf.evaluation.runner import evaluate
 from medclf.tta import apply_view, default_transforms, resolve

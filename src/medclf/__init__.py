@@ -6,7 +6,7 @@ The public API (imported lazily, so ``import medclf`` stays fast)::
     medclf.evaluate(bundle, data, out, split="test") -> dict
     medclf.audit(data) -> AuditReport
     medclf.baseline(data, out) -> dict        # hand-crafted features + classical classifiers
-    medclf.load_bundle(path) -> Bundle        # Bundle.predict(paths_or_arrays)
+    medclf.load_bundle(path) -> Predictor     # .predict(paths_or_arrays); .bundle: the verified Bundle
     medclf.predict(bundle, inputs) -> list[dict]
     medclf.sign_bundle(bundle, key) -> SignatureCheck    # Ed25519; load_bundle(..., trusted_keys=DIR)
     medclf.export(bundle, out, data=..., onnx=True, int8=True) -> ExportResult   # compression
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from medclf._version import __version__ as __version__
 
 _API = {
     "train",
@@ -40,6 +40,7 @@ _API = {
     "fetch_medmnist",
     "recalibrate",
     "Bundle",
+    "Predictor",
     "TrainConfig",
     "TrainResult",
 }

@@ -3,7 +3,7 @@
 import medclf
 result = medclf.train("data/", "runs/model", time_budget="10m")
 metrics = medclf.evaluate("runs/model", "data/", "runs/eval")
-bundle = medclf.load_bundle("runs/model")
+bundle = medclf.load_bundle("runs/model")                             # a Predictor: verified, ready to run
 bundle.predict(["scan.dcm", "slice.png"])
 medclf.sign_bundle("runs/model", "keys/alice.key")                   # Ed25519, into signatures.json
 medclf.load_bundle("runs/model", trusted_keys="trusted/")            # refuses what no trusted key signed
@@ -15,12 +15,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medclf.bundle import Bundle, load_bundle, sign_bundle
+from medclf.bundle import Bundle, sign_bundle
 from medclf.data.audit import NEAR_THRESHOLD, AuditReport
 from medclf.data.audit import audit as _audit
 from medclf.data.fetch import fetch_medmnist
 from medclf.data.sources import load_source
 from medclf.evaluation.runner import evaluate
+from medclf.predictor import Predictor, as_predictor
+from medclf.signing import TrustedKeys
 from medclf.training import TrainConfig, TrainResult, train
 
 if TYPE_CHECKING:
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Bundle",
+    "Predictor",
     "TrainConfig",
     "TrainResult",
     "audit",
@@ -75,8 +78,26 @@ def audit(
     )
 
 
+def load_bundle(
+    path: str | Path,
+    *,
+    expected_sha256: str | None = None,
+    trusted_keys: str | Path | TrustedKeys | None = None,
+    max_parameters: int | None = None,
+) -> Predictor:
+    """Load and verify a bundle folder or ``.zip`` (every hash; ``trusted_keys``: a signature by one of them;
+    ``expected_sha256``: this bundle only; see :func:`medclf.bundle.load_bundle`), ready to predict.
+
+    Returns a :class:`~medclf.predictor.Predictor`: ``.predict(inputs)``, ``.predict_tensors(x)``, and the
+    bundle's fields (``classes``, ``spec``, ``manifest``, ``sha256``, ...) read through; ``.bundle`` is the
+    verified :class:`~medclf.bundle.Bundle`."""
+    return Predictor.load(
+        path, expected_sha256=expected_sha256, trusted_keys=trusted_keys, max_parameters=max_parameters
+    )
+
+
 def predict(
-    bundle: str | Path | Bundle,
+    bundle: str | Path | Bundle | Predictor,
     inputs: Any,
     *,
     batch_size: int = 32,
@@ -85,19 +106,15 @@ def predict(
     trusted_keys: str | Path | None = None,
     bundle_sha256: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Classify files, folders or arrays with a bundle (see :meth:`Bundle.predict`). ``trusted_keys`` /
+    """Classify files, folders or arrays with a bundle (see :meth:`Predictor.predict`). ``trusted_keys`` /
     ``bundle_sha256``: refuse a bundle path that no trusted key signed / with another sha256 (see
     :func:`~medclf.bundle.load_bundle`)."""
-    b = (
-        bundle
-        if isinstance(bundle, Bundle)
-        else load_bundle(bundle, trusted_keys=trusted_keys, expected_sha256=bundle_sha256)
-    )
+    b = as_predictor(bundle, trusted_keys=trusted_keys, expected_sha256=bundle_sha256)
     return b.predict(inputs, batch_size=batch_size, engine=engine, tta=tta)
 
 
 def ensemble(
-    bundles: Sequence[str | Path | Bundle],
+    bundles: Sequence[str | Path | Bundle | Predictor],
     out: str | Path,
     *,
     data: str | Path,
@@ -132,7 +149,7 @@ def train_members(
     return _train_members(data, out, members=members, method=method, **settings)
 
 
-def export(bundle: str | Path | Bundle, out: str | Path, **options: Any) -> ExportResult:
+def export(bundle: str | Path | Bundle | Predictor, out: str | Path, **options: Any) -> ExportResult:
     """Compress a bundle into a new one: ``onnx=True``, ``int8=True``, ``prune=0.5``, ``student="compact-s"``
     and/or ``distill_from=TEACHER``, with ``data=`` the training data; see
     :func:`medclf.compress.export_bundle` for every option. Returns the new bundle's path and its
@@ -142,7 +159,7 @@ def export(bundle: str | Path | Bundle, out: str | Path, **options: Any) -> Expo
     return export_bundle(bundle, out, **options)
 
 
-def export_monai_bundle(bundle: str | Path | Bundle, out: str | Path) -> Path:
+def export_monai_bundle(bundle: str | Path | Bundle | Predictor, out: str | Path) -> Path:
     """Write ``bundle`` as a MONAI bundle folder ``out`` (metadata, inference config, safetensors weights,
     README) that MONAI's ``python -m monai.bundle run`` executes with medclf's reader and preprocessing;
     see :mod:`medclf.interop.monai_bundle`."""
@@ -185,7 +202,7 @@ def baseline(
 
 
 def recalibrate(
-    bundle: str | Path | Bundle, data: str | Path, out: str | Path, **options: Any
+    bundle: str | Path | Bundle | Predictor, data: str | Path, out: str | Path, **options: Any
 ) -> dict[str, Any]:
     """Fit a bundle's temperature and an operating point (``positive=``, ``sensitivity=`` or Youden's J,
     ``class_map=``) on a labelled sample from a new site; write a new sealed bundle to ``out`` and return

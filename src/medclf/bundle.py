@@ -30,6 +30,7 @@ import ctypes
 import ctypes.util
 import datetime as _dt
 import hashlib
+import io
 import json
 import math
 import os
@@ -41,7 +42,7 @@ import uuid
 import weakref
 import zipfile
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -52,7 +53,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from medclf import __version__
+from medclf._version import __version__
 from medclf.errors import BundleError, ConfigError, MedclfError
 from medclf.models import create_model
 from medclf.preprocess import PreprocessSpec
@@ -129,16 +130,14 @@ def package_versions() -> dict[str, str]:
 
 @dataclass
 class Bundle:
-    """A loaded, verified model bundle."""
+    """A loaded, verified model bundle: its files, manifest and network. Running it is the job of
+    :class:`medclf.predictor.Predictor`."""
 
     path: Path
     manifest: dict[str, Any]
     model: nn.Module
     spec: PreprocessSpec
     classes: list[str]
-    # Inference engines built so far (ONNX Runtime sessions are costly to create): see medclf.engines.
-    runners: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-    _ood: Any = field(default=None, repr=False, compare=False)
     # What was loaded: the folder itself, or the .zip that ``path`` (a temporary folder) was unpacked from.
     source: Path | None = None
     # The signatures the bundle carries, checked against its sha256 (and the trusted keys, when given).
@@ -189,115 +188,6 @@ class Bundle:
         if hashlib.sha256(data).hexdigest() != self.manifest["files"][name]:
             raise BundleError(f"{label}: integrity check failed: sha256 of {name} does not match {MANIFEST}")
         return data
-
-    def predict(
-        self,
-        inputs: Any,
-        *,
-        batch_size: int = 32,
-        engine: str = "auto",
-        tta: bool | str | Sequence[str] | None = None,
-    ) -> list[dict[str, Any]]:
-        """Classify file paths, folders, numpy arrays or :class:`~medclf.io.Image` objects.
-
-        Returns one dict per input: ``path``, ``predicted``, ``probabilities``; or ``path`` and ``error``
-        for an input that cannot be used (the others still get their answers). ``engine``: see
-        :mod:`medclf.engines` (``auto`` runs the bundle's ONNX model when it has one). ``tta``: see
-        :meth:`predict_tensors`.
-        """
-        from medclf.inference import predict_inputs
-
-        return predict_inputs(self, inputs, batch_size=batch_size, engine=engine, tta=tta)
-
-    def explain(
-        self,
-        inputs: Any,
-        out_dir: str | Path,
-        *,
-        method: str = "auto",
-        targets: Mapping[str, str] | None = None,
-    ) -> list[dict[str, Any]]:
-        """Predict like :meth:`predict` and write one heatmap overlay PNG per input into ``out_dir``.
-
-        ``method``: ``auto`` (Grad-CAM, or occlusion when the model has no CAM layer), ``gradcam``,
-        ``gradcampp`` or ``occlusion``; ``targets``: the class to explain per input path (default: the
-        predicted one). See :mod:`medclf.explain`. Successful entries gain ``heatmap`` (the PNG's path).
-        """
-        from medclf.explain import explain_inputs
-
-        return explain_inputs(self, inputs, out_dir, method=method, targets=targets)
-
-    @property
-    def ood(self) -> Any:
-        """The out-of-distribution detector fitted at training (:class:`medclf.ood.OODDetector`), or None."""
-        info = self.manifest.get("ood")
-        if not info:
-            return None
-        if self._ood is None:
-            from medclf.ood import OODDetector
-
-            self._ood = OODDetector.load(self.file(info["file"]), info)
-        return self._ood
-
-    def ood_scores(
-        self, x: np.ndarray | torch.Tensor, *, engine: str = "auto"
-    ) -> tuple[np.ndarray, np.ndarray] | None:
-        """(flags, scores) of the OOD guard for preprocessed inputs, or None when the bundle has none.
-
-        The features come from ``engine`` (an exported ONNX graph carries them), so an ONNX prediction
-        does not also run the PyTorch model; the input statistics (detector version 2) from ``x`` itself."""
-        detector = self.ood
-        if detector is None:
-            return None
-        from medclf.engines import features_for
-
-        return detector.flags(features_for(self, x, engine), x)
-
-    def tta_views(self, tta: bool | str | Sequence[str] | None) -> list[str]:
-        """The test-time view names that ``tta`` means for this bundle's inputs ([] for none)."""
-        from medclf.tta import resolve
-
-        return resolve(tta, self.spec.size)
-
-    def engine(self, name: str = "auto") -> str:
-        """The concrete engine (``torch``, ``onnx-fp32`` or ``onnx-int8``) ``name`` means for this bundle."""
-        from medclf.engines import resolve_engine
-
-        return resolve_engine(self.manifest.get("files", {}), name)
-
-    def predict_tensors(
-        self,
-        x: np.ndarray | torch.Tensor,
-        *,
-        batch_size: int = 64,
-        engine: str = "auto",
-        tta: bool | str | Sequence[str] | None = None,
-        calibrated: bool = True,
-    ) -> np.ndarray:
-        """Class probabilities (float64) for already preprocessed inputs ``(N, C, *size)``.
-
-        The bundle's temperature is applied to the logits of whichever engine runs (``calibrated=False``:
-        not, for reporting calibration before scaling). ``tta``: test-time augmentation, ``True`` for the
-        default views or a list of view names (see :mod:`medclf.tta`); the probabilities are averaged."""
-        from medclf.engines import probabilities, runner_for
-
-        views = self.tta_views(tta)
-        if views:
-            from medclf.tta import predict_with_tta
-
-            def plain(v: np.ndarray) -> np.ndarray:
-                return self.predict_tensors(v, batch_size=batch_size, engine=engine, calibrated=calibrated)
-
-            return predict_with_tta(plain, x, views)
-        _, run = runner_for(self, engine)
-        temperature = self.temperature if calibrated else 1.0
-        out = [
-            probabilities(run(x[start : start + batch_size]), temperature)
-            for start in range(0, len(x), batch_size)
-        ]
-        if not out:
-            return np.zeros((0, len(self.classes)), dtype=np.float64)
-        return np.concatenate(out)
 
 
 def build_model_from_manifest(manifest: Mapping[str, Any]) -> nn.Module:
@@ -801,8 +691,6 @@ def _remove_unpacked(folder: str, owner_pid: int) -> None:
 
 
 def _zip_read(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, label: str) -> bytes:
-    import io
-
     buf = io.BytesIO()
     _zip_copy(zf, info, buf, limit, label)
     return buf.getvalue()

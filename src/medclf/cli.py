@@ -10,12 +10,15 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
 from medclf.errors import MedclfError
+
+if TYPE_CHECKING:
+    from medclf.predictor import Predictor
 
 app = typer.Typer(
     name="medclf",
@@ -48,11 +51,12 @@ BundleSha256Option = Annotated[
 ]
 
 
-def _load_trusted(bundle: Path, trusted_keys: Path | None, bundle_sha256: str | None) -> Any:
-    """Load a bundle, refusing it unless it is signed by a trusted key / has the pinned sha256 (if asked)."""
-    from medclf.bundle import load_bundle
+def _load_trusted(bundle: Path, trusted_keys: Path | None, bundle_sha256: str | None) -> Predictor:
+    """Load a bundle (a Predictor), refusing it unless it is signed by a trusted key / has the pinned sha256
+    (if asked)."""
+    from medclf.predictor import Predictor
 
-    return load_bundle(bundle, trusted_keys=trusted_keys, expected_sha256=bundle_sha256)
+    return Predictor.load(bundle, trusted_keys=trusted_keys, expected_sha256=bundle_sha256)
 
 
 @app.command()
@@ -384,9 +388,11 @@ def predict(
     if explain is not None:
         # Explain the class each prediction chose; the heatmap's path joins that input's entry.
         chosen = {r["path"]: r["predicted"] for r in results if "predicted" in r}
+        from medclf.explain import explain_inputs
+
         heatmaps = {
             r["path"]: r["heatmap"]
-            for r in b.explain(inputs, explain, method=explain_method, targets=chosen)
+            for r in explain_inputs(b, inputs, explain, method=explain_method, targets=chosen)
             if "heatmap" in r
         }
         for r in results:
@@ -810,10 +816,10 @@ def explain(
     target: Annotated[str | None, typer.Option(help="Class to explain (default: the predicted one)")] = None,
 ) -> None:
     """Heatmap of what drove the prediction, drawn over the preprocessed input, with the predicted class."""
-    from medclf.bundle import load_bundle
     from medclf.explain import explain_image
+    from medclf.predictor import Predictor
 
-    e = explain_image(load_bundle(bundle), image, method=method, target=target, out=out)
+    e = explain_image(Predictor.load(bundle), image, method=method, target=target, out=out)
     print(json.dumps({"path": str(image), **e.to_dict(), "heatmap": str(out)}, indent=2))
     if e.ood:
         err.print(f"[yellow]warning[/] {image}: {e.warning}", highlight=False)
@@ -993,7 +999,7 @@ def deid(
 
 def _print_version(value: bool) -> None:
     if value:
-        from medclf import __version__
+        from medclf._version import __version__
 
         print(f"medclf {__version__}")
         raise typer.Exit(0)

@@ -9,7 +9,8 @@
 =============  ===========================================================================================
 
 Every engine returns logits; :func:`probabilities` then applies the bundle's temperature and the softmax,
-so calibration is identical whichever engine runs. The preprocessing is the bundle's, for all of them.
+so calibration is identical whichever engine runs. :class:`medclf.predictor.Predictor` picks, builds and
+keeps the runners. The preprocessing is the bundle's, for all of them.
 ONNX models are read into memory and checked against the sha256 in ``bundle.json`` before a session is
 built from those very bytes, so a file swapped after the bundle was loaded is refused too.
 """
@@ -96,24 +97,12 @@ def resolve_engine(files: Mapping[str, Any], name: str = "auto") -> str:
     return name
 
 
-def runner_for(bundle: Bundle, name: str = "auto") -> tuple[str, Runner]:
-    """The (cached) runner of the engine ``name`` resolves to for ``bundle``."""
-    resolved = resolve_engine(bundle.manifest.get("files", {}), name)
-    cache = bundle.runners
-    if resolved not in cache:
-        cache[resolved] = _ENGINES[resolved].build(bundle)
-    return resolved, cache[resolved]
-
-
-def features_for(bundle: Bundle, x: np.ndarray | torch.Tensor, name: str = "auto") -> np.ndarray:
-    """Penultimate features (for the out-of-distribution guard) from the engine ``name`` resolves to; from
-    the PyTorch model when that engine's graph does not carry them."""
-    _, run = runner_for(bundle, name)
-    feats = run.features(x) if hasattr(run, "features") else None
-    if feats is None:
-        _, run = runner_for(bundle, "torch")
-        feats = run.features(x)
-    return feats
+def build_runner(bundle: Bundle, engine: str) -> Runner:
+    """A new runner of the concrete engine ``engine`` (see :func:`resolve_engine`) for ``bundle``; a
+    :class:`~medclf.predictor.Predictor` keeps the runners it builds."""
+    if engine not in _ENGINES:
+        raise ConfigError(f"unknown engine {engine!r}; choose one of {', '.join(_ENGINES)}")
+    return _ENGINES[engine].build(bundle)
 
 
 def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -283,12 +272,11 @@ __all__ = [
     "OnnxRunner",
     "TorchRunner",
     "available_engines",
+    "build_runner",
     "engine_choices",
-    "features_for",
     "ort_session",
     "probabilities",
     "register_engine",
     "resolve_engine",
-    "runner_for",
     "tune_allocator",
 ]

@@ -36,7 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,12 +44,12 @@ from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFont
 from torch import nn
 
+from medclf.bundle import Bundle
 from medclf.errors import ConfigError, MedclfError
+from medclf.inference import expand_inputs, ood_answer, read_input
 from medclf.io import Image, image_from_array, read_image
+from medclf.predictor import Predictor, as_predictor
 from medclf.preprocess import preprocess
-
-if TYPE_CHECKING:
-    from medclf.bundle import Bundle
 
 METHOD_LABELS = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "occlusion": "Occlusion sensitivity"}
 DISCLAIMER = "research use only, not a diagnosis"
@@ -76,7 +76,7 @@ class Explanation:
     warning: str | None = None
 
     def ood_fields(self) -> dict[str, Any]:
-        """``ood``, ``ood_score`` and (when flagged) ``warning``, as :meth:`Bundle.predict` reports them."""
+        """``ood``, ``ood_score`` and (when flagged) ``warning``, as :meth:`Predictor.predict` reports them."""
         if self.ood is None:
             return {}
         out: dict[str, Any] = {"ood": self.ood, "ood_score": self.ood_score}
@@ -174,9 +174,9 @@ def _occlusion(explainer: Explainer, x: torch.Tensor, class_index: int) -> np.nd
     size = x.shape[2:]
     # About 8 windows per axis in 2D (4 in 3D), overlapping by half: detail without thousands of passes.
     mask = [max(2, s // (8 if len(size) == 2 else 4)) for s in size]
-    temperature = explainer.bundle.temperature
+    temperature = explainer.predictor.temperature
     occ = OcclusionSensitivity(
-        explainer.bundle.model,
+        explainer.predictor.model,
         mask_size=mask,
         n_batch=16,
         verbose=False,
@@ -188,13 +188,13 @@ def _occlusion(explainer: Explainer, x: torch.Tensor, class_index: int) -> np.nd
         # MONAI 1.6 indexes with lists, which torch deprecates: not the user's concern.
         warnings.filterwarnings("ignore", message="Using a non-tuple sequence", category=UserWarning)
         occluded, _ = occ(x)
-        full = torch.softmax(explainer.bundle.model(x) / temperature, dim=1)[0, class_index]
+        full = torch.softmax(explainer.predictor.model(x) / temperature, dim=1)[0, class_index]
     drop = torch.clamp(full - occluded[0, class_index], min=0.0)
     return _minmax(drop).numpy()
 
 
 # ----------------------------------------------------------------------------------------------- explainer
-def cam_layer_of(bundle: Bundle) -> str | None:
+def cam_layer_of(bundle: Bundle | Predictor) -> str | None:
     """The layer Grad-CAM explains for this bundle, or None when it has none (then: occlusion).
 
     The manifest's ``explain.cam_layer`` wins; otherwise the model registry's entry for the architecture.
@@ -217,21 +217,21 @@ def cam_layer_of(bundle: Bundle) -> str | None:
 class Explainer:
     """Heatmaps for one bundle. Thread-safe; build it once and reuse it (it keeps its own model copy)."""
 
-    def __init__(self, bundle: Bundle, method: str = "auto") -> None:
+    def __init__(self, bundle: Bundle | Predictor, method: str = "auto") -> None:
         if method != "auto" and method not in METHODS:
             raise ConfigError(
                 f"unknown explanation method {method!r}; choose auto or one of {', '.join(METHODS)}"
             )
-        self.bundle = bundle
-        self.layer = cam_layer_of(bundle)
+        self.predictor = as_predictor(bundle)
+        self.layer = cam_layer_of(self.predictor)
         if method == "auto":
             method = "gradcam" if self.layer else "occlusion"
         if method != "occlusion" and self.layer is None:
             raise ConfigError(
-                f"{METHOD_LABELS[method]} needs a layer to explain, and this bundle ({bundle.arch}) has none; "
+                f"{METHOD_LABELS[method]} needs a layer to explain, and this bundle ({self.predictor.arch}) has none; "
                 "use --method occlusion"
             )
-        if not isinstance(getattr(bundle, "model", None), nn.Module):
+        if not isinstance(getattr(self.predictor, "model", None), nn.Module):
             raise ConfigError("this bundle holds no PyTorch model to explain")
         self.method = method
         self._lock = threading.Lock()
@@ -243,7 +243,7 @@ class Explainer:
 
             # Hooks go on a private copy: the serving model is never modified (MONAI also turns off the
             # target layer's in-place flag).
-            model = copy.deepcopy(self.bundle.model).eval()
+            model = copy.deepcopy(self.predictor.model).eval()
             cls = getattr(monai.visualize, monai_class)
             self._cams[monai_class] = cls(nn_module=model, target_layers=self.layer, postprocessing=_minmax)
         return self._cams[monai_class]
@@ -251,7 +251,7 @@ class Explainer:
     def explain_tensor(self, x: np.ndarray | torch.Tensor, *, target: str | int | None = None) -> Explanation:
         """Explain one preprocessed input ``(C, *size)``; ``target`` is a class name or index (default: predicted)."""
         t = torch.as_tensor(np.asarray(x, dtype=np.float32))[None]
-        probs = self.bundle.predict_tensors(t)[0]
+        probs = self.predictor.predict_tensors(t)[0]
         k = int(np.argmax(probs))
         target_index = k if target is None else self._class_index(target)
         with self._lock:
@@ -259,25 +259,24 @@ class Explainer:
         heat = np.nan_to_num(np.asarray(heat, dtype=np.float32), nan=0.0).clip(0.0, 1.0)
         return Explanation(
             **self._ood(t),
-            predicted=self.bundle.classes[k],
+            predicted=self.predictor.classes[k],
             class_index=k,
             confidence=float(probs[k]),
-            probabilities={c: float(p) for c, p in zip(self.bundle.classes, probs, strict=True)},
+            probabilities={c: float(p) for c, p in zip(self.predictor.classes, probs, strict=True)},
             method=self.method,
             layer=self.layer if self.method != "occlusion" else None,
             heatmap=heat,
             image=np.asarray(t[0].numpy()),
-            explained_class=self.bundle.classes[target_index],
+            explained_class=self.predictor.classes[target_index],
         )
 
     def _ood(self, t: torch.Tensor) -> dict[str, Any]:
         """The bundle's out-of-distribution answer for one preprocessed input, as in prediction."""
-        from medclf.inference import _ood_answer
-
-        scores = self.bundle.ood_scores(t.numpy())
-        if scores is None:
+        scores = self.predictor.ood_scores(t.numpy())
+        detector = self.predictor.ood
+        if scores is None or detector is None:
             return {}
-        return _ood_answer(bool(scores[0][0]), float(scores[1][0]), self.bundle)
+        return ood_answer(bool(scores[0][0]), float(scores[1][0]), detector.threshold)
 
     def explain(
         self, item: Image | np.ndarray | str | Path, *, target: str | int | None = None
@@ -287,10 +286,10 @@ class Explainer:
             item = image_from_array(item)
         elif not isinstance(item, Image):
             item = read_image(item)
-        return self.explain_tensor(preprocess(item, self.bundle.spec), target=target)
+        return self.explain_tensor(preprocess(item, self.predictor.spec), target=target)
 
     def _class_index(self, target: str | int) -> int:
-        classes = self.bundle.classes
+        classes = self.predictor.classes
         if isinstance(target, int) and 0 <= target < len(classes):
             return target
         if isinstance(target, str) and target in classes:
@@ -299,7 +298,7 @@ class Explainer:
 
 
 def explain_image(
-    bundle: Bundle,
+    bundle: Bundle | Predictor,
     item: Image | np.ndarray | str | Path,
     *,
     method: str = "auto",
@@ -314,21 +313,19 @@ def explain_image(
 
 
 def explain_inputs(
-    bundle: Bundle,
+    bundle: Bundle | Predictor,
     inputs: Any,
     out_dir: str | Path,
     *,
     method: str = "auto",
     targets: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Predict like :meth:`Bundle.predict` and write one overlay PNG per input into ``out_dir``.
+    """Predict like :meth:`Predictor.predict` and write one overlay PNG per input into ``out_dir``.
 
     Each successful entry gains ``heatmap`` (the PNG's path) and ``explanation`` (the method). Refused
     inputs get an ``error`` entry as in prediction. ``targets`` maps an input's ``path`` to the class to
     explain (default: the predicted class), e.g. the class a prediction with other options chose.
     """
-    from medclf.inference import _load, expand_inputs
-
     explainer = Explainer(bundle, method)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -336,8 +333,10 @@ def explain_inputs(
     results: list[dict[str, Any]] = []
     for name, item in expand_inputs(inputs):
         try:
-            for ref, image in _load(name, item):
-                e = explainer.explain_tensor(preprocess(image, bundle.spec), target=(targets or {}).get(ref))
+            for ref, image in read_input(name, item):
+                e = explainer.explain_tensor(
+                    preprocess(image, explainer.predictor.spec), target=(targets or {}).get(ref)
+                )
                 png = e.save(out / _unique_name(ref, used))
                 results.append(
                     {

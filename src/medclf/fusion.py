@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from medclf.bundle import Bundle, load_bundle, save_bundle
+from medclf.bundle import Bundle, save_bundle
 from medclf.data.audit import train_copy_flags
 from medclf.data.cache import prepare
 from medclf.data.references import TRAIN_SIGNATURES, aligned_signatures, pack_signatures
@@ -39,6 +39,7 @@ from medclf.evaluation.metrics import compute_metrics, expected_calibration_erro
 from medclf.model_card import MODEL_CARD, model_card
 from medclf.models.ensemble import LOG_FLOOR, METHODS, Ensemble
 from medclf.ood import OOD_FILE, OODDetector, fit_detector, penultimate_features
+from medclf.predictor import Predictor, as_bundle
 
 __all__ = ["METHODS", "EnsembleResult", "ensemble", "fit_stacking", "fit_weights", "member_validation_splits"]
 
@@ -62,7 +63,7 @@ class EnsembleResult:
 
 
 def ensemble(
-    bundles: Sequence[str | Path | Bundle],
+    bundles: Sequence[str | Path | Bundle | Predictor],
     out: str | Path,
     *,
     data: str | Path,
@@ -84,7 +85,7 @@ def ensemble(
     console = console or Console(stderr=True, soft_wrap=True)
     if method not in METHODS:
         raise ConfigError(f"unknown fusion method {method!r}; choose one of {', '.join(METHODS)}")
-    members = [b if isinstance(b, Bundle) else load_bundle(b) for b in bundles]
+    members = [as_bundle(b) for b in bundles]
     _check_compatible(members)
     base = max(members, key=lambda b: int(np.prod(b.spec.size)))
     classes = base.classes

@@ -1,27 +1,22 @@
-"""Prediction on new inputs: files, folders (recursive), arrays or decoded images.
+"""The inputs of a prediction and the shape of its answers.
 
-Each input is read through the guarded readers and preprocessed with the bundle's own spec, so serving
-sees exactly what training saw. An input that cannot be used gets an ``error`` entry with a specific
-reason; the others still get their answers.
+Inputs are files, folders (recursive), arrays or decoded images; each is read through the guarded
+readers (:func:`read_input`). :meth:`medclf.predictor.Predictor.predict` then preprocesses them with the
+bundle's own spec, so serving sees exactly what training saw, and answers each with :func:`class_answer`
+and :func:`ood_answer`; an input that cannot be used gets an ``error`` entry with a specific reason.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from medclf.data.sources import NON_IMAGE_SUFFIXES
-from medclf.errors import InputRejected, MedclfError
+from medclf.errors import InputRejected
 from medclf.io import Image, image_from_array, iter_npz_images, read_image
-from medclf.operating_point import OperatingPoint
-from medclf.preprocess import preprocess
-
-if TYPE_CHECKING:
-    from medclf.bundle import Bundle
 
 
 def expand_inputs(inputs: Iterable[Any] | Any) -> Iterator[tuple[str, Any]]:
@@ -49,7 +44,8 @@ def expand_inputs(inputs: Iterable[Any] | Any) -> Iterator[tuple[str, Any]]:
                 yield str(p), p
 
 
-def _load(name: str, item: Any) -> Iterator[tuple[str, Image]]:
+def read_input(name: str, item: Any) -> Iterator[tuple[str, Image]]:
+    """The image(s) of one expanded input: one, or every image of a MedMNIST-style ``.npz``."""
     if isinstance(item, Image):
         yield name, item
         return
@@ -73,74 +69,25 @@ def _load(name: str, item: Any) -> Iterator[tuple[str, Image]]:
             yield ref, image_from_array(arr, source=ref)
 
 
-def predict_inputs(
-    bundle: Bundle,
-    inputs: Any,
-    *,
-    batch_size: int = 32,
-    engine: str = "auto",
-    tta: bool | str | Sequence[str] | None = None,
-) -> list[dict[str, Any]]:
-    """See :meth:`medclf.bundle.Bundle.predict`."""
-    engine = bundle.engine(engine)  # an engine the bundle cannot run is refused before any file is read
-    views = bundle.tta_views(tta)  # so is an unknown test-time transform
-    point = OperatingPoint.from_manifest(bundle.manifest)
-    columns = point.columns(bundle.classes) if point is not None else None
-    results: list[dict[str, Any]] = []
-    pending: list[tuple[int, np.ndarray]] = []
-
-    def flush() -> None:
-        if not pending:
-            return
-        x = np.stack([t for _, t in pending])
-        probs = bundle.predict_tensors(x, batch_size=batch_size, engine=engine, tta=views)
-        ood = bundle.ood_scores(x, engine=engine)
-        for j, ((slot, _), p) in enumerate(zip(pending, probs, strict=True)):
-            results[slot].update(_answer(bundle, p))
-            if point is not None:
-                # The bundle's operating point (medclf recalibrate): a yes/no call at a site's threshold.
-                results[slot]["decision"] = point.decide(float(p[columns].sum()))
-            if ood is not None:
-                results[slot].update(_ood_answer(bool(ood[0][j]), float(ood[1][j]), bundle))
-        pending.clear()
-
-    for name, item in expand_inputs(inputs):
-        try:
-            for ref, image in _load(name, item):
-                t0 = time.perf_counter()
-                tensor = preprocess(image, bundle.spec)
-                results.append({"path": ref, "preprocess_ms": round((time.perf_counter() - t0) * 1000, 2)})
-                pending.append((len(results) - 1, tensor))
-                if len(pending) >= batch_size:
-                    flush()
-        except MedclfError as exc:
-            reason = getattr(exc, "reason", "invalid")
-            results.append({"path": name, "error": exc.message, "reason": reason})
-        except OSError as exc:
-            results.append({"path": name, "error": f"{name}: {exc.strerror or exc}", "reason": "unreadable"})
-    flush()
-    for r in results:
-        r.pop("preprocess_ms", None)
-    return results
-
-
 OOD_WARNING = (
     "this image is unlike the images the model was trained on (out-of-distribution score {score:.1f} > "
     "threshold {threshold:.1f}): the prediction is unreliable"
 )
 
 
-def _ood_answer(flag: bool, score: float, bundle: Bundle) -> dict[str, Any]:
+def ood_answer(flag: bool, score: float, threshold: float) -> dict[str, Any]:
+    """The out-of-distribution fields of one answer: ``ood``, ``ood_score`` and, when flagged, ``warning``."""
     answer: dict[str, Any] = {"ood": flag, "ood_score": round(score, 3)}
     if flag:
-        answer["warning"] = OOD_WARNING.format(score=score, threshold=bundle.ood.threshold)
+        answer["warning"] = OOD_WARNING.format(score=score, threshold=threshold)
     return answer
 
 
-def _answer(bundle: Bundle, probs: np.ndarray) -> dict[str, Any]:
+def class_answer(classes: Sequence[str], probs: np.ndarray) -> dict[str, Any]:
+    """The class fields of one answer: ``predicted``, ``confidence`` and ``probabilities``."""
     k = int(np.argmax(probs))
     return {
-        "predicted": bundle.classes[k],
+        "predicted": classes[k],
         "confidence": float(probs[k]),
-        "probabilities": {c: float(p) for c, p in zip(bundle.classes, probs, strict=True)},
+        "probabilities": {c: float(p) for c, p in zip(classes, probs, strict=True)},
     }

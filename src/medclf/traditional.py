@@ -559,7 +559,7 @@ def run_baseline(
     to ``out`` and returns the test metrics with a ``baseline`` key (selection table, features, times)."""
     from rich.console import Console
 
-    from medclf import __version__
+    from medclf._version import __version__
     from medclf.data.audit import train_copy_flags
     from medclf.data.cache import prepare
     from medclf.data.sources import load_source

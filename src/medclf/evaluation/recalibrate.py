@@ -29,7 +29,7 @@ import numpy as np
 from rich.console import Console
 from scipy.special import log_softmax, logsumexp
 
-from medclf.bundle import WEIGHTS, Bundle, load_bundle, save_bundle
+from medclf.bundle import WEIGHTS, Bundle, save_bundle
 from medclf.data.audit import train_copy_matches
 from medclf.data.cache import prepare
 from medclf.data.references import read_train_references
@@ -46,6 +46,7 @@ from medclf.evaluation.classmap import ClassMap, parse_class_map
 from medclf.evaluation.operating import binary_figures, fit_threshold
 from medclf.model_card import MODEL_CARD, model_card
 from medclf.operating_point import METHODS, OperatingPoint
+from medclf.predictor import Predictor, as_predictor
 
 __all__ = ["MIN_PER_SIDE", "fit_grouped_temperature", "recalibrate"]
 
@@ -55,7 +56,7 @@ MIN_PER_SIDE = 20
 
 
 def recalibrate(
-    bundle: str | Path | Bundle,
+    bundle: str | Path | Bundle | Predictor,
     data: str | Path,
     out: str | Path,
     *,
@@ -77,10 +78,10 @@ def recalibrate(
     split of ``data`` (default: every labelled sample). ``engine``: what runs the model, as for ``predict``.
     """
     console = console or Console(stderr=True, soft_wrap=True)
-    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    b = as_predictor(bundle)
     out = Path(out)
     if out.resolve() == b.path.resolve() or (
-        not isinstance(bundle, Bundle) and out.resolve() == Path(bundle).resolve()
+        isinstance(bundle, (str, Path)) and out.resolve() == Path(bundle).resolve()
     ):
         raise ConfigError(
             f"--out {out} is the source bundle: recalibration writes a new bundle, never over its source"

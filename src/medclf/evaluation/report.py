@@ -14,7 +14,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from medclf import __version__
+from medclf._version import __version__
 
 __all__ = ["write_report"]
 

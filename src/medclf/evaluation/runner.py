@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from medclf.bundle import Bundle, load_bundle
+from medclf.bundle import Bundle
 from medclf.data.audit import train_copy_matches
 from medclf.data.cache import prepare
 from medclf.data.references import read_train_references
@@ -30,6 +30,7 @@ from medclf.evaluation.plots import plot_augmentation_gallery, plot_confusion, p
 from medclf.evaluation.report import write_report
 from medclf.evaluation.subgroups import MIN_GROUP_N
 from medclf.operating_point import OperatingPoint
+from medclf.predictor import Predictor, as_predictor
 from medclf.tta import describe as describe_tta
 
 PROTOCOL = (
@@ -39,7 +40,7 @@ PROTOCOL = (
 
 
 def evaluate(
-    bundle: str | Path | Bundle,
+    bundle: str | Path | Bundle | Predictor,
     data: str | Path,
     out: str | Path,
     *,
@@ -76,7 +77,7 @@ def evaluate(
     :mod:`medclf.tta`), recorded in the metrics. ``ece_uncalibrated`` is the ECE of the same predictions
     without the bundle's temperature."""
     console = console or Console(stderr=True, soft_wrap=True)
-    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    b = as_predictor(bundle)
     engine = b.engine(engine)
     views = b.tta_views(tta)
     samples = load_source(data, default_split="test")
@@ -201,7 +202,7 @@ def evaluate(
     )
 
 
-def _augmentation_gallery(b: Bundle, samples: SampleSet, prepared: Any, out: Path) -> dict[str, Path]:
+def _augmentation_gallery(b: Predictor, samples: SampleSet, prepared: Any, out: Path) -> dict[str, Path]:
     """A few training inputs and what the bundle's augmentation preset made of them, when both are known."""
     import torch
 
@@ -463,7 +464,7 @@ def _group_labels(samples: SampleSet, cmap: ClassMap, data: str | Path) -> np.nd
 
 
 def _operating_point(
-    b: Bundle, wanted: bool | None, classes: list[str], cmap: ClassMap | None
+    b: Predictor, wanted: bool | None, classes: list[str], cmap: ClassMap | None
 ) -> tuple[OperatingPoint, np.ndarray] | None:
     """The bundle's operating point and the evaluated columns that sum to its positive group."""
     if wanted is False:
@@ -483,7 +484,7 @@ def _operating_point(
         return None
 
 
-def _subgroup_keys(b: Bundle, by: str | Sequence[str] | None) -> tuple[list[str], bool]:
+def _subgroup_keys(b: Predictor, by: str | Sequence[str] | None) -> tuple[list[str], bool]:
     """The keys asked for, or (``by`` None) those the bundle's shortcut audit flagged; and whether asked."""
     if by is not None:
         items = by.split(",") if isinstance(by, str) else list(by)
@@ -496,7 +497,7 @@ def _subgroup_keys(b: Bundle, by: str | Sequence[str] | None) -> tuple[list[str]
 
 
 def _subgroup_labels(
-    b: Bundle,
+    b: Predictor,
     samples: SampleSet,
     idx: np.ndarray,
     by: str | Sequence[str] | None,
@@ -587,7 +588,9 @@ def _write_predictions(
             w.writerow([samples.display_ref(int(i)), label, pred, bool(train_copy[i]), *row_probs, err])
 
 
-def _report_sections(b: Bundle, errors: list[dict[str, str]], data: str | Path, split: str) -> dict[str, Any]:
+def _report_sections(
+    b: Predictor, errors: list[dict[str, str]], data: str | Path, split: str
+) -> dict[str, Any]:
     recipe = b.manifest.get("recipe", {})
     sections: dict[str, Any] = {
         "Model": {
@@ -659,7 +662,7 @@ def _report_sections(b: Bundle, errors: list[dict[str, str]], data: str | Path, 
     return sections
 
 
-def _architecture(b: Bundle) -> str:
+def _architecture(b: Predictor) -> str:
     fusion = b.manifest.get("ensemble")
     if fusion:
         members = ", ".join(str(m.get("arch")) for m in fusion.get("members", []))

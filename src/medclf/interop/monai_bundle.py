@@ -38,13 +38,14 @@ from monai.config import KeysCollection
 from monai.data import decollate_batch
 from monai.transforms import MapTransform
 
-from medclf import __version__
+from medclf._version import __version__
 from medclf.errors import ConfigError
 from medclf.io import read_image
 from medclf.preprocess import PreprocessSpec, preprocess
 
 if TYPE_CHECKING:
     from medclf.bundle import Bundle
+    from medclf.predictor import Predictor
 
 __all__ = [
     "METADATA_SCHEMA",
@@ -159,14 +160,14 @@ format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
 """
 
 
-def export_monai_bundle(bundle: str | Path | Bundle, out: str | Path) -> Path:
+def export_monai_bundle(bundle: str | Path | Bundle | Predictor, out: str | Path) -> Path:
     """Write ``bundle`` (a medclf bundle, verified on loading) as a MONAI bundle folder ``out``.
 
     ``out`` must not exist or be empty; the folder is assembled beside it and renamed into place, so it
     appears whole or not at all. Returns ``out``."""
-    from medclf.bundle import Bundle, load_bundle
+    from medclf.predictor import as_bundle
 
-    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    b = as_bundle(bundle)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(

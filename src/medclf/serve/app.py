@@ -14,7 +14,7 @@
 
 An upload is streamed to a temporary file with a size cap (413 beyond it) and its sha256 is computed on
 the way; then the same guarded reader (:func:`medclf.io.read_image`) and the bundle's own preprocessing
-(:meth:`medclf.bundle.Bundle.predict`) run as everywhere else, so the server sees inputs exactly as
+(:meth:`medclf.predictor.Predictor.predict`) run as everywhere else, so the server sees inputs exactly as
 training did. Every :class:`~medclf.errors.MedclfError` becomes its HTTP status with
 ``{"error": message, "reason": code}``; bad input never produces a 500.
 
@@ -54,12 +54,13 @@ from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from medclf import __version__
-from medclf.bundle import Bundle, load_bundle
+from medclf._version import __version__
+from medclf.bundle import Bundle
 from medclf.engines import resolve_engine, tune_allocator
 from medclf.errors import ConfigError, InputRejected, MedclfError
 from medclf.explain import Explainer
 from medclf.io import ReadLimits, read_image
+from medclf.predictor import Predictor, as_predictor
 from medclf.preprocess import preprocess
 from medclf.serve.auditlog import AuditLog, AuditRecord
 from medclf.serve.auth import KeyStore
@@ -164,7 +165,7 @@ class _Admission:
 class Service:
     """Everything one app instance holds: the bundle, the explainer, the pool, the keys, the audit log."""
 
-    def __init__(self, bundle: Bundle, settings: ServeSettings) -> None:
+    def __init__(self, bundle: Predictor, settings: ServeSettings) -> None:
         self.bundle = bundle
         self.settings = settings
         self.keys = KeyStore(settings.api_key_file) if settings.api_key_file else None
@@ -399,7 +400,7 @@ def _without_path(exc: InputRejected, path: Path) -> InputRejected:
     return InputRejected(message, reason=exc.reason)
 
 
-def _model_card(bundle: Bundle) -> dict[str, Any]:
+def _model_card(bundle: Predictor) -> dict[str, Any]:
     """MODEL_CARD.md when the bundle has one; else the facts the manifest holds."""
     card: dict[str, Any] = {}
     if "MODEL_CARD.md" in bundle.manifest.get("files", {}):
@@ -458,14 +459,14 @@ _UPLOAD_SCHEMA = {
 
 
 def create_app(
-    bundle: str | Path | Bundle, settings: ServeSettings | None = None, **overrides: Any
+    bundle: str | Path | Bundle | Predictor, settings: ServeSettings | None = None, **overrides: Any
 ) -> FastAPI:
     """The FastAPI app serving ``bundle``; ``overrides`` replace fields of ``settings``.
 
     The bundle is loaded (and verified) here, so a bad bundle fails before the server listens.
     """
     settings = replace(settings or ServeSettings(), **overrides)
-    b = bundle if isinstance(bundle, Bundle) else _load(bundle, settings)
+    b = _load(bundle, settings) if isinstance(bundle, (str, Path)) else as_predictor(bundle)
     service = Service(b, settings)
 
     @asynccontextmanager
@@ -609,8 +610,8 @@ def _raise_file_limit(wanted: int) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-def _load(bundle: str | Path, settings: ServeSettings) -> Bundle:
-    return load_bundle(bundle, trusted_keys=settings.trusted_keys, expected_sha256=settings.bundle_sha256)
+def _load(bundle: str | Path, settings: ServeSettings) -> Predictor:
+    return Predictor.load(bundle, trusted_keys=settings.trusted_keys, expected_sha256=settings.bundle_sha256)
 
 
 def _set_torch_threads(settings: ServeSettings, workers: int) -> None:

@@ -11,7 +11,7 @@ Each received object takes the same path as a file given to ``medclf predict``:
    temporary DICOM file;
 2. :func:`medclf.io.read_image` guards and decodes it: content sniffing, header limits, truncation and
    decoder checks, never ``force=True`` on something that is not DICOM;
-3. :meth:`medclf.bundle.Bundle.predict` preprocesses it with the bundle's own spec, classifies it and
+3. :meth:`medclf.predictor.Predictor.predict` preprocesses it with the bundle's own spec, classifies it and
    runs the bundle's out-of-distribution guard.
 
 Who may connect (:class:`DicomNode` arguments, ``medclf dicom-node`` options): DICOM has no passwords,
@@ -77,6 +77,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from medclf.errors import ConfigError, InputRejected
 from medclf.io import ReadLimits, read_image
+from medclf.predictor import Predictor, as_predictor
 from medclf.serve.sr import build_sr
 
 if TYPE_CHECKING:
@@ -210,7 +211,9 @@ class _Source:
     modality: str
 
 
-def storage_modalities(bundle: Bundle, override: Iterable[str] | None = None) -> tuple[list[str], str]:
+def storage_modalities(
+    bundle: Bundle | Predictor, override: Iterable[str] | None = None
+) -> tuple[list[str], str]:
     """The modalities whose image storage SOP classes the node accepts for ``bundle``, and why.
 
     ``override`` (``--accept-modality``) wins. Otherwise the training data's fingerprint decides
@@ -335,7 +338,7 @@ class DicomNode:
 
     def __init__(
         self,
-        bundle: Bundle,
+        bundle: Bundle | Predictor,
         out_dir: str | Path,
         *,
         ae_title: str = "MEDCLF",
@@ -352,7 +355,7 @@ class DicomNode:
         modalities: Sequence[str] | None = None,
         fhir: bool = False,
     ) -> None:
-        self.bundle = bundle
+        self.bundle = as_predictor(bundle)
         self.fhir = bool(fhir)
         self.out_dir = Path(out_dir)
         self.host = host
@@ -716,11 +719,10 @@ def run_dicom_node(
 
     ``node_options``: the other keyword arguments of :class:`DicomNode` (access control, time limits,
     modalities); ``trusted_keys`` / ``bundle_sha256``: see :func:`medclf.bundle.load_bundle`."""
-    from medclf.bundle import load_bundle
     from medclf.engines import tune_allocator
 
     tune_allocator()
-    loaded = load_bundle(bundle, trusted_keys=trusted_keys, expected_sha256=bundle_sha256)
+    loaded = Predictor.load(bundle, trusted_keys=trusted_keys, expected_sha256=bundle_sha256)
     node = DicomNode(loaded, out, ae_title=ae_title, host=host, port=port, **node_options)
     node.serve_forever()
 

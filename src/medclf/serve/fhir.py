@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-import medclf
+from medclf._version import __version__
 from medclf.serve.coding import (
     ABSENT,
     CHECK_SUMMARY,
@@ -59,7 +59,7 @@ from medclf.serve.sr import algorithm_name, model_observer_uid
 if TYPE_CHECKING:
     from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 
-    from medclf.bundle import Bundle
+    from medclf.predictor import Predictor
 
 __all__ = ["MEDIA_TYPE", "diagnostic_report", "report_json", "wants_fhir"]
 
@@ -106,13 +106,13 @@ def wants_fhir(accept: str | None) -> bool:
 
 def diagnostic_report(
     prediction: dict[str, Any],
-    bundle: Bundle,
+    bundle: Predictor,
     *,
     issued: dt.datetime | None = None,
     identifiers: Sequence[dict[str, str]] = (),
     overlay_png: bytes | None = None,
 ) -> DiagnosticReport:
-    """The FHIR ``DiagnosticReport`` of one prediction (an entry of :meth:`Bundle.predict`), validated.
+    """The FHIR ``DiagnosticReport`` of one prediction (an entry of :meth:`Predictor.predict`), validated.
 
     ``identifiers``: FHIR ``Identifier`` objects of the report (``{"system": ..., "value": ...}``);
     ``overlay_png``: a heatmap overlay to attach as the report's ``presentedForm``."""
@@ -213,7 +213,7 @@ def _component(code: Code, value: float) -> dict[str, Any]:
     return {"code": _concept(code), "valueQuantity": _quantity(value)}
 
 
-def _device(bundle: Bundle) -> dict[str, Any]:
+def _device(bundle: Predictor) -> dict[str, Any]:
     return {
         "resourceType": "Device",
         "id": "model",
@@ -223,7 +223,7 @@ def _device(bundle: Bundle) -> dict[str, Any]:
         "type": {"text": "AI image classification model"},
         "version": [
             {"type": {"text": "sha256 of the model bundle"}, "value": bundle.sha256},
-            {"type": {"text": "medclf"}, "value": medclf.__version__},
+            {"type": {"text": "medclf"}, "value": __version__},
         ],
         "note": [{"text": _DISCLAIMER}],
     }
@@ -244,7 +244,7 @@ def _decision(decision: dict[str, Any], common: dict[str, Any]) -> dict[str, Any
     }
 
 
-def _check(prediction: dict[str, Any], bundle: Bundle, common: dict[str, Any]) -> dict[str, Any]:
+def _check(prediction: dict[str, Any], bundle: Predictor, common: dict[str, Any]) -> dict[str, Any]:
     threshold = getattr(bundle.ood, "threshold", None)
     components = [
         _component(concept, float(value))
@@ -265,7 +265,7 @@ def _check(prediction: dict[str, Any], bundle: Bundle, common: dict[str, Any]) -
     return obs
 
 
-def _conclusion(prediction: dict[str, Any], bundle: Bundle) -> str:
+def _conclusion(prediction: dict[str, Any], bundle: Predictor) -> str:
     model = f"{algorithm_name(bundle)} (sha256 {bundle.sha256[:12]})"
     if prediction.get("ood"):
         text = (
@@ -283,7 +283,7 @@ def _conclusion(prediction: dict[str, Any], bundle: Bundle) -> str:
     return f"{text} {_DISCLAIMER}"
 
 
-def http_report(answer: dict[str, Any], bundle: Bundle, request_id: str) -> str:
+def http_report(answer: dict[str, Any], bundle: Predictor, request_id: str) -> str:
     """``POST /v1/predict`` answered as FHIR (``Accept: application/fhir+json``): the report of ``answer``
     (what the JSON answer would hold), identified by the request's id (the audit log's), with the
     heatmap overlay as its presented form when ``?explain=true``."""

@@ -48,7 +48,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import UID
 
-import medclf
+from medclf._version import __version__
 from medclf.errors import ConfigError, InputRejected
 from medclf.serve.coding import (
     ABSENT,
@@ -66,7 +66,7 @@ from medclf.serve.coding import (
 )
 
 if TYPE_CHECKING:
-    from medclf.bundle import Bundle
+    from medclf.predictor import Predictor
 
 __all__ = [
     "CHECK_TRACKING_ID",
@@ -122,12 +122,12 @@ _PATIENT_STUDY_TYPE2 = (
 _DISCLAIMER = "research software, not for diagnostic use"
 
 
-def algorithm_name(bundle: Bundle) -> str:
+def algorithm_name(bundle: Predictor) -> str:
     """The model's name in results: ``medclf <architecture>`` (its version is the bundle's sha256)."""
     return f"medclf {bundle.arch}"
 
 
-def model_observer_uid(bundle: Bundle) -> str:
+def model_observer_uid(bundle: Predictor) -> str:
     """A UID for the model as an observing device, the same for every report of one bundle."""
     return _uid2_25(uuid.uuid5(_UID_NAMESPACE, f"model|{bundle.sha256}"))
 
@@ -135,14 +135,14 @@ def model_observer_uid(bundle: Bundle) -> str:
 def build_sr(
     source: Dataset,
     prediction: dict[str, Any],
-    bundle: Bundle,
+    bundle: Predictor,
     *,
     now: dt.datetime | None = None,
     observer_name: str = "MEDCLF",
 ) -> hd.sr.Comprehensive3DSR:
     """A Comprehensive 3D SR about ``source`` (a header; pixels not needed) holding ``prediction``.
 
-    ``prediction`` is one entry of :meth:`Bundle.predict`. The SR has a new SOP Instance UID and a Series
+    ``prediction`` is one entry of :meth:`Predictor.predict`. The SR has a new SOP Instance UID and a Series
     Instance UID derived from the source series and the model, so all reports of one model about one
     series share an SR series. Raises :class:`InputRejected` when the source's UIDs are not valid UIDs.
     """
@@ -208,7 +208,7 @@ def build_sr(
     # The class names and copied names may be in any script.
     sr.SpecificCharacterSet = "ISO_IR 192"
     sr.ManufacturerModelName = _lo(f"{bundle.arch} {bundle.sha256[:12]}")
-    sr.SoftwareVersions = medclf.__version__
+    sr.SoftwareVersions = __version__
     sr.InstanceCreationDate = sr.ContentDate = sr.SeriesDate = now.strftime("%Y%m%d")
     sr.InstanceCreationTime = sr.ContentTime = sr.SeriesTime = now.strftime("%H%M%S.%f")
     sr.TimezoneOffsetFromUTC = now.strftime("%z") or "+0000"
@@ -221,10 +221,10 @@ def build_sr(
     return sr
 
 
-def write_sr_files(bundle: Bundle, results: Sequence[dict[str, Any]], out_dir: str | Path) -> list[str]:
+def write_sr_files(bundle: Predictor, results: Sequence[dict[str, Any]], out_dir: str | Path) -> list[str]:
     """``medclf predict --sr DIR``: one ``<SOPInstanceUID>.sr.dcm`` per DICOM input of ``results``.
 
-    Each successful entry of ``results`` (from :meth:`Bundle.predict`) whose path is a DICOM file gains
+    Each successful entry of ``results`` (from :meth:`Predictor.predict`) whose path is a DICOM file gains
     ``sr`` (the file written); any other successful entry gains ``sr_skipped`` with the reason (not
     DICOM, an unreadable header, a file of that name already there: an SR is never overwritten). Returns
     one line per skipped entry, for the user."""
@@ -290,7 +290,7 @@ def _measurement(concept: Code, value: float) -> hd.sr.Measurement:
 
 
 def _decision_group(
-    decision: dict[str, Any], bundle: Bundle, image: hd.sr.SourceImageForMeasurementGroup
+    decision: dict[str, Any], bundle: Predictor, image: hd.sr.SourceImageForMeasurementGroup
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """The operating point's yes/no call (``decision`` as :meth:`OperatingPoint.decide` makes it)."""
     group = str(decision.get("group") or decision.get("label"))
@@ -318,7 +318,7 @@ def _decision_group(
 
 
 def _check_group(
-    prediction: dict[str, Any], bundle: Bundle, image: hd.sr.SourceImageForMeasurementGroup
+    prediction: dict[str, Any], bundle: Predictor, image: hd.sr.SourceImageForMeasurementGroup
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """The out-of-distribution guard's verdict, score and threshold."""
     detector = bundle.ood
@@ -345,12 +345,12 @@ def _check_group(
     )
 
 
-def _parameters(bundle: Bundle) -> list[str]:
+def _parameters(bundle: Predictor) -> list[str]:
     return [
         f"architecture: {bundle.arch}",
         f"temperature: {bundle.temperature:.6g}",
         f"classes: {', '.join(bundle.classes)}",
-        f"medclf {medclf.__version__}; {_DISCLAIMER}",
+        f"medclf {__version__}; {_DISCLAIMER}",
     ]
 
 
