@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medclf import augment as augment_mod
-from medclf import sanity
+from medclf import sanity, tracking
 from medclf import threads as threads_mod
 from medclf.budget import Budget, parse_duration
 from medclf.bundle import WEIGHTS, save_bundle, update_bundle
@@ -247,6 +247,7 @@ def train(
     return result
 
 
+@tracking.traced("train")  # MLflow, when the job is tracked (medclf.tracking)
 def _train_one(
     data: str | Path,
     out: str | Path,
