@@ -6,9 +6,11 @@ Every :class:`~medclf.errors.MedclfError` becomes a one-line message on stderr a
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -49,6 +51,70 @@ BundleSha256Option = Annotated[
     str | None,
     typer.Option("--bundle-sha256", help="Refuse any bundle but the one with this sha256 (`medclf info`)"),
 ]
+
+
+# Experiment tracking options of train, evaluate and export (medclf.tracking; README, Experiment tracking).
+TrackOption = Annotated[
+    bool,
+    typer.Option(
+        "--track", help="Log this run to MLflow (default store: sqlite:///runs/mlruns/mlflow.db, no server)"
+    ),
+]
+TrackingUriOption = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        help="MLflow tracking server or store, e.g. http://mlflow.team:5000 (implies --track; default "
+        "$MLFLOW_TRACKING_URI, else the local store)",
+    ),
+]
+ExperimentOption = Annotated[str, typer.Option("--experiment", help="MLflow experiment of the run")]
+RegisteredModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--registered-model",
+        help="MLflow registered model the bundle becomes a version of (default: its folder name)",
+    ),
+]
+_TRACKING_OPTIONS = ("track", "tracking_uri", "experiment", "registered_model")
+
+
+def _trackable(job: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Run a command as one tracked MLflow job when --track or --tracking-uri is given; its other options
+    are the run's ``settings.*`` parameters."""
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(command)
+        def run(**options: Any) -> None:
+            if not (options.get("track") or options.get("tracking_uri")):
+                return command(**options)
+            from medclf.tracking import track
+
+            settings = {k: v for k, v in options.items() if k not in _TRACKING_OPTIONS and v is not None}
+            out = options.get("monai_bundle") or options.get("out")
+            if out is None:  # export without --out: let the command say what is missing
+                return command(**options)
+            with track(
+                job,
+                out,
+                uri=options.get("tracking_uri"),
+                experiment=options.get("experiment"),
+                registered_model=options.get("registered_model"),
+                params={k: str(v) for k, v in settings.items()},
+                resume=bool(options.get("resume")),
+                bagging=options.get("folds") is not None or options.get("members") is not None,
+                bundle=options.get("bundle") if job == "evaluate" else None,
+                console=err,
+            ) as tracker:
+                try:
+                    command(**options)
+                except typer.Exit as exc:  # e.g. --strict's exit code 3: the bundle is written all the same
+                    tracker.finish(exit_code=int(exc.exit_code or 0))
+                    raise
+
+        return run
+
+    return decorate
 
 
 def _load_trusted(bundle: Path, trusted_keys: Path | None, bundle_sha256: str | None) -> Predictor:
@@ -119,6 +185,7 @@ def fetch(
 
 
 @app.command()
+@_trackable("train")
 def train(
     data: Annotated[str, typer.Argument(help="Dataset: folder, CSV manifest or MedMNIST .npz")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write")],
@@ -206,6 +273,10 @@ def train(
             "cues in augmentation and balance sampling over class x acquisition group"
         ),
     ] = None,
+    track: TrackOption = False,
+    tracking_uri: TrackingUriOption = None,
+    experiment: ExperimentOption = "medclf",
+    registered_model: RegisteredModelOption = None,
 ) -> None:
     """Train a classifier and write a verified model bundle. With no options a planner decides.
 
@@ -277,6 +348,7 @@ def train(
 
 
 @app.command()
+@_trackable("evaluate")
 def evaluate(
     bundle: Annotated[Path, typer.Argument(help="Model bundle (folder or .zip)")],
     data: Annotated[str, typer.Argument(help="Dataset holding the split to evaluate")],
@@ -324,6 +396,9 @@ def evaluate(
     min_group_n: Annotated[
         int, typer.Option(help="Subgroups smaller than this are reported, not tested")
     ] = 30,
+    track: TrackOption = False,
+    tracking_uri: TrackingUriOption = None,
+    experiment: ExperimentOption = "medclf",
 ) -> None:
     """metrics.json, predictions.csv, ROC/confusion/reliability plots and report.html for one split."""
     from medclf.api import evaluate as run_evaluate
@@ -476,6 +551,7 @@ def ensemble(
 
 
 @app.command()
+@_trackable("export")
 def export(
     bundle: Annotated[Path, typer.Argument(help="Model bundle to compress (folder or .zip)")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Bundle folder to write")] = None,
@@ -522,6 +598,10 @@ def export(
         ),
     ] = None,
     threads: Annotated[int | None, typer.Option("--threads", help=_THREADS_HELP)] = None,
+    track: TrackOption = False,
+    tracking_uri: TrackingUriOption = None,
+    experiment: ExperimentOption = "medclf",
+    registered_model: RegisteredModelOption = None,
 ) -> None:
     """Compress a bundle: distil, prune, export to ONNX, quantise to int8; records accuracy before/after.
     Or, with --monai-bundle, write it as a MONAI bundle."""

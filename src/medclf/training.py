@@ -62,6 +62,7 @@ from medclf.planner import (
     initial_plan,
 )
 from medclf.schedule import Schedule
+from medclf.tracking_hook import traced
 
 CHECKPOINT_SUFFIX = ".ckpt"
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
@@ -247,6 +248,7 @@ def train(
     return result
 
 
+@traced("train")  # MLflow, when the job is tracked (medclf.tracking)
 def _train_one(
     data: str | Path,
     out: str | Path,

@@ -20,6 +20,7 @@ from torch import nn
 from medclf.compress.data import TrainingData
 from medclf.planner import Plan, resolve_amp
 from medclf.preprocess import PreprocessSpec
+from medclf.tracking_hook import traced
 from medclf.training import TrainConfig, _Loop
 
 LossHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -67,6 +68,7 @@ class FinetuneResult:
     plan: Plan
 
 
+@traced("finetune")  # a nested MLflow run when the export is tracked
 def finetune(
     plan: Plan,
     data: TrainingData,
@@ -79,9 +81,11 @@ def finetune(
     seed: int = 0,
     console: Console | None = None,
     progress: bool = True,
+    epoch_callback: Callable[[dict[str, Any], nn.Module, Plan], dict[str, Any] | None] | None = None,
 ) -> FinetuneResult:
     """Train ``plan``'s network (starting from ``init_state`` when given) for ``epochs`` on the training
-    split; return the model selected on validation AUC."""
+    split; return the model selected on validation AUC. ``epoch_callback``: as in
+    :func:`medclf.training.train`."""
     console = console or Console(stderr=True, soft_wrap=True)
     t0 = time.perf_counter()
     plan.epochs, plan.lr = int(epochs), float(lr)
@@ -106,6 +110,7 @@ def finetune(
             if loop.ema is not None:
                 loop.ema.module.load_state_dict(init_state)
         loop.loss_hook = loss_hook
+        loop.epoch_callback = epoch_callback
         deadline = t0 + time_budget if time_budget else None
         history, best_epoch, val_probs = loop.run(None, deadline)
         model = loop.best_model()

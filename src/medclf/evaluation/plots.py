@@ -1,4 +1,4 @@
-"""Evaluation figures as PNG files: ROC curves, confusion matrix, reliability diagram.
+"""Evaluation figures as PNG files: ROC curves, confusion matrix, reliability diagram, training curves.
 
 Figures are built with :class:`matplotlib.figure.Figure` and an Agg canvas, never pyplot: no global
 backend switch, no figure registry to leak, safe in servers and threads. Class names come from users,
@@ -7,7 +7,7 @@ so every text that can hold one is drawn with mathtext off (a ``$`` in a name mu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +15,12 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from medclf.evaluation.metrics import calibration_bins, expected_calibration_error
 
-__all__ = ["plot_confusion", "plot_reliability", "plot_roc"]
+__all__ = ["plot_confusion", "plot_reliability", "plot_roc", "plot_training_history"]
 
 DPI = 100
 _FONT = 11
@@ -201,6 +202,28 @@ def plot_augmentation_gallery(
             ax.set_yticks([])
             if i == 0:
                 ax.set_title("input" if j == 0 else f"'{preset}' #{j}", fontsize=_FONT - 1)
+    return _save(fig, path)
+
+
+def plot_training_history(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Training curves from a bundle's ``history`` rows: training and validation loss (left), validation
+    AUC and accuracy (right), against the epoch."""
+    fig = Figure(figsize=(10.0, 4.0), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2)
+    epochs = [int(h["epoch"]) for h in history]
+    for ax, keys, ylabel in (
+        (left, (("loss", "training loss"), ("val_loss", "validation loss")), "loss"),
+        (right, (("val_auc", "validation AUC"), ("val_acc", "validation accuracy")), "score"),
+    ):
+        _style(ax)
+        for key, label in keys:
+            values = [float(h[key]) if h.get(key) is not None else np.nan for h in history]
+            ax.plot(epochs, values, marker="o", ms=3, label=label)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel)
+        _legend(ax, fontsize=_FONT - 1)
     return _save(fig, path)
 
 
