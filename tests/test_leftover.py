@@ -10,6 +10,7 @@ import pytest
 
 from medclf import planner, training
 from medclf.bundle import load_bundle
+from medclf.training import bagging, loop
 
 
 @pytest.fixture
@@ -17,9 +18,9 @@ def quick_leftover(monkeypatch):
     """Make the leftover-members path run in seconds: validation AUC falls after the first epoch (so
     every run stops early after `patience` epochs), fusion needs little time, at most 2 members."""
     calls = itertools.count()
-    monkeypatch.setattr(training, "_auc", lambda y, p, k: 0.9 - 0.01 * next(calls))
-    monkeypatch.setattr(training, "LEFTOVER_FUSION_S", 1.0)
-    monkeypatch.setattr(training, "MAX_LEFTOVER_MEMBERS", 2)
+    monkeypatch.setattr(loop, "_auc", lambda y, p, k: 0.9 - 0.01 * next(calls))
+    monkeypatch.setattr(bagging, "LEFTOVER_FUSION_S", 1.0)
+    monkeypatch.setattr(bagging, "MAX_LEFTOVER_MEMBERS", 2)
 
 
 def _volumes_npz(path, n_train=48, side=16):

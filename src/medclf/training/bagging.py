@@ -20,19 +20,31 @@ order, augmentation). Sharing the validation split lets ``weighted`` and ``stack
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
+from torch import nn
 
-from medclf.bundle import Bundle, load_bundle
+from medclf import sanity
+from medclf.budget import Budget
+from medclf.bundle import WEIGHTS, Bundle, load_bundle, save_bundle, update_bundle
 from medclf.data.sources import load_source
 from medclf.errors import ConfigError, MedclfError
 from medclf.fusion import METHODS, EnsembleResult, ensemble
+from medclf.planner import (
+    Plan,
+)
 from medclf.preprocess import PreprocessSpec
-from medclf.training import CHECKPOINT_SUFFIX, TrainConfig, train
+from medclf.training.checkpoint import CHECKPOINT_SUFFIX
+from medclf.training.config import TrainConfig
+from medclf.training.run import TrainResult, _train_one
 
 __all__ = ["train_folds", "train_members"]
 
@@ -223,3 +235,219 @@ def _finished(path: Path) -> Bundle | None:
         return load_bundle(path)
     except MedclfError:
         return None
+
+
+MAX_LEFTOVER_MEMBERS = 5
+
+
+LEFTOVER_FUSION_S = 20.0  # validation predictions of every member, fitting and writing the ensemble
+
+
+def train(
+    data: str | Path,
+    out: str | Path,
+    *,
+    config: TrainConfig | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    console: Console | None = None,
+    epoch_callback: Callable[[dict[str, Any], nn.Module, Plan], dict[str, Any] | None] | None = None,
+    val_fold: tuple[int, int] | None = None,
+    **settings: Any,
+) -> TrainResult:
+    """Train a classifier on ``data`` and write a bundle to ``out``.
+
+    When the planner sets the epochs (no ``epochs`` given) and validation stops the run early, the time
+    left in the budget trains more members with other seeds, and ``out`` becomes their mean ensemble
+    (``members=1`` turns this off; ``medclf.train_members`` asks for K members outright). Everything else
+    is :func:`_train_one`'s. The sanity gate's verdict (:mod:`medclf.sanity`) is printed at the end and
+    returned in ``TrainResult.sanity``.
+    """
+    cfg = (config or TrainConfig()).updated(settings)
+    budget = Budget(cfg.time_budget)
+    if cfg.members is not None and cfg.members != 1:
+        raise ConfigError(
+            "train() makes one model (members=1) or decides itself (None); use train_members(K)"
+        )
+    console = console or Console(stderr=True, soft_wrap=True)
+    first = _train_one(
+        data,
+        out,
+        config=cfg,
+        resume=resume,
+        progress=progress,
+        console=console,
+        epoch_callback=epoch_callback,
+        val_fold=val_fold,
+        budget=budget,
+    )
+    auto = (
+        cfg.members is None
+        and cfg.epochs is None
+        and val_fold is None
+        and not resume
+        and int(os.environ.get("WORLD_SIZE", "1")) == 1
+        and first.stop_reason == "early_stop"
+    )
+    result = _use_leftover_budget(first, data, Path(out), cfg, budget, progress, console) if auto else first
+    if result.sanity is not None:
+        sanity.render(result.sanity, console)
+    return result
+
+
+def _use_leftover_budget(
+    first: TrainResult,
+    data: str | Path,
+    out: Path,
+    cfg: TrainConfig,
+    budget: Budget,
+    progress: bool,
+    console: Console,
+) -> TrainResult:
+    """When training stopped early, spend the rest of the time budget on more members (other seeds, the
+    same validation split and plan) and fuse them by their mean: small datasets converge in a fraction of
+    the budget, and their noisy validation split makes one model a lottery ticket.
+
+    This never costs the first model: ``out`` keeps its bundle until the fused one replaces it (atomically),
+    every extra member trains on the first member's plan (same preprocessing, dimensions and channels), and
+    when a member or the fusion fails for any reason the best single member becomes the bundle and the
+    failure is reported (console, ``bundle.json`` ``leftover``, ``TrainResult.leftover_failure``)."""
+    from medclf.fusion import ensemble
+
+    left = budget.left()
+    per_member = leftover_member_seconds(first.history, first.best_epoch)
+    n_more = min(MAX_LEFTOVER_MEMBERS - 1, int((left - LEFTOVER_FUSION_S) // per_member))
+    if n_more < 1:
+        return first
+    work = out.with_name(out.name + ".folds")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    members = [work / "member-0"]
+    shutil.copytree(out, members[0])
+    console.print(
+        f"[bold]Early stop left {left / 60:.1f} min of the budget[/]: training {n_more} more member(s) with "
+        "other seeds on the same validation split, then fusing them by their mean (seed bagging)"
+    )
+    # The first member's measured pace decides the others' epochs.
+    base = Plan.from_dict(first.plan.to_dict())
+    if first.history:
+        base.epoch_seconds = float(np.mean([h["seconds"] for h in first.history]))
+    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    budget.reserve(LEFTOVER_FUSION_S)
+    failure: str | None = None
+    for k in range(1, n_more + 1):
+        member = work / f"member-{k}"
+        share = budget.share(n_more + 1 - k)
+        run = cfg.updated(
+            {"members": 1, "seed": cfg.seed + k, "split_seed": split_seed, "time_budget": max(share, 1.0)}
+        )
+        try:
+            _train_one(
+                data,
+                member,
+                config=run,
+                progress=progress,
+                console=console,
+                budget=budget.child(max(share, 1.0)),
+                base_plan=base,
+            )
+        except Exception as exc:  # the members trained so far (and the first bundle) stay
+            failure = f"member {k + 1} failed: {_one_line(exc)}"
+            break
+        members.append(member)
+    fused = None
+    if len(members) >= 2:
+        try:
+            fused = ensemble(
+                members,
+                out,
+                data=data,
+                method="mean",
+                cache_dir=cfg.cache_dir,
+                workers=cfg.workers,
+                progress=progress,
+                console=console,
+                seed=cfg.seed,
+                recipe={
+                    "bagging": "seeds (time left after an early stop)",
+                    "members": len(members),
+                    "seed": cfg.seed,
+                },
+            )
+        except Exception as exc:
+            failure = (
+                failure + "; " if failure else ""
+            ) + f"fusing {len(members)} members failed: {_one_line(exc)}"
+            fused = None
+    if fused is None:
+        result = _keep_best_member(first, members, out, failure or "no extra member finished", console)
+    else:
+        verdict = sanity.judge(fused.val_metrics or first.val_metrics, first.references or {}, first.schedule)
+        # The first member's run, which the fused bundle's own record (an ensemble) does not hold.
+        leftover = {
+            "members": len(members),
+            "failure": failure,
+            "first_member": {
+                "schedule": first.schedule,
+                "epoch_seconds": [h["seconds"] for h in first.history],
+            },
+        }
+        update_bundle(out, {"sanity": verdict.to_dict(), "leftover": leftover})
+        result = replace(
+            first,
+            bundle=fused.bundle,
+            val_metrics=fused.val_metrics or first.val_metrics,
+            members=members if cfg.keep_checkpoints else [],
+            sanity=verdict.to_dict(),
+            leftover_failure=failure,
+        )
+    if not cfg.keep_checkpoints:
+        shutil.rmtree(work, ignore_errors=True)
+    return replace(result, seconds=budget.elapsed())
+
+
+def leftover_member_seconds(history: list[dict[str, Any]], best_epoch: int) -> float:
+    """What one extra member costs: the time the first member took to reach its best epoch, plus headroom.
+
+    Later members skip decoding (cached) and planning, and their schedules follow their own share of the
+    clock, so a member given this much anneals within as many epochs as the first needed for its best
+    model. (Pricing a member at the first run's whole training time, patience included, fitted none after
+    a late early stop: BreastMNIST, 10 min, a busy CPU, left 280 s unused.)"""
+    to_best = sum(h["seconds"] for h in history[: max(best_epoch, 1)])
+    return max(to_best, 1.0) * 1.15 + 5.0
+
+
+def _keep_best_member(
+    first: TrainResult, members: list[Path], out: Path, failure: str, console: Console
+) -> TrainResult:
+    """The fallback when the leftover members cannot be fused: the member with the best validation AUC
+    (then accuracy) becomes the bundle at ``out``, which records why (``leftover``)."""
+    from medclf.bundle import load_bundle
+
+    def score(path: Path) -> tuple[float, float]:
+        val = load_bundle(path).manifest.get("metrics", {}).get("val", {})
+        return (val.get("auc") or -1.0, val.get("accuracy") or -1.0)
+
+    best = max(members, key=score)
+    console.print(
+        f"[bold yellow]warning:[/] the leftover-budget ensemble was not made ({failure}); keeping the best "
+        f"single member ({best.name}, of {len(members)}) as the bundle"
+    )
+    b = load_bundle(best)
+    manifest = {k: v for k, v in b.manifest.items() if k not in ("files", "self_sha256")}
+    manifest["leftover"] = {"members": len(members), "failure": failure, "kept": best.name}
+    extra = {name: b.path / name for name in b.manifest["files"] if name != WEIGHTS}
+    save_bundle(out, model=b.model, manifest=manifest, extra_files=extra)
+    return replace(
+        first,
+        val_metrics=manifest.get("metrics", {}).get("val", first.val_metrics),
+        best_epoch=int(manifest.get("recipe", {}).get("best_epoch", first.best_epoch)),
+        history=manifest.get("history", first.history),
+        sanity=manifest.get("sanity", first.sanity),
+        leftover_failure=failure,
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = exc.message if isinstance(exc, MedclfError) else f"{type(exc).__name__}: {exc}"
+    return " ".join(str(text).split())[:300]
