@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-from medclf import planner, training
+from medclf import budget, planner, training
 from medclf.bundle import load_bundle
 from medclf.training import bagging, loop
 
@@ -19,7 +19,7 @@ def quick_leftover(monkeypatch):
     every run stops early after `patience` epochs), fusion needs little time, at most 2 members."""
     calls = itertools.count()
     monkeypatch.setattr(loop, "_auc", lambda y, p, k: 0.9 - 0.01 * next(calls))
-    monkeypatch.setattr(bagging, "LEFTOVER_FUSION_S", 1.0)
+    monkeypatch.setattr(budget, "LEFTOVER_FUSION_S", 1.0)
     monkeypatch.setattr(bagging, "MAX_LEFTOVER_MEMBERS", 2)
 
 

@@ -44,6 +44,23 @@ def test_budget_reserves_and_shares_on_an_injected_clock():
     assert child.total == 50 and child.clock is clock
 
 
+def test_the_epochs_get_what_the_budget_leaves_after_its_reservations_less_headroom():
+    from medclf import budget as rules
+
+    clock = FakeClock()
+    b = Budget("10m", clock=clock)
+    clock.now += 100
+    assert 0 < b.plan_epoch_seconds(before=50) < b.left() - 50 < b.plan_epoch_seconds() + 50
+    b.reserve_finishing(3000, throughput=None)  # no measured pace: the fallback rate
+    assert b.reserved == rules.FINISH_FIXED_S + 3000 / (rules.INFERENCE_SPEEDUP * rules.FALLBACK_THROUGHPUT)
+    assert 0 < b.epoch_seconds() < b.available() == b.left() - b.reserved
+    b.reserve_bag_fusion()  # a reservation replaces the one before
+    assert b.reserved == rules.BAG_FUSION_SHARE * 600 + rules.BAG_FUSION_MIN_S
+    b.reserve_leftover_fusion()
+    assert b.reserved == rules.LEFTOVER_FUSION_S
+    assert rules.member_seconds(0.0) == rules.member_seconds(rules.MIN_RUN_S) > rules.MIN_RUN_S
+
+
 def test_epoch_schedule_is_the_classic_warmup_cosine():
     for spe, epochs in ((17, 4), (1, 30), (5, 1)):
         s = Schedule(spe, epochs, patience_epochs=8)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -33,7 +32,7 @@ from rich.console import Console
 from torch import nn
 
 from medclf import sanity
-from medclf.budget import Budget
+from medclf.budget import MIN_RUN_S, Budget, member_seconds
 from medclf.bundle import WEIGHTS, Bundle, load_bundle, save_bundle, update_bundle
 from medclf.data.sources import load_source
 from medclf.errors import ConfigError, MedclfError
@@ -49,8 +48,6 @@ from medclf.training.run import TrainResult, _train_one
 __all__ = ["train_folds", "train_members"]
 
 FOLDS_SUFFIX = ".folds"
-# Time kept back from the training runs for fusing them (validation predictions, fitting, writing).
-_FUSION_RESERVE = (0.02, 5.0)  # fraction of the budget, plus seconds
 
 
 def train_folds(
@@ -134,7 +131,8 @@ def _train_bag(
     progress: bool,
     console: Console | None,
 ) -> EnsembleResult:
-    t_start = time.perf_counter()
+    budget = Budget(cfg.time_budget)
+    budget.reserve_bag_fusion()
     console = console or Console(stderr=True, soft_wrap=True)
     if method not in METHODS:
         raise ConfigError(f"unknown fusion method {method!r}; choose one of {', '.join(METHODS)}")
@@ -142,8 +140,6 @@ def _train_bag(
     noun = "Fold" if mode == "folds" else "Member"
     out = Path(out)
     work = out.with_name(out.name + FOLDS_SUFFIX)
-    deadline = t_start + cfg.time_budget
-    reserve = _FUSION_RESERVE[0] * cfg.time_budget + _FUSION_RESERVE[1]
     pinned: dict[str, Any] = {}
     members: list[Path] = []
     runs: list[dict[str, Any]] = []
@@ -156,15 +152,15 @@ def _train_bag(
             pinned = pinned or _pin(cfg, recipe, finished.spec)
             members.append(fold_out)
             continue
-        budget = (deadline - time.perf_counter() - reserve) / (folds - k)
-        if budget <= 0 and not cfg.epochs:
+        share = budget.share(folds - k)
+        if share <= 0 and not cfg.epochs:
             raise ConfigError(
                 f"the time budget ({cfg.time_budget:.0f} s) ran out after {k} of {folds} runs; give a larger "
                 f"--time-budget or fewer --{mode if mode == 'folds' else 'members'}"
             )
-        console.print(f"[bold]{noun} {k + 1}/{folds}[/] (time budget {budget:.0f} s)")
+        console.print(f"[bold]{noun} {k + 1}/{folds}[/] (time budget {share:.0f} s)")
         ckpt = fold_out.with_name(fold_out.name + CHECKPOINT_SUFFIX)
-        run_settings: dict[str, Any] = {"time_budget": max(budget, 1.0), "members": 1, **pinned}
+        run_settings: dict[str, Any] = {"time_budget": max(share, MIN_RUN_S), "members": 1, **pinned}
         if mode == "seeds":
             run_settings.update(
                 seed=cfg.seed + k, split_seed=cfg.seed if cfg.split_seed is None else cfg.split_seed
@@ -204,7 +200,7 @@ def _train_bag(
             "seed": cfg.seed,
             "time_budget_s": cfg.time_budget,
             "runs": runs,
-            "training_seconds": round(time.perf_counter() - t_start, 1),
+            "training_seconds": round(budget.elapsed(), 1),
         },
     )
     if not cfg.keep_checkpoints:
@@ -238,9 +234,6 @@ def _finished(path: Path) -> Bundle | None:
 
 
 MAX_LEFTOVER_MEMBERS = 5
-
-
-LEFTOVER_FUSION_S = 20.0  # validation predictions of every member, fitting and writing the ensemble
 
 
 def train(
@@ -316,7 +309,8 @@ def _use_leftover_budget(
 
     left = budget.left()
     per_member = leftover_member_seconds(first.history, first.best_epoch)
-    n_more = min(MAX_LEFTOVER_MEMBERS - 1, int((left - LEFTOVER_FUSION_S) // per_member))
+    budget.reserve_leftover_fusion()
+    n_more = min(MAX_LEFTOVER_MEMBERS - 1, int(budget.available() // per_member))
     if n_more < 1:
         return first
     work = out.with_name(out.name + ".folds")
@@ -333,13 +327,17 @@ def _use_leftover_budget(
     if first.history:
         base.epoch_seconds = float(np.mean([h["seconds"] for h in first.history]))
     split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
-    budget.reserve(LEFTOVER_FUSION_S)
     failure: str | None = None
     for k in range(1, n_more + 1):
         member = work / f"member-{k}"
         share = budget.share(n_more + 1 - k)
         run = cfg.updated(
-            {"members": 1, "seed": cfg.seed + k, "split_seed": split_seed, "time_budget": max(share, 1.0)}
+            {
+                "members": 1,
+                "seed": cfg.seed + k,
+                "split_seed": split_seed,
+                "time_budget": max(share, MIN_RUN_S),
+            }
         )
         try:
             _train_one(
@@ -348,7 +346,7 @@ def _use_leftover_budget(
                 config=run,
                 progress=progress,
                 console=console,
-                budget=budget.child(max(share, 1.0)),
+                budget=budget.child(max(share, MIN_RUN_S)),
                 base_plan=base,
             )
         except Exception as exc:  # the members trained so far (and the first bundle) stay
@@ -413,8 +411,7 @@ def leftover_member_seconds(history: list[dict[str, Any]], best_epoch: int) -> f
     clock, so a member given this much anneals within as many epochs as the first needed for its best
     model. (Pricing a member at the first run's whole training time, patience included, fitted none after
     a late early stop: BreastMNIST, 10 min, a busy CPU, left 280 s unused.)"""
-    to_best = sum(h["seconds"] for h in history[: max(best_epoch, 1)])
-    return max(to_best, 1.0) * 1.15 + 5.0
+    return member_seconds(sum(h["seconds"] for h in history[: max(best_epoch, 1)]))
 
 
 def _keep_best_member(

@@ -21,6 +21,7 @@ from torch import nn
 
 from medclf import augment as augment_mod
 from medclf import threads as threads_mod
+from medclf.budget import epoch_pace
 from medclf.data.cache import PreparedData
 from medclf.data.samples import SampleSet
 from medclf.data.stream import (
@@ -385,7 +386,8 @@ class _Loop:
                             )
                         break
                 elif self.dist.agree(
-                    deadline is not None and self.clock() + float(np.mean(epoch_times[-3:])) * 1.05 > deadline
+                    deadline is not None
+                    and self.clock() + epoch_pace(float(np.mean(epoch_times[-3:]))) > deadline
                 ):
                     if epoch + 1 < self.plan.epochs:
                         self.stop_reason = "time_budget"
@@ -406,7 +408,7 @@ class _Loop:
             return
         # The first epoch pays one-off costs (kernel creation, compilation): leave it out once others ran.
         recent = epoch_times[1:][-3:] if len(epoch_times) > 1 else epoch_times
-        pace = max(epoch_times[-1], float(np.mean(recent))) * 1.05
+        pace = epoch_pace(max(epoch_times[-1], float(np.mean(recent))))
         if self.dist.is_main:
             self.schedule.replan(self.scheduler.last_epoch, epochs_done, deadline - self.clock(), pace)
         self.schedule.load_state_dict(self.dist.broadcast_json(self.schedule.state_dict()))

@@ -6,18 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from medclf import threads as threads_mod
-from medclf.budget import Budget
+from medclf.budget import MIN_RUN_S, Budget, decode_seconds
 from medclf.data.samples import SampleSet
 from medclf.distributed import DistContext
 from medclf.errors import ConfigError
-from medclf.planner import (
-    PLANNING_MIN_S,
-    PLANNING_SHARE,
-    Fingerprint,
-    Plan,
-    choose_size_and_epochs,
-    initial_plan,
-)
+from medclf.planner import Fingerprint, Plan, choose_size_and_epochs, initial_plan
 from medclf.training.config import TrainConfig
 
 
@@ -39,10 +32,10 @@ def _plan(
     if cfg.size is not None and cfg.size < 4:
         raise ConfigError("--size must be at least 4")
     workers = cfg.workers or policy.decode_workers
-    decode_estimate = probe_s * len(samples) / workers * 1.3
-    planning_s = budget.fraction(PLANNING_SHARE, at_least=PLANNING_MIN_S)
-    # Headroom for per-epoch validation and writing the bundle; the probe's own time comes off too.
-    budget_left = (budget.left() - decode_estimate - planning_s) * 0.92 - 5
+    decode_estimate = decode_seconds(probe_s, len(samples), workers)
+    planning_s = budget.planning_seconds()
+    # Decoding and the probe's own time come off what the epochs may take.
+    budget_left = budget.plan_epoch_seconds(before=decode_estimate + planning_s)
     if budget_left <= 0 and not cfg.epochs:
         raise ConfigError(
             f"the time budget ({cfg.time_budget:.0f} s) is spent on reading the data alone "
@@ -52,7 +45,7 @@ def _plan(
         plan = choose_size_and_epochs(
             plan,
             n_train=n_train,
-            budget_s=max(budget_left, 1.0),
+            budget_s=max(budget_left, MIN_RUN_S),
             fp=fp,
             overrides=overrides,
             device=device,
@@ -72,7 +65,7 @@ def _plan_like(base: Plan, cfg: TrainConfig, budget: Budget) -> Plan:
     if cfg.epochs:
         plan.epochs = int(cfg.epochs)
     elif plan.epoch_seconds:
-        fit = int((budget.left() * 0.92 - 5) // plan.epoch_seconds)
+        fit = int(budget.plan_epoch_seconds() // plan.epoch_seconds)
         plan.epochs = int(max(1, min(base.epochs, fit)))
     return plan
 

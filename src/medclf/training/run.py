@@ -177,13 +177,11 @@ def _train_one(
     )  # fmt: skip
 
     # What follows the last epoch must fit the budget too: features for the OOD guard, the temperature,
-    # the sanity gate's baseline and writing the bundle (inference runs ~3x faster than a training step).
-    budget.reserve(
-        7.0 + (min(len(train_idx), OOD_FIT_SAMPLES) + len(val_idx)) / (3.0 * (plan.throughput or 100.0))
-    )
+    # the sanity gate's baseline and writing the bundle (medclf.budget prices it).
+    budget.reserve_finishing(min(len(train_idx), OOD_FIT_SAMPLES) + len(val_idx), plan.throughput)
     # Re-fit the epoch count to the time that is really left (decoding may have been faster or cached).
     if state is None and not cfg.epochs and plan.epoch_seconds:
-        fit = int((budget.available() * 0.95 - 2) // plan.epoch_seconds)
+        fit = int(budget.epoch_seconds() // plan.epoch_seconds)
         plan.epochs = max(1, min(plan.epochs, fit)) if fit < plan.epochs else plan.epochs
     plan.epochs = int(dist.broadcast_json(plan.epochs))  # a clock decided it: rank 0's count for all
 
