@@ -105,7 +105,7 @@ def test_training_anneals_when_epochs_run_slower_than_planned(sim_data, tmp_path
     annealed, inside its budget, and the bundle must say so."""
     clock = FakeClock()
     monkeypatch.setattr(planner, "measure_throughput", lambda *a, **k: 1000.0)  # a plan of many fast epochs
-    original = training._Loop.train_epoch
+    original = training.Loop.train_epoch
     seconds = []
 
     def slow_epoch(self):
@@ -114,9 +114,9 @@ def test_training_anneals_when_epochs_run_slower_than_planned(sim_data, tmp_path
         clock.now += seconds[-1]
         return loss
 
-    monkeypatch.setattr(training._Loop, "train_epoch", slow_epoch)
+    monkeypatch.setattr(training.Loop, "train_epoch", slow_epoch)
     budget = Budget(60, clock=clock)
-    result = training._train_one(
+    result = training.train_one(
         sim_data,
         tmp_path / "m",
         budget=budget,
@@ -151,7 +151,7 @@ def test_explicit_epochs_keep_the_epoch_schedule(sim_data, tmp_path):
 def test_a_clock_driven_run_resumes_with_its_schedule(sim_data, tmp_path, monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(planner, "measure_throughput", lambda *a, **k: 1000.0)
-    original = training._Loop.train_epoch
+    original = training.Loop.train_epoch
     calls = {"n": 0}
 
     def epoch(self):
@@ -162,13 +162,13 @@ def test_a_clock_driven_run_resumes_with_its_schedule(sim_data, tmp_path, monkey
         clock.now += 5.0
         return loss
 
-    monkeypatch.setattr(training._Loop, "train_epoch", epoch)
+    monkeypatch.setattr(training.Loop, "train_epoch", epoch)
     kw = dict(size=24, arch="compact-s", batch_size=16, patience=1000, progress=False, time_budget=60)
     with pytest.raises(KeyboardInterrupt):
-        training._train_one(sim_data, tmp_path / "m", budget=Budget(60, clock=clock), **kw)
+        training.train_one(sim_data, tmp_path / "m", budget=Budget(60, clock=clock), **kw)
     saved = json.loads((tmp_path / "m.ckpt" / "state.json").read_text())
     assert saved["schedule"]["clock_driven"] and saved["schedule"]["horizon_epochs"] < saved["plan"]["epochs"]
     # The resumed run has a budget of its own: the schedule continues from the saved horizon.
-    result = training._train_one(sim_data, tmp_path / "m", resume=True, budget=Budget(30, clock=clock), **kw)
+    result = training.train_one(sim_data, tmp_path / "m", resume=True, budget=Budget(30, clock=clock), **kw)
     assert [h["epoch"] for h in result.history][:3] == [1, 2, 3] and len(result.history) > 3
     assert result.schedule["mode"] == "clock" and result.schedule["completed"]

@@ -23,7 +23,7 @@ __all__ = ["Budget", "member_seconds", "parse_duration"]
 # The planner's timing probe gets this share of the budget, at least this many seconds: planning is overhead.
 PLANNING_SHARE, PLANNING_MIN_S = 0.05, 3.0
 # Decoding every file takes this much longer than the fingerprint's per-file probe time divided by the
-# workers: the cache pass also preprocesses and writes each file, and the workers share the disk.
+# workers: the probe only decodes, the cache pass also preprocesses, scans and writes each file.
 DECODE_SLACK = 1.3
 # A plan gives its epochs this share of the time left, less these seconds: per-epoch validation and the work
 # after the last epoch are not reserved yet when the planner counts epochs.
@@ -35,15 +35,16 @@ REFIT_EPOCHS_SHARE, REFIT_EPOCHS_MARGIN_S = 0.95, 2.0
 # OOD guard's forward passes, which run this many times faster than a training step at the plan's throughput
 # (images per second; a slow machine's rate when the plan measured none).
 FINISH_FIXED_S, INFERENCE_SPEEDUP, FALLBACK_THROUGHPUT = 7.0, 3.0, 100.0
-# The next epoch may run this much slower than the recent ones (another process's load, a cache miss).
+# The next epoch may run this much slower than the recent ones (epoch times vary with other processes' load).
 EPOCH_PACE_SLACK = 1.05
 # An extra seed-bag member after an early stop costs the first member's time to its best epoch, times this
-# slack plus these seconds: it opens the cache, fits its OOD guard and writes its bundle, on a machine that
-# may be busier than during the first run.
+# slack plus these seconds: headroom for what a member does besides its epochs (its OOD guard and bundle)
+# and for a slower pace than the first run's.
 MEMBER_SLACK, MEMBER_MARGIN_S = 1.15, 5.0
 # Fusing the leftover-budget members: the validation predictions of each, fitting and writing the ensemble.
 LEFTOVER_FUSION_S = 20.0
-# Fusing K-fold or seed-bag members: this share of the budget plus these seconds (K can be large).
+# Fusing K-fold or seed-bag members (validation predictions of each, fitting, writing): this share of the
+# budget plus these seconds.
 BAG_FUSION_SHARE, BAG_FUSION_MIN_S = 0.02, 5.0
 # The least any run is given: a budget must be positive, and the planner needs something to divide.
 MIN_RUN_S = 1.0
@@ -52,7 +53,7 @@ Clock = Callable[[], float]
 
 
 def decode_seconds(probe_s: float, n_files: int, workers: int) -> float:
-    """How long decoding ``n_files`` is expected to take with ``workers``, from the probe's seconds per file."""
+    """How long decoding ``n_files`` takes with ``workers``, from the probe's seconds per file."""
     return probe_s * n_files / workers * DECODE_SLACK
 
 
@@ -152,7 +153,7 @@ class Budget:
         self.reserve(FINISH_FIXED_S + n_inferred / rate)
 
     def reserve_bag_fusion(self) -> None:
-        """Set aside the fusion of K-fold or seed-bag members (share and floor in :data:`BAG_FUSION_SHARE`)."""
+        """Set aside the fusion of K-fold or seed-bag members (:data:`BAG_FUSION_SHARE`)."""
         self.reserve(self.fraction(BAG_FUSION_SHARE) + BAG_FUSION_MIN_S)
 
     def reserve_leftover_fusion(self) -> None:

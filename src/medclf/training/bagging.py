@@ -1,4 +1,9 @@
-"""K-fold bagging (``medclf train DATA --folds K``): K training runs fused into one ensemble bundle.
+"""The ways to train (:func:`train`, :func:`train_folds`, :func:`train_members`), and the bagging they share.
+
+:func:`train` makes one model; when the planner set the epochs and validation stopped the run early, the
+time left trains more members with other seeds (:mod:`~medclf.training.leftover`), fused by their mean.
+
+K-fold bagging (``medclf train DATA --folds K``): K training runs fused into one ensemble bundle.
 
 Run ``k`` validates (model selection, early stopping, temperature) on fold ``k`` of the training split
 (stratified, grouped by patient when ids exist; :func:`medclf.data.splits.fold_split`) and trains on the
@@ -16,38 +21,86 @@ Seed bagging (``medclf train DATA --members K``, :func:`train_members`) is the s
 another kind of diversity: every member trains on the whole training split and validates on the same
 validation split (carved with the first seed), but with its own training seed (initial weights, batch
 order, augmentation). Sharing the validation split lets ``weighted`` and ``stacking`` be fitted there.
+
+All three draw on one :class:`~medclf.budget.Budget` and share a :class:`~medclf.training.bag.Bag`: the
+members' folder, their settings and budget shares, their fusion and the clean-up.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from rich.console import Console
-from torch import nn
 
 from medclf import sanity
-from medclf.budget import MIN_RUN_S, Budget, member_seconds
-from medclf.bundle import WEIGHTS, Bundle, load_bundle, save_bundle, update_bundle
+from medclf.budget import Budget
+from medclf.bundle import Bundle, load_bundle
 from medclf.data.sources import load_source
 from medclf.errors import ConfigError, MedclfError
-from medclf.fusion import METHODS, EnsembleResult, ensemble
-from medclf.planner import (
-    Plan,
-)
+from medclf.fusion import METHODS, EnsembleResult
 from medclf.preprocess import PreprocessSpec
-from medclf.training.checkpoint import CHECKPOINT_SUFFIX
-from medclf.training.config import TrainConfig
-from medclf.training.run import TrainResult, _train_one
+from medclf.training.bag import Bag
+from medclf.training.checkpoint import checkpoint_dir
+from medclf.training.config import TrainConfig, TrainResult
+from medclf.training.leftover import use_leftover_budget
+from medclf.training.loop import EpochCallback
+from medclf.training.run import train_one
 
-__all__ = ["train_folds", "train_members"]
+__all__ = ["train", "train_folds", "train_members"]
 
-FOLDS_SUFFIX = ".folds"
+
+def train(
+    data: str | Path,
+    out: str | Path,
+    *,
+    config: TrainConfig | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    console: Console | None = None,
+    epoch_callback: EpochCallback | None = None,
+    val_fold: tuple[int, int] | None = None,
+    **settings: Any,
+) -> TrainResult:
+    """Train a classifier on ``data`` and write a bundle to ``out``.
+
+    When the planner sets the epochs (no ``epochs`` given) and validation stops the run early, the time
+    left in the budget trains more members with other seeds, and ``out`` becomes their mean ensemble
+    (``members=1`` turns this off; ``medclf.train_members`` asks for K members outright). Everything else
+    is :func:`~medclf.training.run.train_one`'s. The sanity gate's verdict (:mod:`medclf.sanity`) is
+    printed at the end and returned in ``TrainResult.sanity``.
+    """
+    cfg = (config or TrainConfig()).updated(settings)
+    budget = Budget(cfg.time_budget)
+    if cfg.members is not None and cfg.members != 1:
+        raise ConfigError(
+            "train() makes one model (members=1) or decides itself (None); use train_members(K)"
+        )
+    console = console or Console(stderr=True, soft_wrap=True)
+    first = train_one(
+        data,
+        out,
+        config=cfg,
+        resume=resume,
+        progress=progress,
+        console=console,
+        epoch_callback=epoch_callback,
+        val_fold=val_fold,
+        budget=budget,
+    )
+    auto = (
+        cfg.members is None
+        and cfg.epochs is None
+        and val_fold is None
+        and not resume
+        and int(os.environ.get("WORLD_SIZE", "1")) == 1
+        and first.stop_reason == "early_stop"
+    )
+    result = use_leftover_budget(first, data, Path(out), cfg, budget, progress, console) if auto else first
+    if result.sanity is not None:
+        sanity.render(result.sanity, console)
+    return result
 
 
 def train_folds(
@@ -136,43 +189,34 @@ def _train_bag(
     console = console or Console(stderr=True, soft_wrap=True)
     if method not in METHODS:
         raise ConfigError(f"unknown fusion method {method!r}; choose one of {', '.join(METHODS)}")
-    folds = n
+    bag = Bag(data, out, cfg, budget, progress=progress, console=console)
     noun = "Fold" if mode == "folds" else "Member"
-    out = Path(out)
-    work = out.with_name(out.name + FOLDS_SUFFIX)
     pinned: dict[str, Any] = {}
     members: list[Path] = []
     runs: list[dict[str, Any]] = []
-    for k in range(folds):
-        fold_out = work / (f"fold-{k}" if mode == "folds" else f"member-{k}")
-        finished = _finished(fold_out) if resume else None
+    for k in range(n):
+        member = bag.work / (f"fold-{k}" if mode == "folds" else f"member-{k}")
+        finished = _finished(member) if resume else None
         if finished is not None:
-            console.print(f"[bold]{noun} {k + 1}/{folds}[/]: reusing the finished member {fold_out}")
-            recipe = finished.manifest.get("recipe", {})
-            pinned = pinned or _pin(cfg, recipe, finished.spec)
-            members.append(fold_out)
+            console.print(f"[bold]{noun} {k + 1}/{n}[/]: reusing the finished member {member}")
+            pinned = pinned or _pin(cfg, finished.manifest.get("recipe", {}), finished.spec)
+            members.append(member)
             continue
-        share = budget.share(folds - k)
+        share = budget.share(n - k)
         if share <= 0 and not cfg.epochs:
             raise ConfigError(
-                f"the time budget ({cfg.time_budget:.0f} s) ran out after {k} of {folds} runs; give a larger "
+                f"the time budget ({cfg.time_budget:.0f} s) ran out after {k} of {n} runs; give a larger "
                 f"--time-budget or fewer --{mode if mode == 'folds' else 'members'}"
             )
-        console.print(f"[bold]{noun} {k + 1}/{folds}[/] (time budget {share:.0f} s)")
-        ckpt = fold_out.with_name(fold_out.name + CHECKPOINT_SUFFIX)
-        run_settings: dict[str, Any] = {"time_budget": max(share, MIN_RUN_S), "members": 1, **pinned}
-        if mode == "seeds":
-            run_settings.update(
-                seed=cfg.seed + k, split_seed=cfg.seed if cfg.split_seed is None else cfg.split_seed
-            )
+        console.print(f"[bold]{noun} {k + 1}/{n}[/] (time budget {share:.0f} s)")
         result = train(
             data,
-            fold_out,
-            config=cfg.updated(run_settings),
-            resume=resume and ckpt.exists(),
+            member,
+            config=bag.member_config(k, share, seeds=mode == "seeds", pinned=pinned),
+            resume=resume and checkpoint_dir(member).exists(),
             progress=progress,
             console=console,
-            val_fold=(k, folds) if mode == "folds" else None,
+            val_fold=(k, n) if mode == "folds" else None,
         )
         pinned = pinned or _pin(cfg, result.plan.to_dict(), result.plan.spec)
         members.append(result.bundle)
@@ -184,27 +228,16 @@ def _train_bag(
                 "best_epoch": result.best_epoch,
             }
         )
-    fused = ensemble(
-        members,
-        out,
-        data=data,
-        method=method,
-        cache_dir=cfg.cache_dir,
-        workers=cfg.workers,
-        progress=progress,
-        console=console,
-        seed=cfg.seed,
-        recipe={
-            "bagging": mode,
-            "folds" if mode == "folds" else "members": folds,
-            "seed": cfg.seed,
-            "time_budget_s": cfg.time_budget,
-            "runs": runs,
-            "training_seconds": round(budget.elapsed(), 1),
-        },
-    )
-    if not cfg.keep_checkpoints:
-        shutil.rmtree(work, ignore_errors=True)
+    recipe = {
+        "bagging": mode,
+        "folds" if mode == "folds" else "members": n,
+        "seed": cfg.seed,
+        "time_budget_s": cfg.time_budget,
+        "runs": runs,
+        "training_seconds": round(budget.elapsed(), 1),
+    }
+    fused = bag.fuse(members, method, recipe)
+    bag.clean()
     return fused
 
 
@@ -231,220 +264,3 @@ def _finished(path: Path) -> Bundle | None:
         return load_bundle(path)
     except MedclfError:
         return None
-
-
-MAX_LEFTOVER_MEMBERS = 5
-
-
-def train(
-    data: str | Path,
-    out: str | Path,
-    *,
-    config: TrainConfig | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    console: Console | None = None,
-    epoch_callback: Callable[[dict[str, Any], nn.Module, Plan], dict[str, Any] | None] | None = None,
-    val_fold: tuple[int, int] | None = None,
-    **settings: Any,
-) -> TrainResult:
-    """Train a classifier on ``data`` and write a bundle to ``out``.
-
-    When the planner sets the epochs (no ``epochs`` given) and validation stops the run early, the time
-    left in the budget trains more members with other seeds, and ``out`` becomes their mean ensemble
-    (``members=1`` turns this off; ``medclf.train_members`` asks for K members outright). Everything else
-    is :func:`_train_one`'s. The sanity gate's verdict (:mod:`medclf.sanity`) is printed at the end and
-    returned in ``TrainResult.sanity``.
-    """
-    cfg = (config or TrainConfig()).updated(settings)
-    budget = Budget(cfg.time_budget)
-    if cfg.members is not None and cfg.members != 1:
-        raise ConfigError(
-            "train() makes one model (members=1) or decides itself (None); use train_members(K)"
-        )
-    console = console or Console(stderr=True, soft_wrap=True)
-    first = _train_one(
-        data,
-        out,
-        config=cfg,
-        resume=resume,
-        progress=progress,
-        console=console,
-        epoch_callback=epoch_callback,
-        val_fold=val_fold,
-        budget=budget,
-    )
-    auto = (
-        cfg.members is None
-        and cfg.epochs is None
-        and val_fold is None
-        and not resume
-        and int(os.environ.get("WORLD_SIZE", "1")) == 1
-        and first.stop_reason == "early_stop"
-    )
-    result = _use_leftover_budget(first, data, Path(out), cfg, budget, progress, console) if auto else first
-    if result.sanity is not None:
-        sanity.render(result.sanity, console)
-    return result
-
-
-def _use_leftover_budget(
-    first: TrainResult,
-    data: str | Path,
-    out: Path,
-    cfg: TrainConfig,
-    budget: Budget,
-    progress: bool,
-    console: Console,
-) -> TrainResult:
-    """When training stopped early, spend the rest of the time budget on more members (other seeds, the
-    same validation split and plan) and fuse them by their mean: small datasets converge in a fraction of
-    the budget, and their noisy validation split makes one model a lottery ticket.
-
-    This never costs the first model: ``out`` keeps its bundle until the fused one replaces it (atomically),
-    every extra member trains on the first member's plan (same preprocessing, dimensions and channels), and
-    when a member or the fusion fails for any reason the best single member becomes the bundle and the
-    failure is reported (console, ``bundle.json`` ``leftover``, ``TrainResult.leftover_failure``)."""
-    from medclf.fusion import ensemble
-
-    left = budget.left()
-    per_member = leftover_member_seconds(first.history, first.best_epoch)
-    budget.reserve_leftover_fusion()
-    n_more = min(MAX_LEFTOVER_MEMBERS - 1, int(budget.available() // per_member))
-    if n_more < 1:
-        return first
-    work = out.with_name(out.name + ".folds")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    members = [work / "member-0"]
-    shutil.copytree(out, members[0])
-    console.print(
-        f"[bold]Early stop left {left / 60:.1f} min of the budget[/]: training {n_more} more member(s) with "
-        "other seeds on the same validation split, then fusing them by their mean (seed bagging)"
-    )
-    # The first member's measured pace decides the others' epochs.
-    base = Plan.from_dict(first.plan.to_dict())
-    if first.history:
-        base.epoch_seconds = float(np.mean([h["seconds"] for h in first.history]))
-    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
-    failure: str | None = None
-    for k in range(1, n_more + 1):
-        member = work / f"member-{k}"
-        share = budget.share(n_more + 1 - k)
-        run = cfg.updated(
-            {
-                "members": 1,
-                "seed": cfg.seed + k,
-                "split_seed": split_seed,
-                "time_budget": max(share, MIN_RUN_S),
-            }
-        )
-        try:
-            _train_one(
-                data,
-                member,
-                config=run,
-                progress=progress,
-                console=console,
-                budget=budget.child(max(share, MIN_RUN_S)),
-                base_plan=base,
-            )
-        except Exception as exc:  # the members trained so far (and the first bundle) stay
-            failure = f"member {k + 1} failed: {_one_line(exc)}"
-            break
-        members.append(member)
-    fused = None
-    if len(members) >= 2:
-        try:
-            fused = ensemble(
-                members,
-                out,
-                data=data,
-                method="mean",
-                cache_dir=cfg.cache_dir,
-                workers=cfg.workers,
-                progress=progress,
-                console=console,
-                seed=cfg.seed,
-                recipe={
-                    "bagging": "seeds (time left after an early stop)",
-                    "members": len(members),
-                    "seed": cfg.seed,
-                },
-            )
-        except Exception as exc:
-            failure = (
-                failure + "; " if failure else ""
-            ) + f"fusing {len(members)} members failed: {_one_line(exc)}"
-            fused = None
-    if fused is None:
-        result = _keep_best_member(first, members, out, failure or "no extra member finished", console)
-    else:
-        verdict = sanity.judge(fused.val_metrics or first.val_metrics, first.references or {}, first.schedule)
-        # The first member's run, which the fused bundle's own record (an ensemble) does not hold.
-        leftover = {
-            "members": len(members),
-            "failure": failure,
-            "first_member": {
-                "schedule": first.schedule,
-                "epoch_seconds": [h["seconds"] for h in first.history],
-            },
-        }
-        update_bundle(out, {"sanity": verdict.to_dict(), "leftover": leftover})
-        result = replace(
-            first,
-            bundle=fused.bundle,
-            val_metrics=fused.val_metrics or first.val_metrics,
-            members=members if cfg.keep_checkpoints else [],
-            sanity=verdict.to_dict(),
-            leftover_failure=failure,
-        )
-    if not cfg.keep_checkpoints:
-        shutil.rmtree(work, ignore_errors=True)
-    return replace(result, seconds=budget.elapsed())
-
-
-def leftover_member_seconds(history: list[dict[str, Any]], best_epoch: int) -> float:
-    """What one extra member costs: the time the first member took to reach its best epoch, plus headroom.
-
-    Later members skip decoding (cached) and planning, and their schedules follow their own share of the
-    clock, so a member given this much anneals within as many epochs as the first needed for its best
-    model. (Pricing a member at the first run's whole training time, patience included, fitted none after
-    a late early stop: BreastMNIST, 10 min, a busy CPU, left 280 s unused.)"""
-    return member_seconds(sum(h["seconds"] for h in history[: max(best_epoch, 1)]))
-
-
-def _keep_best_member(
-    first: TrainResult, members: list[Path], out: Path, failure: str, console: Console
-) -> TrainResult:
-    """The fallback when the leftover members cannot be fused: the member with the best validation AUC
-    (then accuracy) becomes the bundle at ``out``, which records why (``leftover``)."""
-    from medclf.bundle import load_bundle
-
-    def score(path: Path) -> tuple[float, float]:
-        val = load_bundle(path).manifest.get("metrics", {}).get("val", {})
-        return (val.get("auc") or -1.0, val.get("accuracy") or -1.0)
-
-    best = max(members, key=score)
-    console.print(
-        f"[bold yellow]warning:[/] the leftover-budget ensemble was not made ({failure}); keeping the best "
-        f"single member ({best.name}, of {len(members)}) as the bundle"
-    )
-    b = load_bundle(best)
-    manifest = {k: v for k, v in b.manifest.items() if k not in ("files", "self_sha256")}
-    manifest["leftover"] = {"members": len(members), "failure": failure, "kept": best.name}
-    extra = {name: b.path / name for name in b.manifest["files"] if name != WEIGHTS}
-    save_bundle(out, model=b.model, manifest=manifest, extra_files=extra)
-    return replace(
-        first,
-        val_metrics=manifest.get("metrics", {}).get("val", first.val_metrics),
-        best_epoch=int(manifest.get("recipe", {}).get("best_epoch", first.best_epoch)),
-        history=manifest.get("history", first.history),
-        sanity=manifest.get("sanity", first.sanity),
-        leftover_failure=failure,
-    )
-
-
-def _one_line(exc: BaseException) -> str:
-    text = exc.message if isinstance(exc, MedclfError) else f"{type(exc).__name__}: {exc}"
-    return " ".join(str(text).split())[:300]

@@ -1,9 +1,10 @@
-"""Training settings: :class:`TrainConfig` (from the CLI, a JSON/TOML file or keyword arguments)."""
+"""What goes into a training run and what comes out: :class:`TrainConfig` (from the CLI, a JSON/TOML file or
+keyword arguments) and :class:`TrainResult`."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from medclf import augment as augment_mod
 from medclf.budget import parse_duration
 from medclf.errors import ConfigError
 from medclf.mitigation import check_mode as check_mitigation_mode
+from medclf.planner import Plan
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
@@ -107,6 +109,30 @@ class TrainConfig:
         d["weight_decay"] = self.weight_decay
         d["label_smoothing"] = self.label_smoothing
         return d
+
+
+@dataclass
+class TrainResult:
+    bundle: Path
+    plan: Plan
+    history: list[dict[str, float]]
+    val_metrics: dict[str, Any]
+    best_epoch: int
+    seconds: float
+    n_val_copies_removed: int
+    unreadable: list[dict[str, str]] = field(default_factory=list)
+    # "completed" (all planned epochs), "early_stop" or "time_budget"
+    stop_reason: str = "completed"
+    # With seed bagging (--members, or the time left after an early stop): the members' bundles.
+    members: list[Path] = field(default_factory=list)
+    # The sanity gate's verdict (medclf.sanity) as in bundle.json; None on ranks other than 0.
+    sanity: dict[str, Any] | None = None
+    # What the gate compared with (majority class, thumbnail baseline), kept for a fused ensemble's verdict.
+    references: dict[str, Any] | None = None
+    # The schedule as it ran: mode, planned and run epochs, whether the learning rate annealed.
+    schedule: dict[str, Any] | None = None
+    # Why the leftover-budget members were not fused (the best single member was kept), if they were not.
+    leftover_failure: str | None = None
 
 
 def resolve_device(device: str) -> str:

@@ -14,7 +14,7 @@ from medclf.planner import Fingerprint, Plan, choose_size_and_epochs, initial_pl
 from medclf.training.config import TrainConfig
 
 
-def _plan(
+def new_plan(
     samples: SampleSet,
     fp: Fingerprint,
     n_train: int,
@@ -57,7 +57,7 @@ def _plan(
     return plan
 
 
-def _plan_like(base: Plan, cfg: TrainConfig, budget: Budget) -> Plan:
+def plan_like(base: Plan, cfg: TrainConfig, budget: Budget) -> Plan:
     """``base`` (another member's plan) for this run: the same preprocessing, network and recipe, and the
     epochs that fit this budget at the pace ``base`` measured (at most its own epochs)."""
     plan = Plan.from_dict(base.to_dict())

@@ -8,19 +8,17 @@ from rich.console import Console
 
 from medclf import threads as threads_mod
 from medclf.data.samples import SampleSet
-from medclf.planner import (
-    Fingerprint,
-    Plan,
-)
+from medclf.planner import Fingerprint, Plan
 
 
-def _print_plan(
+def print_plan(
     console: Console,
     plan: Plan,
     fp: Fingerprint,
     samples: SampleSet,
     policy: threads_mod.ThreadPolicy | None = None,
 ) -> None:
+    """The data, the plan and the reasons for its choices, and the thread policy."""
     counts = ", ".join(f"{s}: {sum(c.values())}" for s, c in samples.summary().items())
     console.print(
         f"[bold]Data[/] {samples.source} ({samples.kind}; {counts}; classes {', '.join(samples.classes)})"
@@ -36,7 +34,7 @@ def _print_plan(
         console.print(f"  - threads: {policy.describe()}")
 
 
-class _ProgressDisplay:
+class ProgressDisplay:
     """A live progress bar on a terminal (unless disabled); one plain line per epoch otherwise, so logs
     and CI output still show how training went."""
 
@@ -46,7 +44,7 @@ class _ProgressDisplay:
         self.progress: Any = None
         self.start = start
 
-    def __enter__(self) -> _ProgressDisplay:
+    def __enter__(self) -> ProgressDisplay:
         if self.live:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
