@@ -99,6 +99,8 @@ def test_resume_without_checkpoint_is_a_clear_error(sim_data, tmp_path):
 
 def test_planner_fits_the_time_budget(sim_data, tmp_path, capsys):
     result = train(sim_data, tmp_path / "planned", time_budget="40s", progress=False)
+    # medclf.training.train makes one model; medclf.train (medclf.folds.train) bags the time left.
+    assert not result.members and load_bundle(result.bundle).arch != "ensemble"
     plan = result.plan
     assert plan.spec.size[0] <= 64 and plan.epochs >= 1
     assert plan.throughput and plan.throughput > 0
@@ -170,10 +172,13 @@ def test_3d_npz_and_csv_manifest_with_patients(tmp_path):
 
 
 def test_time_left_after_an_early_stop_trains_more_members(sim_data, tmp_path):
-    """A small dataset converges early: the rest of the budget becomes more members of a mean ensemble."""
+    """A small dataset converges early: the rest of the budget becomes more members of a mean ensemble
+    (medclf.train, that is medclf.folds.train; medclf.training.train makes one model)."""
+    from medclf.folds import train as train_with_leftover
+
     out = tmp_path / "auto"
     kw = dict(size=32, arch="compact-s", batch_size=16, patience=2, progress=False)
-    result = train(sim_data, out, time_budget="45s", **kw)
+    result = train_with_leftover(sim_data, out, time_budget="45s", **kw)
     assert result.stop_reason == "early_stop"
     b = load_bundle(out)
     assert b.arch == "ensemble" and b.manifest["ensemble"]["method"] == "mean"
@@ -182,5 +187,5 @@ def test_time_left_after_an_early_stop_trains_more_members(sim_data, tmp_path):
     assert result.seconds < 45 * 1.25
     assert not out.with_name("auto.folds").exists()
     # members=1 keeps a single model, as does a fixed number of epochs.
-    single = train(sim_data, tmp_path / "one", time_budget="45s", members=1, **kw)
+    single = train_with_leftover(sim_data, tmp_path / "one", time_budget="45s", members=1, **kw)
     assert single.stop_reason == "early_stop" and load_bundle(single.bundle).arch == "compact-s"

@@ -21,7 +21,8 @@ from medclf.data.audit import audit as _audit
 from medclf.data.fetch import fetch_medmnist
 from medclf.data.sources import load_source
 from medclf.evaluation.runner import evaluate
-from medclf.training import TrainConfig, TrainResult, train
+from medclf.folds import train
+from medclf.training import TrainConfig, TrainResult
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -116,8 +117,8 @@ def train_folds(
     data: str | Path, out: str | Path, *, folds: int = 5, method: str = "mean", **settings: Any
 ) -> EnsembleResult:
     """K-fold bagging: ``folds`` training runs, each validating on another fold, fused into one ensemble
-    bundle within one time budget. See :func:`medclf.training.bagging.train_folds`."""
-    from medclf.training.bagging import train_folds as _train_folds
+    bundle within one time budget. See :func:`medclf.folds.train_folds`."""
+    from medclf.folds import train_folds as _train_folds
 
     return _train_folds(data, out, folds=folds, method=method, **settings)
 
@@ -126,8 +127,8 @@ def train_members(
     data: str | Path, out: str | Path, *, members: int = 3, method: str = "mean", **settings: Any
 ) -> EnsembleResult:
     """Seed bagging: ``members`` runs with different training seeds and one shared validation split, fused
-    into one ensemble bundle within one time budget. See :func:`medclf.training.bagging.train_members`."""
-    from medclf.training.bagging import train_members as _train_members
+    into one ensemble bundle within one time budget. See :func:`medclf.folds.train_members`."""
+    from medclf.folds import train_members as _train_members
 
     return _train_members(data, out, members=members, method=method, **settings)
 

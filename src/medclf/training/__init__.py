@@ -9,16 +9,15 @@ resumes after a kill.
 Modules, in the order a run meets them: ``config`` (:class:`TrainConfig`, :class:`TrainResult`), ``setup``
 (everything before the first epoch; the plan from ``planning``), ``loop`` (:class:`Loop`, with ``rows``,
 ``network``, ``selection``, ``checkpoint`` and ``progress``), ``finish`` (calibration, the OOD guard of
-``ood_guard``, the bundle), ``run`` (:func:`train_one`: one run), and ``bagging`` (:func:`train`,
-:func:`train_folds`, :func:`train_members`, sharing ``bag``; ``leftover`` spends the time an early stop left).
-Every time rule is :mod:`medclf.budget`'s.
+``ood_guard``, the bundle) and ``run`` (:func:`train_one`, :func:`train`). Every time rule is
+:mod:`medclf.budget`'s. One run makes one model: bagging (K folds, K seeds, and the time an early stop
+left, which ``medclf.train`` spends) is :mod:`medclf.folds`', a layer above, as it fuses members.
 """
 
 from medclf.budget import parse_duration
-from medclf.training.bagging import train, train_folds, train_members
 from medclf.training.config import TrainConfig, TrainResult
 from medclf.training.loop import Loop, LoopData, LoopHooks
-from medclf.training.run import train_one
+from medclf.training.run import train, train_one
 
 __all__ = [
     "Loop",
@@ -28,7 +27,5 @@ __all__ = [
     "TrainResult",
     "parse_duration",
     "train",
-    "train_folds",
-    "train_members",
     "train_one",
 ]

@@ -1,4 +1,5 @@
-"""One training run (:func:`train_one`): data -> plan -> cached tensors -> the loop -> a verified bundle.
+"""One training run (:func:`train_one`, and :func:`train`, which also prints the sanity gate's verdict): data ->
+plan -> cached tensors -> the loop -> a verified bundle.
 
 Its three stages live next to it: :mod:`~medclf.training.setup` (everything before the first epoch),
 :mod:`~medclf.training.loop` (the epochs) and :mod:`~medclf.training.finish` (calibration, the OOD guard
@@ -13,13 +14,59 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from medclf import sanity
 from medclf.budget import Budget
 from medclf.distributed import from_env
+from medclf.errors import ConfigError
 from medclf.planner import Plan
 from medclf.training.config import TrainConfig, TrainResult, resolve_device
 from medclf.training.finish import finish
 from medclf.training.loop import EpochCallback, Loop, LoopHooks
 from medclf.training.setup import RunContext, set_up
+
+
+def train(
+    data: str | Path,
+    out: str | Path,
+    *,
+    config: TrainConfig | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    console: Console | None = None,
+    epoch_callback: EpochCallback | None = None,
+    val_fold: tuple[int, int] | None = None,
+    **settings: Any,
+) -> TrainResult:
+    """Train one classifier on ``data``, write its bundle to ``out`` (:func:`train_one`) and print the sanity
+    gate's verdict (:mod:`medclf.sanity`), also returned in ``TrainResult.sanity``.
+
+    One model, always: ``medclf.train`` (:func:`medclf.folds.train`) is this plus, when the planner set the
+    epochs and validation stopped the run early, more members from the time left, fused by their mean.
+    """
+    cfg = (config or TrainConfig()).updated(settings)
+    check_one_model(cfg)
+    console = console or Console(stderr=True, soft_wrap=True)
+    result = train_one(
+        data,
+        out,
+        config=cfg,
+        resume=resume,
+        progress=progress,
+        console=console,
+        epoch_callback=epoch_callback,
+        val_fold=val_fold,
+    )
+    if result.sanity is not None:
+        sanity.render(result.sanity, console)
+    return result
+
+
+def check_one_model(cfg: TrainConfig) -> None:
+    """Refuse ``members`` other than 1 (one model) or None (decide): K members are train_members's."""
+    if cfg.members is not None and cfg.members != 1:
+        raise ConfigError(
+            "train() makes one model (members=1) or decides itself (None); use train_members(K)"
+        )
 
 
 def train_one(
@@ -44,7 +91,7 @@ def train_one(
     history row and the model being selected (EMA when enabled); a dict it returns is merged into the row
     (benchmarks use it to record test scores against wall time; it never influences training).
     ``val_fold=(k, K)`` validates on fold ``k`` of ``K`` of the training split instead of a random
-    fraction (K-fold bagging: :func:`medclf.training.bagging.train_folds`). The bundle's temperature is
+    fraction (K-fold bagging: :func:`medclf.folds.train_folds`). The bundle's temperature is
     fitted on the validation predictions of the selected model (:mod:`medclf.evaluation.calibration`).
 
     ``budget`` (default: ``config.time_budget`` from now) is the clock everything here draws on: planning,
