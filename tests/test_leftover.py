@@ -8,8 +8,9 @@ import itertools
 import numpy as np
 import pytest
 
-from medclf import planner, training
+from medclf import budget, folds, planner
 from medclf.api import load_bundle
+from medclf.training import selection
 
 
 @pytest.fixture
@@ -17,9 +18,9 @@ def quick_leftover(monkeypatch):
     """Make the leftover-members path run in seconds: validation AUC falls after the first epoch (so
     every run stops early after `patience` epochs), fusion needs little time, at most 2 members."""
     calls = itertools.count()
-    monkeypatch.setattr(training, "_auc", lambda y, p, k: 0.9 - 0.01 * next(calls))
-    monkeypatch.setattr(training, "LEFTOVER_FUSION_S", 1.0)
-    monkeypatch.setattr(training, "MAX_LEFTOVER_MEMBERS", 2)
+    monkeypatch.setattr(selection, "_auc", lambda y, p, k: 0.9 - 0.01 * next(calls))
+    monkeypatch.setattr(budget, "LEFTOVER_FUSION_S", 1.0)
+    monkeypatch.setattr(folds, "MAX_LEFTOVER_MEMBERS", 2)
 
 
 def _volumes_npz(path, n_train=48, side=16):
@@ -48,7 +49,7 @@ def test_3d_data_whose_plan_fell_back_to_2_5d_ends_with_a_fused_bundle(tmp_path,
     monkeypatch.setattr(planner, "measure_throughput", measured)
     data = _volumes_npz(tmp_path / "vol.npz")
     out = tmp_path / "model"
-    result = training.train(data, out, time_budget="40s", patience=2, batch_size=8, progress=False)
+    result = folds.train(data, out, time_budget="40s", patience=2, batch_size=8, progress=False)
     assert result.stop_reason == "early_stop" and result.leftover_failure is None
     b = load_bundle(out)
     assert b.arch == "ensemble" and len(b.manifest["ensemble"]["members"]) == 2
@@ -69,7 +70,7 @@ def test_when_fusion_fails_the_best_single_member_is_kept(sim_data, tmp_path, mo
     monkeypatch.setattr(medclf.fusion, "ensemble", broken)
     out = tmp_path / "model"
     kw = dict(size=24, arch="compact-s", batch_size=16, patience=2, progress=False)
-    result = training.train(sim_data, out, time_budget="40s", **kw)
+    result = folds.train(sim_data, out, time_budget="40s", **kw)
     assert result.leftover_failure and "simulated fusion failure" in result.leftover_failure
     b = load_bundle(out)  # verified: a whole bundle, not a half-written one
     assert b.arch == "compact-s"
@@ -82,6 +83,6 @@ def test_when_fusion_fails_the_best_single_member_is_kept(sim_data, tmp_path, mo
 def test_an_extra_member_is_priced_at_the_time_the_first_took_to_reach_its_best_epoch():
     """Not at its whole run: the epochs spent waiting out the patience bought nothing."""
     history = [{"seconds": 10.0} for _ in range(40)]  # best at epoch 10, stopped at 40
-    assert training.leftover_member_seconds(history, best_epoch=10) == pytest.approx(100 * 1.15 + 5)
-    assert training.leftover_member_seconds(history, best_epoch=40) == pytest.approx(400 * 1.15 + 5)
-    assert training.leftover_member_seconds([], best_epoch=0) == pytest.approx(1.15 + 5)
+    assert folds.leftover_member_seconds(history, best_epoch=10) == pytest.approx(100 * 1.15 + 5)
+    assert folds.leftover_member_seconds(history, best_epoch=40) == pytest.approx(400 * 1.15 + 5)
+    assert folds.leftover_member_seconds([], best_epoch=0) == pytest.approx(1.15 + 5)

@@ -50,7 +50,13 @@ def test_bundle_from_training(tiny_bundle):
 def test_same_seed_same_weights(sim_data, tmp_path):
     kw = dict(epochs=2, size=24, batch_size=16, arch="compact-s", progress=False, seed=3)
     a = train(sim_data, tmp_path / "a", **kw)
-    b = train(sim_data, tmp_path / "b", **kw)
+
+    def on_epoch(row, model, plan):  # the loop's epoch hook adds to the history, never changes training
+        torch.rand(8)
+        return {"seen": row["epoch"]}
+
+    b = train(sim_data, tmp_path / "b", epoch_callback=on_epoch, **kw)
+    assert [h["seen"] for h in b.history] == [1, 2] and "seen" not in a.history[0]
     wa, wb = _weights(a.bundle), _weights(b.bundle)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     c = train(sim_data, tmp_path / "c", **{**kw, "seed": 4})
@@ -65,7 +71,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(sim_data, tmp_path,
     assert (recipe["mix"], recipe["mix_alpha"]) == (("cutmix", 1.0) if mix else ("none", 0.0))
 
     calls = {"n": 0}
-    original = training._Loop.train_epoch
+    original = training.Loop.train_epoch
 
     def crash_in_third_epoch(self):
         calls["n"] += 1
@@ -73,12 +79,12 @@ def test_resume_after_interruption_matches_uninterrupted_run(sim_data, tmp_path,
             raise KeyboardInterrupt("simulated kill")
         return original(self)
 
-    monkeypatch.setattr(training._Loop, "train_epoch", crash_in_third_epoch)
+    monkeypatch.setattr(training.Loop, "train_epoch", crash_in_third_epoch)
     with pytest.raises(KeyboardInterrupt):
         train(sim_data, tmp_path / "part", **kw)
     ckpt = tmp_path / "part.ckpt"
     assert (ckpt / "last.safetensors").exists() and not (tmp_path / "part").exists()
-    monkeypatch.setattr(training._Loop, "train_epoch", original)
+    monkeypatch.setattr(training.Loop, "train_epoch", original)
     resumed = train(sim_data, tmp_path / "part", resume=True, **kw)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
     assert np.allclose([h["loss"] for h in resumed.history], [h["loss"] for h in full.history], rtol=1e-5)
@@ -93,6 +99,8 @@ def test_resume_without_checkpoint_is_a_clear_error(sim_data, tmp_path):
 
 def test_planner_fits_the_time_budget(sim_data, tmp_path, capsys):
     result = train(sim_data, tmp_path / "planned", time_budget="40s", progress=False)
+    # medclf.training.train makes one model; medclf.train (medclf.folds.train) bags the time left.
+    assert not result.members and load_bundle(result.bundle).arch != "ensemble"
     plan = result.plan
     assert plan.spec.size[0] <= 64 and plan.epochs >= 1
     assert plan.throughput and plan.throughput > 0
@@ -164,10 +172,13 @@ def test_3d_npz_and_csv_manifest_with_patients(tmp_path):
 
 
 def test_time_left_after_an_early_stop_trains_more_members(sim_data, tmp_path):
-    """A small dataset converges early: the rest of the budget becomes more members of a mean ensemble."""
+    """A small dataset converges early: the rest of the budget becomes more members of a mean ensemble
+    (medclf.train, that is medclf.folds.train; medclf.training.train makes one model)."""
+    from medclf.folds import train as train_with_leftover
+
     out = tmp_path / "auto"
     kw = dict(size=32, arch="compact-s", batch_size=16, patience=2, progress=False)
-    result = train(sim_data, out, time_budget="45s", **kw)
+    result = train_with_leftover(sim_data, out, time_budget="45s", **kw)
     assert result.stop_reason == "early_stop"
     b = load_bundle(out)
     assert b.arch == "ensemble" and b.manifest["ensemble"]["method"] == "mean"
@@ -176,5 +187,5 @@ def test_time_left_after_an_early_stop_trains_more_members(sim_data, tmp_path):
     assert result.seconds < 45 * 1.25
     assert not out.with_name("auto.folds").exists()
     # members=1 keeps a single model, as does a fixed number of epochs.
-    single = train(sim_data, tmp_path / "one", time_budget="45s", members=1, **kw)
+    single = train_with_leftover(sim_data, tmp_path / "one", time_budget="45s", members=1, **kw)
     assert single.stop_reason == "early_stop" and load_bundle(single.bundle).arch == "compact-s"

@@ -21,9 +21,10 @@ from medclf.data.audit import audit as _audit
 from medclf.data.fetch import fetch_medmnist
 from medclf.data.sources import load_source
 from medclf.evaluation.runner import evaluate
+from medclf.folds import train
 from medclf.predictor import Predictor, as_predictor
 from medclf.signing import TrustedKeys
-from medclf.training import TrainConfig, TrainResult, train
+from medclf.training import TrainConfig, TrainResult
 
 if TYPE_CHECKING:
     from rich.console import Console

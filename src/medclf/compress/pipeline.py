@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from medclf.budget import parse_duration
 from medclf.bundle import WEIGHTS, save_bundle
 from medclf.compress.data import TrainingData, load_training_data, val_scores
 from medclf.compress.distill import (
@@ -43,7 +44,6 @@ from medclf.model_card import MODEL_CARD, model_card
 # module's old names until its own rework (issue 23: import lines only while training/ is being split).
 from medclf.predictor import Predictor as Bundle
 from medclf.predictor import as_predictor as load_bundle
-from medclf.training import parse_duration
 
 # Files of the source bundle that stay true for the compressed one (the training data did not change).
 CARRIED_FILES = ("train_hashes.json", "train_signatures.safetensors")
