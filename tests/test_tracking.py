@@ -15,10 +15,11 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from medclf import planner, training
+from medclf import budget, folds, planner, training
 from medclf.bundle import load_bundle
 from medclf.folds import train_folds
 from medclf.tracking import local_store_uri, track
+from medclf.training import selection
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 ENV.pop("MLFLOW_TRACKING_URI", None)
@@ -100,7 +101,7 @@ def test_an_interrupted_and_resumed_training_continues_the_same_run(sim_data, tm
     uri, out = _store(tmp_path), tmp_path / "part"
     kw = dict(KW, epochs=3)
     calls = {"n": 0}
-    original = training._Loop.train_epoch
+    original = training.Loop.train_epoch
 
     def crash_in_second_epoch(self):
         calls["n"] += 1
@@ -108,7 +109,7 @@ def test_an_interrupted_and_resumed_training_continues_the_same_run(sim_data, tm
             raise KeyboardInterrupt("simulated kill")
         return original(self)
 
-    monkeypatch.setattr(training._Loop, "train_epoch", crash_in_second_epoch)
+    monkeypatch.setattr(training.Loop, "train_epoch", crash_in_second_epoch)
     with pytest.raises(KeyboardInterrupt), track("train", out, uri=uri):
         training.train(sim_data, out, **kw)
     client = _client(uri)
@@ -117,7 +118,7 @@ def test_an_interrupted_and_resumed_training_continues_the_same_run(sim_data, tm
     saved = json.loads((tmp_path / "part.mlflow.json").read_text())
     assert saved["run_id"] == killed.info.run_id
 
-    monkeypatch.setattr(training._Loop, "train_epoch", original)
+    monkeypatch.setattr(training.Loop, "train_epoch", original)
     with track("train", out, uri=uri, resume=True):
         training.train(sim_data, out, resume=True, **kw)
     [run] = _runs(client)
@@ -131,14 +132,14 @@ def test_an_interrupted_and_resumed_training_continues_the_same_run(sim_data, tm
 def test_leftover_budget_members_are_nested_runs(sim_data, tmp_path, monkeypatch):
     # As tests/test_leftover.py: validation AUC falls after the first epoch, so every run stops early.
     calls = itertools.count()
-    monkeypatch.setattr(training, "_auc", lambda y, p, k: 0.9 - 0.01 * next(calls))
-    monkeypatch.setattr(training, "LEFTOVER_FUSION_S", 1.0)
-    monkeypatch.setattr(training, "MAX_LEFTOVER_MEMBERS", 2)
+    monkeypatch.setattr(selection, "_auc", lambda y, p, k: 0.9 - 0.01 * next(calls))
+    monkeypatch.setattr(budget, "LEFTOVER_FUSION_S", 1.0)
+    monkeypatch.setattr(folds, "MAX_LEFTOVER_MEMBERS", 2)
     monkeypatch.setattr(planner, "measure_throughput", lambda *a, **k: 2000.0)
     uri, out = _store(tmp_path), tmp_path / "model"
     kw = dict(size=24, arch="compact-s", batch_size=16, patience=2, progress=False)
     with track("train", out, uri=uri):
-        training.train(sim_data, out, time_budget="40s", **kw)
+        folds.train(sim_data, out, time_budget="40s", **kw)  # the path that trains leftover members
     assert load_bundle(out).arch == "ensemble"
     client = _client(uri)
     runs = _runs(client)
