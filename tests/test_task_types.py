@@ -233,3 +233,46 @@ def test_multilabel_split_keeps_patients_together_and_every_finding_near_its_sha
     assert (carve_multilabel(y, patients, 0.2, seed=1) == held).all()
     with pytest.raises(DataError, match="too few"):
         carve_multilabel(y[:1], [None], 0.2, seed=0)
+
+
+# --- the task the data declare ----------------------------------------------------------------------------
+
+
+def _folders(root, names, n=2):
+    from PIL import Image
+
+    for name in names:
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            Image.new("L", (8, 8), color=10 * i).save(root / name / f"{i}.png")
+    return root
+
+
+def test_grade_folders_are_ordinal_and_ordered_numerically(tmp_path):
+    from medclf.data.sources import infer_task, load_source
+
+    grades = load_source(_folders(tmp_path / "kl", [str(k) for k in range(11)]))
+    assert grades.task == "ordinal"
+    assert grades.classes == [str(k) for k in range(11)]  # "10" after "9", not after "1"
+    ten = [i for i, ref in enumerate(grades.refs) if "/10/" in ref]
+    assert set(grades.labels[ten].tolist()) == {10}
+    named = load_source(_folders(tmp_path / "named", ["glioma", "meningioma", "notumor"]))
+    assert named.task == "multiclass" and infer_task(named)[0] == "multiclass"
+    assert load_source(tmp_path / "kl", task="multiclass").task == "multiclass"
+
+
+def test_retinamnist_is_ordinal_and_two_grades_are_refused(tmp_path):
+    from medclf.data.sources import load_source
+    from medclf.errors import ConfigError
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 20), ("val", 5), ("test", 5)):
+        arrays[f"{split}_images"] = rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 5).reshape(-1, 1)
+    np.savez(tmp_path / "retinamnist.npz", **arrays)
+    assert load_source(tmp_path / "retinamnist.npz").task == "ordinal"
+    with pytest.raises(DataError, match="at least 3"):
+        load_source(_folders(tmp_path / "two", ["0", "1"]), task="ordinal")
+    with pytest.raises(ConfigError, match="unknown task"):
+        load_source(tmp_path / "retinamnist.npz", task="regression")
