@@ -276,3 +276,47 @@ def test_retinamnist_is_ordinal_and_two_grades_are_refused(tmp_path):
         load_source(_folders(tmp_path / "two", ["0", "1"]), task="ordinal")
     with pytest.raises(ConfigError, match="unknown task"):
         load_source(tmp_path / "retinamnist.npz", task="regression")
+
+
+# --- an ordinal network: CORN outputs behind an ordinary softmax interface --------------------------------
+
+
+def test_cross_entropy_on_corn_log_probabilities_is_corns_per_image_task_sum():
+    from medclf.models.tasks import corn_log_probabilities
+
+    torch.manual_seed(0)
+    logits, grades = torch.randn(64, 4) * 2, torch.randint(0, 5, (64,))
+    logp = corn_log_probabilities(logits)
+    torch.testing.assert_close(logp.exp(), corn_probabilities(logits))
+    pairs = sum(min(int(g), 3) + 1 for g in grades)  # image of grade g takes part in tasks 0..min(g, K-2)
+    torch.testing.assert_close(F.cross_entropy(logp, grades), corn_loss(logits, grades) * pairs / 64)
+    torch.testing.assert_close(torch.softmax(logp, dim=1), logp.exp())  # softmax downstream changes nothing
+
+
+def test_a_corn_model_keeps_the_plain_networks_weights_names_and_survives_copies_and_export(tmp_path):
+    import copy
+
+    import onnxruntime as ort
+
+    from medclf.compress.onnx_export import export_onnx
+    from medclf.models import create_model
+
+    torch.manual_seed(0)
+    ordinal = create_model("compact", 1, 5, 2, head="corn", width=8).eval()
+    plain = create_model("compact", 1, 4, 2, width=8)
+    assert list(ordinal.state_dict()) == list(plain.state_dict())
+    x = torch.rand(3, 1, 32, 32)
+    out = ordinal(x)
+    assert out.shape == (3, 5)
+    torch.testing.assert_close(out.exp().sum(dim=1), torch.ones(3))
+    torch.testing.assert_close(copy.deepcopy(ordinal)(x), out)  # EMA and ensembles deep-copy the model
+    export_onnx(ordinal, (1, 32, 32), tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(onnx_out, out.detach().numpy(), atol=1e-4)
+    from medclf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="at least 3 grades"):
+        create_model("compact", 1, 2, 2, head="corn")
+    with pytest.raises(ConfigError, match="unknown output head"):
+        create_model("compact", 1, 3, 2, head="sigmoid")

@@ -27,7 +27,9 @@ __all__ = [
     "TASKS",
     "TaskHead",
     "asymmetric_loss",
+    "corn_log_probabilities",
     "corn_loss",
+    "corn_output_hook",
     "corn_probabilities",
     "positive_weights",
     "task_head",
@@ -65,6 +67,27 @@ def corn_loss(logits: torch.Tensor, grades: torch.Tensor) -> torch.Tensor:
     targets = (grades[:, None] > k[None, :]).float()
     losses = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     return (losses * used).sum() / used.sum().clamp_min(1)
+
+
+def corn_log_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """(N, K) log grade-probabilities from CORN's (N, K-1) logits, in log space for stability:
+    log P(grade = k) = sum_{j<k} log sigmoid(z_j) + log sigmoid(-z_k), and the top grade keeps the full sum.
+
+    Cross-entropy on these equals CORN's loss summed over each image's tasks (an image of grade y takes part
+    in tasks 0..y, with target 1 below y and 0 at y): training a network whose outputs pass through this
+    function with the ordinary cross-entropy *is* CORN, up to CORN's normalisation by the number of (image,
+    task) pairs instead of images. And since these log-probabilities already sum to one, every softmax
+    downstream (engines, temperature, ONNX, ensembles) returns the grade distribution unchanged."""
+    z = logits.float()
+    above = torch.cumsum(F.logsigmoid(z), dim=1)  # log P(grade > k)
+    before = torch.cat([torch.zeros_like(above[:, :1]), above[:, :-1]], dim=1)  # log P(grade > k - 1)
+    return torch.cat([before + F.logsigmoid(-z), above[:, -1:]], dim=1)
+
+
+def corn_output_hook(module: torch.nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook that turns a network's K-1 CORN logits into K grade log-probabilities (a module-level
+    function: deep copies (EMA, ensembles) and exports keep it)."""
+    return corn_log_probabilities(output)
 
 
 def corn_probabilities(logits: torch.Tensor) -> torch.Tensor:
