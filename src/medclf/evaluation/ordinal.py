@@ -23,6 +23,10 @@ from medclf.evaluation.resample import percentile_intervals, resample_weights, r
 __all__ = ["median_grade", "ordinal_metrics"]
 
 _SUM_TOL = 1e-3
+DECISIONS = {
+    "median": "median of the predicted grade distribution",
+    "argmax": "most probable grade (a multi-class model's decision)",
+}
 
 
 def median_grade(probs: np.ndarray) -> np.ndarray:
@@ -41,13 +45,19 @@ def ordinal_metrics(
     n_bootstrap: int = 1000,
     seed: int = 0,
     ci: float = 0.95,
+    decision: str = "median",
 ) -> dict[str, Any]:
-    """Accuracy, MAE, QWK, within-one accuracy, confusion matrix and MedMNIST's AUC/ACC (JSON-ready)."""
+    """Accuracy, MAE, QWK, within-one accuracy, confusion matrix and MedMNIST's AUC/ACC (JSON-ready).
+
+    ``decision``: ``median`` (an ordinal model's grade) or ``argmax`` (what a plain multi-class model
+    predicts, for scoring one on grades side by side)."""
     y, p = _validate(y_true, probs, grade_names)
     if not 0 < ci < 1:
         raise ValueError(f"ci must lie in (0, 1), got {ci}")
+    if decision not in DECISIONS:
+        raise ValueError(f"decision must be one of {', '.join(DECISIONS)}, got {decision!r}")
     n, k = p.shape
-    grade = median_grade(p)
+    grade = median_grade(p) if decision == "median" else p.argmax(axis=1)
     present = np.flatnonzero(np.bincount(y, minlength=k) > 0)
     auc = None
     if len(present) >= 2:
@@ -83,7 +93,7 @@ def ordinal_metrics(
                 "n_bootstrap": n_bootstrap,
                 "unit": "patient" if patient_ids is not None else "image",
             },
-            "decision_rule": "median of the predicted grade distribution",
+            "decision_rule": DECISIONS[decision],
             "medmnist": "auc: macro one-vs-rest AUC; argmax_accuracy: accuracy of the most probable grade",
         }
     )
