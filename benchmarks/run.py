@@ -374,7 +374,7 @@ def _run_ensemble(
     test split, with and without test-time augmentation. The headline, fixed in advance, is the mean of
     the members' probabilities with TTA."""
     import medclf
-    from medclf.folds import FOLDS_SUFFIX
+    from medclf.training.bag import FOLDS_SUFFIX
 
     ens = cfg["ensemble"]
     # Members of an earlier run of this row would be fused and listed with the new ones: start clean.

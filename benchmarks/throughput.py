@@ -8,7 +8,7 @@ size and batch size:
 * **plain**: a standard ``Dataset`` that decodes and resizes each JPEG on every access (PIL), a
   ``DataLoader`` with one worker per core, fp32, contiguous tensors, per-sample flips — what most training
   scripts do;
-* **medclf**: the real training loop (``medclf.training._Loop``): preprocessed tensors cached once, batched
+* **medclf**: the real training loop (``medclf.training.Loop``): preprocessed tensors cached once, batched
   augmentation, bf16 autocast and channels-last where the CPU supports them, EMA.
 
 Both train for the same number of epochs (``--epochs``, default 3) and are then scored on the same test
@@ -163,18 +163,8 @@ def medclf_loop(data: Path, size: int, epochs: int) -> dict:
     val_idx = np.flatnonzero(prepared.ok & (splits == "val"))
     test_idx = np.flatnonzero(prepared.ok & (splits == "test") & ~prepared.train_copy)
     cfg = training.TrainConfig(seed=0)
-    loop = training._Loop(
-        plan,
-        samples,
-        prepared,
-        train_idx,
-        val_idx,
-        cfg,
-        "cpu",
-        Path("/tmp/unused.ckpt"),
-        Console(stderr=True),
-        False,
-    )
+    data = training.LoopData(samples, prepared, train_idx, val_idx)
+    loop = training.Loop(plan, data, cfg, console=Console(stderr=True))
     phases = {k: 0.0 for k in ("data", "augment", "forward", "backward", "optimizer", "ema")}
     n = 0
     loop.model.train()
@@ -184,12 +174,12 @@ def medclf_loop(data: Path, size: int, epochs: int) -> dict:
     for start in range(0, len(perm) - bs + 1, bs):
         t0 = time.perf_counter()
         idx = perm[start : start + bs]
-        x = loop.train_x[idx].float()
-        y = loop.train_y[idx]
+        x = loop.rows.train_x[idx].float()
+        y = loop.rows.train_y[idx]
         t1 = time.perf_counter()
-        x = loop.aug(x, loop.gen).contiguous(memory_format=torch.channels_last)
+        x = loop.rows.aug(x, loop.gen).contiguous(memory_format=torch.channels_last)
         t2 = time.perf_counter()
-        with loop._autocast():
+        with loop.autocast():
             logits = loop.model(x)
         loss = F.cross_entropy(logits.float(), y, weight=loop.class_weights)
         t3 = time.perf_counter()
@@ -221,10 +211,10 @@ def medclf_loop(data: Path, size: int, epochs: int) -> dict:
     probs = loop.predict(x_test, loop.eval_model())
     test_accuracy = float((probs.argmax(1) == samples.labels[test_idx]).mean())
     # FLOPs of one training step (forward + backward) per image
-    x = loop.train_x[:bs].float().contiguous(memory_format=torch.channels_last)
+    x = loop.rows.train_x[:bs].float().contiguous(memory_format=torch.channels_last)
     counter = FlopCounterMode(display=False)
     with counter:
-        F.cross_entropy(loop.model(x), loop.train_y[:bs]).backward()
+        F.cross_entropy(loop.model(x), loop.rows.train_y[:bs]).backward()
     flops_per_image = counter.get_total_flops() / bs
     return {
         "images": n,

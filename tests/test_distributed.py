@@ -34,7 +34,7 @@ from medclf import training
 from medclf.cli import main
 
 calls = {"n": 0}
-original = training._Loop.train_epoch
+original = training.Loop.train_epoch
 
 def crash_in_third_epoch(self):
     calls["n"] += 1
@@ -42,7 +42,7 @@ def crash_in_third_epoch(self):
         os.kill(os.getpid(), signal.SIGKILL)
     return original(self)
 
-training._Loop.train_epoch = crash_in_third_epoch
+training.Loop.train_epoch = crash_in_third_epoch
 sys.argv = ["medclf", *sys.argv[1:]]
 main()
 """

@@ -17,10 +17,10 @@ from medclf.data.sources import load_source
 from medclf.errors import ConfigError, DataError
 from medclf.evaluation.calibration import apply_temperature
 from medclf.evaluation.runner import evaluate
-from medclf.folds import train_folds
 from medclf.fusion import ensemble, fit_stacking, fit_weights, member_validation_splits
 from medclf.models.ensemble import LOG_FLOOR
 from medclf.training import train
+from medclf.training.bagging import train_folds
 
 TINY = dict(epochs=2, batch_size=16, arch="compact-s", progress=False)
 
@@ -219,7 +219,7 @@ def test_k_fold_bagging_gives_one_ensemble_bundle(sim_data, tmp_path):
 
 
 def test_seed_bagging_shares_one_validation_split(sim_data, tmp_path):
-    from medclf.folds import train_members
+    from medclf.training.bagging import train_members
 
     out = tmp_path / "seeds"
     result = train_members(sim_data, out, members=2, size=32, keep_checkpoints=True, **TINY)

@@ -8,8 +8,9 @@ import itertools
 import numpy as np
 import pytest
 
-from medclf import planner, training
+from medclf import budget, planner, training
 from medclf.bundle import load_bundle
+from medclf.training import leftover, selection
 
 
 @pytest.fixture
@@ -17,9 +18,9 @@ def quick_leftover(monkeypatch):
     """Make the leftover-members path run in seconds: validation AUC falls after the first epoch (so
     every run stops early after `patience` epochs), fusion needs little time, at most 2 members."""
     calls = itertools.count()
-    monkeypatch.setattr(training, "_auc", lambda y, p, k: 0.9 - 0.01 * next(calls))
-    monkeypatch.setattr(training, "LEFTOVER_FUSION_S", 1.0)
-    monkeypatch.setattr(training, "MAX_LEFTOVER_MEMBERS", 2)
+    monkeypatch.setattr(selection, "_auc", lambda y, p, k: 0.9 - 0.01 * next(calls))
+    monkeypatch.setattr(budget, "LEFTOVER_FUSION_S", 1.0)
+    monkeypatch.setattr(leftover, "MAX_LEFTOVER_MEMBERS", 2)
 
 
 def _volumes_npz(path, n_train=48, side=16):
@@ -82,6 +83,6 @@ def test_when_fusion_fails_the_best_single_member_is_kept(sim_data, tmp_path, mo
 def test_an_extra_member_is_priced_at_the_time_the_first_took_to_reach_its_best_epoch():
     """Not at its whole run: the epochs spent waiting out the patience bought nothing."""
     history = [{"seconds": 10.0} for _ in range(40)]  # best at epoch 10, stopped at 40
-    assert training.leftover_member_seconds(history, best_epoch=10) == pytest.approx(100 * 1.15 + 5)
-    assert training.leftover_member_seconds(history, best_epoch=40) == pytest.approx(400 * 1.15 + 5)
-    assert training.leftover_member_seconds([], best_epoch=0) == pytest.approx(1.15 + 5)
+    assert leftover.leftover_member_seconds(history, best_epoch=10) == pytest.approx(100 * 1.15 + 5)
+    assert leftover.leftover_member_seconds(history, best_epoch=40) == pytest.approx(400 * 1.15 + 5)
+    assert leftover.leftover_member_seconds([], best_epoch=0) == pytest.approx(1.15 + 5)

@@ -44,6 +44,23 @@ def test_budget_reserves_and_shares_on_an_injected_clock():
     assert child.total == 50 and child.clock is clock
 
 
+def test_the_epochs_get_what_the_budget_leaves_after_its_reservations_less_headroom():
+    from medclf import budget as rules
+
+    clock = FakeClock()
+    b = Budget("10m", clock=clock)
+    clock.now += 100
+    assert 0 < b.plan_epoch_seconds(before=50) < b.left() - 50 < b.plan_epoch_seconds() + 50
+    b.reserve_finishing(3000, throughput=None)  # no measured pace: the fallback rate
+    assert b.reserved == rules.FINISH_FIXED_S + 3000 / (rules.INFERENCE_SPEEDUP * rules.FALLBACK_THROUGHPUT)
+    assert 0 < b.epoch_seconds() < b.available() == b.left() - b.reserved
+    b.reserve_bag_fusion()  # a reservation replaces the one before
+    assert b.reserved == rules.BAG_FUSION_SHARE * 600 + rules.BAG_FUSION_MIN_S
+    b.reserve_leftover_fusion()
+    assert b.reserved == rules.LEFTOVER_FUSION_S
+    assert rules.member_seconds(0.0) == rules.member_seconds(rules.MIN_RUN_S) > rules.MIN_RUN_S
+
+
 def test_epoch_schedule_is_the_classic_warmup_cosine():
     for spe, epochs in ((17, 4), (1, 30), (5, 1)):
         s = Schedule(spe, epochs, patience_epochs=8)
@@ -88,7 +105,7 @@ def test_training_anneals_when_epochs_run_slower_than_planned(sim_data, tmp_path
     annealed, inside its budget, and the bundle must say so."""
     clock = FakeClock()
     monkeypatch.setattr(planner, "measure_throughput", lambda *a, **k: 1000.0)  # a plan of many fast epochs
-    original = training._Loop.train_epoch
+    original = training.Loop.train_epoch
     seconds = []
 
     def slow_epoch(self):
@@ -97,9 +114,9 @@ def test_training_anneals_when_epochs_run_slower_than_planned(sim_data, tmp_path
         clock.now += seconds[-1]
         return loss
 
-    monkeypatch.setattr(training._Loop, "train_epoch", slow_epoch)
+    monkeypatch.setattr(training.Loop, "train_epoch", slow_epoch)
     budget = Budget(60, clock=clock)
-    result = training._train_one(
+    result = training.train_one(
         sim_data,
         tmp_path / "m",
         budget=budget,
@@ -134,7 +151,7 @@ def test_explicit_epochs_keep_the_epoch_schedule(sim_data, tmp_path):
 def test_a_clock_driven_run_resumes_with_its_schedule(sim_data, tmp_path, monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(planner, "measure_throughput", lambda *a, **k: 1000.0)
-    original = training._Loop.train_epoch
+    original = training.Loop.train_epoch
     calls = {"n": 0}
 
     def epoch(self):
@@ -145,13 +162,13 @@ def test_a_clock_driven_run_resumes_with_its_schedule(sim_data, tmp_path, monkey
         clock.now += 5.0
         return loss
 
-    monkeypatch.setattr(training._Loop, "train_epoch", epoch)
+    monkeypatch.setattr(training.Loop, "train_epoch", epoch)
     kw = dict(size=24, arch="compact-s", batch_size=16, patience=1000, progress=False, time_budget=60)
     with pytest.raises(KeyboardInterrupt):
-        training._train_one(sim_data, tmp_path / "m", budget=Budget(60, clock=clock), **kw)
+        training.train_one(sim_data, tmp_path / "m", budget=Budget(60, clock=clock), **kw)
     saved = json.loads((tmp_path / "m.ckpt" / "state.json").read_text())
     assert saved["schedule"]["clock_driven"] and saved["schedule"]["horizon_epochs"] < saved["plan"]["epochs"]
     # The resumed run has a budget of its own: the schedule continues from the saved horizon.
-    result = training._train_one(sim_data, tmp_path / "m", resume=True, budget=Budget(30, clock=clock), **kw)
+    result = training.train_one(sim_data, tmp_path / "m", resume=True, budget=Budget(30, clock=clock), **kw)
     assert [h["epoch"] for h in result.history][:3] == [1, 2, 3] and len(result.history) > 3
     assert result.schedule["mode"] == "clock" and result.schedule["completed"]

@@ -50,7 +50,13 @@ def test_bundle_from_training(tiny_bundle):
 def test_same_seed_same_weights(sim_data, tmp_path):
     kw = dict(epochs=2, size=24, batch_size=16, arch="compact-s", progress=False, seed=3)
     a = train(sim_data, tmp_path / "a", **kw)
-    b = train(sim_data, tmp_path / "b", **kw)
+
+    def on_epoch(row, model, plan):  # the loop's epoch hook adds to the history, never changes training
+        torch.rand(8)
+        return {"seen": row["epoch"]}
+
+    b = train(sim_data, tmp_path / "b", epoch_callback=on_epoch, **kw)
+    assert [h["seen"] for h in b.history] == [1, 2] and "seen" not in a.history[0]
     wa, wb = _weights(a.bundle), _weights(b.bundle)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     c = train(sim_data, tmp_path / "c", **{**kw, "seed": 4})
@@ -65,7 +71,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(sim_data, tmp_path,
     assert (recipe["mix"], recipe["mix_alpha"]) == (("cutmix", 1.0) if mix else ("none", 0.0))
 
     calls = {"n": 0}
-    original = training._Loop.train_epoch
+    original = training.Loop.train_epoch
 
     def crash_in_third_epoch(self):
         calls["n"] += 1
@@ -73,12 +79,12 @@ def test_resume_after_interruption_matches_uninterrupted_run(sim_data, tmp_path,
             raise KeyboardInterrupt("simulated kill")
         return original(self)
 
-    monkeypatch.setattr(training._Loop, "train_epoch", crash_in_third_epoch)
+    monkeypatch.setattr(training.Loop, "train_epoch", crash_in_third_epoch)
     with pytest.raises(KeyboardInterrupt):
         train(sim_data, tmp_path / "part", **kw)
     ckpt = tmp_path / "part.ckpt"
     assert (ckpt / "last.safetensors").exists() and not (tmp_path / "part").exists()
-    monkeypatch.setattr(training._Loop, "train_epoch", original)
+    monkeypatch.setattr(training.Loop, "train_epoch", original)
     resumed = train(sim_data, tmp_path / "part", resume=True, **kw)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
     assert np.allclose([h["loss"] for h in resumed.history], [h["loss"] for h in full.history], rtol=1e-5)

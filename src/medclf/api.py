@@ -116,8 +116,8 @@ def train_folds(
     data: str | Path, out: str | Path, *, folds: int = 5, method: str = "mean", **settings: Any
 ) -> EnsembleResult:
     """K-fold bagging: ``folds`` training runs, each validating on another fold, fused into one ensemble
-    bundle within one time budget. See :func:`medclf.folds.train_folds`."""
-    from medclf.folds import train_folds as _train_folds
+    bundle within one time budget. See :func:`medclf.training.bagging.train_folds`."""
+    from medclf.training.bagging import train_folds as _train_folds
 
     return _train_folds(data, out, folds=folds, method=method, **settings)
 
@@ -126,8 +126,8 @@ def train_members(
     data: str | Path, out: str | Path, *, members: int = 3, method: str = "mean", **settings: Any
 ) -> EnsembleResult:
     """Seed bagging: ``members`` runs with different training seeds and one shared validation split, fused
-    into one ensemble bundle within one time budget. See :func:`medclf.folds.train_members`."""
-    from medclf.folds import train_members as _train_members
+    into one ensemble bundle within one time budget. See :func:`medclf.training.bagging.train_members`."""
+    from medclf.training.bagging import train_members as _train_members
 
     return _train_members(data, out, members=members, method=method, **settings)
 

@@ -1,9 +1,12 @@
-"""One owner for time-budget arithmetic: when the budget started, what is left, what is set aside.
+"""One owner for time-budget arithmetic: when the budget started, what is left, what is set aside, and every
+margin the run keeps against its own estimates.
 
 Every step of ``medclf train`` (fingerprinting, planning, decoding, the epochs, the out-of-distribution fit,
 writing the bundle, extra members, fusion) draws on the same :class:`Budget`, so no part of the run can
-spend time the others were counting on. The clock is injectable: tests drive a budget with a fake clock
-instead of sleeping or asserting wall times.
+spend time the others were counting on. The headroom rules below are the only place a margin is stated;
+callers ask the budget (``budget.epoch_seconds()``, ``budget.reserve_finishing(...)``) instead of restating a
+factor. The clock is injectable: tests drive a budget with a fake clock instead of sleeping or asserting
+wall times.
 """
 
 from __future__ import annotations
@@ -14,9 +17,54 @@ from collections.abc import Callable
 
 from medclf.errors import ConfigError
 
-__all__ = ["Budget", "parse_duration"]
+__all__ = ["Budget", "member_seconds", "parse_duration"]
+
+# --- Headroom rules: each margin, and why it is there ---
+# The planner's timing probe gets this share of the budget, at least this many seconds: planning is overhead.
+PLANNING_SHARE, PLANNING_MIN_S = 0.05, 3.0
+# Decoding every file takes this much longer than the fingerprint's per-file probe time divided by the
+# workers: the probe only decodes, the cache pass also preprocesses, scans and writes each file.
+DECODE_SLACK = 1.3
+# A plan gives its epochs this share of the time left, less these seconds: per-epoch validation and the work
+# after the last epoch are not reserved yet when the planner counts epochs.
+PLAN_EPOCHS_SHARE, PLAN_EPOCHS_MARGIN_S = 0.92, 5.0
+# Once the work after the last epoch is reserved, the epochs get this share of the rest, less these seconds:
+# per-epoch validation still comes out of the epochs' time.
+REFIT_EPOCHS_SHARE, REFIT_EPOCHS_MARGIN_S = 0.95, 2.0
+# The work after the last epoch: this many seconds (temperature, sanity baseline, writing the bundle) plus the
+# OOD guard's forward passes, which run this many times faster than a training step at the plan's throughput
+# (images per second; a slow machine's rate when the plan measured none).
+FINISH_FIXED_S, INFERENCE_SPEEDUP, FALLBACK_THROUGHPUT = 7.0, 3.0, 100.0
+# The next epoch may run this much slower than the recent ones (epoch times vary with other processes' load).
+EPOCH_PACE_SLACK = 1.05
+# An extra seed-bag member after an early stop costs the first member's time to its best epoch, times this
+# slack plus these seconds: headroom for what a member does besides its epochs (its OOD guard and bundle)
+# and for a slower pace than the first run's.
+MEMBER_SLACK, MEMBER_MARGIN_S = 1.15, 5.0
+# Fusing the leftover-budget members: the validation predictions of each, fitting and writing the ensemble.
+LEFTOVER_FUSION_S = 20.0
+# Fusing K-fold or seed-bag members (validation predictions of each, fitting, writing): this share of the
+# budget plus these seconds.
+BAG_FUSION_SHARE, BAG_FUSION_MIN_S = 0.02, 5.0
+# The least any run is given: a budget must be positive, and the planner needs something to divide.
+MIN_RUN_S = 1.0
 
 Clock = Callable[[], float]
+
+
+def decode_seconds(probe_s: float, n_files: int, workers: int) -> float:
+    """How long decoding ``n_files`` takes with ``workers``, from the probe's seconds per file."""
+    return probe_s * n_files / workers * DECODE_SLACK
+
+
+def epoch_pace(epoch_seconds: float) -> float:
+    """The time to expect for the next epoch from a recent one's ``epoch_seconds``."""
+    return epoch_seconds * EPOCH_PACE_SLACK
+
+
+def member_seconds(seconds_to_best: float) -> float:
+    """The price of an extra seed-bag member: the first member's ``seconds_to_best`` epoch, plus headroom."""
+    return max(seconds_to_best, MIN_RUN_S) * MEMBER_SLACK + MEMBER_MARGIN_S
 
 
 def parse_duration(text: str | float | int) -> float:
@@ -82,6 +130,35 @@ class Budget:
     def share(self, parts: int) -> float:
         """An equal share of what is available for each of ``parts`` steps still to run."""
         return self.available() / max(1, parts)
+
+    def planning_seconds(self) -> float:
+        """The timing probe's allowance (:data:`PLANNING_SHARE` of the budget, at least
+        :data:`PLANNING_MIN_S`)."""
+        return self.fraction(PLANNING_SHARE, at_least=PLANNING_MIN_S)
+
+    def plan_epoch_seconds(self, *, before: float = 0.0) -> float:
+        """What a plan may give its epochs: what is left after ``before`` seconds of other work (decoding,
+        the timing probe), less the headroom for per-epoch validation and the work after the last epoch."""
+        return (self.left() - before) * PLAN_EPOCHS_SHARE - PLAN_EPOCHS_MARGIN_S
+
+    def epoch_seconds(self) -> float:
+        """What the epochs may take once the work after them is reserved (:meth:`reserve_finishing`): what is
+        available, less the headroom for per-epoch validation."""
+        return self.available() * REFIT_EPOCHS_SHARE - REFIT_EPOCHS_MARGIN_S
+
+    def reserve_finishing(self, n_inferred: int, throughput: float | None) -> None:
+        """Set aside the work after the last epoch: a fixed part, and forward passes over ``n_inferred``
+        samples at :data:`INFERENCE_SPEEDUP` times the training ``throughput`` (images per second)."""
+        rate = INFERENCE_SPEEDUP * (throughput or FALLBACK_THROUGHPUT)
+        self.reserve(FINISH_FIXED_S + n_inferred / rate)
+
+    def reserve_bag_fusion(self) -> None:
+        """Set aside the fusion of K-fold or seed-bag members (:data:`BAG_FUSION_SHARE`)."""
+        self.reserve(self.fraction(BAG_FUSION_SHARE) + BAG_FUSION_MIN_S)
+
+    def reserve_leftover_fusion(self) -> None:
+        """Set aside the fusion of the members trained with the time an early stop left."""
+        self.reserve(LEFTOVER_FUSION_S)
 
     def child(self, seconds: float) -> Budget:
         """A budget of ``seconds`` (at most what is available) starting now, on the same clock."""

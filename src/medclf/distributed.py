@@ -6,7 +6,7 @@
 the GPU of its ``LOCAL_RANK``), ``gloo`` on CPUs. Without those variables everything here is a no-op for a
 single process, so the training loop has one code path.
 
-How the loop uses it (see :mod:`medclf.training`):
+How the loop uses it (see :mod:`medclf.training.loop`):
 
 - the plan is made on rank 0 and sent to the others as JSON (never pickle, unlike
   ``broadcast_object_list``), so every rank trains the same network at the same size;

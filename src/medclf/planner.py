@@ -36,8 +36,6 @@ DEFAULT_SLABS = 16
 # shared benchmarks; ``MEDCLF_STEM_POOL_FIRST=1`` turns it on for that measurement. Bundles record the choice
 # in their architecture arguments, so flipping it never changes how an existing bundle is rebuilt.
 STEM_POOL_FIRST = os.environ.get("MEDCLF_STEM_POOL_FIRST", "0") == "1"
-# The timing probe's share of the time budget (and its floor in seconds): planning is overhead.
-PLANNING_SHARE, PLANNING_MIN_S = 0.05, 3.0
 
 
 @dataclass

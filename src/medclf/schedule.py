@@ -105,6 +105,19 @@ class Schedule:
         """Whether the learning rate has been annealed (the cosine ran to its end) by ``step``."""
         return self.progress(step) >= 0.999 or self.lr_factor(step) <= 1e-3
 
+    def record(self, step: int, epochs_run: int, stop_reason: str) -> dict[str, Any]:
+        """The schedule as it ran up to ``step``, for the bundle: planned vs run epochs, whether it annealed."""
+        return {
+            "mode": "clock" if self.clock_driven else "epochs",
+            "planned_epochs": self.planned_epochs,
+            "horizon_epochs": self.horizon_epochs,
+            "epochs_run": epochs_run,
+            "stop_reason": stop_reason,
+            "completed": self.completed(step),
+            "final_progress": round(self.progress(step), 4),
+            "final_lr_factor": round(self.lr_factor(step), 4),
+        }
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "horizon_epochs": self.horizon_epochs,

@@ -27,7 +27,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 __all__ = [
@@ -322,6 +322,25 @@ def set_torch_threads(n: int) -> None:
         from dataclasses import replace
 
         _policy = replace(_policy, torch_threads=max(1, n), ort_threads=max(1, n))
+
+
+def follow_load(monitor: LoadMonitor) -> str | None:
+    """Under a policy applied in this process: give a core back when other processes took it since
+    ``monitor``'s last sample, take it again when it is free; a line saying what changed (None: nothing)."""
+    import torch
+
+    policy = current()
+    if policy is None:
+        return None
+    others = monitor.sample()
+    if others is None:
+        return None
+    wanted = replace(policy.cpus, others_busy=others).available
+    have = torch.get_num_threads()
+    if wanted == have:
+        return None
+    set_torch_threads(wanted)
+    return f"Threads: {have} -> {wanted} (other processes kept {others:.1f} core(s) busy in the last epoch)"
 
 
 def current() -> ThreadPolicy | None:

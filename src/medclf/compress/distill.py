@@ -7,7 +7,7 @@ Loss (Hinton, Vinyals and Dean, *Distilling the Knowledge in a Neural Network*, 
 with ``w`` the KD weight and ``T`` the distillation temperature.
 
 The teacher sees exactly the augmented batch the student sees (it runs inside the training loop, through
-``_Loop.loss_hook``), in eval mode and without gradients. Any bundle can teach, including an ensemble
+``LoopHooks.loss``), in eval mode and without gradients. Any bundle can teach, including an ensemble
 bundle: its model only has to map a batch to logits (or log-probabilities).
 """
 
@@ -52,7 +52,8 @@ def kd_loss_hook(
     amp: str = "off",
     channels_last: bool = False,
 ) -> Any:
-    """A ``_Loop.loss_hook`` that mixes the labels' cross-entropy with the teacher's softened outputs."""
+    """A loss hook (``LoopHooks.loss``) that mixes the labels' cross-entropy with the teacher's softened
+    outputs."""
     if temperature <= 0 or not 0.0 <= kd_weight <= 1.0:
         raise ConfigError("distillation needs a temperature > 0 and a KD weight between 0 and 1")
     teacher = copy.deepcopy(teacher).eval()  # frozen and re-laid-out below: leave the caller's model alone

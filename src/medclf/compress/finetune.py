@@ -1,15 +1,11 @@
 """Short training runs for compression (fine-tuning a pruned network, distilling a student) on the
-training loop of :mod:`medclf.training`: cached tensors, batched augmentation, AdamW with warm-up and cosine
+training loop of :mod:`medclf.training.loop`: cached tensors, batched augmentation, AdamW with warm-up and cosine
 decay, EMA, bf16 where it pays, model selection on validation AUC."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,12 +13,12 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from medclf.budget import Budget
 from medclf.compress.data import TrainingData
 from medclf.planner import Plan, resolve_amp
 from medclf.preprocess import PreprocessSpec
-from medclf.training import TrainConfig, _Loop
-
-LossHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+from medclf.training.config import TrainConfig
+from medclf.training.loop import Loop, LoopData, LoopHooks, LossHook
 
 # Used when a bundle carries no training recipe (e.g. one assembled by hand).
 _DEFAULT_RECIPE: dict[str, Any] = {
@@ -84,31 +80,20 @@ def finetune(
     split; return the model selected on validation AUC."""
     console = console or Console(stderr=True, soft_wrap=True)
     t0 = time.perf_counter()
+    budget = Budget(time_budget, start=t0) if time_budget else None
     plan.epochs, plan.lr = int(epochs), float(lr)
     plan.patience = plan.epochs + 1  # a short run: no early stopping, selection alone picks the epoch
     torch.manual_seed(seed)
-    ckpt = Path(tempfile.mkdtemp(prefix="medclf-finetune-"))
-    try:
-        loop = _Loop(
-            plan,
-            data.samples,
-            data.prepared,
-            data.train_idx,
-            data.val_idx,
-            TrainConfig(seed=seed),
-            "cpu",
-            ckpt,
-            console,
-            progress,
-        )
-        if init_state is not None:
-            loop.model.load_state_dict(init_state)  # in place: the optimizer keeps its parameters
-            if loop.ema is not None:
-                loop.ema.module.load_state_dict(init_state)
-        loop.loss_hook = loss_hook
-        deadline = t0 + time_budget if time_budget else None
-        history, best_epoch, val_probs = loop.run(None, deadline)
-        model = loop.best_model()
-    finally:
-        shutil.rmtree(ckpt, ignore_errors=True)
-    return FinetuneResult(model, history, best_epoch, val_probs, time.perf_counter() - t0, plan)
+    loop = Loop(
+        plan,
+        LoopData(data.samples, data.prepared, data.train_idx, data.val_idx),
+        TrainConfig(seed=seed),
+        console=console,
+        progress=progress,
+        budget=budget,
+        hooks=LoopHooks(loss=loss_hook),
+    )
+    if init_state is not None:
+        loop.start_from(init_state)
+    history, best_epoch, val_probs = loop.run(None, budget.deadline if budget is not None else None)
+    return FinetuneResult(loop.best_model(), history, best_epoch, val_probs, time.perf_counter() - t0, plan)

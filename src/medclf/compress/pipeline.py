@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from medclf.budget import parse_duration
 from medclf.bundle import WEIGHTS, Bundle, load_bundle, save_bundle
 from medclf.compress.data import TrainingData, load_training_data, val_scores
 from medclf.compress.distill import (
@@ -38,7 +39,6 @@ from medclf.engines import ONNX_FP32, ONNX_INT8, OnnxRunner, TorchRunner, probab
 from medclf.errors import BundleError, ConfigError
 from medclf.evaluation.metrics import compute_metrics
 from medclf.model_card import MODEL_CARD, model_card
-from medclf.training import parse_duration
 
 # Files of the source bundle that stay true for the compressed one (the training data did not change).
 CARRIED_FILES = ("train_hashes.json", "train_signatures.safetensors")

@@ -1,4 +1,9 @@
-"""K-fold bagging (``medclf train DATA --folds K``): K training runs fused into one ensemble bundle.
+"""The ways to train (:func:`train`, :func:`train_folds`, :func:`train_members`), and the bagging they share.
+
+:func:`train` makes one model; when the planner set the epochs and validation stopped the run early, the
+time left trains more members with other seeds (:mod:`~medclf.training.leftover`), fused by their mean.
+
+K-fold bagging (``medclf train DATA --folds K``): K training runs fused into one ensemble bundle.
 
 Run ``k`` validates (model selection, early stopping, temperature) on fold ``k`` of the training split
 (stratified, grouped by patient when ids exist; :func:`medclf.data.splits.fold_split`) and trains on the
@@ -16,29 +21,86 @@ Seed bagging (``medclf train DATA --members K``, :func:`train_members`) is the s
 another kind of diversity: every member trains on the whole training split and validates on the same
 validation split (carved with the first seed), but with its own training seed (initial weights, batch
 order, augmentation). Sharing the validation split lets ``weighted`` and ``stacking`` be fitted there.
+
+All three draw on one :class:`~medclf.budget.Budget` and share a :class:`~medclf.training.bag.Bag`: the
+members' folder, their settings and budget shares, their fusion and the clean-up.
 """
 
 from __future__ import annotations
 
-import shutil
-import time
+import os
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from medclf import sanity
+from medclf.budget import Budget
 from medclf.bundle import Bundle, load_bundle
 from medclf.data.sources import load_source
 from medclf.errors import ConfigError, MedclfError
-from medclf.fusion import METHODS, EnsembleResult, ensemble
+from medclf.fusion import METHODS, EnsembleResult
 from medclf.preprocess import PreprocessSpec
-from medclf.training import CHECKPOINT_SUFFIX, TrainConfig, train
+from medclf.training.bag import Bag
+from medclf.training.checkpoint import checkpoint_dir
+from medclf.training.config import TrainConfig, TrainResult
+from medclf.training.leftover import use_leftover_budget
+from medclf.training.loop import EpochCallback
+from medclf.training.run import train_one
 
-__all__ = ["train_folds", "train_members"]
+__all__ = ["train", "train_folds", "train_members"]
 
-FOLDS_SUFFIX = ".folds"
-# Time kept back from the training runs for fusing them (validation predictions, fitting, writing).
-_FUSION_RESERVE = (0.02, 5.0)  # fraction of the budget, plus seconds
+
+def train(
+    data: str | Path,
+    out: str | Path,
+    *,
+    config: TrainConfig | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    console: Console | None = None,
+    epoch_callback: EpochCallback | None = None,
+    val_fold: tuple[int, int] | None = None,
+    **settings: Any,
+) -> TrainResult:
+    """Train a classifier on ``data`` and write a bundle to ``out``.
+
+    When the planner sets the epochs (no ``epochs`` given) and validation stops the run early, the time
+    left in the budget trains more members with other seeds, and ``out`` becomes their mean ensemble
+    (``members=1`` turns this off; ``medclf.train_members`` asks for K members outright). Everything else
+    is :func:`~medclf.training.run.train_one`'s. The sanity gate's verdict (:mod:`medclf.sanity`) is
+    printed at the end and returned in ``TrainResult.sanity``.
+    """
+    cfg = (config or TrainConfig()).updated(settings)
+    budget = Budget(cfg.time_budget)
+    if cfg.members is not None and cfg.members != 1:
+        raise ConfigError(
+            "train() makes one model (members=1) or decides itself (None); use train_members(K)"
+        )
+    console = console or Console(stderr=True, soft_wrap=True)
+    first = train_one(
+        data,
+        out,
+        config=cfg,
+        resume=resume,
+        progress=progress,
+        console=console,
+        epoch_callback=epoch_callback,
+        val_fold=val_fold,
+        budget=budget,
+    )
+    auto = (
+        cfg.members is None
+        and cfg.epochs is None
+        and val_fold is None
+        and not resume
+        and int(os.environ.get("WORLD_SIZE", "1")) == 1
+        and first.stop_reason == "early_stop"
+    )
+    result = use_leftover_budget(first, data, Path(out), cfg, budget, progress, console) if auto else first
+    if result.sanity is not None:
+        sanity.render(result.sanity, console)
+    return result
 
 
 def train_folds(
@@ -122,49 +184,39 @@ def _train_bag(
     progress: bool,
     console: Console | None,
 ) -> EnsembleResult:
-    t_start = time.perf_counter()
+    budget = Budget(cfg.time_budget)
+    budget.reserve_bag_fusion()
     console = console or Console(stderr=True, soft_wrap=True)
     if method not in METHODS:
         raise ConfigError(f"unknown fusion method {method!r}; choose one of {', '.join(METHODS)}")
-    folds = n
+    bag = Bag(data, out, cfg, budget, progress=progress, console=console)
     noun = "Fold" if mode == "folds" else "Member"
-    out = Path(out)
-    work = out.with_name(out.name + FOLDS_SUFFIX)
-    deadline = t_start + cfg.time_budget
-    reserve = _FUSION_RESERVE[0] * cfg.time_budget + _FUSION_RESERVE[1]
     pinned: dict[str, Any] = {}
     members: list[Path] = []
     runs: list[dict[str, Any]] = []
-    for k in range(folds):
-        fold_out = work / (f"fold-{k}" if mode == "folds" else f"member-{k}")
-        finished = _finished(fold_out) if resume else None
+    for k in range(n):
+        member = bag.work / (f"fold-{k}" if mode == "folds" else f"member-{k}")
+        finished = _finished(member) if resume else None
         if finished is not None:
-            console.print(f"[bold]{noun} {k + 1}/{folds}[/]: reusing the finished member {fold_out}")
-            recipe = finished.manifest.get("recipe", {})
-            pinned = pinned or _pin(cfg, recipe, finished.spec)
-            members.append(fold_out)
+            console.print(f"[bold]{noun} {k + 1}/{n}[/]: reusing the finished member {member}")
+            pinned = pinned or _pin(cfg, finished.manifest.get("recipe", {}), finished.spec)
+            members.append(member)
             continue
-        budget = (deadline - time.perf_counter() - reserve) / (folds - k)
-        if budget <= 0 and not cfg.epochs:
+        share = budget.share(n - k)
+        if share <= 0 and not cfg.epochs:
             raise ConfigError(
-                f"the time budget ({cfg.time_budget:.0f} s) ran out after {k} of {folds} runs; give a larger "
+                f"the time budget ({cfg.time_budget:.0f} s) ran out after {k} of {n} runs; give a larger "
                 f"--time-budget or fewer --{mode if mode == 'folds' else 'members'}"
             )
-        console.print(f"[bold]{noun} {k + 1}/{folds}[/] (time budget {budget:.0f} s)")
-        ckpt = fold_out.with_name(fold_out.name + CHECKPOINT_SUFFIX)
-        run_settings: dict[str, Any] = {"time_budget": max(budget, 1.0), "members": 1, **pinned}
-        if mode == "seeds":
-            run_settings.update(
-                seed=cfg.seed + k, split_seed=cfg.seed if cfg.split_seed is None else cfg.split_seed
-            )
+        console.print(f"[bold]{noun} {k + 1}/{n}[/] (time budget {share:.0f} s)")
         result = train(
             data,
-            fold_out,
-            config=cfg.updated(run_settings),
-            resume=resume and ckpt.exists(),
+            member,
+            config=bag.member_config(k, share, seeds=mode == "seeds", pinned=pinned),
+            resume=resume and checkpoint_dir(member).exists(),
             progress=progress,
             console=console,
-            val_fold=(k, folds) if mode == "folds" else None,
+            val_fold=(k, n) if mode == "folds" else None,
         )
         pinned = pinned or _pin(cfg, result.plan.to_dict(), result.plan.spec)
         members.append(result.bundle)
@@ -176,27 +228,16 @@ def _train_bag(
                 "best_epoch": result.best_epoch,
             }
         )
-    fused = ensemble(
-        members,
-        out,
-        data=data,
-        method=method,
-        cache_dir=cfg.cache_dir,
-        workers=cfg.workers,
-        progress=progress,
-        console=console,
-        seed=cfg.seed,
-        recipe={
-            "bagging": mode,
-            "folds" if mode == "folds" else "members": folds,
-            "seed": cfg.seed,
-            "time_budget_s": cfg.time_budget,
-            "runs": runs,
-            "training_seconds": round(time.perf_counter() - t_start, 1),
-        },
-    )
-    if not cfg.keep_checkpoints:
-        shutil.rmtree(work, ignore_errors=True)
+    recipe = {
+        "bagging": mode,
+        "folds" if mode == "folds" else "members": n,
+        "seed": cfg.seed,
+        "time_budget_s": cfg.time_budget,
+        "runs": runs,
+        "training_seconds": round(budget.elapsed(), 1),
+    }
+    fused = bag.fuse(members, method, recipe)
+    bag.clean()
     return fused
 
 

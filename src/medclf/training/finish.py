@@ -1,0 +1,168 @@
+"""After the last epoch (:func:`finish`): the temperature, validation metrics and sanity verdict of the
+selected model, its out-of-distribution guard, and the bundle, manifest and model card written from them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medclf import augment as augment_mod
+from medclf import sanity
+from medclf.bundle import save_bundle
+from medclf.data.references import TRAIN_SIGNATURES, aligned_signatures, pack_signatures
+from medclf.evaluation.calibration import apply_temperature, fit_temperature_from_probs, log_probs
+from medclf.evaluation.metrics import compute_metrics
+from medclf.model_card import MODEL_CARD, model_card
+from medclf.ood import OOD_FILE
+from medclf.training.config import TrainResult
+from medclf.training.loop import Loop
+from medclf.training.ood_guard import fit_ood
+from medclf.training.setup import RunContext, RunSetup
+
+
+def finish(
+    ctx: RunContext,
+    setup: RunSetup,
+    loop: Loop,
+    history: list[dict[str, float]],
+    best_epoch: int,
+    val_probs: np.ndarray,
+) -> TrainResult:
+    """Calibrate and judge the selected model on the validation split and write its bundle (rank 0)."""
+    cfg, samples, prepared = ctx.cfg, setup.samples, setup.prepared
+    schedule = loop.schedule_record()
+    val_y = samples.labels[setup.val_idx]
+    calibration = fit_temperature_from_probs(val_probs, val_y)
+    val_probs = apply_temperature(log_probs(val_probs), calibration.temperature)
+    val_metrics = compute_metrics(val_y, val_probs, samples.classes, n_bootstrap=200, seed=cfg.seed)
+    val_metrics.update(ece_uncalibrated=calibration.ece_before, temperature=calibration.temperature)
+    val_metrics["n_removed_duplicates"] = setup.n_copies if not cfg.include_train_copies else 0
+    references = sanity.baselines(
+        prepared.tensors, setup.train_idx, setup.val_idx, samples.labels, samples.classes, seed=cfg.seed
+    )
+    verdict = sanity.judge(val_metrics, references, schedule).to_dict()
+    train_hashes = sorted({prepared.hashes[i] for i in setup.train_idx})
+    manifest = _manifest(ctx, setup, loop, history, best_epoch, schedule)
+    manifest.update(
+        metrics={"val": val_metrics},
+        history=history,
+        calibration=calibration.to_dict(),
+        sanity=verdict,
+        shortcuts=setup.shortcuts,
+    )
+    bundle = _write(ctx, setup, loop, manifest, train_hashes)
+    seconds = ctx.budget.elapsed()
+    ctx.console.print(
+        f"[bold green]Bundle written[/] to {bundle}  (val AUC {_fmt(val_metrics.get('auc'))}, "
+        f"accuracy {_fmt(val_metrics.get('accuracy'))}, best epoch {best_epoch}, {seconds / 60:.1f} min)"
+    )
+    return TrainResult(
+        bundle=bundle,
+        plan=setup.plan,
+        history=history,
+        val_metrics=val_metrics,
+        best_epoch=best_epoch,
+        seconds=seconds,
+        n_val_copies_removed=setup.n_copies,
+        unreadable=prepared.errors,
+        stop_reason=loop.stop_reason,
+        sanity=verdict,
+        references=references,
+        schedule=schedule,
+    )
+
+
+def _manifest(
+    ctx: RunContext,
+    setup: RunSetup,
+    loop: Loop,
+    history: list[dict[str, float]],
+    best_epoch: int,
+    schedule: dict[str, Any],
+) -> dict[str, Any]:
+    """The bundle manifest's model, classes, preprocessing, input, recipe and data sections."""
+    cfg, plan, samples, prepared = ctx.cfg, setup.plan, setup.samples, setup.prepared
+    return {
+        "model": {
+            "arch": plan.arch,
+            "kwargs": plan.arch_kwargs,
+            "in_channels": plan.spec.channels,
+            "n_classes": len(samples.classes),
+            "spatial_dims": plan.spec.spatial_dims,
+        },
+        "classes": samples.classes,
+        "preprocess": plan.spec.to_dict(),
+        "input": {"shape": list(plan.spec.input_shape), "dtype": "float32", "value_range": [0.0, 1.0]},
+        "recipe": {
+            **plan.to_dict(),
+            "seed": cfg.seed,
+            "split_seed": ctx.split_seed,
+            "val_fraction": cfg.val_fraction,
+            "val_fold": list(ctx.val_fold) if ctx.val_fold is not None else None,
+            "time_budget_s": cfg.time_budget,
+            "device": ctx.device,
+            "world_size": ctx.dist.world_size,
+            "streamed": loop.rows.streaming,
+            "best_epoch": best_epoch,
+            "epochs_run": len(history),
+            "seconds": round(ctx.budget.elapsed(), 1),
+            "augmentation": augment_mod.describe(plan.augment),
+            "schedule": schedule,
+            "cpu": setup.policy.to_dict(),
+        },
+        "data": {
+            "source": Path(samples.source).name,
+            "kind": samples.kind,
+            "fingerprint": prepared.fingerprint,
+            "counts": samples.summary(),
+            "fingerprint_stats": setup.fp.to_dict(),
+            "n_unreadable": len(prepared.errors),
+            "n_val_train_copies": setup.n_copies,
+            "val_train_copies_excluded": not cfg.include_train_copies,
+        },
+    }
+
+
+def _write(
+    ctx: RunContext, setup: RunSetup, loop: Loop, manifest: dict[str, Any], train_hashes: list[str]
+) -> Path:
+    """Fit the OOD guard of the selected model, write the bundle, drop the checkpoint (unless kept)."""
+    prepared, train_idx = setup.prepared, setup.train_idx
+    best = loop.best_model()
+    detector = fit_ood(
+        best,
+        prepared.tensors,
+        train_idx,
+        setup.val_idx,
+        setup.samples.labels,
+        ctx.cfg.seed,
+        loop.rows.eval_batch,
+    )
+    manifest["ood"] = detector.manifest()
+    bundle = save_bundle(
+        ctx.out,
+        model=best,
+        manifest=manifest,
+        extra_files={
+            "train_hashes.json": json.dumps(train_hashes),
+            MODEL_CARD: model_card(manifest),
+            # Near copies of training images, recognisable by external evaluation without the data.
+            TRAIN_SIGNATURES: pack_signatures(
+                aligned_signatures(train_hashes, prepared.hashes, prepared.scan.signatures, train_idx)
+            ),
+        },
+        writers={OOD_FILE: detector.save},
+    )
+    if not ctx.cfg.keep_checkpoints:
+        shutil.rmtree(ctx.ckpt_dir, ignore_errors=True)
+    ctx.dist.barrier()
+    ctx.dist.close()
+    return bundle
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.4f}"

@@ -1,0 +1,125 @@
+"""The network a run trains: built from the plan, started from a source bundle's weights
+(``--init-from``), frozen layer groups, on its device in its memory format, wrapped for DDP and
+``torch.compile``, and the warm-up EMA of its weights."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from medclf.distributed import DistContext
+from medclf.planner import Plan
+
+
+def build_network(
+    plan: Plan, classes: list[str], *, device: str, dist: DistContext, compile: bool, console: Console
+) -> tuple[nn.Module, list[nn.Module], nn.Module]:
+    """The network ``plan`` describes, on ``device``; its frozen modules; and what the training step calls:
+    DDP (gradients all-reduced) and/or ``torch.compile`` around it (checkpoints, EMA and the bundle always
+    use the plain network)."""
+    model = create_network(plan, len(classes))
+    if plan.init_from:
+        load_transfer_weights(model, plan, classes, console)
+    if dist.enabled and device.startswith("cuda"):
+        # Per-GPU batches of images are small: batch-norm statistics over the global batch instead.
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    frozen = freeze(model, plan.freeze)
+    model = to_device(model, device, memory_format(plan))
+    wrapped = model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [torch.device(device).index] if device.startswith("cuda") else None
+        wrapped = DistributedDataParallel(model, device_ids=ids)
+    if compile:
+        wrapped = torch.compile(wrapped)
+    return model, frozen, wrapped
+
+
+def memory_format(plan: Plan) -> torch.memory_format | None:
+    """Channels-last (2D or 3D) when the plan says so."""
+    if not plan.channels_last:
+        return None
+    return torch.channels_last if plan.spec.spatial_dims == 2 else torch.channels_last_3d
+
+
+def to_device(model: nn.Module, device: str, fmt: torch.memory_format | None) -> nn.Module:
+    model = model.to(device)
+    return model.to(memory_format=fmt) if fmt is not None else model
+
+
+def load_transfer_weights(model: nn.Module, plan: Plan, classes: list[str], console: Console) -> None:
+    """Copy the source bundle's weights into ``model``. Output rows follow the class names when the source
+    knows the same classes (in any order); a head of another shape starts afresh."""
+    from medclf.bundle import load_bundle
+
+    assert plan.init_from is not None
+    source = load_bundle(plan.init_from["path"], expected_sha256=plan.init_from["sha256"])
+    src_state, own = source.model.state_dict(), model.state_dict()
+    order = None
+    if sorted(source.classes) == sorted(classes) and source.classes != classes:
+        order = torch.tensor([source.classes.index(c) for c in classes])
+    fresh = []
+    for k, v in own.items():
+        w = src_state.get(k)
+        if w is not None and order is not None and w.shape == v.shape and _is_output_row_tensor(model, k):
+            w = w[order]
+        if w is None or w.shape != v.shape:
+            fresh.append(k)
+            continue
+        own[k] = w
+    model.load_state_dict(own)
+    if fresh:
+        console.print(f"  new (randomly initialised) weights: {', '.join(fresh)}")
+
+
+def _is_output_row_tensor(model: nn.Module, key: str) -> bool:
+    # The last Linear layer's weight and bias have one row per class.
+    last = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return bool(last) and key.rsplit(".", 1)[0] == last[-1]
+
+
+def freeze(model: nn.Module, groups: list[str]) -> list[nn.Module]:
+    """Stop the gradients of the layer groups ``groups`` (``--freeze``); return their modules."""
+    frozen = []
+    for name in groups:
+        module = getattr(model, name)
+        for p in module.parameters():
+            p.requires_grad_(False)
+        frozen.append(module)
+    return frozen
+
+
+def create_network(plan: Plan, n_classes: int) -> nn.Module:
+    """A new network as ``plan`` describes it, with ``n_classes`` outputs."""
+    from medclf.models import create_model
+
+    return create_model(plan.arch, plan.spec.channels, n_classes, plan.spec.spatial_dims, **plan.arch_kwargs)
+
+
+def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The network's state without the ``n_averaged`` counter AveragedModel adds (a bundle stores the plain
+    network's state only)."""
+    return {k: v for k, v in model.state_dict().items() if k != "n_averaged"}
+
+
+def warmup_ema(decay: float | Callable[[], float]) -> Any:
+    """EMA whose decay ramps up as (1 + n) / (10 + n) (as timm's ModelEmaV3 warm-up): early on the average
+    follows the fast-changing network instead of mixing weights from incompatible points. ``decay`` may be
+    a callable, read at every update (the schedule's horizon can change between epochs)."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = float(num_averaged)
+        d = min(decay() if callable(decay) else decay, (1.0 + n) / (10.0 + n))
+        for a, c in zip(averaged, current, strict=True):
+            if a.dtype.is_floating_point:
+                a.lerp_(c, 1.0 - d)
+            else:
+                a.copy_(c)  # integer buffers (BatchNorm's num_batches_tracked)
+
+    return update

@@ -1,0 +1,115 @@
+"""The plan of a run: the planner's for a new run, another member's for a leftover-budget member, and
+what ``--init-from`` pins."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from medclf import threads as threads_mod
+from medclf.budget import MIN_RUN_S, Budget, decode_seconds
+from medclf.data.samples import SampleSet
+from medclf.distributed import DistContext
+from medclf.errors import ConfigError
+from medclf.planner import Fingerprint, Plan, choose_size_and_epochs, initial_plan
+from medclf.training.config import TrainConfig
+
+
+def new_plan(
+    samples: SampleSet,
+    fp: Fingerprint,
+    n_train: int,
+    cfg: TrainConfig,
+    budget: Budget,
+    probe_s: float,
+    policy: threads_mod.ThreadPolicy,
+    dist: DistContext,
+    device: str,
+) -> Plan:
+    """The planner's plan for a new run: rules, then a timing probe bounded by a share of the budget."""
+    overrides = cfg.overrides()
+    source = _transfer_source(cfg, overrides, fp)
+    plan = initial_plan(fp, n_train, overrides, world_size=dist.world_size, device=device)
+    if cfg.size is not None and cfg.size < 4:
+        raise ConfigError("--size must be at least 4")
+    workers = cfg.workers or policy.decode_workers
+    decode_estimate = decode_seconds(probe_s, len(samples), workers)
+    planning_s = budget.planning_seconds()
+    # Decoding and the probe's own time come off what the epochs may take.
+    budget_left = budget.plan_epoch_seconds(before=decode_estimate + planning_s)
+    if budget_left <= 0 and not cfg.epochs:
+        raise ConfigError(
+            f"the time budget ({cfg.time_budget:.0f} s) is spent on reading the data alone "
+            f"(about {decode_estimate:.0f} s); give a larger --time-budget"
+        )
+    if dist.is_main:  # the others take rank 0's plan: one timing, one plan
+        plan = choose_size_and_epochs(
+            plan,
+            n_train=n_train,
+            budget_s=max(budget_left, MIN_RUN_S),
+            fp=fp,
+            overrides=overrides,
+            device=device,
+            world_size=dist.world_size,
+            planning_s=planning_s,
+        )
+    if source is not None:
+        _apply_transfer(plan, source, cfg)
+    return plan
+
+
+def plan_like(base: Plan, cfg: TrainConfig, budget: Budget) -> Plan:
+    """``base`` (another member's plan) for this run: the same preprocessing, network and recipe, and the
+    epochs that fit this budget at the pace ``base`` measured (at most its own epochs)."""
+    plan = Plan.from_dict(base.to_dict())
+    plan.reasons = [f"the plan of the first member ({base.arch}, input {list(base.spec.input_shape)})"]
+    if cfg.epochs:
+        plan.epochs = int(cfg.epochs)
+    elif plan.epoch_seconds:
+        fit = int(budget.plan_epoch_seconds() // plan.epoch_seconds)
+        plan.epochs = int(max(1, min(base.epochs, fit)))
+    return plan
+
+
+def _transfer_source(cfg: TrainConfig, overrides: dict[str, Any], fp: Fingerprint) -> Any:
+    """For ``--init-from``: load (and verify) the source bundle and pin the settings its weights need."""
+    if not cfg.init_from:
+        if cfg.freeze:
+            raise ConfigError("--freeze needs --init-from: there is nothing to keep frozen in a new network")
+        return None
+    from medclf.bundle import load_bundle
+
+    source = load_bundle(cfg.init_from)
+    if source.spec.spatial_dims != fp.spatial_dims:
+        raise ConfigError(
+            f"--init-from: the bundle takes {source.spec.spatial_dims}D input, the data is {fp.spatial_dims}D"
+        )
+    pinned = {"arch": source.arch, "size": int(source.spec.size[0])}
+    for key, value in pinned.items():
+        if overrides.get(key) not in (None, value):
+            raise ConfigError(
+                f"--init-from fixes --{key} to the source bundle's ({value}); leave --{key} out"
+            )
+        overrides[key] = value
+    # Fine-tuning starts from a trained network: a smaller peak learning rate keeps what it learned.
+    overrides.setdefault("lr", 5e-4)
+    return source
+
+
+def _apply_transfer(plan: Plan, source: Any, cfg: TrainConfig) -> None:
+    from medclf.models.registry import model_info
+
+    plan.spec = source.spec  # the same preprocessing as the weights were trained with
+    plan.arch_kwargs = dict(source.manifest["model"].get("kwargs", {}))
+    plan.init_from = {"path": str(source.path), "sha256": source.sha256, "classes": list(source.classes)}
+    groups = model_info(plan.arch).layer_groups
+    names = cfg.freeze.split(",") if isinstance(cfg.freeze, str) else list(cfg.freeze or [])
+    names = [n.strip() for n in names if n.strip()]
+    unknown = [n for n in names if n not in groups]
+    if unknown:
+        raise ConfigError(
+            f"--freeze: unknown layer group(s) {', '.join(unknown)}; {plan.arch} has {', '.join(groups)}"
+        )
+    plan.freeze = names
+    plan.reasons.append(
+        f"fine-tuning from {source.path} ({source.sha256[:12]}); frozen: {', '.join(names) or 'nothing'}"
+    )
