@@ -320,3 +320,36 @@ def test_a_corn_model_keeps_the_plain_networks_weights_names_and_survives_copies
         create_model("compact", 1, 2, 2, head="corn")
     with pytest.raises(ConfigError, match="unknown output head"):
         create_model("compact", 1, 3, 2, head="sigmoid")
+
+
+def test_training_on_grades_writes_an_ordinal_bundle_whose_predictions_are_grade_distributions(
+    sim_data, tmp_path
+):
+    from medclf.bundle import load_bundle
+    from medclf.training import train
+
+    result = train(
+        sim_data,
+        tmp_path / "model",
+        epochs=2,
+        size=32,
+        batch_size=16,
+        arch="compact-s",
+        task="ordinal",
+        progress=False,
+    )
+    b = load_bundle(result.bundle)
+    assert b.manifest["task"] == "ordinal" and b.manifest["model"]["kwargs"]["head"] == "corn"
+    assert any("CORN head" in reason for reason in result.plan.reasons)
+    grades = result.val_metrics["ordinal"]
+    assert grades["decision_rule"].startswith("median") and 0 <= grades["mae"] <= 2
+    x = torch.rand(4, *b.manifest["input"]["shape"])
+    with torch.no_grad():
+        logp = b.model(x)
+    assert logp.shape == (4, 3)
+    torch.testing.assert_close(logp.exp().sum(dim=1), torch.ones(4))
+    plain = train(
+        sim_data, tmp_path / "plain", epochs=1, size=32, batch_size=16, arch="compact-s", progress=False
+    )
+    assert load_bundle(plain.bundle).manifest["task"] == "multiclass"
+    assert "head" not in load_bundle(plain.bundle).manifest["model"]["kwargs"]

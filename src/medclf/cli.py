@@ -202,6 +202,14 @@ def train(
             "cues in augmentation and balance sampling over class x acquisition group"
         ),
     ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="multiclass or ordinal (grades 0..K-1, trained with a CORN head; predictions are a grade and "
+            "a distribution over grades). Default: what the data declare (class folders named 0..K-1, "
+            "RetinaMNIST: ordinal)"
+        ),
+    ] = None,
 ) -> None:
     """Train a classifier and write a verified model bundle. With no options a planner decides.
 
@@ -236,6 +244,7 @@ def train(
         "memory_limit": memory_limit,
         "threads": threads,
         "shortcut_mitigation": shortcut_mitigation,
+        "task": task,
     }
     if include_train_copies:
         settings["include_train_copies"] = True
