@@ -13,13 +13,14 @@ from medclf.data.splits import carve_multilabel
 from medclf.errors import DataError
 from medclf.evaluation.metrics import compute_metrics
 from medclf.evaluation.multilabel import choose_thresholds, multilabel_metrics
-from medclf.evaluation.ordinal import _weighted_qwk, median_grade, ordinal_metrics
+from medclf.evaluation.ordinal import _weighted_qwk, ordinal_metrics
 from medclf.evaluation.resample import resample_weights, resampling_units, weighted_average_precision
 from medclf.models.tasks import (
     MAX_POSITIVE_WEIGHT,
     asymmetric_loss,
     corn_loss,
     corn_probabilities,
+    median_grade,
     positive_weights,
     task_head,
 )
@@ -348,6 +349,15 @@ def test_training_on_grades_writes_an_ordinal_bundle_whose_predictions_are_grade
         logp = b.model(x)
     assert logp.shape == (4, 3)
     torch.testing.assert_close(logp.exp().sum(dim=1), torch.ones(4))
+    from medclf.api import evaluate, predict
+
+    image = next(p for p in sim_data.rglob("*.png"))
+    answer = predict(result.bundle, [image])[0]
+    assert answer["grade"]["rule"].startswith("median") and answer["predicted"] == answer["grade"]["grade"]
+    assert sum(answer["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
+    metrics = evaluate(result.bundle, sim_data, tmp_path / "eval", n_bootstrap=50)
+    assert metrics["ordinal"]["decision_rule"].startswith("median")
+    assert "Grades" in (tmp_path / "eval" / "report.html").read_text()
     plain = train(
         sim_data, tmp_path / "plain", epochs=1, size=32, batch_size=16, arch="compact-s", progress=False
     )

@@ -17,6 +17,7 @@ import numpy as np
 from medclf.data.sources import NON_IMAGE_SUFFIXES
 from medclf.errors import InputRejected, MedclfError
 from medclf.io import Image, image_from_array, iter_npz_images, read_image
+from medclf.models.tasks import median_grade
 from medclf.operating_point import OperatingPoint
 from medclf.preprocess import preprocess
 
@@ -138,9 +139,19 @@ def _ood_answer(flag: bool, score: float, bundle: Bundle) -> dict[str, Any]:
 
 
 def _answer(bundle: Bundle, probs: np.ndarray) -> dict[str, Any]:
-    k = int(np.argmax(probs))
-    return {
+    ordinal = bundle.manifest.get("task") == "ordinal"
+    # A grade is the median of its distribution (what the ordinal model was selected and evaluated on).
+    k = int(median_grade(probs[None])[0]) if ordinal else int(np.argmax(probs))
+    answer: dict[str, Any] = {
         "predicted": bundle.classes[k],
         "confidence": float(probs[k]),
         "probabilities": {c: float(p) for c, p in zip(bundle.classes, probs, strict=True)},
     }
+    if ordinal:
+        answer["grade"] = {
+            "grade": bundle.classes[k],
+            "index": k,
+            "rule": "median of the grade distribution",
+            "expected_index": float(np.dot(np.arange(len(probs)), probs)),
+        }
+    return answer

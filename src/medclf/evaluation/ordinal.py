@@ -19,21 +19,15 @@ from sklearn.metrics import cohen_kappa_score, confusion_matrix, roc_auc_score
 
 from medclf.evaluation.metrics import _jsonable, weighted_auc
 from medclf.evaluation.resample import percentile_intervals, resample_weights, resampling_units
+from medclf.models.tasks import median_grade
 
-__all__ = ["median_grade", "ordinal_metrics"]
+__all__ = ["ordinal_metrics"]
 
 _SUM_TOL = 1e-3
 DECISIONS = {
     "median": "median of the predicted grade distribution",
     "argmax": "most probable grade (a multi-class model's decision)",
 }
-
-
-def median_grade(probs: np.ndarray) -> np.ndarray:
-    """The median grade of each row of an (N, K) grade distribution."""
-    cumulative = np.cumsum(np.asarray(probs, dtype=np.float64), axis=1)
-    # A row summing to 1 - 1e-7 must still reach its last grade.
-    return np.minimum((cumulative < 0.5 - 1e-9).sum(axis=1), probs.shape[1] - 1).astype(np.int64)
 
 
 def ordinal_metrics(

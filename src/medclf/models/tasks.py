@@ -31,6 +31,7 @@ __all__ = [
     "corn_loss",
     "corn_output_hook",
     "corn_probabilities",
+    "median_grade",
     "positive_weights",
     "task_head",
     "weighted_bce",
@@ -143,6 +144,14 @@ TASKS: dict[str, TaskHead] = {
     "multilabel": TaskHead("multilabel", lambda k: k, _multilabel_probabilities, "a sigmoid per finding"),
     "ordinal": TaskHead("ordinal", lambda k: k - 1, corn_probabilities, "CORN: K-1 conditional sigmoids"),
 }
+
+
+def median_grade(probs: np.ndarray) -> np.ndarray:
+    """The grade an ordinal model predicts: the median of each row of an (N, K) grade distribution (the first
+    grade whose cumulative probability reaches one half), which minimises the expected absolute error."""
+    cumulative = np.cumsum(np.asarray(probs, dtype=np.float64), axis=1)
+    # A row summing to 1 - 1e-7 must still reach its last grade.
+    return np.minimum((cumulative < 0.5 - 1e-9).sum(axis=1), probs.shape[1] - 1).astype(np.int64)
 
 
 def task_head(name: str) -> TaskHead:
