@@ -362,4 +362,17 @@ def test_training_on_grades_writes_an_ordinal_bundle_whose_predictions_are_grade
         sim_data, tmp_path / "plain", epochs=1, size=32, batch_size=16, arch="compact-s", progress=False
     )
     assert load_bundle(plain.bundle).manifest["task"] == "multiclass"
+    # Ensembles keep the task (mean of the members' grade distributions), and refuse to mix tasks.
+    from medclf.errors import ConfigError
+    from medclf.fusion import ensemble
+
+    second = train(
+        sim_data, tmp_path / "second", epochs=1, size=32, batch_size=16, arch="compact-s", task="ordinal",
+        seed=1, progress=False,
+    )  # fmt: skip
+    fused = ensemble([result.bundle, second.bundle], tmp_path / "fused", data=sim_data, progress=False)
+    assert load_bundle(fused.bundle).manifest["task"] == "ordinal"
+    assert "grade" in predict(fused.bundle, [image])[0]
+    with pytest.raises(ConfigError, match="share their task"):
+        ensemble([result.bundle, plain.bundle], tmp_path / "mixed", data=sim_data, progress=False)
     assert "head" not in load_bundle(plain.bundle).manifest["model"]["kwargs"]
