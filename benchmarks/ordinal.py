@@ -53,8 +53,26 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - t
 
 
+def knee_manifest(root: Path, out: Path) -> Path:
+    """knee-oa-kl as a CSV manifest with patient ids: file names are the patient id then L or R (left and right
+    knees of one person), so both knees stay on one side of any split the run carves and the bootstrap
+    resamples patients."""
+    import csv
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "split", "patient_id"])
+        for split in ("train", "val", "test"):
+            for f in sorted((root / split).glob("*/*.png")):
+                w.writerow([str(f.resolve()), f.parent.name, split, f.stem.rstrip("LR")])
+    return out
+
+
 def one(dataset: str, task: str, budget: str, seed: int, work: Path) -> dict[str, Any]:
     data = DATASETS[dataset]["data"]
+    if dataset == "knee":
+        data = knee_manifest(data, work / "knee-manifest.csv")
     out = work / f"{dataset}-{task}"
     out.mkdir(parents=True, exist_ok=True)
     py = [sys.executable, "-m", "medclf"]
