@@ -277,6 +277,14 @@ def train(
     tracking_uri: TrackingUriOption = None,
     experiment: ExperimentOption = "medclf",
     registered_model: RegisteredModelOption = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="multiclass or ordinal (grades 0..K-1, trained with a CORN head; predictions are a grade and "
+            "a distribution over grades). Default: what the data declare (class folders named 0..K-1, "
+            "RetinaMNIST: ordinal)"
+        ),
+    ] = None,
 ) -> None:
     """Train a classifier and write a verified model bundle. With no options a planner decides.
 
@@ -311,6 +319,7 @@ def train(
         "memory_limit": memory_limit,
         "threads": threads,
         "shortcut_mitigation": shortcut_mitigation,
+        "task": task,
     }
     if include_train_copies:
         settings["include_train_copies"] = True

@@ -226,6 +226,7 @@ def ensemble(
             "spatial_dims": base.spec.spatial_dims,
         },
         "classes": classes,
+        "task": _task(base),  # members share it (_check_compatible); the fused grades are a distribution too
         "preprocess": base.spec.to_dict(),
         "input": base.manifest.get(
             "input", {"shape": list(base.spec.input_shape), "dtype": "float32", "value_range": [0.0, 1.0]}
@@ -382,6 +383,10 @@ def _check_compatible(members: list[Bundle]) -> None:
                 f"members must share their classes, in the same order: {first.path} has {first.classes}, "
                 f"{b.path} has {b.classes}"
             )
+        if _task(b) != _task(first):
+            raise ConfigError(
+                f"members must share their task: {first.path} is {_task(first)}, {b.path} is {_task(b)}"
+            )
         a = {k: v for k, v in first.spec.to_dict().items() if k != "size"}
         c = {k: v for k, v in b.spec.to_dict().items() if k != "size"}
         if a != c:
@@ -390,6 +395,10 @@ def _check_compatible(members: list[Bundle]) -> None:
                 f"members must share their preprocessing except the input size; {b.path} differs from "
                 f"{first.path} in: {', '.join(diff)}"
             )
+
+
+def _task(b: Bundle) -> str:
+    return str(b.manifest.get("task", "multiclass"))  # bundles before task types were multi-class
 
 
 def _ensemble_kwargs(members: list[Bundle], method: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import numpy as np
 from medclf.data.sources import NON_IMAGE_SUFFIXES
 from medclf.errors import InputRejected
 from medclf.io import Image, image_from_array, iter_npz_images, read_image
+from medclf.models.tasks import median_grade
 
 
 def expand_inputs(inputs: Iterable[Any] | Any) -> Iterator[tuple[str, Any]]:
@@ -83,11 +84,21 @@ def ood_answer(flag: bool, score: float, threshold: float) -> dict[str, Any]:
     return answer
 
 
-def class_answer(classes: Sequence[str], probs: np.ndarray) -> dict[str, Any]:
-    """The class fields of one answer: ``predicted``, ``confidence`` and ``probabilities``."""
-    k = int(np.argmax(probs))
-    return {
+def class_answer(classes: Sequence[str], probs: np.ndarray, task: str = "multiclass") -> dict[str, Any]:
+    """The class fields of one answer: ``predicted``, ``confidence`` and ``probabilities``; for ordinal grades
+    also ``grade`` (the median of the distribution, what the ordinal model was selected and evaluated on)."""
+    ordinal = task == "ordinal"
+    k = int(median_grade(probs[None])[0]) if ordinal else int(np.argmax(probs))
+    answer: dict[str, Any] = {
         "predicted": classes[k],
         "confidence": float(probs[k]),
         "probabilities": {c: float(p) for c, p in zip(classes, probs, strict=True)},
     }
+    if ordinal:
+        answer["grade"] = {
+            "grade": classes[k],
+            "index": k,
+            "rule": "median of the grade distribution",
+            "expected_index": float(np.dot(np.arange(len(probs)), probs)),
+        }
+    return answer

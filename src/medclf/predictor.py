@@ -240,7 +240,7 @@ class Predictor:
             ood = self.ood_scores(x, engine=engine)
             detector = self.ood
             for j, ((slot, _), p) in enumerate(zip(pending, probs, strict=True)):
-                results[slot].update(class_answer(self.classes, p))
+                results[slot].update(class_answer(self.classes, p, self.manifest.get("task", "multiclass")))
                 if point is not None:
                     # The bundle's operating point (medclf recalibrate): a yes/no call at a site's threshold.
                     results[slot]["decision"] = point.decide(float(p[columns].sum()))

@@ -13,6 +13,10 @@ from medclf.io import Image, image_from_array, read_image
 from medclf.io.guard import check_file
 
 SPLITS = ("train", "val", "test")
+# What one label means: one class among K (unordered), or a grade 0..K-1 (ordered: grade 3 is closer to 4
+# than to 0). Multi-label findings are planned (issue 22) and refused at the source until the whole path
+# supports them.
+TASKS = ("multiclass", "ordinal")
 
 
 @dataclass
@@ -38,8 +42,11 @@ class SampleSet:
     # Paths relative to the dataset root keep fingerprints stable when a dataset moves.
     root: str | None = None
     metadata: dict[str, list[str]] = field(default_factory=dict)
+    task: str = "multiclass"  # one of TASKS; ordinal: ``classes`` are the grades in order
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         self.labels = np.asarray(self.labels, dtype=np.int64)
         n = len(self.refs)
         if not (len(self.labels) == len(self.splits) == len(self.patient_ids) == n):

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from medclf.data.samples import SPLITS, SampleSet
-from medclf.errors import DataError
+from medclf.data.samples import SPLITS, TASKS, SampleSet
+from medclf.errors import ConfigError, DataError
 from medclf.io import read_npz
 
 SPLIT_ALIASES = {
@@ -39,6 +40,8 @@ MANIFEST_COLUMNS = ("path", "label", "patient_id", "split")
 NON_IMAGE_SUFFIXES = {".txt", ".csv", ".json", ".md", ".db", ".ini", ".xml", ".html", ".py", ".yaml", ".yml"}
 
 # MedMNIST v2 label names (INFO in the medmnist package), keyed by the file's stem.
+# MedMNIST v2's datasets whose task is "ordinal-regression" (its INFO table).
+MEDMNIST_ORDINAL = frozenset({"retinamnist"})
 MEDMNIST_CLASSES: dict[str, list[str]] = {
     "pneumoniamnist": ["normal", "pneumonia"],
     "breastmnist": ["malignant", "normal_or_benign"],
@@ -84,12 +87,56 @@ MEDMNIST_CLASSES: dict[str, list[str]] = {
 }
 
 
-def load_source(path: str | Path, *, default_split: str = "train") -> SampleSet:
+def load_source(path: str | Path, *, default_split: str = "train", task: str | None = None) -> SampleSet:
     """Read a dataset description into a :class:`SampleSet` (no pixels are decoded).
 
     ``default_split`` is given to samples whose layout names no split: ``"train"`` when the data is for
-    training, ``"test"`` when a plain class folder is handed to ``evaluate``.
+    training, ``"test"`` when a plain class folder is handed to ``evaluate``. ``task``: ``multiclass`` or
+    ``ordinal``; None infers it from the data (:func:`infer_task`).
     """
+    samples = _load(path, default_split)
+    if task is None:
+        task, _ = infer_task(samples)
+    return with_task(samples, task)
+
+
+def infer_task(samples: SampleSet) -> tuple[str, str]:
+    """The task the data declare, and why: ``ordinal`` for MedMNIST's ordinal sets (RetinaMNIST) and for
+    classes named by consecutive integers from 0 (class folders ``0/ 1/ 2/ ...``, at least 3 of them: grades,
+    as Kellgren-Lawrence or retinopathy folders are laid out); ``multiclass`` otherwise."""
+    if samples.kind == "npz" and Path(samples.source).stem.lower().split("_")[0] in MEDMNIST_ORDINAL:
+        return "ordinal", f"MedMNIST lists {Path(samples.source).stem} as ordinal regression"
+    numeric = _integer_names(samples.classes)
+    if len(samples.classes) >= 3 and numeric is not None and sorted(numeric) == list(range(len(numeric))):
+        return "ordinal", f"classes named 0..{len(samples.classes) - 1}: grades"
+    return "multiclass", "classes without an order"
+
+
+def with_task(samples: SampleSet, task: str) -> SampleSet:
+    """``samples`` as data of ``task`` (checked: grades need at least 3 classes, in their numeric order)."""
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    if task == "ordinal":
+        if len(samples.classes) < 3:
+            raise DataError(f"ordinal grades need at least 3 classes, found {len(samples.classes)}")
+        numeric = _integer_names(samples.classes)
+        if numeric is not None and numeric != sorted(numeric):  # folders sort "10" before "2"
+            order = np.argsort(numeric)
+            remap = np.empty(len(order), dtype=np.int64)
+            remap[order] = np.arange(len(order))
+            labels = np.where(samples.labels >= 0, remap[np.maximum(samples.labels, 0)], -1)
+            samples = replace(samples, classes=[samples.classes[i] for i in order], labels=labels)
+    return replace(samples, task=task)
+
+
+def _integer_names(names: list[str]) -> list[int] | None:
+    try:
+        return [int(n) for n in names]
+    except ValueError:
+        return None
+
+
+def _load(path: str | Path, default_split: str) -> SampleSet:
     if default_split not in SPLITS:
         raise ValueError(f"default_split must be one of {SPLITS}")
     p = Path(path).expanduser()

@@ -92,3 +92,55 @@ def fold_split(samples: SampleSet, fold: int, n_folds: int, *, seed: int = 0) ->
     for j in folds[fold][1]:
         splits[int(train_idx[j])] = "val"
     return samples.with_splits(splits)
+
+
+def carve_multilabel(
+    targets: np.ndarray, patient_ids: list[str | None], fraction: float, seed: int
+) -> np.ndarray:
+    """Indices of a held-out part of about ``fraction`` of multi-label samples (``targets``: (N, L) 0/1),
+    stratified on every finding at once and grouped by patient (a patient's images stay on one side).
+
+    Iterative stratification (Sechidis, Tsoumakas and Vlahavas, ECML PKDD 2011) on patients instead of
+    images: repeatedly take the finding with the fewest patients still unassigned, and give each of its
+    patients (in random order) to the side that still wants the most of that finding (ties: the side that
+    wants the most images). Patients without findings fill the remaining demand for images. A stratified
+    shuffle cannot do this: it stratifies on one label, and findings co-occur."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError("fraction must be between 0 and 1")
+    y = np.asarray(targets, dtype=np.int64)
+    n = len(y)
+    keys = [f"p:{p}" if p not in (None, "") else f"s:{i}" for i, p in enumerate(patient_ids)]
+    group_of = np.unique(np.array(keys, dtype=object), return_inverse=True)[1]
+    n_groups = int(group_of.max()) + 1 if n else 0
+    if n_groups < 2:
+        raise DataError("fewer than 2 patients (or images): too few to carve a validation split")
+    rng = np.random.default_rng(seed)
+    group_labels = np.zeros((n_groups, y.shape[1]), dtype=np.int64)
+    np.add.at(group_labels, group_of, y)
+    group_has = group_labels > 0
+    group_size = np.bincount(group_of, minlength=n_groups)
+    share = np.array([fraction, 1.0 - fraction])  # side 0 = held out, side 1 = kept
+    want_label = share[:, None] * group_has.sum(axis=0)[None, :]  # patients with each finding, per side
+    want_images = share * n
+    side = np.full(n_groups, -1)
+    unassigned = np.ones(n_groups, dtype=bool)
+    while True:
+        remaining = (group_has & unassigned[:, None]).sum(axis=0)
+        candidates = np.flatnonzero(remaining > 0)
+        if not len(candidates):
+            break
+        label = candidates[np.argmin(remaining[candidates])]
+        for g in rng.permutation(np.flatnonzero(group_has[:, label] & unassigned)):
+            need = want_label[:, label]
+            s = int(np.argmax(want_images)) if need[0] == need[1] else int(np.argmax(need))
+            side[g], unassigned[g] = s, False
+            want_label[s] -= group_has[g]
+            want_images[s] -= group_size[g]
+    for g in rng.permutation(np.flatnonzero(unassigned)):  # patients without any finding
+        s = int(np.argmax(want_images))
+        side[g] = s
+        want_images[s] -= group_size[g]
+    held = np.flatnonzero(side[group_of] == 0)
+    if len(held) == 0 or len(held) == n:
+        raise DataError(f"only {n_groups} patients: too few to carve a validation split of {fraction:.0%}")
+    return np.sort(held)

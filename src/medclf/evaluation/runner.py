@@ -26,6 +26,7 @@ from medclf.data.sources import load_source
 from medclf.errors import ConfigError, DataError
 from medclf.evaluation.classmap import ClassMap, parse_class_map
 from medclf.evaluation.metrics import compute_metrics, expected_calibration_error
+from medclf.evaluation.ordinal import ordinal_metrics
 from medclf.evaluation.plots import plot_augmentation_gallery, plot_confusion, plot_reliability, plot_roc
 from medclf.evaluation.report import write_report
 from medclf.evaluation.subgroups import MIN_GROUP_N
@@ -198,6 +199,7 @@ def evaluate(
         console=console,
         uncalibrated_probs=uncalibrated,
         temperature=b.temperature,
+        grades=_grading(b, samples, cmap),
         extra_figures=_augmentation_gallery(b, samples, prepared, Path(out)),
     )
 
@@ -247,6 +249,7 @@ def write_evaluation(
     patient_ids: Sequence[str | None] | None = None,
     operating_point: tuple[OperatingPoint, np.ndarray] | None = None,
     min_group_n: int = MIN_GROUP_N,
+    grades: str | None = None,
 ) -> dict[str, Any]:
     """Metrics (headline without copies of training samples, and ``all_samples``), predictions.csv, plots
     and report.html for class probabilities ``probs`` (rows for every sample; NaN where unusable).
@@ -254,7 +257,9 @@ def write_evaluation(
     ``subgroups``: key -> the group of every sample, for a subgroup analysis of the headline samples
     (``metrics["subgroups"]``, a forest plot and warnings); ``patient_ids`` make its bootstrap resample
     patients. ``operating_point``: a bundle's operating point and the columns of ``probs`` that sum to its
-    positive group: sensitivity/specificity at it go to ``metrics["operating_point"]``.
+    positive group: sensitivity/specificity at it go to ``metrics["operating_point"]``. ``grades``: the classes
+    are ordinal grades; score them as such (``metrics["ordinal"]``, :mod:`.ordinal`) with this decision rule
+    (``median``: an ordinal model; ``argmax``: a multi-class model on graded data).
 
     Shared by ``evaluate`` and by anything else that produces probabilities (baselines, ensembles), so every
     method is scored and reported the same way. ``uncalibrated_probs`` (same rows, before temperature
@@ -298,6 +303,12 @@ def write_evaluation(
         )
         metrics["operating_point"] = {**point.to_manifest(), "evaluated": found}
         sections["Operating point"] = _operating_point_section(point, found)
+    if grades is not None:
+        metrics["ordinal"] = ordinal_metrics(
+            labels[clean], probs[clean], classes, patient_ids=_rows_of(patient_ids, clean),
+            n_bootstrap=n_bootstrap, seed=seed, decision=grades,
+        )  # fmt: skip
+        sections["Grades"] = _grades_section(metrics["ordinal"])
     if subgroups:
         from medclf.evaluation.subgroups import plot_forest, subgroup_analysis
 
@@ -345,6 +356,13 @@ def write_evaluation(
     console.print(
         f"  all samples (n={all_metrics['n']}): accuracy {all_metrics['accuracy']:.4f}  AUC {_f(all_metrics['auc'])}"
     )
+    if "ordinal" in metrics:
+        g = metrics["ordinal"]
+        console.print(
+            f"  grades ({g['decision_rule']}): accuracy {g['accuracy']:.4f}  MAE {g['mae']:.3f} "
+            f"{_ci_pair(g['ci']['mae'])}  QWK {_f(g['qwk'])} {_ci_pair(g['ci']['qwk'])}  within one grade "
+            f"{g['within_one_accuracy']:.4f}"
+        )
     for key, analysis in metrics.get("subgroups", {}).items():
         gap = analysis.get("largest_gap")
         groups_text = ", ".join(f"{g['group']} (n={g['n']})" for g in analysis["groups"])
@@ -368,6 +386,36 @@ def write_evaluation(
         )
     console.print(f"Report: {out / 'report.html'}")
     return metrics
+
+
+def _grading(b: Bundle, samples: SampleSet, cmap: ClassMap | None) -> str | None:
+    """How to score grades: an ordinal bundle by its median grade, a multi-class one on graded data by its
+    argmax; None when the classes are not grades (or are regrouped by a class map)."""
+    if cmap is not None:
+        return None
+    if b.manifest.get("task") == "ordinal":
+        return "median"
+    return "argmax" if samples.task == "ordinal" and len(b.classes) >= 3 else None
+
+
+def _rows_of(patient_ids: Sequence[str | None] | None, rows: np.ndarray) -> list[str | None] | None:
+    if patient_ids is None or not any(p not in (None, "") for p in patient_ids):
+        return None
+    return [patient_ids[i] for i in rows]
+
+
+def _grades_section(g: dict[str, Any]) -> dict[str, Any]:
+    """The report's table of ordinal figures with their intervals."""
+    ci = g["ci"]
+    return {
+        "decision": g["decision_rule"],
+        "accuracy": _fmt_ci(g["accuracy"], ci.get("accuracy")),
+        "MAE (grades)": _fmt_ci(g["mae"], ci.get("mae")),
+        "quadratic weighted kappa": _fmt_ci(g["qwk"], ci.get("qwk")),
+        "within one grade": _fmt_ci(g["within_one_accuracy"], ci.get("within_one_accuracy")),
+        "MedMNIST AUC / ACC (argmax)": f"{_f(g['auc'])} / {_f(g['argmax_accuracy'])}",
+        "resampled by": g["ci"]["unit"],
+    }
 
 
 def _ci_pair(iv: list[float] | None) -> str:

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from medclf.evaluation.metrics import _jsonable, weighted_auc
+from medclf.evaluation.resample import resample_weights, resampling_units
 
 __all__ = [
     "ALPHA",
@@ -57,8 +58,6 @@ TEST_METHOD = (
     "than two classes) specificity, in groups of at least {min_n} samples (per class: at least {min_class_n} "
     "samples of that class, or of the others, in the group and in the rest)."
 )
-# Resampled weights per chunk (float64): bounded memory whatever the group size.
-_CHUNK_ELEMENTS = 2_000_000
 
 
 def merge_small_groups(
@@ -127,7 +126,7 @@ def subgroup_analysis(
     k = len(class_names)
     group_of, pooled = merge_small_groups([str(g) for g in groups], min_n=min_n, max_groups=max_groups)
     labels = np.array(group_of, dtype=object)
-    units = _units(patient_ids, len(y))
+    units = resampling_units(patient_ids, len(y))
     rng = np.random.default_rng(seed)
     tail = (1 - ci) / 2 * 100
 
@@ -270,14 +269,6 @@ def _one_sided_p(difference: float, se: float) -> float:
     return float(norm.cdf(difference / se))
 
 
-def _units(patient_ids: Sequence[str | None] | None, n: int) -> np.ndarray:
-    """Resampling unit per sample: the patient (samples without an id are their own unit), else the sample."""
-    if patient_ids is None:
-        return np.arange(n)
-    keys = [f"p:{pid}" if pid not in (None, "") else f"s:{i}" for i, pid in enumerate(patient_ids)]
-    return np.unique(np.array(keys, dtype=object), return_inverse=True)[1].astype(np.int64)
-
-
 def _stats(y: np.ndarray, p: np.ndarray, k: int, w: np.ndarray) -> dict[str, np.ndarray]:
     """Metrics under each row of sample weights ``w`` (B, n): NaN where undefined."""
     pred = p.argmax(axis=1)
@@ -302,19 +293,10 @@ def _bootstrap(
     y: np.ndarray, p: np.ndarray, k: int, units: np.ndarray, n_bootstrap: int, rng: np.random.Generator
 ) -> dict[str, np.ndarray]:
     """Metrics over ``n_bootstrap`` resamples of the units (patients or samples) of these rows."""
-    if n_bootstrap <= 0 or len(y) == 0:
+    if len(y) == 0:
         return {}
-    codes = np.unique(units, return_inverse=True)[1]
-    n_units = int(codes.max()) + 1
-    chunk = max(1, min(n_bootstrap, _CHUNK_ELEMENTS // max(len(y), n_units)))
-    parts: list[dict[str, np.ndarray]] = []
-    for start in range(0, n_bootstrap, chunk):
-        b = min(chunk, n_bootstrap - start)
-        draws = rng.integers(0, n_units, size=(b, n_units))
-        flat = (draws + (np.arange(b) * n_units)[:, None]).ravel()
-        counts = np.bincount(flat, minlength=b * n_units).reshape(b, n_units).astype(np.float64)
-        parts.append(_stats(y, p, k, counts[:, codes]))
-    return {m: np.concatenate([part[m] for part in parts]) for m in parts[0]}
+    parts = [_stats(y, p, k, w) for w in resample_weights(units, n_bootstrap, rng)]
+    return {m: np.concatenate([part[m] for part in parts]) for m in parts[0]} if parts else {}
 
 
 def _point(entry: dict[str, Any], metric: str, class_names: Sequence[str]) -> float:

@@ -63,6 +63,8 @@ class TrainConfig:
     threads: int | None = None
     # Shortcut mitigation: auto (on when the shortcut check flags the training split), on, off.
     shortcut_mitigation: str = "auto"
+    # multiclass or ordinal (grades 0..K-1: a CORN head); None: what the data declare (data.sources.infer_task).
+    task: str | None = None
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:

@@ -16,6 +16,7 @@ from medclf.bundle import save_bundle
 from medclf.data.references import TRAIN_SIGNATURES, aligned_signatures, pack_signatures
 from medclf.evaluation.calibration import apply_temperature, fit_temperature_from_probs, log_probs
 from medclf.evaluation.metrics import compute_metrics
+from medclf.evaluation.ordinal import ordinal_metrics
 from medclf.model_card import MODEL_CARD, model_card
 from medclf.ood import OOD_FILE
 from medclf.training.config import TrainResult
@@ -41,6 +42,10 @@ def finish(
     val_metrics = compute_metrics(val_y, val_probs, samples.classes, n_bootstrap=200, seed=cfg.seed)
     val_metrics.update(ece_uncalibrated=calibration.ece_before, temperature=calibration.temperature)
     val_metrics["n_removed_duplicates"] = setup.n_copies if not cfg.include_train_copies else 0
+    if samples.task == "ordinal":
+        val_metrics["ordinal"] = ordinal_metrics(
+            val_y, val_probs, samples.classes, n_bootstrap=200, seed=cfg.seed
+        )
     references = sanity.baselines(
         prepared.tensors, setup.train_idx, setup.val_idx, samples.labels, samples.classes, seed=cfg.seed
     )
@@ -95,6 +100,7 @@ def _manifest(
             "spatial_dims": plan.spec.spatial_dims,
         },
         "classes": samples.classes,
+        "task": samples.task,
         "preprocess": plan.spec.to_dict(),
         "input": {"shape": list(plan.spec.input_shape), "dtype": "float32", "value_range": [0.0, 1.0]},
         "recipe": {

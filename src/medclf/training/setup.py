@@ -16,7 +16,7 @@ from medclf import threads as threads_mod
 from medclf.budget import Budget
 from medclf.data.cache import PreparedData, prepare
 from medclf.data.samples import SampleSet
-from medclf.data.sources import load_source
+from medclf.data.sources import infer_task, load_source
 from medclf.data.splits import ensure_validation, fold_split
 from medclf.distributed import DistContext
 from medclf.errors import ConfigError, DataError
@@ -78,7 +78,7 @@ def set_up(ctx: RunContext, data: str | Path, *, resume: bool, base_plan: Plan |
     """Set the run up on ``data``: resume ``ctx.ckpt_dir`` (``resume``), take ``base_plan`` with the epochs
     that fit (a leftover-budget member), or plan anew."""
     cfg, console = ctx.cfg, ctx.console
-    samples = load_source(data, default_split="train")
+    samples = load_source(data, default_split="train", task=cfg.task)
     if not samples.has_split("train"):
         raise DataError(f"{data}: no training split found")
     if ctx.val_fold is not None:
@@ -130,10 +130,26 @@ def _plan(
     else:
         plan = new_plan(samples, fp, n_train, cfg, ctx.budget, probe_s, policy, dist, ctx.device)
     plan.threads = policy.torch_threads
+    if state is None and base_plan is None:
+        _head_for_task(plan, samples)
     if dist.enabled:
         plan = Plan.from_dict(dist.broadcast_json(plan.to_dict()))
     print_plan(ctx.console, plan, fp, samples, policy)
     return plan, fp
+
+
+def _head_for_task(plan: Plan, samples: SampleSet) -> None:
+    """Ordinal grades get the CORN head (:mod:`medclf.models.tasks`); the cross-entropy the loop computes on
+    its grade log-probabilities is then CORN's loss."""
+    if samples.task == "ordinal":
+        plan.arch_kwargs = {**plan.arch_kwargs, "head": "corn"}
+        why = infer_task(samples)[1] if infer_task(samples)[0] == "ordinal" else "--task ordinal"
+        plan.reasons.append(
+            f"ordinal grades ({why}): CORN head, {len(samples.classes) - 1} conditional outputs for "
+            f"{len(samples.classes)} grades"
+        )
+    else:
+        plan.arch_kwargs = {k: v for k, v in plan.arch_kwargs.items() if k != "head"}
 
 
 def _cache_pass(
