@@ -188,6 +188,9 @@ EXTRAS: dict[str, list[str]] = {
     # Issue 21: the HTTP server and the DICOM node under denial-of-service attacks.
     "attack": ["benchmarks/attack.py", "--duration", "95"],
     "dicom-lockout": ["benchmarks/dicom_lockout.py"],
+    # Issue 22: ordinal (CORN) vs multi-class head on RetinaMNIST, 10 minutes each; issue 24: MLflow tracking.
+    "ordinal-retina": ["benchmarks/ordinal.py", "--dataset", "retina", "--budget", "10m"],
+    "tracking": ["benchmarks/tracking.py"],
 }
 
 
@@ -750,7 +753,7 @@ def _extra_sections() -> list[str]:
             for lv in ld["levels"]
         ]
         lines += ["", f"{ld['date']}: `{ld['command']}`", ""]
-    lines += _shortcut_sections() + _hardening_sections()
+    lines += _shortcut_sections() + _hardening_sections() + _ecosystem_sections()
     return lines
 
 
@@ -827,6 +830,36 @@ def _external_lines(e: dict[str, Any]) -> list[str]:
         "the mechanics, not a site transfer."
     )
     return [*lines, ""]
+
+
+def _ecosystem_sections() -> list[str]:
+    """Issue 22 (ordinal grades: benchmarks/ordinal.py) and issue 24 (MLflow tracking: benchmarks/tracking.py)."""
+    lines: list[str] = []
+    for path in sorted(RESULTS.glob("ordinal-*.json")):
+        from ordinal import render as render_ordinal
+
+        lines += [render_ordinal(json.loads(path.read_text())), ""]
+    t = _read("tracking.json")
+    if t:
+        k, cost, sysinfo = t["kill_and_resume"], t["cost"], t["system"]
+        lines += [
+            "## Experiment tracking (MLflow): kill, resume, one run",
+            "",
+            f"`benchmarks/tracking.py`: `medclf train {t['dataset']} {' '.join(t['recipe'])} --track` killed "
+            f"(SIGKILL) after {k['epochs_checkpointed_at_kill']} checkpointed epochs, then `--resume --track`. "
+            f"MLflow's client then lists {k['runs_in_store']} run(s); same run id before and after: "
+            f"{k['same_run']}; status {k['status']}; validation AUC logged at epochs "
+            f"{k['val_auc_steps'][0]}..{k['val_auc_steps'][-1]} ({len(k['val_auc_steps'])} steps, "
+            f"{len(k['steps_logged_twice'])} logged twice); registered version(s) {', '.join(k['registered_versions'])}, "
+            f"its sha256 equal to the bundle on disk: {k['version_sha256_matches_bundle']}. Cost of `--track` "
+            f"on the uninterrupted recipe: {cost['tracked']['wall_s']} s vs {cost['untracked']['wall_s']} s "
+            "without (one run each: within noise).",
+            "",
+            f"CPU: {sysinfo['cpu_model']}, flags {sysinfo['cpu_flags']}. {t['date']}: "
+            "`python benchmarks/tracking.py`",
+            "",
+        ]
+    return lines
 
 
 def _hardening_sections() -> list[str]:
