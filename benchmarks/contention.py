@@ -208,6 +208,8 @@ def merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """Re-running some datasets or sections replaces those and keeps the rest, which keep their own date and
     command (a training row carries its own; earlier files held one date for everything)."""
     out = {**old, **{k: v for k, v in new.items() if k != "training"}}
+    # A section re-run now carries the run's own date: drop the date it had from an earlier run.
+    out["section_dates"] = {k: v for k, v in old.get("section_dates", {}).items() if k not in new}
     for section in ("audit", "short"):
         if section not in new and section in old:
             out[section] = old[section]

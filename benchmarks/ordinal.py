@@ -88,8 +88,9 @@ def one(dataset: str, task: str, budget: str, seed: int, work: Path) -> dict[str
     return {
         "task": task,
         "train_wall_s": round(train_s, 1),
-        "plan": f"{manifest['model']['arch']} {manifest['input']['shape']}",
-        "epochs_run": manifest["recipe"].get("epochs_run"),
+        "plan": f"{manifest['model']['arch']} {manifest['input']['shape']}"
+        + (f", {manifest['recipe']['members']} members" if manifest["recipe"].get("members") else ""),
+        "epochs_run": manifest["recipe"].get("epochs_run"),  # None for an ensemble (leftover members)
         "n_test": grades["n"],
         **{k: grades[k] for k in ("auc", "argmax_accuracy", "accuracy", "mae", "qwk", "within_one_accuracy")},
         "ci": {k: grades["ci"].get(k) for k in ("auc", "accuracy", "mae", "qwk", "within_one_accuracy")},
@@ -121,7 +122,7 @@ def render(result: dict[str, Any]) -> str:
     for r in result["runs"]:
         ci = r["ci"]
         lines.append(
-            f"| {r['task']} | {r['plan']} | {r['epochs_run']} | {r['n_test']} | {f(r['auc'], ci['auc'])} "
+            f"| {r['task']} | {r['plan']} | {r['epochs_run'] or 'n/a'} | {r['n_test']} | {f(r['auc'], ci['auc'])} "
             f"| {f(r['argmax_accuracy'])} | {f(r['accuracy'], ci['accuracy'])} | {f(r['mae'], ci['mae'])} "
             f"| {f(r['qwk'], ci['qwk'])} | {f(r['within_one_accuracy'], ci['within_one_accuracy'])} |"
         )
