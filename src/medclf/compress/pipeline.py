@@ -12,7 +12,7 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from medclf.compress.distill import (
     kd_loss_hook,
     planned_student_kwargs,
 )
-from medclf.compress.finetune import finetune, plan_from_manifest
+from medclf.compress.finetune import FinetuneResult, finetune, plan_from_manifest
 from medclf.compress.onnx_export import PARITY_TOLERANCE, check_parity, export_onnx
 from medclf.compress.prune import n_params, prune_model
 from medclf.compress.quantize import quantize_int8
@@ -40,10 +40,8 @@ from medclf.errors import BundleError, ConfigError
 from medclf.evaluation.metrics import compute_metrics
 from medclf.model_card import MODEL_CARD, model_card
 
-# The source bundle is run here (validation scores, its OOD guard), so it is held as a Predictor; under this
-# module's old names until its own rework (issue 23: import lines only while training/ is being split).
-from medclf.predictor import Predictor as Bundle
-from medclf.predictor import as_predictor as load_bundle
+# The source bundle is run here (validation scores, its OOD guard), so it is held as a Predictor.
+from medclf.predictor import Predictor, as_predictor
 
 # Files of the source bundle that stay true for the compressed one (the training data did not change).
 CARRIED_FILES = ("train_hashes.json", "train_signatures.safetensors")
@@ -73,15 +71,50 @@ def default_epochs(manifest: dict[str, Any], planned: int, *, fresh: bool) -> in
     return max(2, int(TUNE_EPOCHS * source_epochs))
 
 
+@dataclass
+class _Tuning:
+    """How a distillation or fine-tune run is set (``None``: derived from the source's recipe)."""
+
+    epochs: int | None
+    lr: float | None
+    budget: float | None
+    seed: int
+    progress: bool
+
+
+@dataclass
+class _Work:
+    """What the export steps hand on to each other: the network as it stands and what describes it."""
+
+    src: Predictor
+    td: TrainingData | None
+    val_x: np.ndarray | None
+    model: nn.Module
+    arch: str
+    kwargs: dict[str, Any]
+    temperature: float
+    console: Console
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, float]] | None = None
+
+    def scores(self, probs: np.ndarray) -> dict[str, Any]:
+        assert self.td is not None
+        return val_scores(self.td.val_y, probs, self.src.classes)
+
+    def val_scores_of(self, model: nn.Module, temperature: float = 1.0) -> dict[str, Any]:
+        assert self.val_x is not None
+        return self.scores(_torch_probs(model, self.val_x, temperature))
+
+
 def export_bundle(
-    bundle: str | Path | Bundle,
+    bundle: str | Path | Predictor,
     out: str | Path,
     *,
     data: str | Path | None = None,
     onnx: bool = False,
     int8: bool = False,
     prune: float | None = None,
-    distill_from: str | Path | Bundle | None = None,
+    distill_from: str | Path | Predictor | None = None,
     student: str | None = None,
     student_kwargs: dict[str, Any] | None = None,
     epochs: int | None = None,
@@ -112,8 +145,130 @@ def export_bundle(
     """
     console = console or Console(stderr=True, soft_wrap=True)
     t_start = time.perf_counter()
-    src = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    src = as_predictor(bundle)
     distill = student is not None or distill_from is not None
+    _check_request(onnx=onnx, int8=int8, prune=prune, distill=distill, data=data, epochs=epochs, lr=lr)
+    tuning = _Tuning(
+        epochs=epochs,
+        lr=lr,
+        budget=parse_duration(time_budget) if time_budget is not None else None,
+        seed=seed,
+        progress=progress,
+    )
+    w = _start(src, data, cache_dir=cache_dir, workers=workers, progress=progress, console=console)
+    before = w.scores(src.predict_tensors(w.val_x, engine="torch")) if w.val_x is not None else None
+    if before is not None:
+        acc, auc = before["accuracy"], _f(before["auc"])
+        console.print(f"[bold]Source[/] {src.arch}: validation accuracy {acc:.4f}, AUC {auc}")
+    if distill:
+        teacher = as_predictor(distill_from) if distill_from is not None else src
+        _distill(w, teacher, student, student_kwargs, tuning, kd_temperature, kd_weight)
+    if prune:
+        _prune(w, float(prune), tuning)
+
+    w.model = w.model.eval()
+    path, manifest = _write(
+        w,
+        out,
+        before,
+        onnx=onnx,
+        int8=int8,
+        int8_format=int8_format,
+        calibration_samples=calibration_samples,
+        parity_samples=parity_samples,
+        seed=seed,
+        t_start=t_start,
+    )
+    console.print(
+        f"[bold green]Bundle written[/] to {path} "
+        f"(default engine: {manifest['compression']['default_engine']})"
+    )
+    return ExportResult(bundle=path, compression=manifest["compression"])
+
+
+def _start(
+    src: Predictor,
+    data: str | Path | None,
+    *,
+    cache_dir: str | Path | None,
+    workers: int | None,
+    progress: bool,
+    console: Console,
+) -> _Work:
+    """The work state at the source bundle, with its training data split as training split it."""
+    td = (
+        load_training_data(
+            src, data, cache_dir=cache_dir, workers=workers, progress=progress, console=console
+        )
+        if data is not None
+        else None
+    )
+    m = src.manifest["model"]
+    return _Work(
+        src=src,
+        td=td,
+        val_x=td.tensors(td.val_idx) if td is not None else None,
+        model=src.model,
+        arch=str(m["arch"]),
+        kwargs=dict(m.get("kwargs", {})),
+        temperature=src.temperature,
+        console=console,
+    )
+
+
+def _write(
+    w: _Work,
+    out: str | Path,
+    before: dict[str, Any] | None,
+    *,
+    onnx: bool,
+    int8: bool,
+    int8_format: str,
+    calibration_samples: int,
+    parity_samples: int,
+    seed: int,
+    t_start: float,
+) -> tuple[Path, dict[str, Any]]:
+    """Export to ONNX/int8 when asked, then seal the new bundle (manifest, OOD guard, model card)."""
+    src, td = w.src, w.td
+    work = Path(tempfile.mkdtemp(prefix="medclf-export-"))
+    extra: dict[str, bytes | str | Path] = {
+        name: src.path / name for name in CARRIED_FILES if name in src.manifest.get("files", {})
+    }
+    try:
+        if onnx or int8:
+            fp32_probs = _onnx(w, work / ONNX_FP32, parity_samples, seed)
+            extra[ONNX_FP32] = work / ONNX_FP32
+            if int8:
+                assert fp32_probs is not None
+                _int8(
+                    w, work / ONNX_FP32, work / ONNX_INT8, fp32_probs, calibration_samples, int8_format, seed
+                )
+                extra[ONNX_INT8] = work / ONNX_INT8
+        changed = w.model is not src.model
+        manifest = _manifest(src, w.model, w.arch, w.kwargs, changed, w.history, td, w.temperature)
+        writers, ood_record = _ood(src, w.model, changed, td, w.val_x, extra, manifest, seed)
+        manifest["compression"] = _compression_record(
+            w, before, extra, ood_record, time.perf_counter() - t_start
+        )
+        extra[MODEL_CARD] = model_card(manifest)  # the source's card describes another model
+        path = save_bundle(out, model=w.model, manifest=manifest, extra_files=extra, writers=writers)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return path, manifest
+
+
+def _check_request(
+    *,
+    onnx: bool,
+    int8: bool,
+    prune: float | None,
+    distill: bool,
+    data: str | Path | None,
+    epochs: int | None,
+    lr: float | None,
+) -> None:
+    """Refuse, before any data is read, what the export cannot do."""
     if not (onnx or int8 or prune or distill):
         raise ConfigError("nothing to do: give --onnx, --int8, --prune AMOUNT or --distill-from/--student")
     if (int8 or prune or distill) and data is None:
@@ -122,293 +277,292 @@ def export_bundle(
         raise ConfigError(f"--epochs must be at least 1 (got {epochs})")
     if lr is not None and not lr > 0:
         raise ConfigError(f"--lr must be greater than 0 (got {lr})")
-    budget = parse_duration(time_budget) if time_budget is not None else None
-    td = (
-        load_training_data(
-            src, data, cache_dir=cache_dir, workers=workers, progress=progress, console=console
-        )
-        if data is not None
-        else None
+
+
+def _distill(
+    w: _Work,
+    teacher: Predictor,
+    student: str | None,
+    student_kwargs: dict[str, Any] | None,
+    tuning: _Tuning,
+    kd_temperature: float,
+    kd_weight: float,
+) -> None:
+    """Train a student (a fresh ``student`` network, or the source's own) on the teacher's soft targets."""
+    src, td, val_x = w.src, w.td, w.val_x
+    assert td is not None and val_x is not None
+    resize = check_teacher(teacher, src.spec, src.classes)
+    teacher_size = tuple(teacher.spec.size) if resize else None
+    if student is not None:
+        s_kwargs = {**planned_student_kwargs(student, src.spec), **(student_kwargs or {})}
+        s_arch, init = student, None
+    else:
+        s_arch, s_kwargs, init = w.arch, w.kwargs, _plain_state(src.model)
+    plan = plan_from_manifest(src.manifest, arch=s_arch, arch_kwargs=s_kwargs)
+    run_epochs = tuning.epochs or default_epochs(src.manifest, plan.epochs, fresh=init is None)
+    run_lr = tuning.lr or (plan.lr if init is None else plan.lr / 4)
+    w.console.print(
+        f"[bold]Distilling[/] {teacher.arch} -> {s_arch} {s_kwargs}: up to {run_epochs} epochs, "
+        f"lr {run_lr:g}, T={kd_temperature:g}, KD weight {kd_weight:g}"
     )
-    val_x = td.tensors(td.val_idx) if td is not None else None
-    classes = src.classes
+    hook = kd_loss_hook(
+        teacher.model,
+        temperature=kd_temperature,
+        kd_weight=kd_weight,
+        teacher_size=teacher_size,
+        amp=plan.amp,
+        channels_last=plan.channels_last,
+    )
+    ft = finetune(
+        plan,
+        td,
+        init_state=init,
+        epochs=run_epochs,
+        lr=run_lr,
+        time_budget=tuning.budget,
+        loss_hook=hook,
+        seed=tuning.seed,
+        console=w.console,
+        progress=tuning.progress,
+    )
+    teacher_x = (
+        torch.nn.functional.interpolate(
+            torch.from_numpy(val_x),
+            size=teacher_size,
+            mode="bilinear" if val_x.ndim == 4 else "trilinear",
+        ).numpy()
+        if teacher_size is not None
+        else val_x
+    )
+    teacher_val = w.scores(teacher.predict_tensors(teacher_x, engine="torch"))
+    w.model, w.arch, w.kwargs, w.history = ft.model, s_arch, s_kwargs, ft.history
+    after = w.val_scores_of(w.model)
+    w.steps.append(
+        _distill_record(
+            w, teacher, teacher_val, after, init is not None, ft, run_lr, kd_temperature, kd_weight
+        )
+    )
+    w.console.print(
+        f"  student {n_params(w.model):,} parameters ({w.steps[-1]['size_ratio']}x fewer than the teacher): "
+        f"validation accuracy {after['accuracy']:.4f} (teacher {teacher_val['accuracy']:.4f})"
+    )
+    w.temperature = 1.0
 
-    def scores(probs: np.ndarray) -> dict[str, Any]:
-        assert td is not None
-        return val_scores(td.val_y, probs, classes)
 
+def _distill_record(
+    w: _Work,
+    teacher: Predictor,
+    teacher_val: dict[str, Any],
+    after: dict[str, Any],
+    from_source: bool,
+    ft: FinetuneResult,
+    run_lr: float,
+    kd_temperature: float,
+    kd_weight: float,
+) -> dict[str, Any]:
+    """The ``distill`` step as the manifest records it (``w`` already holds the student)."""
+    return {
+        "step": "distill",
+        "teacher": {
+            "path": str(teacher.path),
+            "sha256": teacher.sha256,
+            "arch": teacher.arch,
+            "params": n_params(teacher.model),
+            "val": teacher_val,
+        },
+        "student": {
+            "arch": w.arch,
+            "kwargs": w.kwargs,
+            "params": n_params(w.model),
+            "initialised_from": ("the source bundle" if from_source else "random"),
+        },
+        "size_ratio": round(n_params(teacher.model) / max(n_params(w.model), 1), 2),
+        "loss": "(1 - w) * CE + w * T^2 * KL(teacher || student)",
+        "temperature": kd_temperature,
+        "kd_weight": kd_weight,
+        "epochs": len(ft.history),
+        "best_epoch": ft.best_epoch,
+        "lr": run_lr,
+        "seconds": round(ft.seconds, 1),
+        "val_after": after,
+    }
+
+
+def _prune(w: _Work, amount: float, tuning: _Tuning) -> None:
+    """Remove ``amount`` of the channels, then fine-tune what is left."""
+    src, td = w.src, w.td
+    assert td is not None and w.val_x is not None
     m = src.manifest["model"]
-    arch, kwargs = str(m["arch"]), dict(m.get("kwargs", {}))
-    model: nn.Module = src.model
-    temperature = src.temperature
-    steps: list[dict[str, Any]] = []
-    history: list[dict[str, float]] | None = None
-    before = scores(src.predict_tensors(val_x, engine="torch")) if val_x is not None else None
-    if before is not None:
-        acc, auc = before["accuracy"], _f(before["auc"])
-        console.print(f"[bold]Source[/] {src.arch}: validation accuracy {acc:.4f}, AUC {auc}")
-
-    if distill:
-        assert td is not None and val_x is not None
-        teacher = (
-            distill_from
-            if isinstance(distill_from, Bundle)
-            else load_bundle(distill_from)
-            if distill_from is not None
-            else src
-        )
-        resize = check_teacher(teacher, src.spec, classes)
-        teacher_size = tuple(teacher.spec.size) if resize else None
-        if student is not None:
-            s_kwargs = {**planned_student_kwargs(student, src.spec), **(student_kwargs or {})}
-            s_arch, init = student, None
-        else:
-            s_arch, s_kwargs, init = arch, kwargs, _plain_state(src.model)
-        plan = plan_from_manifest(src.manifest, arch=s_arch, arch_kwargs=s_kwargs)
-        run_epochs = epochs or default_epochs(src.manifest, plan.epochs, fresh=init is None)
-        run_lr = lr or (plan.lr if init is None else plan.lr / 4)
-        console.print(
-            f"[bold]Distilling[/] {teacher.arch} -> {s_arch} {s_kwargs}: up to {run_epochs} epochs, "
-            f"lr {run_lr:g}, T={kd_temperature:g}, KD weight {kd_weight:g}"
-        )
-        hook = kd_loss_hook(
-            teacher.model,
-            temperature=kd_temperature,
-            kd_weight=kd_weight,
-            teacher_size=teacher_size,
-            amp=plan.amp,
-            channels_last=plan.channels_last,
-        )
-        ft = finetune(
-            plan,
-            td,
-            init_state=init,
-            epochs=run_epochs,
-            lr=run_lr,
-            time_budget=budget,
-            loss_hook=hook,
-            seed=seed,
-            console=console,
-            progress=progress,
-        )
-        teacher_x = (
-            torch.nn.functional.interpolate(
-                torch.from_numpy(val_x),
-                size=teacher_size,
-                mode="bilinear" if val_x.ndim == 4 else "trilinear",
-            ).numpy()
-            if teacher_size is not None
-            else val_x
-        )
-        teacher_val = scores(teacher.predict_tensors(teacher_x, engine="torch"))
-        model, arch, kwargs, history = ft.model, s_arch, s_kwargs, ft.history
-        after = scores(_torch_probs(model, val_x, 1.0))
-        steps.append(
-            {
-                "step": "distill",
-                "teacher": {
-                    "path": str(teacher.path),
-                    "sha256": teacher.sha256,
-                    "arch": teacher.arch,
-                    "params": n_params(teacher.model),
-                    "val": teacher_val,
-                },
-                "student": {
-                    "arch": arch,
-                    "kwargs": kwargs,
-                    "params": n_params(model),
-                    "initialised_from": ("the source bundle" if init is not None else "random"),
-                },
-                "size_ratio": round(n_params(teacher.model) / max(n_params(model), 1), 2),
-                "loss": "(1 - w) * CE + w * T^2 * KL(teacher || student)",
-                "temperature": kd_temperature,
-                "kd_weight": kd_weight,
+    pr = prune_model(
+        w.model,
+        amount,
+        arch=w.arch,
+        in_channels=int(m["in_channels"]),
+        n_classes=int(m["n_classes"]),
+        spatial_dims=int(m["spatial_dims"]),
+        arch_kwargs=w.kwargs,
+        calibration=td.tensors(td.stratified(td.train_idx, PRUNE_CALIBRATION_SAMPLES, tuning.seed)),
+    )
+    right_after = w.val_scores_of(pr.model)
+    plan = plan_from_manifest(src.manifest, arch=w.arch, arch_kwargs=pr.arch_kwargs)
+    run_epochs = tuning.epochs or default_epochs(src.manifest, plan.epochs, fresh=False)
+    run_lr = tuning.lr or plan.lr / 4
+    w.console.print(
+        f"[bold]Pruned[/] {amount:.0%} of the channels: {pr.params_before:,} -> {pr.params_after:,} "
+        "parameters "
+        f"(validation accuracy {right_after['accuracy']:.4f} before fine-tuning); "
+        f"fine-tuning up to {run_epochs} epochs at lr {run_lr:g}"
+    )
+    ft = finetune(
+        plan,
+        td,
+        init_state=pr.model.state_dict(),
+        epochs=run_epochs,
+        lr=run_lr,
+        time_budget=tuning.budget,
+        seed=tuning.seed,
+        console=w.console,
+        progress=tuning.progress,
+    )
+    w.model, w.kwargs, w.history = ft.model, pr.arch_kwargs, ft.history
+    after = w.val_scores_of(w.model)
+    w.steps.append(
+        {
+            "step": "prune",
+            "amount": amount,
+            "structured": "whole channels removed; the network is rebuilt from model.kwargs (widths)",
+            "criterion": "mean |activation| x L1 norm of the reading weights, on training images; "
+            "batch-norm statistics re-estimated after pruning",
+            "calibration_samples": PRUNE_CALIBRATION_SAMPLES,
+            "channels": {g: {"before": b, "kept": k} for g, (b, k) in pr.groups.items()},
+            "params_before": pr.params_before,
+            "params_after": pr.params_after,
+            "val_before_finetune": right_after,
+            "finetune": {
                 "epochs": len(ft.history),
                 "best_epoch": ft.best_epoch,
                 "lr": run_lr,
                 "seconds": round(ft.seconds, 1),
-                "val_after": after,
-            }
-        )
-        console.print(
-            f"  student {n_params(model):,} parameters ({steps[-1]['size_ratio']}x fewer than the teacher): "
-            f"validation accuracy {after['accuracy']:.4f} (teacher {teacher_val['accuracy']:.4f})"
-        )
-        temperature = 1.0
-
-    if prune:
-        assert td is not None and val_x is not None
-        pr = prune_model(
-            model,
-            float(prune),
-            arch=arch,
-            in_channels=int(m["in_channels"]),
-            n_classes=int(m["n_classes"]),
-            spatial_dims=int(m["spatial_dims"]),
-            arch_kwargs=kwargs,
-            calibration=td.tensors(td.stratified(td.train_idx, PRUNE_CALIBRATION_SAMPLES, seed)),
-        )
-        right_after = scores(_torch_probs(pr.model, val_x, 1.0))
-        plan = plan_from_manifest(src.manifest, arch=arch, arch_kwargs=pr.arch_kwargs)
-        run_epochs = epochs or default_epochs(src.manifest, plan.epochs, fresh=False)
-        run_lr = lr or plan.lr / 4
-        console.print(
-            f"[bold]Pruned[/] {prune:.0%} of the channels: {pr.params_before:,} -> {pr.params_after:,} "
-            "parameters "
-            f"(validation accuracy {right_after['accuracy']:.4f} before fine-tuning); "
-            f"fine-tuning up to {run_epochs} epochs at lr {run_lr:g}"
-        )
-        ft = finetune(
-            plan,
-            td,
-            init_state=pr.model.state_dict(),
-            epochs=run_epochs,
-            lr=run_lr,
-            time_budget=budget,
-            seed=seed,
-            console=console,
-            progress=progress,
-        )
-        model, kwargs, history = ft.model, pr.arch_kwargs, ft.history
-        after = scores(_torch_probs(model, val_x, 1.0))
-        steps.append(
-            {
-                "step": "prune",
-                "amount": float(prune),
-                "structured": "whole channels removed; the network is rebuilt from model.kwargs (widths)",
-                "criterion": "mean |activation| x L1 norm of the reading weights, on training images; "
-                "batch-norm statistics re-estimated after pruning",
-                "calibration_samples": PRUNE_CALIBRATION_SAMPLES,
-                "channels": {g: {"before": b, "kept": k} for g, (b, k) in pr.groups.items()},
-                "params_before": pr.params_before,
-                "params_after": pr.params_after,
-                "val_before_finetune": right_after,
-                "finetune": {
-                    "epochs": len(ft.history),
-                    "best_epoch": ft.best_epoch,
-                    "lr": run_lr,
-                    "seconds": round(ft.seconds, 1),
-                },
-                "val_after": after,
-            }
-        )
-        console.print(
-            f"  after fine-tuning: validation accuracy {after['accuracy']:.4f}, AUC {_f(after['auc'])}"
-        )
-        temperature = 1.0
-
-    model = model.eval()
-    changed = model is not src.model
-    work = Path(tempfile.mkdtemp(prefix="medclf-export-"))
-    extra: dict[str, bytes | str | Path] = {
-        name: src.path / name for name in CARRIED_FILES if name in src.manifest.get("files", {})
-    }
-    fp32_probs: np.ndarray | None = None
-    try:
-        if onnx or int8:
-            onnx_path = work / ONNX_FP32
-            info = export_onnx(model, src.spec.input_shape, onnx_path)
-            if val_x is not None:
-                assert td is not None
-                check_x = td.tensors(td.stratified(td.val_idx, parity_samples, seed))
-                samples_note = f"validation samples (n={len(check_x)})"
-            else:
-                check_x = np.random.default_rng(seed).random(
-                    (parity_samples, *src.spec.input_shape), dtype=np.float32
-                )
-                samples_note = f"random inputs in [0, 1] (n={parity_samples}; no --data given)"
-            parity = check_parity(model, onnx_path, check_x, temperature=temperature)
-            parity["samples"] = samples_note
-            if parity["max_abs_prob_diff"] > PARITY_TOLERANCE:
-                raise BundleError(
-                    f"ONNX export disagrees with PyTorch: max probability difference "
-                    f"{parity['max_abs_prob_diff']:.2e} > {PARITY_TOLERANCE:g}; not writing the bundle"
-                )
-            step: dict[str, Any] = {
-                "step": "onnx",
-                **info,
-                "parity": parity,
-                "file_bytes": onnx_path.stat().st_size,
-            }
-            console.print(
-                f"[bold]ONNX[/] ({info['exporter']} exporter, opset {info['opset']}): "
-                "max |p_onnx - p_torch| = "
-                f"{parity['max_abs_prob_diff']:.1e} on {samples_note}"
-            )
-            if val_x is not None:
-                fp32_probs = probabilities(_batched(OnnxRunner(onnx_path), val_x), temperature)
-                step["val_after"] = scores(fp32_probs)
-            steps.append(step)
-            extra[ONNX_FP32] = onnx_path
-        if int8:
-            assert td is not None and val_x is not None and fp32_probs is not None
-            int8_path = work / ONNX_INT8
-            calib = td.tensors(td.stratified(td.train_idx, calibration_samples, seed))
-            qinfo = quantize_int8(work / ONNX_FP32, int8_path, calib, fmt=int8_format)
-            int8_probs = probabilities(_batched(OnnxRunner(int8_path), val_x), temperature)
-            fp32_val, int8_val = scores(fp32_probs), scores(int8_probs)
-            steps.append(
-                {
-                    "step": "int8",
-                    **qinfo,
-                    "file_bytes": int8_path.stat().st_size,
-                    "size_ratio_vs_fp32": round(
-                        (work / ONNX_FP32).stat().st_size / int8_path.stat().st_size, 2
-                    ),
-                    "val_before": fp32_val,
-                    "val_after": int8_val,
-                    "accuracy_drop": round(fp32_val["accuracy"] - int8_val["accuracy"], 6),
-                    "agreement_with_fp32": float((fp32_probs.argmax(1) == int8_probs.argmax(1)).mean()),
-                    "max_abs_prob_diff_vs_fp32": float(np.abs(fp32_probs - int8_probs).max()),
-                }
-            )
-            console.print(
-                f"[bold]int8[/] ({qinfo['format']}, {qinfo['weights']}, calibrated on {len(calib)} training "
-                f"samples): validation accuracy {fp32_val['accuracy']:.4f} -> {int8_val['accuracy']:.4f}, "
-                f"file {steps[-1]['size_ratio_vs_fp32']}x smaller"
-            )
-            extra[ONNX_INT8] = int8_path
-
-        manifest = _manifest(src, model, arch, kwargs, changed, history, td, temperature)
-        writers, ood_record = _ood(src, model, changed, td, val_x, extra, manifest, seed)
-        val_after = {}
-        if val_x is not None:
-            val_after = {"torch": scores(_torch_probs(model, val_x, temperature))}
-            for s in steps:
-                if s["step"] in ("onnx", "int8"):
-                    val_after[f"onnx-{'fp32' if s['step'] == 'onnx' else 'int8'}"] = s["val_after"]
-        files = {WEIGHTS: None, **{k: None for k in extra}}
-        manifest["compression"] = {
-            "source": {
-                "path": str(src.path),
-                "sha256": src.sha256,
-                "arch": src.arch,
-                "params": n_params(src.model),
-                "weights_bytes": src.file(WEIGHTS).stat().st_size,
             },
-            "steps": steps,
-            "params": n_params(model),
-            "val_before": before,
-            "val_after": val_after,
-            "data_same_as_training": td.same_as_training if td is not None else None,
-            "default_engine": resolve_engine(files, "auto"),
-            "seconds": round(time.perf_counter() - t_start, 1),
-            **({"ood": ood_record} if ood_record else {}),
-            **({"previous": src.manifest["compression"]} if "compression" in src.manifest else {}),
+            "val_after": after,
         }
-        extra[MODEL_CARD] = model_card(manifest)  # the source's card describes another model
-        path = save_bundle(out, model=model, manifest=manifest, extra_files=extra, writers=writers)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    console.print(
-        f"[bold green]Bundle written[/] to {path} "
-        f"(default engine: {manifest['compression']['default_engine']})"
     )
-    return ExportResult(bundle=path, compression=manifest["compression"])
+    w.console.print(
+        f"  after fine-tuning: validation accuracy {after['accuracy']:.4f}, AUC {_f(after['auc'])}"
+    )
+    w.temperature = 1.0
+
+
+def _onnx(w: _Work, onnx_path: Path, parity_samples: int, seed: int) -> np.ndarray | None:
+    """Export the network to ONNX and prove that it answers as PyTorch does; return its validation
+    probabilities (``None`` without data)."""
+    src, td, val_x = w.src, w.td, w.val_x
+    info = export_onnx(w.model, src.spec.input_shape, onnx_path)
+    if val_x is not None:
+        assert td is not None
+        check_x = td.tensors(td.stratified(td.val_idx, parity_samples, seed))
+        samples_note = f"validation samples (n={len(check_x)})"
+    else:
+        check_x = np.random.default_rng(seed).random(
+            (parity_samples, *src.spec.input_shape), dtype=np.float32
+        )
+        samples_note = f"random inputs in [0, 1] (n={parity_samples}; no --data given)"
+    parity = check_parity(w.model, onnx_path, check_x, temperature=w.temperature)
+    parity["samples"] = samples_note
+    if parity["max_abs_prob_diff"] > PARITY_TOLERANCE:
+        raise BundleError(
+            f"ONNX export disagrees with PyTorch: max probability difference "
+            f"{parity['max_abs_prob_diff']:.2e} > {PARITY_TOLERANCE:g}; not writing the bundle"
+        )
+    step: dict[str, Any] = {"step": "onnx", **info, "parity": parity, "file_bytes": onnx_path.stat().st_size}
+    w.console.print(
+        f"[bold]ONNX[/] ({info['exporter']} exporter, opset {info['opset']}): "
+        "max |p_onnx - p_torch| = "
+        f"{parity['max_abs_prob_diff']:.1e} on {samples_note}"
+    )
+    fp32_probs = None
+    if val_x is not None:
+        fp32_probs = probabilities(_batched(OnnxRunner(onnx_path), val_x), w.temperature)
+        step["val_after"] = w.scores(fp32_probs)
+    w.steps.append(step)
+    return fp32_probs
+
+
+def _int8(
+    w: _Work,
+    fp32_path: Path,
+    int8_path: Path,
+    fp32_probs: np.ndarray,
+    calibration_samples: int,
+    int8_format: str,
+    seed: int,
+) -> None:
+    """Quantise the ONNX network to int8, calibrated on training images, and compare it with fp32."""
+    td, val_x = w.td, w.val_x
+    assert td is not None and val_x is not None
+    calib = td.tensors(td.stratified(td.train_idx, calibration_samples, seed))
+    qinfo = quantize_int8(fp32_path, int8_path, calib, fmt=int8_format)
+    int8_probs = probabilities(_batched(OnnxRunner(int8_path), val_x), w.temperature)
+    fp32_val, int8_val = w.scores(fp32_probs), w.scores(int8_probs)
+    size_ratio = round(fp32_path.stat().st_size / int8_path.stat().st_size, 2)
+    w.steps.append(
+        {
+            "step": "int8",
+            **qinfo,
+            "file_bytes": int8_path.stat().st_size,
+            "size_ratio_vs_fp32": size_ratio,
+            "val_before": fp32_val,
+            "val_after": int8_val,
+            "accuracy_drop": round(fp32_val["accuracy"] - int8_val["accuracy"], 6),
+            "agreement_with_fp32": float((fp32_probs.argmax(1) == int8_probs.argmax(1)).mean()),
+            "max_abs_prob_diff_vs_fp32": float(np.abs(fp32_probs - int8_probs).max()),
+        }
+    )
+    w.console.print(
+        f"[bold]int8[/] ({qinfo['format']}, {qinfo['weights']}, calibrated on {len(calib)} training "
+        f"samples): validation accuracy {fp32_val['accuracy']:.4f} -> {int8_val['accuracy']:.4f}, "
+        f"file {size_ratio}x smaller"
+    )
+
+
+def _compression_record(
+    w: _Work,
+    before: dict[str, Any] | None,
+    extra: dict[str, bytes | str | Path],
+    ood_record: dict[str, Any] | None,
+    seconds: float,
+) -> dict[str, Any]:
+    """The manifest's ``compression`` section: the source, every step, and validation before and after."""
+    src = w.src
+    val_after = {}
+    if w.val_x is not None:
+        val_after = {"torch": w.val_scores_of(w.model, w.temperature)}
+        for s in w.steps:
+            if s["step"] in ("onnx", "int8"):
+                val_after[f"onnx-{'fp32' if s['step'] == 'onnx' else 'int8'}"] = s["val_after"]
+    files = {WEIGHTS: None, **{k: None for k in extra}}
+    return {
+        "source": {
+            "path": str(src.path),
+            "sha256": src.sha256,
+            "arch": src.arch,
+            "params": n_params(src.model),
+            "weights_bytes": src.file(WEIGHTS).stat().st_size,
+        },
+        "steps": w.steps,
+        "params": n_params(w.model),
+        "val_before": before,
+        "val_after": val_after,
+        "data_same_as_training": w.td.same_as_training if w.td is not None else None,
+        "default_engine": resolve_engine(files, "auto"),
+        "seconds": round(seconds, 1),
+        **({"ood": ood_record} if ood_record else {}),
+        **({"previous": src.manifest["compression"]} if "compression" in src.manifest else {}),
+    }
 
 
 def _manifest(
-    src: Bundle,
+    src: Predictor,
     model: nn.Module,
     arch: str,
     kwargs: dict[str, Any],
@@ -439,7 +593,7 @@ def _manifest(
 
 
 def _ood(
-    src: Bundle,
+    src: Predictor,
     model: nn.Module,
     changed: bool,
     td: TrainingData | None,
