@@ -21,6 +21,7 @@ import logging
 import math
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,74 @@ _QUIET.propagate = False
 _MAX_TRAILING = 1 << 20
 
 
+@dataclass(frozen=True)
+class _Header:
+    """What the checked header declares."""
+
+    klass: Any  # nib.Nifti1Image or nib.Nifti2Image
+    sizeof_hdr: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    offset: int
+    zooms: list[float]
+    affine: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
 def read_nifti(path: Path, limits: ReadLimits, *, size: int, gzipped: bool) -> Image:
     """Decode a NIfTI file (see the module docstring for the axis order)."""
     raw_head = _head(path, gzipped)
+    h = _parse_header(raw_head, path)
+    spatial = (*h.shape, 1, 1, 1)[:3]
+    channels = _channels(h, limits, path)
+    ornt, reoriented = _orientation(h.affine)
+    canon = [0, 0, 0]
+    canon_zoom = [1.0, 1.0, 1.0]
+    zooms3 = [*h.zooms, 1.0, 1.0, 1.0][:3]
+    for axis in range(3):
+        canon[int(ornt[axis, 0])] = spatial[axis]
+        canon_zoom[int(ornt[axis, 0])] = zooms3[axis]
+    # (x, y, z) -> (z, y, x), then drop axes of length 1.
+    keep = [a for a in (2, 1, 0) if canon[a] > 1]
+    if len(keep) < 2:
+        raise reject(
+            f"the NIfTI image {h.shape} has fewer than two non-trivial spatial axes", "too_small", path
+        )
+    check_shape([canon[a] for a in keep], channels, limits, path, what="NIfTI image")
+    _check_extent(h, limits, path, size=size, gzipped=gzipped)
+
+    # Header and voxels are decoded from one buffer of exactly the bytes the checked header declares, and
+    # that buffer must start with the checked header: a file rewritten since (another process saving it)
+    # cannot slip other dimensions past the checks above.
+    whole = _inflate(path, h.offset + h.nbytes) if gzipped else _read_plain(path, h.offset + h.nbytes)
+    if whole[: h.sizeof_hdr] != raw_head[: h.sizeof_hdr]:
+        raise reject("the NIfTI header changed while the file was being read", "changed_while_reading", path)
+    with library_errors(path, "NIfTI image data"):
+        img = h.klass.from_bytes(whole)
+        data = _voxels(img)
+
+    data = data.reshape((*spatial, channels))
+    data = apply_orientation(data, ornt)  # acts on the first three axes only
+    pixels = np.transpose(data, (3, 2, 1, 0))  # (C, Z, Y, X)
+    squeeze = tuple(1 + i for i, a in enumerate((2, 1, 0)) if canon[a] == 1)
+    pixels = np.squeeze(pixels, axis=squeeze) if squeeze else pixels
+    spacing = tuple(_valid_zoom(canon_zoom[a]) for a in keep)
+
+    meta: dict[str, Any] = {
+        "nifti_version": 2 if h.sizeof_hdr == 540 else 1,
+        "datatype": str(h.dtype),
+        "compressed": gzipped,
+        "original_orientation": "".join(str(c) for c in aff2axcodes(h.affine)) if reoriented else None,
+        "orientation": "RAS" if reoriented else None,
+    }
+    return Image(np.ascontiguousarray(pixels, dtype=np.float32), spacing, "nifti", meta)
+
+
+def _parse_header(raw_head: bytes, path: Path) -> _Header:
+    """Parse (nibabel) and sanity-check the header bytes, before any voxel is read."""
     if len(raw_head) < 348:  # the sniffer saw a whole header: the file was cut short since
         raise reject(
             f"the NIfTI header is truncated ({len(raw_head)} of at least 348 bytes)", "truncated", path
@@ -56,106 +122,77 @@ def read_nifti(path: Path, limits: ReadLimits, *, size: int, gzipped: bool) -> I
         header = klass.header_class(binaryblock=raw_head[:sizeof_hdr], check=False)
         # nibabel's own logger prints every problem to stderr; the refusal already says what is wrong.
         header.check_fix(logger=_QUIET, error_level=nib.imageglobals.error_level)
-        shape = tuple(int(s) for s in header.get_data_shape())
-        dtype = header.get_data_dtype()
-        offset = int(header.get_data_offset())
-        zooms = [float(z) for z in header.get_zooms()]
-        affine = header.get_best_affine()
-
-    if not shape or any(s < 1 for s in shape):
-        raise reject(f"the NIfTI header declares dimensions {shape}", "inconsistent_header", path)
-    if dtype.names is None and dtype.kind not in "biuf":
-        raise reject(
-            f"NIfTI data type {dtype} is not supported (need integer or real)", "unsupported_dtype", path
+        h = _Header(
+            klass=klass,
+            sizeof_hdr=sizeof_hdr,
+            shape=tuple(int(s) for s in header.get_data_shape()),
+            dtype=header.get_data_dtype(),
+            offset=int(header.get_data_offset()),
+            zooms=[float(z) for z in header.get_zooms()],
+            affine=header.get_best_affine(),
         )
-    spatial = (*shape, 1, 1, 1)[:3]
-    extra = [s for s in shape[3:] if s > 1]
+    if not h.shape or any(s < 1 for s in h.shape):
+        raise reject(f"the NIfTI header declares dimensions {h.shape}", "inconsistent_header", path)
+    if h.dtype.names is None and h.dtype.kind not in "biuf":
+        raise reject(
+            f"NIfTI data type {h.dtype} is not supported (need integer or real)", "unsupported_dtype", path
+        )
+    return h
+
+
+def _channels(h: _Header, limits: ReadLimits, path: Path) -> int:
+    """The channel count the layout declares (a short 4th dimension, or RGB voxels); refuse other layouts."""
+    extra = [s for s in h.shape[3:] if s > 1]
     if len(extra) > 1:
         raise reject(
-            f"NIfTI image with dimensions {shape} (5D or more) is not supported", "unsupported_layout", path
+            f"NIfTI image with dimensions {h.shape} (5D or more) is not supported", "unsupported_layout", path
         )
     channels = extra[0] if extra else 1
-    rgb_fields = [n for n in (dtype.names or ()) if n in ("R", "G", "B")]
-    if dtype.names is not None:
+    rgb_fields = [n for n in (h.dtype.names or ()) if n in ("R", "G", "B")]
+    if h.dtype.names is not None:
         if extra or len(rgb_fields) != 3:
             raise reject(
-                f"NIfTI data type {dtype} with dimensions {shape} is not supported", "unsupported_dtype", path
+                f"NIfTI data type {h.dtype} with dimensions {h.shape} is not supported",
+                "unsupported_dtype",
+                path,
             )
         channels = 3
     elif channels > limits.max_channels:
         raise reject(
-            f"a NIfTI series of {channels} volumes ({shape}); only up to {limits.max_channels} channels are "
+            f"a NIfTI series of {channels} volumes ({h.shape}); only up to {limits.max_channels} channels are "
             "read (4D time series are not supported)",
             "unsupported_layout",
             path,
         )
+    return channels
 
-    ornt, reoriented = _orientation(affine)
-    canon = [0, 0, 0]
-    canon_zoom = [1.0, 1.0, 1.0]
-    zooms3 = [*zooms, 1.0, 1.0, 1.0][:3]
-    for axis in range(3):
-        canon[int(ornt[axis, 0])] = spatial[axis]
-        canon_zoom[int(ornt[axis, 0])] = zooms3[axis]
-    # (x, y, z) -> (z, y, x), then drop axes of length 1.
-    keep = [a for a in (2, 1, 0) if canon[a] > 1]
-    if len(keep) < 2:
-        raise reject(
-            f"the NIfTI image {shape} has fewer than two non-trivial spatial axes", "too_small", path
-        )
-    check_shape([canon[a] for a in keep], channels, limits, path, what="NIfTI image")
 
-    nbytes = math.prod(shape) * dtype.itemsize
-    if offset < sizeof_hdr + 4 or offset > limits.max_memory_bytes // 4:
+def _check_extent(h: _Header, limits: ReadLimits, path: Path, *, size: int, gzipped: bool) -> None:
+    """Refuse a voxel offset, file length or decoded size that the header and the limits do not allow."""
+    if h.offset < h.sizeof_hdr + 4 or h.offset > limits.max_memory_bytes // 4:
         # Single-file NIfTI puts the voxels after the header and its 4 extension bytes; an offset beyond a
         # quarter of the memory limit would make medclf inflate (for .nii.gz) that much before the voxels.
         raise reject(
-            f"the NIfTI vox_offset {offset} is outside the valid range "
-            f"[{sizeof_hdr + 4}, {limits.max_memory_bytes // 4}]",
+            f"the NIfTI vox_offset {h.offset} is outside the valid range "
+            f"[{h.sizeof_hdr + 4}, {limits.max_memory_bytes // 4}]",
             "inconsistent_header",
             path,
         )
-    if not gzipped and size < offset + nbytes:
+    if not gzipped and size < h.offset + h.nbytes:
         raise reject(
-            f"the NIfTI file is truncated: it has {size} bytes, the header needs {offset + nbytes}",
+            f"the NIfTI file is truncated: it has {size} bytes, the header needs {h.offset + h.nbytes}",
             "truncated",
             path,
         )
-    values = math.prod(shape) * (3 if dtype.names is not None else 1)
+    values = math.prod(h.shape) * (3 if h.dtype.names is not None else 1)
     check_memory(
         values,
-        nbytes / values,
+        h.nbytes / values,
         limits,
         path,
         what="NIfTI image",
         compressed_bytes=size if gzipped else None,
     )
-
-    # Header and voxels are decoded from one buffer of exactly the bytes the checked header declares, and
-    # that buffer must start with the checked header: a file rewritten since (another process saving it)
-    # cannot slip other dimensions past the checks above.
-    whole = _inflate(path, offset + nbytes) if gzipped else _read_plain(path, offset + nbytes)
-    if whole[:sizeof_hdr] != raw_head[:sizeof_hdr]:
-        raise reject("the NIfTI header changed while the file was being read", "changed_while_reading", path)
-    with library_errors(path, "NIfTI image data"):
-        img = klass.from_bytes(whole)
-        data = _voxels(img)
-
-    data = data.reshape((*spatial, channels))
-    data = apply_orientation(data, ornt)  # acts on the first three axes only
-    pixels = np.transpose(data, (3, 2, 1, 0))  # (C, Z, Y, X)
-    squeeze = tuple(1 + i for i, a in enumerate((2, 1, 0)) if canon[a] == 1)
-    pixels = np.squeeze(pixels, axis=squeeze) if squeeze else pixels
-    spacing = tuple(_valid_zoom(canon_zoom[a]) for a in keep)
-
-    meta: dict[str, Any] = {
-        "nifti_version": 2 if sizeof_hdr == 540 else 1,
-        "datatype": str(dtype),
-        "compressed": gzipped,
-        "original_orientation": "".join(str(c) for c in aff2axcodes(affine)) if reoriented else None,
-        "orientation": "RAS" if reoriented else None,
-    }
-    return Image(np.ascontiguousarray(pixels, dtype=np.float32), spacing, "nifti", meta)
 
 
 def _head(path: Path, gzipped: bool) -> bytes:
