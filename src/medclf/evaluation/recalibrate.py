@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,9 @@ from scipy.special import log_softmax, logsumexp
 
 from medclf.bundle import WEIGHTS, Bundle, save_bundle
 from medclf.data.audit import train_copy_matches
-from medclf.data.cache import prepare
+from medclf.data.cache import PreparedData, prepare
 from medclf.data.references import read_train_references
+from medclf.data.samples import SampleSet
 from medclf.data.sources import load_source
 from medclf.errors import ConfigError, DataError
 from medclf.evaluation.calibration import (
@@ -93,6 +95,119 @@ def recalibrate(
     point_classes, negative = _positive_group(b.classes, cmap, positive)
     positive = positive or point_classes[0]
 
+    site = _read_site(
+        b, data, split, cmap, cache_dir=cache_dir, workers=workers, progress=progress, console=console
+    )
+    raw = b.predict_tensors(
+        np.asarray(site.prepared.tensors[site.rows]), batch_size=128, engine=engine, calibrated=False
+    )
+    y = site.labels[site.rows]
+    z = log_probs(raw)
+    point = OperatingPoint(positive, point_classes, 0.0, "youden", negative)
+    if site.by_class:
+        temp = fit_temperature(z, y)
+        truth = np.isin(y, point.columns(b.classes))
+    else:
+        assert cmap is not None
+        temp = fit_grouped_temperature(z, y, cmap.matrix())
+        truth = np.isin(y, point.columns(cmap.names, cmap.groups))
+    n_pos, n_neg = int(truth.sum()), int((~truth).sum())
+    if n_pos < MIN_PER_SIDE or n_neg < MIN_PER_SIDE:
+        raise DataError(
+            f"{data}: {n_pos} positive ({positive}) and {n_neg} negative usable samples (after removing "
+            f"{int(site.copies.sum())} copies of training images and {int((~site.prepared.ok).sum())} "
+            f"unreadable files); recalibration needs at least {MIN_PER_SIDE} of each"
+        )
+    note = temp.note
+    temperature = temp.temperature
+    if note and temperature == 1.0 and b.temperature != 1.0:
+        # Nothing to fit against (e.g. no errors on the sample): keep the bundle's own temperature.
+        temperature, note = b.temperature, f"{note}; the bundle's temperature {b.temperature:.4g} was kept"
+    probs = apply_temperature(z, temperature)
+    score = point.scores(probs, point.columns(b.classes))
+    threshold = fit_threshold(truth, score, sensitivity=sensitivity)
+    figures = binary_figures(truth, score, threshold)
+    method = "sensitivity" if sensitivity is not None else "youden"
+    record = site.record(data, split, cmap)
+    fit = {
+        "method_description": METHODS[method],
+        "achieved": figures,
+        "engine": engine,
+        "temperature": temperature,
+        "site": record,
+        "source_bundle_sha256": b.sha256,
+        "caution": "figures measured on the sample the threshold was fitted on: optimistic; confirm them "
+        "with medclf evaluate on other images from the site",
+    }
+    point = OperatingPoint(
+        positive=positive,
+        classes=point_classes,
+        threshold=threshold,
+        method=method,
+        negative=negative,
+        target=sensitivity,
+        fit=fit,
+    )
+    calibration = {
+        **temp.to_dict(),
+        "temperature": temperature,
+        "note": note,
+        "fitted_on": f"site sample {record['source']} (medclf recalibrate), n={len(site.rows)}",
+        "labels": record["labels"],
+        "previous": b.manifest.get("calibration"),
+    }
+    path = _write_bundle(b, out, calibration, point, record)
+    _print_summary(console, path, point, figures, temp, temperature, b.temperature, record)
+    return point.to_manifest()
+
+
+@dataclass
+class _Site:
+    """The labelled site sample as recalibration uses it: which rows are usable and why the others are not."""
+
+    samples: SampleSet
+    labels: np.ndarray  # model class indices (or class-map group indices); -1 unlabelled
+    by_class: bool  # labels name the model's classes (else: class-map groups)
+    prepared: PreparedData
+    rows: np.ndarray  # readable, labelled, not a copy of a training image
+    exact: np.ndarray
+    near: np.ndarray
+    copies: np.ndarray
+    readable: np.ndarray
+    near_checked: bool
+
+    def record(self, data: str | Path, split: str | None, cmap: ClassMap | None) -> dict[str, Any]:
+        """What the manifest says about the sample (a content hash, not its files)."""
+        used = sorted(f"{self.prepared.hashes[i]} {int(self.labels[i])}" for i in self.rows)
+        return {
+            "source": Path(str(data)).name,
+            "split": split,
+            "content_sha256": hashlib.sha256("\n".join(used).encode()).hexdigest(),
+            "n_files": len(self.samples),
+            "n_used": len(self.rows),
+            "n_removed_copies": int(self.copies.sum()),
+            "n_removed_exact": int((self.exact & self.readable).sum()),
+            "n_removed_near": int((self.near & ~self.exact & self.readable).sum()),
+            "n_unreadable": int((~self.prepared.ok).sum()),
+            "near_copies_checked": self.near_checked,
+            "labels": "model classes" if self.by_class else "class-map groups",
+            "class_map": cmap.to_dict() if cmap is not None else None,
+        }
+
+
+def _read_site(
+    b: Predictor,
+    data: str | Path,
+    split: str | None,
+    cmap: ClassMap | None,
+    *,
+    cache_dir: str | Path | None,
+    workers: int | None,
+    progress: bool,
+    console: Console,
+) -> _Site:
+    """Load and decode the site sample, map its labels onto the model's classes (or the class map's groups)
+    and leave out unreadable files and copies of the bundle's training images."""
     samples = load_source(data, default_split="test")
     if split is not None:
         if not samples.has_split(split):
@@ -129,85 +244,26 @@ def recalibrate(
     )
     readable = prepared.ok & (labels >= 0)
     copies = (exact | near) & readable
-    rows = np.flatnonzero(readable & ~copies)
     if refs.signatures is None:
         console.print("[yellow]note:[/] the bundle carries no training signatures: only exact copies removed")
+    return _Site(
+        samples=samples,
+        labels=labels,
+        by_class=by_class,
+        prepared=prepared,
+        rows=np.flatnonzero(readable & ~copies),
+        exact=exact,
+        near=near,
+        copies=copies,
+        readable=readable,
+        near_checked=refs.signatures is not None,
+    )
 
-    raw = b.predict_tensors(
-        np.asarray(prepared.tensors[rows]), batch_size=128, engine=engine, calibrated=False
-    )
-    y = labels[rows]
-    z = log_probs(raw)
-    if by_class:
-        temp = fit_temperature(z, y)
-        probs = apply_temperature(z, temp.temperature)
-        point = OperatingPoint(positive, point_classes, 0.0, "youden", negative)
-        truth = np.isin(y, point.columns(b.classes))
-    else:
-        assert cmap is not None
-        temp = fit_grouped_temperature(z, y, cmap.matrix())
-        probs = apply_temperature(z, temp.temperature)
-        point = OperatingPoint(positive, point_classes, 0.0, "youden", negative)
-        truth = np.isin(y, point.columns(cmap.names, cmap.groups))
-    n_pos, n_neg = int(truth.sum()), int((~truth).sum())
-    if n_pos < MIN_PER_SIDE or n_neg < MIN_PER_SIDE:
-        raise DataError(
-            f"{data}: {n_pos} positive ({positive}) and {n_neg} negative usable samples (after removing "
-            f"{int(copies.sum())} copies of training images and {int((~prepared.ok).sum())} unreadable files); "
-            f"recalibration needs at least {MIN_PER_SIDE} of each"
-        )
-    note = temp.note
-    temperature = temp.temperature
-    if note and temperature == 1.0 and b.temperature != 1.0:
-        # Nothing to fit against (e.g. no errors on the sample): keep the bundle's own temperature.
-        temperature, note = b.temperature, f"{note}; the bundle's temperature {b.temperature:.4g} was kept"
-        probs = apply_temperature(z, temperature)
-    score = point.scores(probs, point.columns(b.classes))
-    threshold = fit_threshold(truth, score, sensitivity=sensitivity)
-    figures = binary_figures(truth, score, threshold)
-    method = "sensitivity" if sensitivity is not None else "youden"
-    used = sorted(f"{prepared.hashes[i]} {int(labels[i])}" for i in rows)
-    site = {
-        "source": Path(str(data)).name,
-        "split": split,
-        "content_sha256": hashlib.sha256("\n".join(used).encode()).hexdigest(),
-        "n_files": len(samples),
-        "n_used": len(rows),
-        "n_removed_copies": int(copies.sum()),
-        "n_removed_exact": int((exact & readable).sum()),
-        "n_removed_near": int((near & ~exact & readable).sum()),
-        "n_unreadable": int((~prepared.ok).sum()),
-        "near_copies_checked": refs.signatures is not None,
-        "labels": "model classes" if by_class else "class-map groups",
-        "class_map": cmap.to_dict() if cmap is not None else None,
-    }
-    fit = {
-        "method_description": METHODS[method],
-        "achieved": figures,
-        "engine": engine,
-        "temperature": temperature,
-        "site": site,
-        "source_bundle_sha256": b.sha256,
-        "caution": "figures measured on the sample the threshold was fitted on: optimistic; confirm them "
-        "with medclf evaluate on other images from the site",
-    }
-    point = OperatingPoint(
-        positive=positive,
-        classes=point_classes,
-        threshold=threshold,
-        method=method,
-        negative=negative,
-        target=sensitivity,
-        fit=fit,
-    )
-    calibration = {
-        **temp.to_dict(),
-        "temperature": temperature,
-        "note": note,
-        "fitted_on": f"site sample {site['source']} (medclf recalibrate), n={len(rows)}",
-        "labels": site["labels"],
-        "previous": b.manifest.get("calibration"),
-    }
+
+def _write_bundle(
+    b: Predictor, out: Path, calibration: dict[str, Any], point: OperatingPoint, site: dict[str, Any]
+) -> Path:
+    """The source bundle with the new calibration and operating point, as a new sealed bundle."""
     manifest = {k: v for k, v in b.manifest.items() if k not in ("files", "self_sha256")}
     manifest.update(
         calibration={k: v for k, v in calibration.items() if v is not None},
@@ -216,9 +272,7 @@ def recalibrate(
     )
     keep: dict[str, Path | str] = {name: b.path / name for name in b.manifest["files"] if name != WEIGHTS}
     keep[MODEL_CARD] = model_card(manifest)  # with the operating point and the new calibration
-    path = save_bundle(out, model=b.model, manifest=manifest, extra_files=keep)
-    _print_summary(console, path, point, figures, temp, temperature, b.temperature, site)
-    return point.to_manifest()
+    return save_bundle(out, model=b.model, manifest=manifest, extra_files=keep)
 
 
 def fit_grouped_temperature(
