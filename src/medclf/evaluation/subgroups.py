@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -123,119 +124,31 @@ def subgroup_analysis(
     p = np.asarray(probs, dtype=np.float64)
     if len(groups) != len(y) or p.shape != (len(y), len(class_names)):
         raise ValueError("y, probs and groups must have one row per sample")
-    k = len(class_names)
     group_of, pooled = merge_small_groups([str(g) for g in groups], min_n=min_n, max_groups=max_groups)
     labels = np.array(group_of, dtype=object)
-    units = resampling_units(patient_ids, len(y))
-    rng = np.random.default_rng(seed)
-    tail = (1 - ci) / 2 * 100
-
-    def summarise(rows: np.ndarray, name: str, tested: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        point = {m: float(v[0]) for m, v in _stats(y[rows], p[rows], k, np.ones((1, len(rows)))).items()}
-        boot = _bootstrap(y[rows], p[rows], k, units[rows], n_bootstrap, rng)
-
-        def interval(metric: str) -> list[float] | None:
-            v = boot.get(metric)
-            v = v[np.isfinite(v)] if v is not None else np.array([])
-            return [float(x) for x in np.percentile(v, [tail, 100 - tail])] if len(v) else None
-
-        support = np.bincount(y[rows], minlength=k)
-        entry = {
-            "group": name,
-            "n": len(rows),
-            "n_patients": len(np.unique(units[rows])) if patient_ids is not None else None,
-            "tested": tested,
-            "accuracy": point["accuracy"],
-            "auc": point.get("auc"),
-            "per_class": {
-                str(c): {
-                    "support": int(support[j]),
-                    "sensitivity": point[f"sensitivity:{j}"],
-                    "specificity": point[f"specificity:{j}"],
-                }
-                for j, c in enumerate(class_names)
-            },
-            "ci": {
-                "accuracy": interval("accuracy"),
-                "auc": interval("auc"),
-                "per_class": {
-                    str(c): {
-                        "sensitivity": interval(f"sensitivity:{j}"),
-                        "specificity": interval(f"specificity:{j}"),
-                    }
-                    for j, c in enumerate(class_names)
-                },
-            },
-        }
-        return entry, boot
-
-    everything = np.arange(len(y))
-    overall, _ = summarise(everything, "all", False)
+    # One generator drawn in a fixed order (overall, then each group and its rest): the figures reproduce.
+    a = _Analysis(
+        y=y,
+        p=p,
+        class_names=list(class_names),
+        units=resampling_units(patient_ids, len(y)),
+        by_patient=patient_ids is not None,
+        n_bootstrap=n_bootstrap,
+        rng=np.random.default_rng(seed),
+        tail=(1 - ci) / 2 * 100,
+    )
+    overall, _ = a.summarise(np.arange(len(y)), "all", False)
     names = sorted(set(group_of), key=lambda g: (-int((labels == g).sum()), g))
     entries, tests = [], []
     for g in names:
         rows = np.flatnonzero(labels == g)
         rest = np.flatnonzero(labels != g)
         tested = len(rows) >= min_n and len(rest) >= min_n
-        entry, boot = summarise(rows, g, tested)
+        entry, boot = a.summarise(rows, g, tested)
         entries.append(entry)
-        if not tested:
-            continue
-        rest_point = _stats(y[rest], p[rest], k, np.ones((1, len(rest))))
-        rest_boot = _bootstrap(y[rest], p[rest], k, units[rest], n_bootstrap, rng)
-        g_support = np.bincount(y[rows], minlength=k)
-        r_support = np.bincount(y[rest], minlength=k)
-        g_other, r_other = len(rows) - g_support, len(rest) - r_support
-        candidates = [("accuracy", None), ("auc", None)] + [
-            (f"sensitivity:{j}", j)
-            for j in range(k)
-            if g_support[j] >= min_class_n and r_support[j] >= min_class_n
-        ]
-        if k > 2:  # with two classes, one class's specificity is the other's sensitivity
-            candidates += [
-                (f"specificity:{j}", j)
-                for j in range(k)
-                if g_other[j] >= min_class_n and r_other[j] >= min_class_n
-            ]
-        for metric, j in candidates:
-            here = float(_point(entry, metric, class_names))
-            there = float(rest_point[metric][0]) if metric in rest_point else float("nan")
-            if not (np.isfinite(here) and np.isfinite(there)) or metric not in boot:
-                continue
-            diff = boot[metric] - rest_boot[metric]
-            diff = diff[np.isfinite(diff)]
-            if len(diff) == 0:
-                continue
-            tests.append(
-                {
-                    "group": g,
-                    "metric": metric.split(":")[0],
-                    "class": None if j is None else str(class_names[j]),
-                    "value": here,
-                    "rest": there,
-                    "difference": here - there,
-                    "p_value": _one_sided_p(here - there, float(diff.std(ddof=1)) if len(diff) > 1 else 0.0),
-                }
-            )
-    adjusted = holm([t["p_value"] for t in tests])
-    warnings = []
-    for t, q in zip(tests, adjusted, strict=True):
-        t["p_holm"] = float(q)
-        t["significantly_worse"] = bool(q < alpha and t["difference"] < 0)
-        if t["significantly_worse"]:
-            what = t["metric"] if t["class"] is None else f"{t['metric']} of {t['class']}"
-            warnings.append(
-                f"subgroup {key}={t['group']}: {what} is significantly worse than in the other samples "
-                f"({t['value']:.3f} vs {t['rest']:.3f}; Holm-adjusted p = {t['p_holm']:.3g})"
-            )
-    for e in entries:
-        e["significantly_worse"] = sorted(
-            {
-                (t["metric"] if t["class"] is None else f"{t['metric']}:{t['class']}")
-                for t in tests
-                if t["group"] == e["group"] and t["significantly_worse"]
-            }
-        )
+        if tested:
+            tests += a.compare(g, rows, rest, entry, boot, min_class_n)
+    warnings = _adjust(tests, entries, key, alpha)
     gaps = _gaps(entries, class_names, min_class_n)
     unit = " by patient" if patient_ids is not None else ""
     return _jsonable(
@@ -258,6 +171,141 @@ def subgroup_analysis(
             "test_method": TEST_METHOD.format(unit=unit, alpha=alpha, min_n=min_n, min_class_n=min_class_n),
         }
     )
+
+
+@dataclass
+class _Analysis:
+    """The samples of one subgroup analysis and the bootstrap that measures them."""
+
+    y: np.ndarray
+    p: np.ndarray
+    class_names: list[str]
+    units: np.ndarray
+    by_patient: bool
+    n_bootstrap: int
+    rng: np.random.Generator
+    tail: float
+
+    @property
+    def k(self) -> int:
+        return len(self.class_names)
+
+    def summarise(
+        self, rows: np.ndarray, name: str, tested: bool
+    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The group's entry (point figures with intervals) and its bootstrap replicates."""
+        y, p, k = self.y[rows], self.p[rows], self.k
+        point = {m: float(v[0]) for m, v in _stats(y, p, k, np.ones((1, len(rows)))).items()}
+        boot = _bootstrap(y, p, k, self.units[rows], self.n_bootstrap, self.rng)
+
+        def interval(metric: str) -> list[float] | None:
+            v = boot.get(metric)
+            v = v[np.isfinite(v)] if v is not None else np.array([])
+            return [float(x) for x in np.percentile(v, [self.tail, 100 - self.tail])] if len(v) else None
+
+        support = np.bincount(y, minlength=k)
+        entry = {
+            "group": name,
+            "n": len(rows),
+            "n_patients": len(np.unique(self.units[rows])) if self.by_patient else None,
+            "tested": tested,
+            "accuracy": point["accuracy"],
+            "auc": point.get("auc"),
+            "per_class": {
+                str(c): {
+                    "support": int(support[j]),
+                    "sensitivity": point[f"sensitivity:{j}"],
+                    "specificity": point[f"specificity:{j}"],
+                }
+                for j, c in enumerate(self.class_names)
+            },
+            "ci": {
+                "accuracy": interval("accuracy"),
+                "auc": interval("auc"),
+                "per_class": {
+                    str(c): {
+                        "sensitivity": interval(f"sensitivity:{j}"),
+                        "specificity": interval(f"specificity:{j}"),
+                    }
+                    for j, c in enumerate(self.class_names)
+                },
+            },
+        }
+        return entry, boot
+
+    def compare(
+        self,
+        g: str,
+        rows: np.ndarray,
+        rest: np.ndarray,
+        entry: dict[str, Any],
+        boot: dict[str, np.ndarray],
+        min_class_n: int,
+    ) -> list[dict[str, Any]]:
+        """Group ``g`` against all other samples, for every metric with enough support on both sides."""
+        y, p, k = self.y, self.p, self.k
+        rest_point = _stats(y[rest], p[rest], k, np.ones((1, len(rest))))
+        rest_boot = _bootstrap(y[rest], p[rest], k, self.units[rest], self.n_bootstrap, self.rng)
+        g_support = np.bincount(y[rows], minlength=k)
+        r_support = np.bincount(y[rest], minlength=k)
+        g_other, r_other = len(rows) - g_support, len(rest) - r_support
+        candidates = [("accuracy", None), ("auc", None)] + [
+            (f"sensitivity:{j}", j)
+            for j in range(k)
+            if g_support[j] >= min_class_n and r_support[j] >= min_class_n
+        ]
+        if k > 2:  # with two classes, one class's specificity is the other's sensitivity
+            candidates += [
+                (f"specificity:{j}", j)
+                for j in range(k)
+                if g_other[j] >= min_class_n and r_other[j] >= min_class_n
+            ]
+        tests = []
+        for metric, j in candidates:
+            here = float(_point(entry, metric, self.class_names))
+            there = float(rest_point[metric][0]) if metric in rest_point else float("nan")
+            if not (np.isfinite(here) and np.isfinite(there)) or metric not in boot:
+                continue
+            diff = boot[metric] - rest_boot[metric]
+            diff = diff[np.isfinite(diff)]
+            if len(diff) == 0:
+                continue
+            tests.append(
+                {
+                    "group": g,
+                    "metric": metric.split(":")[0],
+                    "class": None if j is None else str(self.class_names[j]),
+                    "value": here,
+                    "rest": there,
+                    "difference": here - there,
+                    "p_value": _one_sided_p(here - there, float(diff.std(ddof=1)) if len(diff) > 1 else 0.0),
+                }
+            )
+        return tests
+
+
+def _adjust(tests: list[dict[str, Any]], entries: list[dict[str, Any]], key: str, alpha: float) -> list[str]:
+    """Holm-adjust the tests' p-values, mark the groups that are significantly worse; return the warnings."""
+    adjusted = holm([t["p_value"] for t in tests])
+    warnings = []
+    for t, q in zip(tests, adjusted, strict=True):
+        t["p_holm"] = float(q)
+        t["significantly_worse"] = bool(q < alpha and t["difference"] < 0)
+        if t["significantly_worse"]:
+            what = t["metric"] if t["class"] is None else f"{t['metric']} of {t['class']}"
+            warnings.append(
+                f"subgroup {key}={t['group']}: {what} is significantly worse than in the other samples "
+                f"({t['value']:.3f} vs {t['rest']:.3f}; Holm-adjusted p = {t['p_holm']:.3g})"
+            )
+    for e in entries:
+        e["significantly_worse"] = sorted(
+            {
+                (t["metric"] if t["class"] is None else f"{t['metric']}:{t['class']}")
+                for t in tests
+                if t["group"] == e["group"] and t["significantly_worse"]
+            }
+        )
+    return warnings
 
 
 def _one_sided_p(difference: float, se: float) -> float:
