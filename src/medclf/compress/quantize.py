@@ -60,14 +60,7 @@ def quantize_int8(
         quantize_static,
     )
 
-    if fmt not in FORMATS:
-        raise ConfigError(f"int8 format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    if method not in CALIBRATION_METHODS:
-        raise ConfigError(
-            f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, not {method!r}"
-        )
-    if len(calibration) == 0:
-        raise ConfigError("int8 quantisation needs calibration samples")
+    _check_options(fmt, method, len(calibration))
 
     class Reader(CalibrationDataReader):
         def __init__(self, x: np.ndarray) -> None:
@@ -117,3 +110,14 @@ def quantize_int8(
         "calibration": {"method": method, "n_samples": len(calibration), "split": "train"},
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def _check_options(fmt: str, method: str, n_calibration: int) -> None:
+    if fmt not in FORMATS:
+        raise ConfigError(f"int8 format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if method not in CALIBRATION_METHODS:
+        raise ConfigError(
+            f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, not {method!r}"
+        )
+    if n_calibration == 0:
+        raise ConfigError("int8 quantisation needs calibration samples")
