@@ -70,6 +70,7 @@ from skimage.feature import graycomatrix, hog, local_binary_pattern
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from medclf.data.cache import PreparedData
     from medclf.data.samples import SampleSet
     from medclf.preprocess import PreprocessSpec
 
@@ -559,28 +560,14 @@ def run_baseline(
     to ``out`` and returns the test metrics with a ``baseline`` key (selection table, features, times)."""
     from rich.console import Console
 
-    from medclf._version import __version__
-    from medclf.data.audit import train_copy_flags
     from medclf.data.cache import prepare
-    from medclf.data.sources import load_source
-    from medclf.data.splits import ensure_validation
-    from medclf.errors import DataError
-    from medclf.evaluation.runner import PROTOCOL, write_evaluation
+    from medclf.evaluation.runner import write_evaluation
 
     t_start = time.perf_counter()
     console = console or Console(stderr=True, soft_wrap=True)
     names = check_methods(methods)
     workers = workers or min(4, os.cpu_count() or 1)
-    samples = load_source(data, default_split="train")
-    if not samples.has_split("train"):
-        raise DataError(f"{data}: no training split found")
-    if not samples.has_split("test"):
-        raise DataError(
-            f"{data}: no test split; the baseline reports on a held-out test split (a 'test' split folder, "
-            "a split column in the CSV, or test_* arrays in the .npz)"
-        )
-    given_train = np.array(samples.splits) == "train"
-    samples = ensure_validation(samples, fraction=val_fraction, seed=seed)
+    samples, given_train = _load_with_validation(data, val_fraction, seed)
     spec = feature_spec(samples, size=size, seed=seed)
     console.print(
         f"[bold]Baseline[/] on {data}: {len(samples)} samples, greyscale {spec.size[0]} px, "
@@ -590,7 +577,135 @@ def run_baseline(
     prepared = prepare(
         samples, spec, cache_dir=cache_dir, workers=workers, progress=progress, console=console
     )
-    decode_s = time.perf_counter() - t0
+    times = {"decode_seconds": time.perf_counter() - t0}
+    rows = _baseline_rows(samples, prepared, given_train, console)
+    labels = samples.labels
+    needed = np.concatenate([rows.train, rows.val, rows.test])
+    t0 = time.perf_counter()
+    feats = extract_features(
+        prepared.tensors[needed, 0],  # float16 copy; each chunk becomes float32 in its worker
+        workers=workers,
+        progress=progress,
+        console=console,
+    )
+    times["features_seconds"] = time.perf_counter() - t0
+    rate = len(needed) / max(times["features_seconds"], 1e-9)
+    console.print(
+        f"Features: {len(needed)} images x {N_FEATURES} in {times['features_seconds']:.1f} s ({rate:.0f} images/s)"
+    )
+    n_tr, n_va = len(rows.train), len(rows.val)
+    x_train, x_val, x_test = feats[:n_tr], feats[n_tr : n_tr + n_va], feats[n_tr + n_va :]
+
+    k = len(samples.classes)
+    console.print("Model selection on the validation split:")
+    t0 = time.perf_counter()
+    model, best, table = select_model(
+        x_train,
+        labels[rows.train],
+        x_val,
+        labels[rows.val],
+        k,
+        methods=names,
+        seed=seed,
+        workers=workers,
+        console=console,
+    )
+    times["fit_seconds"] = time.perf_counter() - t0
+    console.print(f"Selected [bold]{best.method}[/] ({_params_text(best.params)})")
+
+    t0 = time.perf_counter()
+    probs = np.full((len(samples), k), np.nan)
+    probs[rows.test] = _full_probs(model, x_test, k)
+    times["predict_seconds"] = time.perf_counter() - t0
+
+    summary = _summary(
+        data,
+        samples,
+        names,
+        seed,
+        model,
+        best,
+        table,
+        rows,
+        prepared,
+        spec,
+        len(needed),
+        rate,
+        workers,
+        times,
+    )
+    sections = _report_sections(data, best, table, model, summary, spec, rate, workers, times)
+    if prepared.errors:
+        sections["Unreadable files (left out)"] = prepared.errors[:50]
+    split = np.array(samples.splits)
+    metrics = write_evaluation(
+        out,
+        samples=samples,
+        labels=labels,
+        probs=probs,
+        ok=prepared.ok,
+        train_copy=np.where(split == "test", rows.test_copy, prepared.train_copy),
+        errors=[str(m or "unreadable") for m in prepared.scan.messages],
+        split="test",
+        classes=list(samples.classes),
+        seed=seed,
+        title=f"medclf baseline: {Path(str(data)).name} / test ({best.method})",
+        sections=sections,
+        extra={"model": f"baseline {best.method} ({_params_text(best.params)})"},
+        console=console,
+    )
+    summary["times"]["total_seconds"] = round(time.perf_counter() - t_start, 3)
+    summary["test"] = {
+        "n": metrics["n"],
+        "auc": metrics["auc"],
+        "accuracy": metrics["accuracy"],
+        "n_removed_duplicates": metrics["n_removed_duplicates"],
+        "all_samples": {
+            "n": metrics["all_samples"]["n"],
+            "auc": metrics["all_samples"]["auc"],
+            "accuracy": metrics["all_samples"]["accuracy"],
+        },
+    }
+    out = Path(out)
+    (out / "baseline.json").write_text(json.dumps(summary, indent=2))
+    return {**metrics, "baseline": summary}
+
+
+def _load_with_validation(data: str | Path, val_fraction: float, seed: int) -> tuple[SampleSet, np.ndarray]:
+    """The dataset with a validation split (carved from training when it has none), and which samples the
+    dataset itself put in its training split."""
+    from medclf.data.sources import load_source
+    from medclf.data.splits import ensure_validation
+    from medclf.errors import DataError
+
+    samples = load_source(data, default_split="train")
+    if not samples.has_split("train"):
+        raise DataError(f"{data}: no training split found")
+    if not samples.has_split("test"):
+        raise DataError(
+            f"{data}: no test split; the baseline reports on a held-out test split (a 'test' split folder, "
+            "a split column in the CSV, or test_* arrays in the .npz)"
+        )
+    given_train = np.array(samples.splits) == "train"
+    return ensure_validation(samples, fraction=val_fraction, seed=seed), given_train
+
+
+@dataclass
+class _Rows:
+    """The samples each stage uses, after unreadable files and copies of training images are left out."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    n_val_copies: int
+    test_copy: np.ndarray  # per sample: a copy of the dataset's whole training split (carved validation too)
+
+
+def _baseline_rows(
+    samples: SampleSet, prepared: PreparedData, given_train: np.ndarray, console: Console
+) -> _Rows:
+    from medclf.data.audit import train_copy_flags
+    from medclf.errors import DataError
 
     split = np.array(samples.splits)
     labels = samples.labels
@@ -620,46 +735,29 @@ def run_baseline(
         console.print(
             f"{n_val_copies} validation sample(s) copy a training sample: left out of model selection"
         )
+    return _Rows(train_idx, val_idx, test_idx, n_val_copies, test_copy)
 
-    needed = np.concatenate([train_idx, val_idx, test_idx])
-    t0 = time.perf_counter()
-    feats = extract_features(
-        prepared.tensors[needed, 0],  # float16 copy; each chunk becomes float32 in its worker
-        workers=workers,
-        progress=progress,
-        console=console,
-    )
-    features_s = time.perf_counter() - t0
-    rate = len(needed) / max(features_s, 1e-9)
-    console.print(
-        f"Features: {len(needed)} images x {N_FEATURES} in {features_s:.1f} s ({rate:.0f} images/s)"
-    )
-    n_tr, n_va = len(train_idx), len(val_idx)
-    x_train, x_val, x_test = feats[:n_tr], feats[n_tr : n_tr + n_va], feats[n_tr + n_va :]
 
-    k = len(samples.classes)
-    console.print("Model selection on the validation split:")
-    t0 = time.perf_counter()
-    model, best, table = select_model(
-        x_train,
-        labels[train_idx],
-        x_val,
-        labels[val_idx],
-        k,
-        methods=names,
-        seed=seed,
-        workers=workers,
-        console=console,
-    )
-    fit_s = time.perf_counter() - t0
-    console.print(f"Selected [bold]{best.method}[/] ({_params_text(best.params)})")
+def _summary(
+    data: str | Path,
+    samples: SampleSet,
+    names: Sequence[str],
+    seed: int,
+    model: Any,
+    best: _Candidate,
+    table: list[_Candidate],
+    rows: _Rows,
+    prepared: PreparedData,
+    spec: PreprocessSpec,
+    n_images: int,
+    rate: float,
+    workers: int,
+    times: dict[str, float],
+) -> dict[str, Any]:
+    """``baseline.json`` (its test figures are added once the evaluation is written)."""
+    from medclf._version import __version__
 
-    t0 = time.perf_counter()
-    probs = np.full((len(samples), k), np.nan)
-    probs[test_idx] = _full_probs(model, x_test, k)
-    predict_s = time.perf_counter() - t0
-
-    summary: dict[str, Any] = {
+    return {
         "data": str(data),
         "classes": list(samples.classes),
         "seed": seed,
@@ -675,30 +773,41 @@ def run_baseline(
         },
         "candidates": [c.row() for c in table],
         "n": {
-            "train": int(n_tr),
-            "val": int(n_va),
-            "val_train_copies_left_out": n_val_copies,
-            "test": len(test_idx),
+            "train": len(rows.train),
+            "val": len(rows.val),
+            "val_train_copies_left_out": rows.n_val_copies,
+            "test": len(rows.test),
             "unreadable": int((~prepared.ok).sum()),
         },
         "preprocessing": spec.to_dict(),
         "features": {
             "n_features": N_FEATURES,
             "layout": feature_layout(),
-            "images": len(needed),
-            "seconds": round(features_s, 3),
+            "images": n_images,
+            "seconds": round(times["features_seconds"], 3),
             "images_per_second": round(rate, 1),
             "workers": workers,
         },
-        "times": {
-            "decode_seconds": round(decode_s, 3),
-            "features_seconds": round(features_s, 3),
-            "fit_seconds": round(fit_s, 3),
-            "predict_seconds": round(predict_s, 3),
-        },
+        "times": {name: round(v, 3) for name, v in times.items()},
         "versions": _versions(__version__),
     }
-    sections: dict[str, Any] = {
+
+
+def _report_sections(
+    data: str | Path,
+    best: _Candidate,
+    table: list[_Candidate],
+    model: Any,
+    summary: dict[str, Any],
+    spec: PreprocessSpec,
+    rate: float,
+    workers: int,
+    times: dict[str, float],
+) -> dict[str, Any]:
+    """The baseline's own sections of the evaluation report."""
+    from medclf.evaluation.runner import PROTOCOL
+
+    return {
         "Baseline model selection (validation split)": [
             {
                 "method": c.method,
@@ -726,46 +835,15 @@ def run_baseline(
         "Samples": summary["n"],
         "Preprocessing": spec.to_dict(),
         "Times (s)": {
-            "decoding + preprocessing (cached)": round(decode_s, 2),
-            f"feature extraction ({rate:.0f} images/s, {workers} workers)": round(features_s, 2),
-            "fitting every candidate": round(fit_s, 2),
-            "predicting the test split": round(predict_s, 3),
+            "decoding + preprocessing (cached)": round(times["decode_seconds"], 2),
+            f"feature extraction ({rate:.0f} images/s, {workers} workers)": round(
+                times["features_seconds"], 2
+            ),
+            "fitting every candidate": round(times["fit_seconds"], 2),
+            "predicting the test split": round(times["predict_seconds"], 3),
         },
         "Evaluation protocol": PROTOCOL + f" Data: {data}, split: test.",
     }
-    if prepared.errors:
-        sections["Unreadable files (left out)"] = prepared.errors[:50]
-    metrics = write_evaluation(
-        out,
-        samples=samples,
-        labels=labels,
-        probs=probs,
-        ok=prepared.ok,
-        train_copy=np.where(split == "test", test_copy, prepared.train_copy),
-        errors=[str(m or "unreadable") for m in prepared.scan.messages],
-        split="test",
-        classes=list(samples.classes),
-        seed=seed,
-        title=f"medclf baseline: {Path(str(data)).name} / test ({best.method})",
-        sections=sections,
-        extra={"model": f"baseline {best.method} ({_params_text(best.params)})"},
-        console=console,
-    )
-    summary["times"]["total_seconds"] = round(time.perf_counter() - t_start, 3)
-    summary["test"] = {
-        "n": metrics["n"],
-        "auc": metrics["auc"],
-        "accuracy": metrics["accuracy"],
-        "n_removed_duplicates": metrics["n_removed_duplicates"],
-        "all_samples": {
-            "n": metrics["all_samples"]["n"],
-            "auc": metrics["all_samples"]["auc"],
-            "accuracy": metrics["all_samples"]["accuracy"],
-        },
-    }
-    out = Path(out)
-    (out / "baseline.json").write_text(json.dumps(summary, indent=2))
-    return {**metrics, "baseline": summary}
 
 
 def _versions(medclf_version: str) -> dict[str, str]:
