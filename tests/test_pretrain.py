@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from medclf.bundle import load_bundle
 from medclf.errors import BundleError
@@ -155,3 +156,88 @@ def test_plain_image_folder_is_a_source(tmp_path):
     )
     manifest = load_bundle(res.bundle).manifest
     assert manifest["pretraining"]["knn_probe"] is None and manifest["pretraining"]["images"] == 16
+
+
+# -- --init-from a backbone or a plain state dict ------------------------------------------------------------
+def test_init_from_backbone_gets_a_new_head(backbone, sim_data, tmp_path):
+    from medclf.training import train
+
+    groups = "stem,layer1,layer2,layer3,layer4"
+    res = train(
+        sim_data, tmp_path / "tuned", init_from=str(backbone), freeze=groups, epochs=1, progress=False
+    )
+    assert res.plan.init_from["kind"] == "backbone" and res.plan.spec == load_bundle(backbone).spec
+    src, new = load_bundle(backbone).model.state_dict(), load_bundle(tmp_path / "tuned").model.state_dict()
+    for k in src:
+        if not k.startswith("head.") and src[k].is_floating_point():
+            assert torch.equal(src[k], new[k]), k
+    assert new["head.3.weight"].shape[0] == 3  # the simulated data's classes: a new output layer
+
+
+def _torchvision_resnet_state(tmp_path: Path) -> Path:
+    """A ResNet-18 state dict named as torchvision names it: MONAI's own network's weights, with the
+    downsampling convolutions' biases left out (torchvision has none) and DDP's ``module.`` prefix."""
+    from medclf.models import create_model
+
+    torch.manual_seed(3)
+    net = create_model("resnet18", 1, 1000, 2, small_input=True)
+    state = {
+        f"module.{k}": v.clone()
+        for k, v in net.state_dict().items()
+        if not k.endswith("downsample.0.bias") and not k.endswith("num_batches_tracked")
+    }
+    path = tmp_path / "resnet18_torchvision.safetensors"
+    save_file(state, str(path))
+    return path
+
+
+def test_init_from_torchvision_named_resnet_state_dict(sim_data, tmp_path):
+    from medclf.training import train
+
+    path = _torchvision_resnet_state(tmp_path)
+    foreign = load_file(str(path))
+    res = train(
+        sim_data, tmp_path / "tuned", init_from=str(path), arch="resnet18", size=32, freeze="conv1,bn1,layer1",
+        epochs=1, batch_size=16, progress=False,
+    )  # fmt: skip
+    assert res.plan.init_from["kind"] == "state_dict"
+    new = load_bundle(tmp_path / "tuned").model.state_dict()
+    assert torch.equal(new["conv1.weight"], foreign["module.conv1.weight"])
+    assert torch.equal(new["layer1.0.conv2.weight"], foreign["module.layer1.0.conv2.weight"])
+    assert new["fc.weight"].shape == (3, 512)  # 1000 ImageNet rows gave way to a new head
+
+
+def test_densenet_key_map_renames_torchvision_and_timm_names():
+    from medclf.models import create_model
+    from medclf.models.keymaps import match_state, rename
+
+    with torch.device("meta"):
+        net = create_model("densenet121", 1, 2, 2)
+    ours = net.state_dict()
+    foreign = {}
+    for k, v in ours.items():
+        k2 = k.replace(".layers.", ".").replace("class_layers.out.", "classifier.")
+        if ".denselayer1." in k2:  # old torchvision checkpoints: "norm.1" instead of "norm1"
+            k2 = k2.replace(".norm1.", ".norm.1.").replace(".conv1.", ".conv.1.")
+        foreign[k2] = v
+    match = match_state("densenet121", net, rename("densenet121", foreign))
+    assert not (match.missing or match.unexpected or match.mismatched)
+    assert set(match.tensors) == set(ours)
+
+
+def test_mismatched_state_dict_is_refused_in_one_line_naming_keys(sim_data, tmp_path):
+    path = _torchvision_resnet_state(tmp_path)
+    state = load_file(str(path))
+    state["module.layer9.conv.weight"] = torch.zeros(2)
+    del state["module.layer2.0.conv1.weight"]
+    save_file(state, str(path))
+    proc = subprocess.run(
+        [sys.executable, "-m", "medclf", "train", str(sim_data), "--out", str(tmp_path / "m"), "--init-from",
+         str(path), "--arch", "resnet18", "--size", "32", "--epochs", "1", "--no-progress"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1
+    assert "missing: layer2.0.conv1.weight" in lines[0] and "unexpected: layer9.conv.weight" in lines[0]
+    assert "Decoding" not in proc.stderr  # refused before any data was read

@@ -53,7 +53,7 @@ def new_plan(
             planning_s=planning_s,
         )
     if source is not None:
-        _apply_transfer(plan, source, cfg)
+        _apply_transfer(plan, source, cfg, len(samples.classes))
     return plan
 
 
@@ -76,9 +76,17 @@ def _transfer_source(cfg: TrainConfig, overrides: dict[str, Any], fp: Fingerprin
         if cfg.freeze:
             raise ConfigError("--freeze needs --init-from: there is nothing to keep frozen in a new network")
         return None
-    from medclf.bundle import load_bundle
+    from medclf.training.transfer import open_source
 
-    source = load_bundle(cfg.init_from)
+    source = open_source(cfg.init_from)
+    if source.kind == "state_dict":  # weights alone: --arch names the network, the planner the rest
+        if not overrides.get("arch"):
+            raise ConfigError(
+                f"--init-from {source.path}: a plain state dict needs --arch (see `medclf models`)"
+            )
+        overrides.setdefault("lr", 5e-4)
+        return source
+    assert source.spec is not None
     if source.spec.spatial_dims != fp.spatial_dims:
         raise ConfigError(
             f"--init-from: the bundle takes {source.spec.spatial_dims}D input, the data is {fp.spatial_dims}D"
@@ -95,12 +103,22 @@ def _transfer_source(cfg: TrainConfig, overrides: dict[str, Any], fp: Fingerprin
     return source
 
 
-def _apply_transfer(plan: Plan, source: Any, cfg: TrainConfig) -> None:
+def _apply_transfer(plan: Plan, source: Any, cfg: TrainConfig, n_outputs: int) -> None:
     from medclf.models.registry import model_info
 
-    plan.spec = source.spec  # the same preprocessing as the weights were trained with
-    plan.arch_kwargs = dict(source.manifest["model"].get("kwargs", {}))
-    plan.init_from = {"path": str(source.path), "sha256": source.sha256, "classes": list(source.classes)}
+    if source.kind == "state_dict":
+        from medclf.training.transfer import check_state_dict
+
+        check_state_dict(source, plan, n_outputs)  # refused here, before any data is decoded
+    else:
+        plan.spec = source.spec  # the same preprocessing as the weights were trained with
+        plan.arch_kwargs = dict(source.arch_kwargs)
+    plan.init_from = {
+        "path": str(source.path),
+        "sha256": source.sha256,
+        "classes": list(source.classes),
+        "kind": source.kind,
+    }
     groups = model_info(plan.arch).layer_groups
     names = cfg.freeze.split(",") if isinstance(cfg.freeze, str) else list(cfg.freeze or [])
     names = [n.strip() for n in names if n.strip()]
@@ -111,5 +129,6 @@ def _apply_transfer(plan: Plan, source: Any, cfg: TrainConfig) -> None:
         )
     plan.freeze = names
     plan.reasons.append(
-        f"fine-tuning from {source.path} ({source.sha256[:12]}); frozen: {', '.join(names) or 'nothing'}"
+        f"fine-tuning from {source.kind.replace('_', ' ')} {source.path} ({source.sha256[:12]}); "
+        f"frozen: {', '.join(names) or 'nothing'}"
     )
