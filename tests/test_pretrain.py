@@ -241,3 +241,44 @@ def test_mismatched_state_dict_is_refused_in_one_line_naming_keys(sim_data, tmp_
     assert len(lines) == 1
     assert "missing: layer2.0.conv1.weight" in lines[0] and "unexpected: layer9.conv.weight" in lines[0]
     assert "Decoding" not in proc.stderr  # refused before any data was read
+
+
+# -- the freeze schedule: linear probe, then fine-tuning ------------------------------------------------------
+def test_linear_probe_freezes_the_backbone_then_fine_tunes_it(backbone, sim_data, tmp_path):
+    """Epoch 1 of 3 trains the output layer only (the backbone's weights and batch-norm statistics stay
+    the source's), then every layer trains, the backbone at a tenth of the head's learning rate."""
+    from medclf.training import train
+
+    src = load_bundle(backbone).model.state_dict()
+    seen = []
+
+    def record(row, model, plan):
+        state = model.state_dict()
+        backbone_same = all(
+            torch.equal(state[k], src[k]) for k in src if not k.startswith("head.") and "num_batches" not in k
+        )
+        seen.append((row["phase"], backbone_same))
+
+    res = train(
+        sim_data, tmp_path / "lpft", init_from=str(backbone), linear_probe=0.34, epochs=3, progress=False,
+        epoch_callback=record,
+    )  # fmt: skip
+    assert [s[0] for s in seen] == ["probe", "finetune", "finetune"]
+    assert [s[1] for s in seen] == [True, False, False]  # frozen while probing, trained afterwards
+    assert res.plan.linear_probe == pytest.approx(0.34) and res.plan.backbone_lr == pytest.approx(0.1)
+    assert any("linear probe" in r for r in res.plan.reasons)
+
+
+def test_planner_chooses_the_probe_for_small_data_and_flag_turns_it_off(backbone, sim_data, tmp_path):
+    from medclf.errors import ConfigError
+    from medclf.training import train
+    from medclf.training.probe import plan_probe
+
+    assert plan_probe(None, 500)[0] == pytest.approx(0.3) and plan_probe(None, 5000)[0] == 0.0
+    assert plan_probe(0, 500)[0] == 0.0
+    with pytest.raises(ConfigError, match="linear-probe"):
+        plan_probe(1.5, 500)
+    res = train(sim_data, tmp_path / "auto", init_from=str(backbone), epochs=1, progress=False)
+    assert res.plan.linear_probe == pytest.approx(0.3)  # 51 labelled images: small
+    with pytest.raises(ConfigError, match="needs --init-from"):
+        train(sim_data, tmp_path / "x", linear_probe=0.3, epochs=1, progress=False)

@@ -222,7 +222,11 @@ def train(
     ] = False,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1")] = None,
     init_from: Annotated[
-        Path | None, typer.Option(help="Fine-tune from this bundle (same architecture and preprocessing)")
+        Path | None,
+        typer.Option(
+            help="Fine-tune from this bundle, a `medclf pretrain` backbone (new head), or a safetensors state "
+            "dict (with --arch; torchvision/timm ResNet/DenseNet names are mapped)"
+        ),
     ] = None,
     freeze: Annotated[
         str | None, typer.Option(help="With --init-from: layer groups kept frozen, e.g. stem,layer1,layer2")
@@ -230,6 +234,13 @@ def train(
     slices_as_channels: Annotated[
         int | None,
         typer.Option(help="Volumes as 2.5D: K axial slabs as channels of a 2D network (0: always 3D)"),
+    ] = None,
+    linear_probe: Annotated[
+        float | None,
+        typer.Option(
+            help="With --init-from: share of the epochs that train the output layer only, before all layers "
+            "fine-tune with the backbone at 0.1x the learning rate (0: off; default: 0.3 below 2000 images)"
+        ),
     ] = None,
     amp: Annotated[str | None, typer.Option(help="Mixed precision: auto, bf16, fp16, off")] = None,
     compile: Annotated[
@@ -312,6 +323,7 @@ def train(
         "device": device,
         "init_from": str(init_from) if init_from else None,
         "freeze": freeze,
+        "linear_probe": linear_probe,
         "slices_as_channels": slices_as_channels,
         "amp": amp,
         "compile": compile,

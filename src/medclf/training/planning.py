@@ -53,7 +53,7 @@ def new_plan(
             planning_s=planning_s,
         )
     if source is not None:
-        _apply_transfer(plan, source, cfg, len(samples.classes))
+        _apply_transfer(plan, source, cfg, len(samples.classes), n_train)
     return plan
 
 
@@ -75,6 +75,8 @@ def _transfer_source(cfg: TrainConfig, overrides: dict[str, Any], fp: Fingerprin
     if not cfg.init_from:
         if cfg.freeze:
             raise ConfigError("--freeze needs --init-from: there is nothing to keep frozen in a new network")
+        if cfg.linear_probe:
+            raise ConfigError("--linear-probe needs --init-from: a new network has no features to probe")
         return None
     from medclf.training.transfer import open_source
 
@@ -103,7 +105,7 @@ def _transfer_source(cfg: TrainConfig, overrides: dict[str, Any], fp: Fingerprin
     return source
 
 
-def _apply_transfer(plan: Plan, source: Any, cfg: TrainConfig, n_outputs: int) -> None:
+def _apply_transfer(plan: Plan, source: Any, cfg: TrainConfig, n_outputs: int, n_train: int) -> None:
     from medclf.models.registry import model_info
 
     if source.kind == "state_dict":
@@ -128,6 +130,11 @@ def _apply_transfer(plan: Plan, source: Any, cfg: TrainConfig, n_outputs: int) -
             f"--freeze: unknown layer group(s) {', '.join(unknown)}; {plan.arch} has {', '.join(groups)}"
         )
     plan.freeze = names
+    from medclf.training.probe import plan_probe
+
+    plan.linear_probe, plan.backbone_lr, why = plan_probe(cfg.linear_probe, n_train)
+    if why:
+        plan.reasons.append(why)
     plan.reasons.append(
         f"fine-tuning from {source.kind.replace('_', ' ')} {source.path} ({source.sha256[:12]}); "
         f"frozen: {', '.join(names) or 'nothing'}"
