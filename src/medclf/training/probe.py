@@ -79,7 +79,9 @@ class FreezeSchedule:
 
     def phase(self, epoch: int, horizon: int) -> str:
         """Set the backbone's gradients for 0-based ``epoch`` of ``horizon`` epochs; the phase's name."""
-        if not self.finetuning and epoch >= max(1, round(self.share * horizon)):
+        # At least one epoch probes, and at least one fine-tunes (a one-epoch run only fine-tunes).
+        probe_epochs = min(max(1, round(self.share * horizon)), horizon - 1)
+        if not self.finetuning and epoch >= probe_epochs:
             self.finetuning = True
         for p in self.backbone:
             p.requires_grad_(self.finetuning)
