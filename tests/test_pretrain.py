@@ -282,3 +282,11 @@ def test_planner_chooses_the_probe_for_small_data_and_flag_turns_it_off(backbone
     assert res.plan.linear_probe == pytest.approx(0.3)  # 51 labelled images: small
     with pytest.raises(ConfigError, match="needs --init-from"):
         train(sim_data, tmp_path / "x", linear_probe=0.3, epochs=1, progress=False)
+
+
+def test_a_backbone_has_nothing_to_predict_with(backbone, tmp_path):
+    import medclf
+
+    predictor = medclf.load_bundle(backbone)
+    with pytest.raises(BundleError, match="backbone"):
+        predictor.predict([np.zeros((24, 24), dtype=np.uint8)])

@@ -122,8 +122,9 @@ def pretrain(
     state = _load_state(ckpt) if resume else None
     if resume and state is None:
         raise ConfigError(f"--resume: no checkpoint at {ckpt} (nothing to resume)")
-    if state is not None:  # the run's own settings, except how long this session may take
-        cfg = PretrainConfig().updated({**state["config"], "time_budget": cfg.time_budget})
+    if state is not None:  # the run's own settings, except those that cannot change its weights
+        local = ("time_budget", "workers", "cache_dir", "keep_checkpoint")
+        cfg = PretrainConfig().updated({**state["config"], **{k: getattr(cfg, k) for k in local}})
     threads_mod.apply(cfg.threads)
     device = _device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -150,7 +151,7 @@ def pretrain(
         raise ConfigError("--resume: the data changed since the checkpoint was written; start a new run")
     n = len(data_.rows)
     batch = int(state["batch_size"]) if state else _batch_size(cfg, n, device)
-    if n < 2 * batch and n < 4:
+    if n < 4:
         raise ConfigError(f"{n} image(s) are too few to pretrain on (SimCLR contrasts images in a batch)")
     run = _Run(cfg, data_, arch_kwargs, batch, device, console, budget)
     probe_source = data_.probe.source if data_.probe else None
