@@ -113,7 +113,7 @@ def test_pretrain_killed_after_a_checkpoint_resumes(sim_data, tmp_path):
     epoch's history and ends with the planned epochs."""
     out = tmp_path / "bb"
     ckpt = tmp_path / "bb.ckpt"
-    cmd = [sys.executable, "-m", "medclf", "pretrain", str(sim_data), "--out", str(out), "--epochs", "30"]
+    cmd = [sys.executable, "-m", "medclf", "pretrain", str(sim_data), "--out", str(out), "--epochs", "10"]
     cmd += ["--size", "24", "--arch", "compact-s", "--batch-size", "12", "--cache-dir", str(tmp_path / "c")]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ))
     try:
@@ -127,11 +127,11 @@ def test_pretrain_killed_after_a_checkpoint_resumes(sim_data, tmp_path):
         proc.wait()
     assert not out.exists()
     done = json.loads((ckpt / "state.json").read_text())["epoch"] + 1
-    assert 1 <= done < 30
+    assert 1 <= done < 10
     first_loss = json.loads((ckpt / "state.json").read_text())["history"][0]["loss"]
     res = pretrain(sim_data, out, resume=True, cache_dir=str(tmp_path / "c"), progress=False)
-    assert res.epochs_run == 30 and res.history[0]["loss"] == first_loss
-    assert load_bundle(out).manifest["pretraining"]["epochs"] == 30
+    assert res.epochs_run == 10 and res.history[0]["loss"] == first_loss
+    assert load_bundle(out).manifest["pretraining"]["epochs"] == 10
     assert not ckpt.exists()
 
 
@@ -290,3 +290,11 @@ def test_a_backbone_has_nothing_to_predict_with(backbone, tmp_path):
     predictor = medclf.load_bundle(backbone)
     with pytest.raises(BundleError, match="backbone"):
         predictor.predict([np.zeros((24, 24), dtype=np.uint8)])
+
+
+def test_pretrain_stops_when_the_budget_is_spent(sim_data, tmp_path):
+    """A budget already spent before the first epoch ends: that epoch runs (a backbone needs one), then the
+    run stops and writes the bundle instead of running on towards the schedule's epoch cap."""
+    res = pretrain(sim_data, tmp_path / "bb", time_budget=0.01, cache_dir=str(tmp_path / "c"), **TINY)
+    assert res.epochs_run == 1 and res.stop_reason == "time_budget"
+    assert load_bundle(res.bundle).manifest["pretraining"]["stop_reason"] == "time_budget"

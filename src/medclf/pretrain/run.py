@@ -309,10 +309,12 @@ class _Run:
             group["lr"] = base * self.schedule.lr_factor(self.scheduler.last_epoch)
 
     def _out_of_time(self, epoch: int, times: list[float], deadline: float) -> bool:
-        if self.schedule.clock_driven:
-            done = epoch + 1 >= self.schedule.horizon_epochs
-        else:
-            done = self.budget.clock() + epoch_pace(float(np.mean(times[-3:]))) > deadline
+        """Whether no further epoch fits: the clock's horizon is reached, or (when the schedule could not
+        shrink below the epochs done) the next epoch at the recent pace would end after ``deadline``."""
+        next_end = self.budget.clock() + epoch_pace(float(np.mean(times[-3:])))
+        done = next_end > deadline or (
+            self.schedule.clock_driven and epoch + 1 >= self.schedule.horizon_epochs
+        )
         if done:
             self.stop_reason = "time_budget"
         return done
