@@ -109,7 +109,8 @@ def pretrain_starter(backbone: Path, budget: str, work: Path, extra: list[str]) 
     return {
         "bundle": str(backbone),
         "sha256": m["self_sha256"],
-        "command": f"medclf pretrain {' '.join(sources)} --out {backbone} --time-budget {budget} --splits train",
+        "command": f"medclf pretrain {' '.join(sources)} --out {backbone} --time-budget {budget} --splits train"
+        + "".join(f" {a}" for a in extra),
         "wall_s": round(wall, 1) if wall is not None else pre.get("seconds"),
         "arch": m["model"]["arch"],
         "input": [m["preprocess"]["channels"], *m["preprocess"]["size"]],

@@ -251,8 +251,11 @@ class _Run:
             self.history.append(row)
             self._replan(epoch + 1, times, deadline)
             self._save(ckpt, epoch)
-            self._report(row)
-            if deadline is not None and self._out_of_time(epoch, times, deadline):
+            last = epoch + 1 >= planned or (
+                deadline is not None and self._out_of_time(epoch, times, deadline)
+            )
+            self._report(row, last, deadline)
+            if last:
                 break
         self.epochs_run = len(self.history)
 
@@ -319,10 +322,13 @@ class _Run:
             self.stop_reason = "time_budget"
         return done
 
-    def _report(self, row: dict[str, float]) -> None:
-        horizon = self.schedule.horizon_epochs
+    def _report(self, row: dict[str, float], last: bool, deadline: float | None) -> None:
+        epoch = int(row["epoch"])
+        horizon = epoch if last else self.schedule.horizon_epochs
         knn = f"  k-NN acc {row['knn_acc']:.3f}" if "knn_acc" in row else ""
-        left = (horizon - row["epoch"]) * row["seconds"]
+        left = (horizon - epoch) * row["seconds"]
+        if deadline is not None:
+            left = min(left, max(deadline - self.budget.clock(), 0.0))
         self.console.print(
             f"epoch {int(row['epoch'])}/{horizon}  SSL loss {row['loss']:.4f}{knn}  "
             f"lr {row['lr']:.2e}  left ~{left / 60:.1f} min  ({row['seconds']:.1f} s)",

@@ -54,6 +54,13 @@ def new_plan(
         )
     if source is not None:
         _apply_transfer(plan, source, cfg, len(samples.classes), n_train)
+        if plan.linear_probe and dist.world_size > 1:
+            # DDP reduces the gradients of the parameters that required them when it was built: a backbone
+            # that starts frozen and thaws later is not supported under torchrun yet.
+            if cfg.linear_probe:
+                raise ConfigError("--linear-probe is not supported with several processes (torchrun) yet")
+            plan.linear_probe, plan.backbone_lr = 0.0, 1.0
+            plan.reasons.append("several processes: no linear probe (not supported under torchrun yet)")
     return plan
 
 
