@@ -11,6 +11,8 @@
 2. For each dataset and seed: ``medclf train`` from scratch (the backbone's architecture and input size, so
    only the initialisation differs) and ``medclf train --init-from BACKBONE``, each with ``--time-budget
    --budget``, then ``medclf evaluate`` on the official test split (copies of training images removed).
+   ``--arms scratch,init-from,default`` adds the planner's own choice with no options (another network or
+   size, perhaps: the from-scratch baseline a user gets).
 
 Results: ``benchmarks/results/pretrain.json`` (the backbone's recipe, epochs, loss and k-NN curves; per run
 the test AUC and accuracy with bootstrap intervals; per arm the mean and spread over seeds), rendered by
@@ -56,6 +58,11 @@ DATASETS: dict[str, dict[str, Any]] = {
         "published": "96-99 % accuracy claimed (pretrained CNNs, duplicates mostly not removed)",
     },
 }
+
+
+# scratch: the backbone's architecture and size from random weights; init-from: the backbone; default: what
+# the planner chooses for the dataset with no options (the user's from-scratch baseline; optional).
+ARMS = ("scratch", "init-from", "default")
 
 
 def starter_sources(work: Path) -> list[str]:
@@ -135,7 +142,7 @@ def one(
     cmd += ["--no-progress"]
     if arm == "init-from":
         cmd += ["--init-from", backbone["bundle"]]
-    else:  # the backbone's network and input size: only the starting weights differ
+    elif arm == "scratch":  # the backbone's network and input size: only the starting weights differ
         cmd += ["--arch", backbone["arch"], "--size", str(backbone["input"][-1])]
     wall = run(cmd, out / "train.log")
     run([*py, "evaluate", str(out / "model"), str(data), "--out", str(out / "eval")], out / "evaluate.log")
@@ -160,7 +167,7 @@ def one(
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for dataset in dict.fromkeys(r["dataset"] for r in runs):
-        for arm in ("scratch", "init-from"):
+        for arm in ARMS:
             mine = [r for r in runs if r["dataset"] == dataset and r["arm"] == arm]
             if not mine:
                 continue
@@ -229,6 +236,7 @@ def main() -> None:
     ap.add_argument("--backbone", type=Path, default=None, help="reuse (or write) the backbone bundle here")
     ap.add_argument("--pretrain-args", default="", help="extra `medclf pretrain` options (e.g. --size 28)")
     ap.add_argument("--out-name", default="pretrain.json")
+    ap.add_argument("--arms", default="scratch,init-from", help=f"comma-separated: {', '.join(ARMS)}")
     args = ap.parse_args()
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     for d in datasets:
@@ -239,11 +247,14 @@ def main() -> None:
         args.backbone or args.work / "starter", args.pretrain_budget, args.work, args.pretrain_args.split()
     )
     seeds = [int(s) for s in args.seeds.split(",")]
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if not arms or not set(arms) <= set(ARMS):
+        raise SystemExit(f"--arms: choose from {', '.join(ARMS)}")
     runs = [
         one(d, arm, seed, args.budget, backbone, args.work)
         for d in datasets
         for seed in seeds
-        for arm in ("scratch", "init-from")
+        for arm in arms
     ]
     result = {
         "backbone": backbone,

@@ -298,3 +298,24 @@ def test_pretrain_stops_when_the_budget_is_spent(sim_data, tmp_path):
     res = pretrain(sim_data, tmp_path / "bb", time_budget=0.01, cache_dir=str(tmp_path / "c"), **TINY)
     assert res.epochs_run == 1 and res.stop_reason == "time_budget"
     assert load_bundle(res.bundle).manifest["pretraining"]["stop_reason"] == "time_budget"
+
+
+def test_probe_groups_give_the_backbone_a_tenth_of_the_learning_rate():
+    from medclf.models import create_model
+    from medclf.training.probe import param_groups
+
+    net = create_model("compact-s", 1, 3, 2)
+    head, rest = param_groups(net, 1e-3, 0.1)
+    assert {id(p) for p in head["params"]} == {id(net.head[3].weight), id(net.head[3].bias)}
+    assert head["lr"] == pytest.approx(1e-3) and rest["lr"] == pytest.approx(1e-4)
+    assert len(head["params"]) + len(rest["params"]) == len(list(net.parameters()))
+
+
+def test_info_verifies_and_shows_a_backbone(backbone, capsys):
+    from medclf.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["info", str(backbone)])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert "file hashes verified" in out and "kind        backbone" in out and "simclr, 2 epochs" in out
