@@ -398,6 +398,7 @@ def pretrain(
     cache_dir: Annotated[str | None, typer.Option(help="Where preprocessed tensors are cached")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1")] = None,
     threads: Annotated[int | None, typer.Option("--threads", help=_THREADS_HELP)] = None,
+    amp: Annotated[str | None, typer.Option(help="Mixed precision: auto, bf16, fp16, off")] = None,
     progress: Annotated[bool, typer.Option(help="Show decoding progress")] = True,
 ) -> None:
     """Self-supervised (SimCLR) pretraining on unlabelled images; writes a sealed backbone bundle (no head)
@@ -419,6 +420,7 @@ def pretrain(
         "cache_dir": cache_dir,
         "device": device,
         "threads": threads,
+        "amp": amp,
     }
     run_pretrain(data, out, resume=resume, progress=progress, console=err, **settings)
 

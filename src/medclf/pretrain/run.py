@@ -10,6 +10,7 @@ run exactly where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -63,6 +64,7 @@ class PretrainConfig:
     device: str = "auto"
     threads: int | None = None
     keep_checkpoint: bool = False
+    amp: str = "auto"  # mixed precision as in train: auto (bf16 where the hardware runs it), bf16, fp16, off
 
     def updated(self, changes: dict[str, Any]) -> PretrainConfig:
         known = set(asdict(self))
@@ -79,6 +81,8 @@ class PretrainConfig:
         for name in ("epochs", "batch_size"):
             if kw[name] is not None and int(kw[name]) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if kw["amp"] not in ("auto", "bf16", "fp16", "off"):
+            raise ConfigError(f"--amp must be one of auto, bf16, fp16, off, not {kw['amp']!r}")
         if not 0 < float(kw["temperature"]) <= 1:
             raise ConfigError("--temperature must be in (0, 1]")
         return PretrainConfig(**kw)
@@ -225,6 +229,14 @@ class _Run:
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
+        from medclf.planner import resolve_amp
+
+        # Mixed precision as train resolves it; the loss is computed in float32 either way.
+        self.amp = resolve_amp(cfg.amp, device)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
+        self.scaler = (
+            torch.amp.GradScaler("cuda") if self.amp == "fp16" and device.startswith("cuda") else None
+        )
         self.history: list[dict[str, float]] = []
         self.start_epoch, self.epochs_run, self.stop_reason = 0, 0, "completed"
 
@@ -267,15 +279,29 @@ class _Run:
         for s in range(self.steps_per_epoch):
             x = rows[order[s * self.batch : (s + 1) * self.batch]].float()
             views = torch.cat([self.augment(x, self.gen), self.augment(x, self.gen)]).to(self.device)
-            z = self.net(views)
+            with self._autocast():
+                z = self.net(views).float()
             loss = self.loss_fn(z[: len(x)], z[len(x) :])
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            elif torch.isfinite(loss):  # a non-finite loss would make every weight NaN: skip the step
+                loss.backward()
+                self.optimizer.step()
+            else:
+                self.console.print(f"[yellow]warning:[/] a non-finite SSL loss at step {s + 1}: step skipped")
+                continue
             self.scheduler.step()
             total += float(loss.detach()) * len(x)
             count += len(x)
         return total / max(count, 1)
+
+    def _autocast(self) -> Any:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda" if self.device.startswith("cuda") else "cpu", dtype=self.amp_dtype)
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -403,6 +429,7 @@ class _Run:
                 "projection_dim": self.cfg.projection_dim,
                 "augmentation": "medclf.pretrain.simclr.contrastive_augmentation",
                 "batch_size": self.batch,
+                "amp": self.amp,
                 "lr": self.cfg.lr,
                 "weight_decay": self.cfg.weight_decay,
                 "seed": self.cfg.seed,
