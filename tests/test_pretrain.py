@@ -319,3 +319,12 @@ def test_info_verifies_and_shows_a_backbone(backbone, capsys):
     out = capsys.readouterr().out
     assert exit_.value.code == 0
     assert "file hashes verified" in out and "kind        backbone" in out and "simclr, 2 epochs" in out
+
+
+def test_a_state_dict_needs_arch(sim_data, tmp_path):
+    from medclf.errors import ConfigError
+    from medclf.training import train
+
+    path = _torchvision_resnet_state(tmp_path)
+    with pytest.raises(ConfigError, match="needs --arch"):
+        train(sim_data, tmp_path / "m", init_from=str(path), epochs=1, progress=False)
