@@ -191,6 +191,9 @@ EXTRAS: dict[str, list[str]] = {
     # Issue 22: ordinal (CORN) vs multi-class head on RetinaMNIST, 10 minutes each; issue 24: MLflow tracking.
     "ordinal-retina": ["benchmarks/ordinal.py", "--dataset", "retina", "--budget", "10m"],
     "tracking": ["benchmarks/tracking.py"],
+    # Issue 25: the starter backbone (60 min of SimCLR on the shared training splits), then BreastMNIST from
+    # scratch vs --init-from it, 3 seeds each, 5 minutes each.
+    "pretrain": ["benchmarks/pretrain.py", "--pretrain-budget", "60m", "--budget", "5m", "--seeds", "0,1,2"],
 }
 
 
@@ -859,6 +862,11 @@ def _ecosystem_sections() -> list[str]:
             "`python benchmarks/tracking.py`",
             "",
         ]
+    pre = _read("pretrain.json")  # issue 25: benchmarks/pretrain.py
+    if pre:
+        from pretrain import render as render_pretrain
+
+        lines += [render_pretrain(pre), ""]
     return lines
 
 

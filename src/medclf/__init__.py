@@ -16,6 +16,7 @@ The public API (imported lazily, so ``import medclf`` stays fast)::
     medclf.train_members(data, out, members=3) -> EnsembleResult              # seed bagging
     medclf.fetch_medmnist("breastmnist", size=128, out_dir="data") -> Path   # checksum-verified download
     medclf.recalibrate(bundle, site_data, out, positive=..., sensitivity=0.95) -> dict   # site operating point
+    medclf.pretrain([data1, data2], out, time_budget="1h") -> PretrainResult   # SimCLR backbone bundle
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ _API = {
     "train_folds",
     "train_members",
     "fetch_medmnist",
+    "pretrain",
     "recalibrate",
     "Bundle",
     "Predictor",

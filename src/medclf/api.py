@@ -45,6 +45,7 @@ __all__ = [
     "fetch_medmnist",
     "load_bundle",
     "predict",
+    "pretrain",
     "recalibrate",
     "sign_bundle",
     "train",
@@ -211,3 +212,13 @@ def recalibrate(
     from medclf.evaluation.recalibrate import recalibrate as _recalibrate
 
     return _recalibrate(bundle, data, out, **options)
+
+
+def pretrain(data: str | Path | Sequence[str | Path], out: str | Path, **settings: Any) -> Any:
+    """Self-supervised (SimCLR) pretraining on the images of one or more sources, labels ignored; writes a
+    sealed backbone bundle that ``train(..., init_from=out)`` fine-tunes. Returns a
+    :class:`medclf.pretrain.PretrainResult`. See :func:`medclf.pretrain.pretrain`."""
+    from medclf.pretrain import pretrain as _pretrain
+
+    sources = [data] if isinstance(data, (str, Path)) else list(data)
+    return _pretrain(sources, out, **settings)

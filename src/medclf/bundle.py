@@ -195,6 +195,20 @@ def build_model_from_manifest(manifest: Mapping[str, Any]) -> nn.Module:
     return create_model(m["arch"], m["in_channels"], m["n_classes"], m["spatial_dims"], **m.get("kwargs", {}))
 
 
+def omitted_keys(manifest: Mapping[str, Any], label: str = "bundle") -> list[str]:
+    """The tensors a backbone bundle (``kind: backbone``, from ``medclf pretrain``) leaves out of its weights:
+    its output layer. Only a backbone may omit any; a classifier's weights are always whole."""
+    model = manifest.get("model")
+    omitted = model.get("omitted", []) if isinstance(model, dict) else []
+    if not omitted:
+        return []
+    if manifest.get("kind") != "backbone":
+        raise BundleError(f"{label}: only a backbone bundle may omit tensors of its network")
+    if not isinstance(omitted, list) or not all(isinstance(k, str) for k in omitted):
+        raise BundleError(f"{label}: {MANIFEST}'s model.omitted must be a list of tensor names")
+    return list(omitted)
+
+
 def save_bundle(
     out: str | Path,
     *,
@@ -372,7 +386,8 @@ def _load_folder(
         spec = PreprocessSpec.from_dict(manifest["preprocess"])
         model = build_model_from_manifest(manifest)
         state = load_file(str(p / WEIGHTS))
-        model.load_state_dict(state, strict=True)
+        # A backbone lacks its output layer (checked by _check_weights): that layer keeps random weights.
+        model.load_state_dict(state, strict=not omitted_keys(manifest))
     except (KeyError, TypeError, RuntimeError, SafetensorError, ValueError, AttributeError) as exc:
         raise BundleError(f"{label}: the bundle's model cannot be built from its manifest: {exc}") from exc
     model.eval()
@@ -533,9 +548,13 @@ def _check_weights(p: Path, manifest: Mapping[str, Any], label: str, budget: int
             f"{label}: refused: the network {MANIFEST} describes has {needed:,} parameters, more than the "
             f"limit of {budget:,} (${MAX_PARAMETERS_ENV})"
         )
+    omitted = omitted_keys(manifest, label)
+    if not set(omitted) <= network.state_dict().keys():
+        raise BundleError(f"{label}: {MANIFEST} omits tensors the network does not have")
     expected = {
         k: (_SAFETENSORS_DTYPES.get(v.dtype, str(v.dtype)), tuple(v.shape))
         for k, v in network.state_dict().items()
+        if k not in omitted
     }
     missing, unexpected = sorted(expected.keys() - header.keys()), sorted(header.keys() - expected.keys())
     if missing or unexpected:

@@ -222,7 +222,11 @@ def train(
     ] = False,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1")] = None,
     init_from: Annotated[
-        Path | None, typer.Option(help="Fine-tune from this bundle (same architecture and preprocessing)")
+        Path | None,
+        typer.Option(
+            help="Fine-tune from this bundle, a `medclf pretrain` backbone (new head), or a safetensors state "
+            "dict (with --arch; torchvision/timm ResNet/DenseNet names are mapped)"
+        ),
     ] = None,
     freeze: Annotated[
         str | None, typer.Option(help="With --init-from: layer groups kept frozen, e.g. stem,layer1,layer2")
@@ -230,6 +234,13 @@ def train(
     slices_as_channels: Annotated[
         int | None,
         typer.Option(help="Volumes as 2.5D: K axial slabs as channels of a 2D network (0: always 3D)"),
+    ] = None,
+    linear_probe: Annotated[
+        float | None,
+        typer.Option(
+            help="With --init-from: share of the epochs that train the output layer only, before all layers "
+            "fine-tune with the backbone at 0.1x the learning rate (0: off; default: 0.3 below 2000 images)"
+        ),
     ] = None,
     amp: Annotated[str | None, typer.Option(help="Mixed precision: auto, bf16, fp16, off")] = None,
     compile: Annotated[
@@ -312,6 +323,7 @@ def train(
         "device": device,
         "init_from": str(init_from) if init_from else None,
         "freeze": freeze,
+        "linear_probe": linear_probe,
         "slices_as_channels": slices_as_channels,
         "amp": amp,
         "compile": compile,
@@ -354,6 +366,63 @@ def train(
         from medclf.sanity import EXIT_CODE
 
         raise typer.Exit(EXIT_CODE)
+
+
+@app.command()
+def pretrain(
+    data: Annotated[
+        list[str], typer.Argument(help="Image sources (folders, CSV manifests, .npz), labels ignored")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Backbone bundle folder to write")],
+    arch: Annotated[
+        str | None, typer.Option(help="Architecture (see `medclf models`); default compact")
+    ] = None,
+    size: Annotated[
+        int | None, typer.Option(help="Input size in pixels; default: the first source's, at most 64")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs; default: what fits the time budget")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images per step (two views each); default 128 on a CPU, 256 on a GPU")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (AdamW, default 1e-3)")] = None,
+    temperature: Annotated[float | None, typer.Option(help="NT-Xent temperature (default 0.5)")] = None,
+    splits: Annotated[
+        str | None, typer.Option(help="Splits to learn from: train (default) or train,val; never test")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed")] = None,
+    time_budget: Annotated[
+        str | None, typer.Option(help="Wall-time budget, e.g. 30m, 1h (default 1h)")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from <out>.ckpt after an interruption")] = False,
+    workers: Annotated[int | None, typer.Option(help="Decoding processes")] = None,
+    cache_dir: Annotated[str | None, typer.Option(help="Where preprocessed tensors are cached")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help=_THREADS_HELP)] = None,
+    amp: Annotated[str | None, typer.Option(help="Mixed precision: auto, bf16, fp16, off")] = None,
+    progress: Annotated[bool, typer.Option(help="Show decoding progress")] = True,
+) -> None:
+    """Self-supervised (SimCLR) pretraining on unlabelled images; writes a sealed backbone bundle (no head)
+    for `medclf train --init-from`. Progress shows the SSL loss and, when a source has labels, the accuracy
+    of a k-NN probe on its validation images. Exit codes: 0 done, 2 bad input or settings."""
+    from medclf.api import pretrain as run_pretrain
+
+    settings = {
+        "arch": arch,
+        "size": size,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "temperature": temperature,
+        "splits": splits,
+        "seed": seed,
+        "time_budget": time_budget,
+        "workers": workers,
+        "cache_dir": cache_dir,
+        "device": device,
+        "threads": threads,
+        "amp": amp,
+    }
+    run_pretrain(data, out, resume=resume, progress=progress, console=err, **settings)
 
 
 @app.command()
@@ -691,6 +760,16 @@ def info(
         print(f"model       ensemble ({fusion['method']}) of {archs}, input {list(b.spec.input_shape)}")
     else:
         print(f"model       {b.arch} {m['model'].get('kwargs', {})}, input {list(b.spec.input_shape)}")
+    if m.get("kind") == "backbone":  # medclf pretrain's: no output layer, nothing to predict with
+        pre = m.get("pretraining", {})
+        images = sum(int(s.get("images", 0)) for s in pre.get("sources", []))
+        print(
+            f"kind        backbone (no output layer): fine-tune it with `medclf train --init-from {bundle}`"
+        )
+        print(
+            f"pretrained  {pre.get('method')}, {pre.get('epochs')} epochs on {images} images of {len(pre.get('sources', []))} source(s)"
+        )
+        return
     print(f"calibration temperature {b.temperature:.4g}")
     print(f"classes     {', '.join(b.classes)}")
     print(f"created     {m.get('created')}  medclf {m.get('versions', {}).get('medclf')}")

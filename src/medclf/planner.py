@@ -81,6 +81,10 @@ class Plan:
     # groups (see the model registry) kept frozen.
     init_from: dict[str, Any] | None = None
     freeze: list[str] = field(default_factory=list)
+    # The freeze schedule (medclf.training.probe): the share of epochs that train the output layer only,
+    # and the backbone's learning-rate factor afterwards. Bundles made before it: 0 (none), 1.
+    linear_probe: float = 0.0
+    backbone_lr: float = 1.0
     # Batch mixing (see medclf.augment.MIX_METHODS) and its Beta(alpha, alpha); bundles made before it: none.
     mix: str = "none"
     mix_alpha: float = 0.0

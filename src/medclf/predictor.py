@@ -24,7 +24,7 @@ from torch import nn
 
 from medclf.bundle import Bundle, load_bundle
 from medclf.engines import Runner, build_runner, probabilities, resolve_engine
-from medclf.errors import MedclfError
+from medclf.errors import BundleError, MedclfError
 from medclf.inference import class_answer, expand_inputs, ood_answer, read_input
 from medclf.ood import OODDetector
 from medclf.operating_point import OperatingPoint
@@ -136,6 +136,11 @@ class Predictor:
 
     def runner(self, name: str = "auto") -> tuple[str, Runner]:
         """The concrete engine ``name`` means, and its runner (built once, then kept)."""
+        if self.manifest.get("kind") == "backbone":
+            raise BundleError(
+                f"{self.source or self.path} is a backbone (medclf pretrain): it has no output layer to classify "
+                "with; fine-tune it with `medclf train DATA --init-from` it"
+            )
         resolved = self.engine(name)
         if resolved not in self.runners:
             self.runners[resolved] = build_runner(self.bundle, resolved)

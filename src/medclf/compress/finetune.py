@@ -51,6 +51,8 @@ def plan_from_manifest(
     # The weights come from the network being compressed, not from the source's own starting point.
     kw.pop("init_from", None)
     kw.pop("freeze", None)
+    kw.pop("linear_probe", None)  # the source's freeze schedule (a linear probe first) is done
+    kw.pop("backbone_lr", None)
     return Plan(**kw)
 
 

@@ -47,6 +47,9 @@ class TrainConfig:
     device: str = "auto"
     init_from: str | None = None
     freeze: str | list[str] | None = None
+    # With --init-from: the share of the epochs that train the output layer only before all layers
+    # fine-tune (medclf.training.probe); None: the planner decides (on for small data), 0: off.
+    linear_probe: float | None = None
     # Seed of the carved validation split (and K-fold folds); None = ``seed``. Seed bagging keeps it fixed.
     split_seed: int | None = None
     # Seed bagging: None = automatic (the time left after an early stop trains more members), 1 = one model.

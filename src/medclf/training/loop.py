@@ -28,7 +28,7 @@ from medclf.distributed import DistContext
 from medclf.errors import ConfigError
 from medclf.planner import Plan
 from medclf.schedule import Schedule
-from medclf.training import checkpoint
+from medclf.training import checkpoint, probe
 from medclf.training.config import TrainConfig
 from medclf.training.network import (
     build_network,
@@ -127,7 +127,10 @@ class Loop:
             self.ema = torch.optim.swa_utils.AveragedModel(
                 self.model, multi_avg_fn=warmup_ema(schedule.ema_decay), use_buffers=True
             )
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        trainable: Any = [p for p in self.model.parameters() if p.requires_grad]
+        if plan.linear_probe > 0:  # the output layer at the peak rate, the backbone lower (training.probe)
+            trainable = probe.param_groups(self.model, plan.lr, plan.backbone_lr)
+        self.freeze_schedule = probe.FreezeSchedule(self.model, plan.linear_probe, self.frozen)
         self.optimizer = torch.optim.AdamW(trainable, lr=plan.lr, weight_decay=plan.weight_decay)
 
         def lr_factor(step: int) -> float:  # a plain function: LambdaLR's state then holds only counters
@@ -156,9 +159,8 @@ class Loop:
 
     def train_epoch(self) -> float:
         """One epoch of training steps; the mean training loss."""
-        self.model.train()
-        for module in self.frozen:
-            module.eval()  # frozen layers keep their batch-norm statistics too
+        # Frozen layers (and, while probing, the whole backbone) keep their batch-norm statistics too.
+        self.freeze_schedule.train_mode()
         total, count, skipped = 0.0, 0, 0
         for x, y in self.rows.batches(self.epoch, self.gen):
             x = x.to(self.device, non_blocking=True)
@@ -258,6 +260,7 @@ class Loop:
         if state is not None:
             self._restore(state)
             history, start_epoch = state["history"], state["epoch"] + 1
+            self.freeze_schedule.resume(history)
         epoch_times: list[float] = []
         with ProgressDisplay(self.console, self.plan.epochs, start_epoch, enabled=self.progress) as bar:
             for epoch in range(start_epoch, self.plan.epochs):
@@ -288,6 +291,8 @@ class Loop:
         """Train and validate epoch ``epoch``, update the selection; the epoch's history row."""
         t0 = self.clock()
         self.epoch = epoch
+        horizon = self.schedule.horizon_epochs if self.schedule.clock_driven else self.plan.epochs
+        phase = self.freeze_schedule.phase(epoch, horizon)
         loss = self.train_epoch()
         probs = self.predict_val(self.eval_model())
         val_y = self.samples.labels[self.data.val_idx]
@@ -306,6 +311,8 @@ class Loop:
             "wall_s": self.clock() - self.t_start,
             "threads": torch.get_num_threads(),
         }
+        if self.plan.linear_probe > 0:
+            row["phase"] = phase
         if self.hooks.on_epoch is not None and self.dist.is_main:
             with torch.random.fork_rng(devices=[]):
                 row.update(self.hooks.on_epoch(dict(row), self.eval_model(), self.plan) or {})

@@ -53,34 +53,11 @@ def to_device(model: nn.Module, device: str, fmt: torch.memory_format | None) ->
 
 
 def load_transfer_weights(model: nn.Module, plan: Plan, classes: list[str], console: Console) -> None:
-    """Copy the source bundle's weights into ``model``. Output rows follow the class names when the source
-    knows the same classes (in any order); a head of another shape starts afresh."""
-    from medclf.bundle import load_bundle
+    """Copy the ``--init-from`` source's weights into ``model`` (a bundle, a backbone or a state dict:
+    :func:`medclf.training.transfer.load_weights`)."""
+    from medclf.training.transfer import load_weights
 
-    assert plan.init_from is not None
-    source = load_bundle(plan.init_from["path"], expected_sha256=plan.init_from["sha256"])
-    src_state, own = source.model.state_dict(), model.state_dict()
-    order = None
-    if sorted(source.classes) == sorted(classes) and source.classes != classes:
-        order = torch.tensor([source.classes.index(c) for c in classes])
-    fresh = []
-    for k, v in own.items():
-        w = src_state.get(k)
-        if w is not None and order is not None and w.shape == v.shape and _is_output_row_tensor(model, k):
-            w = w[order]
-        if w is None or w.shape != v.shape:
-            fresh.append(k)
-            continue
-        own[k] = w
-    model.load_state_dict(own)
-    if fresh:
-        console.print(f"  new (randomly initialised) weights: {', '.join(fresh)}")
-
-
-def _is_output_row_tensor(model: nn.Module, key: str) -> bool:
-    # The last Linear layer's weight and bias have one row per class.
-    last = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return bool(last) and key.rsplit(".", 1)[0] == last[-1]
+    load_weights(model, plan, classes, console)
 
 
 def freeze(model: nn.Module, groups: list[str]) -> list[nn.Module]:

@@ -53,7 +53,14 @@ def new_plan(
             planning_s=planning_s,
         )
     if source is not None:
-        _apply_transfer(plan, source, cfg)
+        _apply_transfer(plan, source, cfg, len(samples.classes), n_train)
+        if plan.linear_probe and dist.world_size > 1:
+            # DDP reduces the gradients of the parameters that required them when it was built: a backbone
+            # that starts frozen and thaws later is not supported under torchrun yet.
+            if cfg.linear_probe:
+                raise ConfigError("--linear-probe is not supported with several processes (torchrun) yet")
+            plan.linear_probe, plan.backbone_lr = 0.0, 1.0
+            plan.reasons.append("several processes: no linear probe (not supported under torchrun yet)")
     return plan
 
 
@@ -75,10 +82,20 @@ def _transfer_source(cfg: TrainConfig, overrides: dict[str, Any], fp: Fingerprin
     if not cfg.init_from:
         if cfg.freeze:
             raise ConfigError("--freeze needs --init-from: there is nothing to keep frozen in a new network")
+        if cfg.linear_probe:
+            raise ConfigError("--linear-probe needs --init-from: a new network has no features to probe")
         return None
-    from medclf.bundle import load_bundle
+    from medclf.training.transfer import open_source
 
-    source = load_bundle(cfg.init_from)
+    source = open_source(cfg.init_from)
+    if source.kind == "state_dict":  # weights alone: --arch names the network, the planner the rest
+        if not overrides.get("arch"):
+            raise ConfigError(
+                f"--init-from {source.path}: a plain state dict needs --arch (see `medclf models`)"
+            )
+        overrides.setdefault("lr", 5e-4)
+        return source
+    assert source.spec is not None
     if source.spec.spatial_dims != fp.spatial_dims:
         raise ConfigError(
             f"--init-from: the bundle takes {source.spec.spatial_dims}D input, the data is {fp.spatial_dims}D"
@@ -95,12 +112,22 @@ def _transfer_source(cfg: TrainConfig, overrides: dict[str, Any], fp: Fingerprin
     return source
 
 
-def _apply_transfer(plan: Plan, source: Any, cfg: TrainConfig) -> None:
+def _apply_transfer(plan: Plan, source: Any, cfg: TrainConfig, n_outputs: int, n_train: int) -> None:
     from medclf.models.registry import model_info
 
-    plan.spec = source.spec  # the same preprocessing as the weights were trained with
-    plan.arch_kwargs = dict(source.manifest["model"].get("kwargs", {}))
-    plan.init_from = {"path": str(source.path), "sha256": source.sha256, "classes": list(source.classes)}
+    if source.kind == "state_dict":
+        from medclf.training.transfer import check_state_dict
+
+        check_state_dict(source, plan, n_outputs)  # refused here, before any data is decoded
+    else:
+        plan.spec = source.spec  # the same preprocessing as the weights were trained with
+        plan.arch_kwargs = dict(source.arch_kwargs)
+    plan.init_from = {
+        "path": str(source.path),
+        "sha256": source.sha256,
+        "classes": list(source.classes),
+        "kind": source.kind,
+    }
     groups = model_info(plan.arch).layer_groups
     names = cfg.freeze.split(",") if isinstance(cfg.freeze, str) else list(cfg.freeze or [])
     names = [n.strip() for n in names if n.strip()]
@@ -110,6 +137,12 @@ def _apply_transfer(plan: Plan, source: Any, cfg: TrainConfig) -> None:
             f"--freeze: unknown layer group(s) {', '.join(unknown)}; {plan.arch} has {', '.join(groups)}"
         )
     plan.freeze = names
+    from medclf.training.probe import plan_probe
+
+    plan.linear_probe, plan.backbone_lr, why = plan_probe(cfg.linear_probe, n_train)
+    if why:
+        plan.reasons.append(why)
     plan.reasons.append(
-        f"fine-tuning from {source.path} ({source.sha256[:12]}); frozen: {', '.join(names) or 'nothing'}"
+        f"fine-tuning from {source.kind.replace('_', ' ')} {source.path} ({source.sha256[:12]}); "
+        f"frozen: {', '.join(names) or 'nothing'}"
     )
