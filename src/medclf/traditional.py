@@ -352,7 +352,7 @@ def _resize_stack(x: np.ndarray, size: int) -> np.ndarray:
 
 def validation_auc(y: np.ndarray, probs: np.ndarray) -> float | None:
     """The selection score: binary, ROC AUC of class 1; multi-class, the mean one-vs-rest AUC over the
-    classes present in ``y`` (the :func:`medclf.evaluation.metrics.compute_metrics` definition). None when
+    classes present in ``y`` (the :func:`medclf.metrics.classification.compute_metrics` definition). None when
     undefined (fewer than two classes in ``y``)."""
     from sklearn.metrics import roc_auc_score
 

@@ -15,7 +15,7 @@ from medclf.data.samples import SampleSet
 from medclf.data.sources import load_source
 from medclf.data.splits import ensure_validation, fold_split
 from medclf.errors import DataError
-from medclf.evaluation.metrics import compute_metrics
+from medclf.metrics.classification import compute_metrics
 
 # training.TrainConfig's default, for bundles whose recipe does not record the fraction.
 VAL_FRACTION = 0.15

@@ -37,7 +37,7 @@ from medclf.compress.prune import n_params, prune_model
 from medclf.compress.quantize import quantize_int8
 from medclf.engines import ONNX_FP32, ONNX_INT8, OnnxRunner, TorchRunner, probabilities, resolve_engine
 from medclf.errors import BundleError, ConfigError
-from medclf.evaluation.metrics import compute_metrics
+from medclf.metrics.classification import compute_metrics
 from medclf.model_card import MODEL_CARD, model_card
 
 # The source bundle is run here (validation scores, its OOD guard), so it is held as a Predictor; under this

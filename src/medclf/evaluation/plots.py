@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from medclf.evaluation.metrics import calibration_bins, expected_calibration_error
+from medclf.metrics.classification import calibration_bins, expected_calibration_error
 
 __all__ = ["plot_confusion", "plot_reliability", "plot_roc", "plot_training_history"]
 
