@@ -27,10 +27,10 @@ import torch
 from rich.console import Console
 
 from medclf.bundle import Bundle, save_bundle
-from medclf.data.audit import train_copy_flags
 from medclf.data.cache import prepare
 from medclf.data.references import TRAIN_SIGNATURES, aligned_signatures, pack_signatures
 from medclf.data.samples import SampleSet
+from medclf.data.scan import train_copy_flags
 from medclf.data.sources import load_source
 from medclf.data.splits import ensure_validation, fold_split
 from medclf.errors import BundleError, ConfigError, DataError

@@ -560,8 +560,8 @@ def run_baseline(
     from rich.console import Console
 
     from medclf._version import __version__
-    from medclf.data.audit import train_copy_flags
     from medclf.data.cache import prepare
+    from medclf.data.scan import train_copy_flags
     from medclf.data.sources import load_source
     from medclf.data.splits import ensure_validation
     from medclf.errors import DataError

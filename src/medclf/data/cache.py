@@ -1,6 +1,6 @@
 """Decode and preprocess a dataset once; keep the result on disk as memory-mapped tensors.
 
-One pass (:func:`medclf.data.audit.scan`) decodes every file in parallel workers, computes what the audit
+One pass (:func:`medclf.data.scan.scan`) decodes every file in parallel workers, computes what the audit
 needs (content hash, near-duplicate signature, sizes, intensities) and applies the preprocessing spec. The
 tensors land in ``<cache>/<key>/tensors.npy`` (float16, opened memory-mapped), the facts beside them, so
 later epochs, later runs and ``evaluate`` never decode again. The key covers the files (paths, sizes,
@@ -24,13 +24,9 @@ import numpy as np
 from rich.console import Console
 
 from medclf import threads
-from medclf.data.audit import (
-    NEAR_THRESHOLD,
-    ScanResult,
-    scan,
-    train_copy_flags,
-)
 from medclf.data.samples import SampleSet
+from medclf.data.scan import ScanResult, scan, train_copy_flags
+from medclf.data.signatures import NEAR_THRESHOLD
 from medclf.data.sources import fingerprint_files
 from medclf.preprocess import PreprocessSpec, preprocess
 

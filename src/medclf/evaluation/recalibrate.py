@@ -30,9 +30,9 @@ from rich.console import Console
 from scipy.special import log_softmax, logsumexp
 
 from medclf.bundle import WEIGHTS, Bundle, save_bundle
-from medclf.data.audit import train_copy_matches
 from medclf.data.cache import prepare
 from medclf.data.references import read_train_references
+from medclf.data.scan import train_copy_matches
 from medclf.data.sources import load_source
 from medclf.errors import ConfigError, DataError
 from medclf.evaluation.classmap import ClassMap, parse_class_map

@@ -1,7 +1,7 @@
 """``medclf evaluate``: a bundle on a dataset split -> metrics.json, predictions.csv, plots, report.html.
 
 Headline figures leave out every sample of the split that copies a training sample (exact bytes, or the
-same picture re-encoded/resized: see :mod:`medclf.data.audit`); the same figures on the whole split, as
+same picture re-encoded/resized: see :mod:`medclf.data.signatures`); the same figures on the whole split, as
 published protocols compute them, are kept under ``all_samples``.
 """
 
@@ -18,10 +18,10 @@ import numpy as np
 from rich.console import Console
 
 from medclf.bundle import Bundle
-from medclf.data.audit import train_copy_matches
 from medclf.data.cache import prepare
 from medclf.data.references import read_train_references
 from medclf.data.samples import SampleSet
+from medclf.data.scan import train_copy_matches
 from medclf.data.sources import load_source
 from medclf.errors import ConfigError, DataError
 from medclf.evaluation.classmap import ClassMap, parse_class_map
