@@ -246,7 +246,7 @@ def _chunk_features(chunk: np.ndarray) -> np.ndarray:
 
     # Intensity histogram and statistics.
     bins = np.minimum((flat * HIST_BINS).astype(np.int64), HIST_BINS - 1)
-    hist = np.bincount((bins + offsets * HIST_BINS).ravel(), minlength=n * HIST_BINS)
+    hist: np.ndarray = np.bincount((bins + offsets * HIST_BINS).ravel(), minlength=n * HIST_BINS)
     hist = hist.reshape(n, HIST_BINS) / flat.shape[1]
     levels256 = np.minimum((flat * 256).astype(np.int64), 255)
     h256 = np.bincount((levels256 + offsets * 256).ravel(), minlength=n * 256).reshape(n, 256)
@@ -775,5 +775,5 @@ def _versions(medclf_version: str) -> dict[str, str]:
     return {
         "medclf": medclf_version,
         "scikit-learn": sklearn.__version__,
-        "scikit-image": skimage.__version__,
+        "scikit-image": skimage.__version__,  # type: ignore[attr-defined]  # set by its lazy loader, not in its stub
     }

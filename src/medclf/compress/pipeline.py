@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from medclf import bundle as bundle_format
 from medclf.budget import parse_duration
 from medclf.bundle import WEIGHTS, save_bundle
 from medclf.compress.data import TrainingData, load_training_data, val_scores
@@ -74,7 +75,7 @@ def default_epochs(manifest: dict[str, Any], planned: int, *, fresh: bool) -> in
 
 
 def export_bundle(
-    bundle: str | Path | Bundle,
+    bundle: str | Path | Bundle | bundle_format.Bundle,
     out: str | Path,
     *,
     data: str | Path | None = None,
@@ -474,6 +475,7 @@ def _ood(
         manifest["ood"] = detector.manifest()
         writers[info["file"]] = detector.save
     else:
+        assert src.ood is not None  # the manifest names its file, so the bundle loaded it
         detector = src.ood
         extra[info["file"]] = src.file(info["file"])
     record: dict[str, Any] = {"refit": changed}

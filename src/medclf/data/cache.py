@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,10 +108,12 @@ def prepare(
     if loaded is None:
         console.print(f"Decoding and preprocessing {len(samples)} samples ({workers} workers)...")
         writer = _TensorWriter.open(folder, len(samples), spec, console) if use_cache else None
-        tensors = None
+        sink: Callable[[int, Any], None]
         if writer is None:
             tensors = np.zeros((len(samples), *spec.input_shape), dtype=np.float16)
-        sink = writer.write if writer is not None else functools.partial(_put_row, tensors)
+            sink = functools.partial(_put_row, tensors)
+        else:
+            sink = writer.write
         try:
             result = scan(
                 samples,

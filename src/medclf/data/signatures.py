@@ -214,7 +214,7 @@ def find_duplicates(
     eligible = np.asarray(ok, dtype=bool) & ~is_constant_signature(signatures)
     comp = near_components(signatures, eligible, near_threshold)
     members_of: dict[int, list[int]] = {}
-    for i in np.flatnonzero(comp >= 0):
+    for i in np.flatnonzero(comp >= 0).tolist():
         members_of.setdefault(int(comp[i]), []).append(int(i))
     for members in members_of.values():
         if len({hashes[i] for i in members}) > 1:

@@ -388,7 +388,7 @@ def write_evaluation(
     return metrics
 
 
-def _grading(b: Bundle, samples: SampleSet, cmap: ClassMap | None) -> str | None:
+def _grading(b: Predictor, samples: SampleSet, cmap: ClassMap | None) -> str | None:
     """How to score grades: an ordinal bundle by its median grade, a multi-class one on graded data by its
     argmax; None when the classes are not grades (or are regrouped by a class map)."""
     if cmap is not None:

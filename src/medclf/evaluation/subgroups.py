@@ -172,6 +172,7 @@ def subgroup_analysis(
     everything = np.arange(len(y))
     overall, _ = summarise(everything, "all", False)
     names = sorted(set(group_of), key=lambda g: (-int((labels == g).sum()), g))
+    tests: list[dict[str, Any]]
     entries, tests = [], []
     for g in names:
         rows = np.flatnonzero(labels == g)
