@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from medclf.evaluation.resample import (
+from medclf.metrics.classification import _jsonable, expected_calibration_error, weighted_auc
+from medclf.metrics.resample import (
     percentile_intervals,
     resample_weights,
     resampling_units,
     weighted_average_precision,
 )
-from medclf.metrics.classification import _jsonable, expected_calibration_error, weighted_auc
 
 __all__ = ["THRESHOLD_RULES", "choose_thresholds", "multilabel_metrics"]
 

@@ -25,11 +25,11 @@ from medclf.data.scan import train_copy_matches
 from medclf.data.sources import load_source
 from medclf.errors import ConfigError, DataError
 from medclf.evaluation.classmap import ClassMap, parse_class_map
-from medclf.evaluation.ordinal import ordinal_metrics
 from medclf.evaluation.plots import plot_augmentation_gallery, plot_confusion, plot_reliability, plot_roc
 from medclf.evaluation.report import write_report
 from medclf.evaluation.subgroups import MIN_GROUP_N
 from medclf.metrics.classification import compute_metrics, expected_calibration_error
+from medclf.metrics.ordinal import ordinal_metrics
 from medclf.operating_point import OperatingPoint
 from medclf.predictor import Predictor, as_predictor
 from medclf.tta import describe as describe_tta

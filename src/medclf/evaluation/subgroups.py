@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from medclf.evaluation.resample import resample_weights, resampling_units
 from medclf.metrics.classification import _jsonable, weighted_auc
+from medclf.metrics.resample import resample_weights, resampling_units
 
 __all__ = [
     "ALPHA",
