@@ -478,10 +478,8 @@ class DicomNode:
     def _log_rejected_association(self, event: Event) -> None:
         requestor = event.assoc.requestor
         reply = event.assoc.acceptor.primitive
-        diagnosis: tuple[Any, Any] = (
-            getattr(reply, "result_source", None),
-            getattr(reply, "diagnostic", None),
-        )
+        diagnosis: tuple[Any, Any]
+        diagnosis = (getattr(reply, "result_source", None), getattr(reply, "diagnostic", None))
         called = _lo(str(getattr(requestor.primitive, "called_ae_title", "") or "").strip())
         reason = {
             (0x01, 0x03): "its calling AE title is not in the allowed ones (--allow-aet)",
@@ -555,9 +553,8 @@ class DicomNode:
         that UID gets a failure (``duplicate_uid``) and a log line. The first result stands either way."""
         started = time.perf_counter()
         calling = _calling_ae(event)
-        uid = _lo(
-            str(cast("C_STORE", event.request).AffectedSOPInstanceUID or "")
-        )  # printable only: it goes to the log
+        request = cast("C_STORE", event.request)  # the handler of C-STORE requests
+        uid = _lo(str(request.AffectedSOPInstanceUID or ""))  # printable only: it goes to the log
         try:
             result = self._classify_and_write(event, calling, started)
         except InputRejected as exc:
