@@ -42,12 +42,15 @@ test: install system-deps
 	@$(BIN)/ruff check src tests benchmarks
 	@# The layering contracts of pyproject.toml's [tool.importlinter]: an import against them fails here.
 	$(BIN)/lint-imports --no-cache --no-logo
+	@# The type checker, configured in pyproject.toml's [tool.mypy]: it must report no issue.
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/lint-imports --no-cache --no-logo
+	$(BIN)/mypy
 
 bench: install
 	$(BIN)/python benchmarks/run.py

@@ -260,7 +260,7 @@ def _test_scorer(data: Path) -> Any:
 
     from medclf.data.cache import prepare
     from medclf.data.sources import load_source
-    from medclf.evaluation.metrics import compute_metrics
+    from medclf.metrics.classification import compute_metrics
 
     state: dict[str, Any] = {}
 

@@ -39,9 +39,9 @@ import numpy as np
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.metrics import roc_auc_score
 
-from medclf.data.audit import image_signature
 from medclf.data.samples import SPLITS
 from medclf.data.shift import domain_auc, layout_features
+from medclf.data.signatures import image_signature
 from medclf.errors import MedclfError
 from medclf.io import Image
 from medclf.io.npz import read_npz

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from medclf.data.audit import NEAR_THRESHOLD, nearest, scan
 from medclf.data.references import dequantise_signatures, pack_signatures, quantise_signatures
+from medclf.data.scan import scan
+from medclf.data.signatures import NEAR_THRESHOLD, nearest
 from medclf.data.sources import load_source
 
 

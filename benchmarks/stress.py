@@ -56,7 +56,8 @@ def _fail(message: str) -> NoReturn:
 
 def build_split(data: Path, work: Path, *, fraction: float, seed: int, workers: int) -> dict[str, Any]:
     """Write ``work/train.csv`` (train + test rows) and ``work/stress.csv``; return the counts."""
-    from medclf.data.audit import NEAR_THRESHOLD, find_duplicates, nearest, scan
+    from medclf.data.scan import scan
+    from medclf.data.signatures import NEAR_THRESHOLD, find_duplicates, nearest
     from medclf.data.sources import load_source
 
     samples = load_source(data)

@@ -15,18 +15,12 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from medclf.data import audit as audit_mod
-from medclf.data.audit import (
-    NEAR_THRESHOLD,
-    SIGNATURE_LEN,
-    audit,
-    find_duplicates,
-    image_signature,
-    nearest,
-    scan,
-    train_copy_flags,
-)
+from medclf.data import scan as scan_mod
+from medclf.data import signatures as signatures_mod
+from medclf.data.audit import audit
 from medclf.data.samples import SampleSet
+from medclf.data.scan import scan, train_copy_flags
+from medclf.data.signatures import NEAR_THRESHOLD, SIGNATURE_LEN, find_duplicates, image_signature, nearest
 from medclf.data.sources import load_source
 from medclf.io import Image
 
@@ -138,9 +132,9 @@ def test_near_components_in_blocks_match_brute_force(monkeypatch: pytest.MonkeyP
     r, c = np.nonzero(sims >= thr)
     _, want = connected_components(coo_matrix((np.ones(len(r)), (r, c)), shape=(240, 240)), directed=False)
     # Tiny blocks and a tiny edge budget: exercises the blockwise product and the folding of edges.
-    monkeypatch.setattr(audit_mod, "_BLOCK_ELEMENTS", 16 * 240)
-    monkeypatch.setattr(audit_mod, "_MAX_PENDING_EDGES", 5)
-    got = audit_mod.near_components(x, np.ones(240, bool), thr)
+    monkeypatch.setattr(signatures_mod, "_BLOCK_ELEMENTS", 16 * 240)
+    monkeypatch.setattr(signatures_mod, "_MAX_PENDING_EDGES", 5)
+    got = signatures_mod.near_components(x, np.ones(240, bool), thr)
     # Same partition, whatever the label numbering.
     assert len(set(zip(got.tolist(), want.tolist(), strict=True))) == len(set(want.tolist()))
     assert len(set(got.tolist())) == len(set(want.tolist())) < 240
@@ -168,7 +162,7 @@ def test_scan_and_audit_find_every_planted_problem(folder: Path, tmp_path: Path)
     flagged = {Path(samples.refs[i]).name for i in np.flatnonzero(flags)}
     assert flagged == {"copy_of_t0.png", "t1_q50.jpg", "t2_48.png"}
     # Copies correlate far above the threshold and new images far below it: the test has margin.
-    _, _, best = audit_mod.train_copy_matches(samples, sr)
+    _, _, best = scan_mod.train_copy_matches(samples, sr)
     assert best[idx["t1_q50.jpg"]] > 0.999 and best[idx["t2_48.png"]] > 0.999
     assert best[idx["new4.png"]] < 0.9 and best[idx["new5.png"]] < 0.9
 

@@ -11,16 +11,16 @@ from medclf.api import load_bundle
 from medclf.bundle import update_bundle
 from medclf.data.cache import prepare
 from medclf.data.sources import load_source
-from medclf.evaluation.calibration import (
+from medclf.evaluation.plots import plot_reliability
+from medclf.evaluation.runner import evaluate
+from medclf.metrics.calibration import (
     MIN_SAMPLES,
     T_BOUNDS,
     apply_temperature,
     fit_temperature,
     fit_temperature_from_probs,
 )
-from medclf.evaluation.metrics import expected_calibration_error
-from medclf.evaluation.plots import plot_reliability
-from medclf.evaluation.runner import evaluate
+from medclf.metrics.classification import expected_calibration_error
 
 
 def _calibrated_sample(n=20000, k=4, seed=0):

@@ -16,10 +16,10 @@ from medclf.data.cache import prepare
 from medclf.data.simulate import make_dataset
 from medclf.data.sources import load_source
 from medclf.errors import ConfigError, DataError
-from medclf.evaluation.calibration import apply_temperature
 from medclf.evaluation.runner import evaluate
 from medclf.folds import train_folds
 from medclf.fusion import ensemble, fit_stacking, fit_weights, member_validation_splits
+from medclf.metrics.calibration import apply_temperature
 from medclf.models.ensemble import LOG_FLOOR
 from medclf.training import train
 

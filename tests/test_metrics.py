@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from medclf.evaluation.metrics import compute_metrics, expected_calibration_error, weighted_auc
+from medclf.metrics.classification import compute_metrics, expected_calibration_error, weighted_auc
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

@@ -38,7 +38,7 @@ def test_medmnist_official_splits(name, counts):
 
 
 def test_pneumonia_val_copies_are_found():
-    from medclf.data.audit import scan, train_copy_flags
+    from medclf.data.scan import scan, train_copy_flags
 
     s = load_source(shared_dataset("medmnist/pneumoniamnist.npz"))
     flags = train_copy_flags(s, scan(s, workers=2, progress=False))
@@ -51,7 +51,7 @@ def test_pneumonia_val_copies_are_found():
     os.environ.get("MEDCLF_SLOW") != "1", reason="slow (decodes 7,023 JPEGs): set MEDCLF_SLOW=1"
 )
 def test_brain_tumour_test_copies_of_training_images():
-    from medclf.data.audit import scan, train_copy_matches
+    from medclf.data.scan import scan, train_copy_matches
 
     s = load_source(shared_dataset("brain-tumor-mri"))
     exact, near, _ = train_copy_matches(s, scan(s, workers=2, progress=False))

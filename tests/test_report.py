@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medclf.evaluation.metrics import compute_metrics
 from medclf.evaluation.plots import plot_confusion, plot_reliability, plot_roc
 from medclf.evaluation.report import ALL_SAMPLES_LABEL, write_report
+from medclf.metrics.classification import compute_metrics
 
 HOSTILE = ["<script>alert(1)</script>", "cost $5 & $6", 'quote" onload="x']
 PNG = b"\x89PNG\r\n\x1a\n"

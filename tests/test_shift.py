@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from medclf.data.audit import SIGNATURE_LEN, audit, image_signature, scan
+from medclf.data.audit import audit
+from medclf.data.scan import scan
 from medclf.data.shift import WARN_AUC, domain_auc, layout_features, split_shift, warn_at
+from medclf.data.signatures import SIGNATURE_LEN, image_signature
 from medclf.data.sources import load_source
 from medclf.io import Image
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from medclf.data.audit import audit, scan
+from medclf.data.audit import audit
 from medclf.data.samples import SampleSet
+from medclf.data.scan import scan
 from medclf.data.shortcuts import (
     FLAG_AUC,
     _auc,

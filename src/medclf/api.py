@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medclf.bundle import Bundle, sign_bundle
-from medclf.data.audit import NEAR_THRESHOLD, AuditReport
+from medclf.data.audit import AuditReport
 from medclf.data.audit import audit as _audit
 from medclf.data.fetch import fetch_medmnist
+from medclf.data.signatures import NEAR_THRESHOLD
 from medclf.data.sources import load_source
 from medclf.evaluation.runner import evaluate
 from medclf.folds import train

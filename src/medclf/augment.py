@@ -26,7 +26,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -183,7 +183,7 @@ def _monai_factories() -> dict[str, Callable[..., Any]]:
         if len(shape) != 2:
             raise ConfigError("elastic deformation is implemented for 2D images only")
         # Control points every ~1/6 of the image: smooth, anatomically plausible warps.
-        spacing = tuple(max(4, s // 6) for s in shape)
+        spacing = (max(4, shape[0] // 6), max(4, shape[1] // 6))
         return mt.Rand2DElastic(
             spacing=spacing, magnitude_range=magnitude, prob=1.0, padding_mode="zeros", mode="bilinear"
         )
@@ -337,7 +337,7 @@ class RandomResolution(SingleThreadedTransform):
             if len(spatial) == 2:
                 y = F.interpolate(xi, size=small, mode=mode, antialias=True, align_corners=False)
             else:
-                y = F.adaptive_avg_pool3d(xi, small)
+                y = F.adaptive_avg_pool3d(xi, cast("tuple[int, int, int]", small))
             y = F.interpolate(y, size=spatial, mode=mode, align_corners=False)
             out[i] = y[0].clamp(0.0, 1.0).to(x.dtype)
         return out

@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import datetime as _dt
+import functools
 import hashlib
 import io
 import json
@@ -412,7 +413,7 @@ def _verify_folder(p: Path, label: str) -> dict[str, Any]:
     for name, digest in manifest["files"].items():
         h = hashlib.sha256()
         with _open_plain(p / name, label, name) as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+            for chunk in iter(functools.partial(fh.read, 1 << 20), b""):
                 h.update(chunk)
         if h.hexdigest() != digest:
             raise BundleError(f"{label}: integrity check failed: sha256 of {name} does not match {MANIFEST}")
@@ -698,7 +699,8 @@ def _check_zip_directory(path: Path, label: str) -> None:
         rec = end_record(fh)
     if not rec:
         return
-    entries, size = rec[zipfile._ECD_ENTRIES_TOTAL], rec[zipfile._ECD_SIZE]
+    # CPython's private end-record layout, beside _EndRecData; typeshed does not describe it.
+    entries, size = rec[zipfile._ECD_ENTRIES_TOTAL], rec[zipfile._ECD_SIZE]  # type: ignore[attr-defined]
     if entries > MAX_ZIP_MEMBERS or size > MAX_ZIP_MEMBERS * 1024:
         raise BundleError(f"{label}: refused: the zip holds more than {MAX_ZIP_MEMBERS} entries")
 
@@ -726,7 +728,8 @@ def _zip_copy(zf: zipfile.ZipFile, info: zipfile.ZipInfo, out: IO[bytes], limit:
     if info.flag_bits & 0x1:
         raise BundleError(f"{label}: refused: {name} in the zip is encrypted")
     if info.compress_type not in _ZIP_METHODS:
-        method = zipfile.compressor_names.get(info.compress_type, str(info.compress_type))
+        # zipfile's table of method names, which typeshed leaves out.
+        method = zipfile.compressor_names.get(info.compress_type, str(info.compress_type))  # type: ignore[attr-defined]
         raise BundleError(
             f"{label}: refused: {name} in the zip uses compression method {method!r} (only stored and deflate)"
         )

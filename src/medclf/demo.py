@@ -103,6 +103,8 @@ def _plant_leakage(data: Path) -> list[Path]:
             shutil.copyfile(src, dest)
         else:
             im = PILImage.open(src)
-            im.resize((im.width * 3 // 4, im.height * 3 // 4), PILImage.LANCZOS).save(dest, quality=90)
+            im.resize((im.width * 3 // 4, im.height * 3 // 4), PILImage.Resampling.LANCZOS).save(
+                dest, quality=90
+            )
         planted.append(dest)
     return planted

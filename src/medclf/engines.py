@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 ONNX_FP32 = "model.onnx"
 ONNX_INT8 = "model.int8.onnx"
 
-Runner = Callable[[np.ndarray], np.ndarray]  # (N, C, *size) float32 -> (N, n_classes) logits
+Runner = Callable[[np.ndarray | torch.Tensor], np.ndarray]  # (N, C, *size) float32 -> (N, n_classes) logits
 
 
 @dataclass(frozen=True)
@@ -201,7 +201,7 @@ class OnnxRunner:
         # one pass through the graph yields both.
         self._last: tuple[np.ndarray, np.ndarray] | None = None
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if self.features_name is None:
             return self.session.run([self.output_name], {self.input_name: x})[0]
@@ -209,7 +209,7 @@ class OnnxRunner:
         self._last = (x.copy(), feats)
         return logits
 
-    def features(self, x: np.ndarray) -> np.ndarray | None:
+    def features(self, x: np.ndarray | torch.Tensor) -> np.ndarray | None:
         """The input of the network's last linear layer (see :mod:`medclf.ood`), or None if not exported."""
         if self.features_name is None:
             return None

@@ -27,15 +27,15 @@ import torch
 from rich.console import Console
 
 from medclf.bundle import Bundle, save_bundle
-from medclf.data.audit import train_copy_flags
 from medclf.data.cache import prepare
 from medclf.data.references import TRAIN_SIGNATURES, aligned_signatures, pack_signatures
 from medclf.data.samples import SampleSet
+from medclf.data.scan import train_copy_flags
 from medclf.data.sources import load_source
 from medclf.data.splits import ensure_validation, fold_split
 from medclf.errors import BundleError, ConfigError, DataError
-from medclf.evaluation.calibration import MIN_SAMPLES, TemperatureFit, apply_temperature, fit_temperature
-from medclf.evaluation.metrics import compute_metrics, expected_calibration_error
+from medclf.metrics.calibration import MIN_SAMPLES, TemperatureFit, apply_temperature, fit_temperature
+from medclf.metrics.classification import compute_metrics, expected_calibration_error
 from medclf.model_card import MODEL_CARD, model_card
 from medclf.models.ensemble import LOG_FLOOR, METHODS, Ensemble
 from medclf.ood import OOD_FILE, OODDetector, fit_detector, penultimate_features

@@ -27,8 +27,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from medclf.data.acquisition import sample_cues
-from medclf.data.audit import ScanResult
 from medclf.data.samples import SampleSet
+from medclf.data.scan import ScanResult
 from medclf.data.shortcuts import ShortcutReport, check_shortcuts, group_labels_for_balance
 from medclf.errors import ConfigError
 from medclf.planner import Plan

@@ -246,7 +246,11 @@ class OODDetector:
     calibration: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def component_scores(
-        self, features: np.ndarray, inputs: np.ndarray | None = None, *, statistics: np.ndarray | None = None
+        self,
+        features: np.ndarray,
+        inputs: np.ndarray | torch.Tensor | None = None,
+        *,
+        statistics: np.ndarray | None = None,
     ) -> dict[str, np.ndarray]:
         """Each score before scaling: ``features`` and (version 2) ``input``, from the preprocessed
         ``inputs`` or their precomputed :func:`input_statistics`."""
@@ -263,7 +267,11 @@ class OODDetector:
         return scores
 
     def score(
-        self, features: np.ndarray, inputs: np.ndarray | None = None, *, statistics: np.ndarray | None = None
+        self,
+        features: np.ndarray,
+        inputs: np.ndarray | torch.Tensor | None = None,
+        *,
+        statistics: np.ndarray | None = None,
     ) -> np.ndarray:
         """One score per row (higher = more unusual). Version 1: the feature distance; version 2: the larger
         of the scaled feature and input-statistics distances (``inputs``: the preprocessed batch, or
@@ -275,7 +283,11 @@ class OODDetector:
         return np.max(np.stack(scaled), axis=0)
 
     def flags(
-        self, features: np.ndarray, inputs: np.ndarray | None = None, *, statistics: np.ndarray | None = None
+        self,
+        features: np.ndarray,
+        inputs: np.ndarray | torch.Tensor | None = None,
+        *,
+        statistics: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(score above the threshold, score) per row; arguments as for :meth:`score`."""
         s = self.score(features, inputs, statistics=statistics)

@@ -114,7 +114,7 @@ def fingerprint(samples: SampleSet, *, n_probe: int = 48, seed: int = 0) -> Fing
         raise DataError(f"{samples.source}: no training samples")
     rng = np.random.default_rng(seed)
     probe = rng.choice(train, size=min(n_probe, len(train)), replace=False)
-    shapes, channels, colour, formats, modalities = [], [], [], Counter(), Counter()
+    shapes, channels, colour, formats, modalities = [], [], [], Counter[str](), Counter[str]()
     bad = 0
     for i in probe:
         try:
@@ -496,7 +496,8 @@ def measure_throughput(
     y = torch.randint(0, 2, (bs,), device=device)
     if plan.channels_last:
         fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
-        model = model.to(memory_format=fmt)
+        # torch's stub of Module.to lacks its memory_format keyword.
+        model = model.to(memory_format=fmt)  # type: ignore[call-overload]
         x = x.contiguous(memory_format=fmt)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.amp)

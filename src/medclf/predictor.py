@@ -16,14 +16,14 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from medclf.bundle import Bundle, load_bundle
-from medclf.engines import Runner, build_runner, probabilities, resolve_engine
+from medclf.engines import Runner, TorchRunner, build_runner, probabilities, resolve_engine
 from medclf.errors import BundleError, MedclfError
 from medclf.inference import class_answer, expand_inputs, ood_answer, read_input
 from medclf.ood import OODDetector
@@ -153,7 +153,7 @@ class Predictor:
         feats = run.features(x) if hasattr(run, "features") else None
         if feats is None:
             _, run = self.runner("torch")
-            feats = run.features(x)
+            feats = cast(TorchRunner, run).features(x)
         return feats
 
     def tta_views(self, tta: bool | str | Sequence[str] | None) -> list[str]:

@@ -446,6 +446,7 @@ def blank_j2k_comments(frame: bytes) -> tuple[bytes, int]:
     n = len(data)
     if data[:4] != b"\xff\x4f\xff\x51":
         raise ValueError("the frame is not a JPEG 2000 codestream (SOC, SIZ); JP2 boxes are not allowed here")
+    blanked = 0
 
     def marker_at(i: int) -> int:
         if i + 2 > n:
@@ -467,7 +468,6 @@ def blank_j2k_comments(frame: bytes) -> tuple[bytes, int]:
             i += 2 + length
         return i
 
-    blanked = 0
     i = header(2, 0xFF90)  # main header, up to the first SOT
     while i < n and marker_at(i) == 0xFF90:
         start = i
@@ -703,9 +703,9 @@ def deidentify(
                 raise
             report.refused.append((str(path), exc.message))
             say(f"refused {exc.message}")
-    for path in report.flagged:
+    for flagged in report.flagged:
         say(
-            f"burned-in annotation: {path} declares text burned into its pixels, which may identify the patient; "
+            f"burned-in annotation: {flagged} declares text burned into its pixels, which may identify the patient; "
             + ("written anyway (--allow-burned-in), check it by eye" if allow_burned_in else "not written")
         )
     return report

@@ -114,7 +114,7 @@ def thumbnail_baseline(
     from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
 
-    from medclf.evaluation.metrics import compute_metrics
+    from medclf.metrics.classification import compute_metrics
 
     rng = np.random.default_rng(seed)
     fit_idx = np.sort(rng.choice(train_idx, size=min(len(train_idx), MAX_FIT), replace=False))

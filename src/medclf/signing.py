@@ -343,7 +343,7 @@ def _raw_bytes(data: bytes, p: Path) -> bytes:
     text = data.strip()
     for decode in (bytes.fromhex, lambda t: base64.b64decode(t, validate=True)):
         try:
-            raw = decode(text.decode("ascii"))  # type: ignore[operator]
+            raw = decode(text.decode("ascii"))
         except (ValueError, UnicodeDecodeError, binascii.Error):
             continue
         if len(raw) == 32:

@@ -19,7 +19,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Tracer(Protocol):
     """What :func:`traced` needs of the active tracker."""
 
-    run: object | None
+    @property
+    def run(self) -> object | None: ...
 
     def _trained(
         self, kind: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -247,7 +247,7 @@ def _chunk_features(chunk: np.ndarray) -> np.ndarray:
 
     # Intensity histogram and statistics.
     bins = np.minimum((flat * HIST_BINS).astype(np.int64), HIST_BINS - 1)
-    hist = np.bincount((bins + offsets * HIST_BINS).ravel(), minlength=n * HIST_BINS)
+    hist: np.ndarray = np.bincount((bins + offsets * HIST_BINS).ravel(), minlength=n * HIST_BINS)
     hist = hist.reshape(n, HIST_BINS) / flat.shape[1]
     levels256 = np.minimum((flat * 256).astype(np.int64), 255)
     h256 = np.bincount((levels256 + offsets * 256).ravel(), minlength=n * 256).reshape(n, 256)
@@ -353,7 +353,7 @@ def _resize_stack(x: np.ndarray, size: int) -> np.ndarray:
 
 def validation_auc(y: np.ndarray, probs: np.ndarray) -> float | None:
     """The selection score: binary, ROC AUC of class 1; multi-class, the mean one-vs-rest AUC over the
-    classes present in ``y`` (the :func:`medclf.evaluation.metrics.compute_metrics` definition). None when
+    classes present in ``y`` (the :func:`medclf.metrics.classification.compute_metrics` definition). None when
     undefined (fewer than two classes in ``y``)."""
     from sklearn.metrics import roc_auc_score
 
@@ -704,7 +704,7 @@ class _Rows:
 def _baseline_rows(
     samples: SampleSet, prepared: PreparedData, given_train: np.ndarray, console: Console
 ) -> _Rows:
-    from medclf.data.audit import train_copy_flags
+    from medclf.data.scan import train_copy_flags
     from medclf.errors import DataError
 
     split = np.array(samples.splits)
@@ -853,5 +853,5 @@ def _versions(medclf_version: str) -> dict[str, str]:
     return {
         "medclf": medclf_version,
         "scikit-learn": sklearn.__version__,
-        "scikit-image": skimage.__version__,
+        "scikit-image": skimage.__version__,  # type: ignore[attr-defined]  # set by its lazy loader, not in its stub
     }

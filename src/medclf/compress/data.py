@@ -15,7 +15,8 @@ from medclf.data.samples import SampleSet
 from medclf.data.sources import load_source
 from medclf.data.splits import ensure_validation, fold_split
 from medclf.errors import DataError
-from medclf.evaluation.metrics import compute_metrics
+from medclf.metrics.classification import compute_metrics
+from medclf.predictor import Predictor
 
 # training.TrainConfig's default, for bundles whose recipe does not record the fraction.
 VAL_FRACTION = 0.15
@@ -56,7 +57,7 @@ class TrainingData:
 
 
 def load_training_data(
-    bundle: Bundle,
+    bundle: Bundle | Predictor,
     data: str | Path,
     *,
     cache_dir: str | Path | None = None,

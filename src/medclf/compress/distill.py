@@ -23,13 +23,14 @@ from torch import nn
 
 from medclf.bundle import Bundle
 from medclf.errors import ConfigError
+from medclf.predictor import Predictor
 from medclf.preprocess import PreprocessSpec
 
 DEFAULT_TEMPERATURE = 4.0
 DEFAULT_KD_WEIGHT = 0.7
 
 
-def check_teacher(teacher: Bundle, spec: PreprocessSpec, classes: list[str]) -> bool:
+def check_teacher(teacher: Bundle | Predictor, spec: PreprocessSpec, classes: list[str]) -> bool:
     """Can ``teacher`` teach a student that reads ``spec``? Returns whether its input must be resized."""
     if list(teacher.classes) != list(classes):
         raise ConfigError(f"the teacher's classes {teacher.classes} are not the student's {classes}")
@@ -62,7 +63,8 @@ def kd_loss_hook(
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     if channels_last:
         with contextlib.suppress(RuntimeError):  # 3D or non-convolutional teachers keep their layout
-            teacher.to(memory_format=torch.channels_last)
+            # torch's stub of Module.to lacks its memory_format keyword.
+            teacher.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def hook(x: torch.Tensor, logits: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -49,7 +49,8 @@ class _WithFeatures(nn.Module):
 
 def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path) -> dict[str, Any]:
     """Write ``model`` (eval mode, CPU, fp32) to ``path`` with a dynamic batch axis; return what was done."""
-    model = model.eval().float().to(memory_format=torch.contiguous_format)
+    # torch's stub of Module.to lacks its memory_format keyword.
+    model = model.eval().float().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     with_features = any(isinstance(m, nn.Linear) for m in model.modules())
     graph = _WithFeatures(model).eval() if with_features else model
     outputs = ["logits", "features"] if with_features else ["logits"]
@@ -125,7 +126,7 @@ def check_parity(
     """Probabilities of the PyTorch model and of the ONNX model on the same inputs ``x``, in batches and one
     by one (the batch axis is dynamic), through the bundle's temperature. Returns the differences."""
     torch_run, onnx_run = TorchRunner(model), OnnxRunner(onnx_path)
-    p_torch, p_onnx, l_torch, l_onnx = [], [], [], []
+    l_torch, l_onnx = [], []
     for start in range(0, len(x), batch_size):
         xb = x[start : start + batch_size]
         l_torch.append(torch_run(xb))

@@ -22,7 +22,7 @@ from rich.console import Console
 from torch import nn
 
 from medclf.budget import parse_duration
-from medclf.bundle import WEIGHTS, save_bundle
+from medclf.bundle import WEIGHTS, Bundle, save_bundle
 from medclf.compress.data import TrainingData, load_training_data, val_scores
 from medclf.compress.distill import (
     DEFAULT_KD_WEIGHT,
@@ -37,7 +37,7 @@ from medclf.compress.prune import n_params, prune_model
 from medclf.compress.quantize import quantize_int8
 from medclf.engines import ONNX_FP32, ONNX_INT8, OnnxRunner, TorchRunner, probabilities, resolve_engine
 from medclf.errors import BundleError, ConfigError
-from medclf.evaluation.metrics import compute_metrics
+from medclf.metrics.classification import compute_metrics
 from medclf.model_card import MODEL_CARD, model_card
 
 # The source bundle is run here (validation scores, its OOD guard), so it is held as a Predictor.
@@ -107,7 +107,7 @@ class _Work:
 
 
 def export_bundle(
-    bundle: str | Path | Predictor,
+    bundle: str | Path | Predictor | Bundle,
     out: str | Path,
     *,
     data: str | Path | None = None,
@@ -628,6 +628,7 @@ def _ood(
         manifest["ood"] = detector.manifest()
         writers[info["file"]] = detector.save
     else:
+        assert src.ood is not None  # the manifest names its file, so the bundle loaded it
         detector = src.ood
         extra[info["file"]] = src.file(info["file"])
     record: dict[str, Any] = {"refit": changed}

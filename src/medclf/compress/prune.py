@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -170,7 +170,7 @@ def keep_count(channels: int, amount: float) -> int:
 
 
 def _scale_importance(bn: nn.Module) -> torch.Tensor:
-    g = bn.weight.detach().abs().float()
+    g = cast(torch.Tensor, bn.weight).detach().abs().float()
     return g / g.mean().clamp_min(1e-12)
 
 
@@ -184,7 +184,9 @@ def _prune_compact(
     modules = dict(model.named_modules())
     # The stem's batch norm: stem.1, or stem.2 when its max-pool comes first (stem_pool_first).
     stem_bn = next(
-        f"stem.{i}" for i, m in enumerate(model.stem) if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        f"stem.{i}"
+        for i, m in enumerate(cast(nn.Sequential, model.stem))
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
     )
     # Producers of each channel group: the batch norms that write those channels.
     producers: dict[str, list[str]] = {"w1": [stem_bn, f"{blocks[0][0]}.bn2"]}
@@ -217,7 +219,10 @@ def _prune_compact(
                 readers.setdefault(in_group, []).append(prefix)
         scores = activation_importance(model, readers, calibration)
     else:
-        scores = {g: sum(_scale_importance(modules[b]) for b in bns) for g, bns in producers.items()}
+        scores = {
+            g: cast(torch.Tensor, sum(_scale_importance(modules[b]) for b in bns))
+            for g, bns in producers.items()
+        }
     for group, score in scores.items():
         n = len(score)
         k = keep_count(n, amount)

@@ -21,12 +21,15 @@ import math
 import multiprocessing as mp
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from medclf.data.samples import SampleSet
 from medclf.errors import ConfigError
+
+if TYPE_CHECKING:
+    from nibabel.spatialimages import SpatialImage
 
 # The label of a sample that has no value for a key.
 UNKNOWN = "unknown"
@@ -224,7 +227,8 @@ def _nifti_cues(path: Path) -> dict[str, Any]:
     import nibabel as nib
 
     # nibabel reads the header here; the voxel data stays on disk (a proxy) until asked for.
-    header = nib.load(str(path)).header
+    # nib.load is typed as returning any file-based image; a NIfTI file loads as a spatial one.
+    header = cast("SpatialImage", nib.load(str(path))).header
     shape = [int(s) for s in header.get_data_shape()]
     zooms = [float(z) for z in header.get_zooms()]
     cues: dict[str, Any] = {"mode": "grey", "bit_depth": int(header.get_data_dtype().itemsize * 8)}

@@ -1,6 +1,6 @@
 """Decode and preprocess a dataset once; keep the result on disk as memory-mapped tensors.
 
-One pass (:func:`medclf.data.audit.scan`) decodes every file in parallel workers, computes what the audit
+One pass (:func:`medclf.data.scan.scan`) decodes every file in parallel workers, computes what the audit
 needs (content hash, near-duplicate signature, sizes, intensities) and applies the preprocessing spec. The
 tensors land in ``<cache>/<key>/tensors.npy`` (float16, opened memory-mapped), the facts beside them, so
 later epochs, later runs and ``evaluate`` never decode again. The key covers the files (paths, sizes,
@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,13 +25,9 @@ import numpy as np
 from rich.console import Console
 
 from medclf import threads
-from medclf.data.audit import (
-    NEAR_THRESHOLD,
-    ScanResult,
-    scan,
-    train_copy_flags,
-)
 from medclf.data.samples import SampleSet
+from medclf.data.scan import ScanResult, scan, train_copy_flags
+from medclf.data.signatures import NEAR_THRESHOLD
 from medclf.data.sources import fingerprint_files
 from medclf.preprocess import PreprocessSpec, preprocess
 
@@ -111,10 +108,12 @@ def prepare(
     if loaded is None:
         console.print(f"Decoding and preprocessing {len(samples)} samples ({workers} workers)...")
         writer = _TensorWriter.open(folder, len(samples), spec, console) if use_cache else None
-        tensors = None
+        sink: Callable[[int, Any], None]
         if writer is None:
             tensors = np.zeros((len(samples), *spec.input_shape), dtype=np.float16)
-        sink = writer.write if writer is not None else functools.partial(_put_row, tensors)
+            sink = functools.partial(_put_row, tensors)
+        else:
+            sink = writer.write
         try:
             result = scan(
                 samples,

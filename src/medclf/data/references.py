@@ -3,10 +3,10 @@
 Two files travel in every bundle written by training (and by fusion and export, which carry them on):
 
 - ``train_hashes.json``: the sorted sha256 of every training file (exact copies);
-- ``train_signatures.safetensors``: the near-duplicate signature (:func:`medclf.data.audit.image_signature`)
+- ``train_signatures.safetensors``: the near-duplicate signature (:func:`medclf.data.signatures.image_signature`)
   of the image behind each of those hashes, in the same order (near copies: re-encoded, resized).
 
-Signatures are stored as int8, one row of :data:`~medclf.data.audit.SIGNATURE_LEN` bytes per training
+Signatures are stored as int8, one row of :data:`~medclf.data.signatures.SIGNATURE_LEN` bytes per training
 image. A signature is a unit vector whose dot products are correlations, and a correlation does not depend
 on the vector's scale, so each row is scaled to use the full int8 range and no scale needs to be kept:
 reading renormalises the rows to unit length. ``benchmarks/signature_quantisation.py`` measures what the

@@ -51,11 +51,15 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import nibabel as nib
 import numpy as np
 from PIL import Image as PILImage
 from scipy import ndimage as ndi
+
+if TYPE_CHECKING:
+    from nibabel.spatialimages import SpatialImage
 
 __all__ = [
     "BRAIN",
@@ -199,7 +203,7 @@ def _load_uint8(name: str) -> tuple[np.ndarray, np.ndarray]:
             "(which ships the MNI152 2009a template inside its wheel)"
         )
     with resources.as_file(res) as path:
-        img = nib.load(path)
+        img = cast("SpatialImage", nib.load(path))  # typed as any file-based image; NIfTI is spatial
         return np.asarray(img.dataobj, dtype=np.uint8), np.asarray(img.affine)
 
 

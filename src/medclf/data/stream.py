@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import psutil
@@ -130,7 +130,7 @@ class StreamedRows:
         if not array.flags.c_contiguous:
             raise ValueError("StreamedRows needs a C-ordered array")
         self.path = str(filename)
-        self.offset = int(array.offset)
+        self.offset = int(cast(np.memmap, array).offset)
         self.row_shape = tuple(array.shape[1:])
         self.dtype = array.dtype
         self.row_bytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
@@ -162,7 +162,7 @@ class StreamedRows:
         breaks = np.flatnonzero(np.diff(unique) != 1) + 1
         for run in np.split(np.arange(len(unique)), breaks):
             lo, hi = int(run[0]), int(run[-1]) + 1
-            view = memoryview(flat[lo:hi]).cast("B")
+            view = flat[lo:hi].data.cast("B")
             got = os.preadv(self.fd, [view], self.offset + int(unique[lo]) * self.row_bytes)
             if got != len(view):
                 raise OSError(f"{self.path}: short read ({got} of {len(view)} bytes); the cache is damaged")

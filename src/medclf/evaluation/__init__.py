@@ -1,4 +1,4 @@
-"""Evaluation: metrics with bootstrap CIs, figures and the HTML report (pure functions, no I/O of data).
+"""Evaluation: the evaluate runner (bundle + data -> outputs), figures and the HTML report.
 
 Imported lazily (scikit-learn and matplotlib load only when used)::
 
@@ -9,7 +9,8 @@ Imported lazily (scikit-learn and matplotlib load only when used)::
     plot_reliability(y_true, probs, path, n_bins=15) -> Path
     write_report(path, title=..., metrics=..., figures=..., sections=None) -> Path
 
-The orchestration (bundle + dataset split -> outputs) is :func:`medclf.evaluation.runner.evaluate`.
+The orchestration (bundle + dataset split -> outputs) is :func:`medclf.evaluation.runner.evaluate`; the metrics
+themselves live in the lower :mod:`medclf.metrics` (what training scores with), re-exported here by name.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from importlib import import_module
 from typing import Any
 
 _WHERE = {
-    "compute_metrics": "metrics",
-    "expected_calibration_error": "metrics",
-    "plot_roc": "plots",
-    "plot_confusion": "plots",
-    "plot_reliability": "plots",
-    "write_report": "report",
+    "compute_metrics": "medclf.metrics.classification",
+    "expected_calibration_error": "medclf.metrics.classification",
+    "plot_roc": "medclf.evaluation.plots",
+    "plot_confusion": "medclf.evaluation.plots",
+    "plot_reliability": "medclf.evaluation.plots",
+    "write_report": "medclf.evaluation.report",
 }
 
 __all__ = sorted(_WHERE)
@@ -31,7 +32,7 @@ __all__ = sorted(_WHERE)
 
 def __getattr__(name: str) -> Any:
     if name in _WHERE:
-        return getattr(import_module(f"medclf.evaluation.{_WHERE[name]}"), name)
+        return getattr(import_module(_WHERE[name]), name)
     raise AttributeError(f"module 'medclf.evaluation' has no attribute {name!r}")
 
 

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from medclf.evaluation.metrics import _jsonable, expected_calibration_error, weighted_auc
-from medclf.evaluation.resample import (
+from medclf.metrics.classification import _jsonable, expected_calibration_error, weighted_auc
+from medclf.metrics.resample import (
     percentile_intervals,
     resample_weights,
     resampling_units,
@@ -121,8 +121,8 @@ def multilabel_metrics(
             "ece": expected_calibration_error(pos.astype(int), np.stack([1 - p[:, j], p[:, j]], axis=1)),
         }
     summary = {
-        "macro_auc": _mean_or_none([per_label[label_names[j]]["auc"] for j in scorable]),
-        "map": _mean_or_none([per_label[label_names[j]]["ap"] for j in scorable]),
+        "macro_auc": _mean_or_none([per_label[label_names[j]]["auc"] for j in scorable.tolist()]),
+        "map": _mean_or_none([per_label[label_names[j]]["ap"] for j in scorable.tolist()]),
         "micro_auc": _micro_auc(y, p),
         "subset_accuracy": float((pred == (y == 1)).all(axis=1).mean()),
         "hamming_loss": float((pred != (y == 1)).mean()),

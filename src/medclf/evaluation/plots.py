@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from medclf.evaluation.metrics import calibration_bins, expected_calibration_error
+from medclf.metrics.classification import calibration_bins, expected_calibration_error
 
 __all__ = ["plot_confusion", "plot_reliability", "plot_roc", "plot_training_history"]
 
@@ -238,9 +238,9 @@ def _figure(width: float, height: float) -> tuple[Figure, Axes]:
 
 def _style(ax: Axes) -> None:
     ax.tick_params(labelsize=_FONT - 1)
-    ax.xaxis.label.set_size(_FONT)
-    ax.yaxis.label.set_size(_FONT)
-    ax.title.set_size(_FONT + 2)
+    ax.xaxis.label.set_fontsize(_FONT)
+    ax.yaxis.label.set_fontsize(_FONT)
+    ax.title.set_fontsize(_FONT + 2)
 
 
 def _legend(ax: Axes, **kwargs: Any) -> None:

@@ -31,21 +31,21 @@ from rich.console import Console
 from scipy.special import log_softmax, logsumexp
 
 from medclf.bundle import WEIGHTS, Bundle, save_bundle
-from medclf.data.audit import train_copy_matches
 from medclf.data.cache import PreparedData, prepare
 from medclf.data.references import read_train_references
 from medclf.data.samples import SampleSet
+from medclf.data.scan import train_copy_matches
 from medclf.data.sources import load_source
 from medclf.errors import ConfigError, DataError
-from medclf.evaluation.calibration import (
+from medclf.evaluation.classmap import ClassMap, parse_class_map
+from medclf.evaluation.operating import binary_figures, fit_threshold
+from medclf.metrics.calibration import (
     TemperatureFit,
     apply_temperature,
     fit_temperature,
     fit_temperature_by,
     log_probs,
 )
-from medclf.evaluation.classmap import ClassMap, parse_class_map
-from medclf.evaluation.operating import binary_figures, fit_threshold
 from medclf.model_card import MODEL_CARD, model_card
 from medclf.operating_point import METHODS, OperatingPoint
 from medclf.predictor import Predictor, as_predictor
@@ -282,7 +282,7 @@ def fit_grouped_temperature(
     classes of softmax(logits / T)``, for labels that name groups of the model's classes (a class map).
 
     ``membership``: the (classes, groups) 0/1 matrix of :meth:`ClassMap.matrix`. Same bounds and degenerate
-    cases as :func:`~medclf.evaluation.calibration.fit_temperature`."""
+    cases as :func:`~medclf.metrics.calibration.fit_temperature`."""
     z = np.asarray(logits, dtype=np.float64)
     y = np.asarray(group_labels, dtype=np.int64)
     member = np.asarray(membership, dtype=bool).T[y]  # (N, classes): the classes of each sample's group

@@ -90,7 +90,7 @@ def write_report(
 ) -> Path:
     """Write the HTML report to ``path`` and return it.
 
-    ``metrics``: a :func:`~medclf.evaluation.metrics.compute_metrics` dict, optionally with ``split``,
+    ``metrics``: a :func:`~medclf.metrics.classification.compute_metrics` dict, optionally with ``split``,
     ``protocol``, ``n_removed_duplicates``, ``n_unreadable`` and ``all_samples`` (a second metrics dict
     on the whole split). ``figures``: caption -> image file, embedded. ``sections``: heading -> text,
     a dict (shown as a key/value table) or a list of dicts (shown as a table), in order.

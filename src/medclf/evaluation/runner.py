@@ -1,7 +1,7 @@
 """``medclf evaluate``: a bundle on a dataset split -> metrics.json, predictions.csv, plots, report.html.
 
 Headline figures leave out every sample of the split that copies a training sample (exact bytes, or the
-same picture re-encoded/resized: see :mod:`medclf.data.audit`); the same figures on the whole split, as
+same picture re-encoded/resized: see :mod:`medclf.data.signatures`); the same figures on the whole split, as
 published protocols compute them, are kept under ``all_samples``.
 """
 
@@ -18,18 +18,18 @@ import numpy as np
 from rich.console import Console
 
 from medclf.bundle import Bundle
-from medclf.data.audit import train_copy_matches
 from medclf.data.cache import prepare
 from medclf.data.references import read_train_references
 from medclf.data.samples import SampleSet
+from medclf.data.scan import train_copy_matches
 from medclf.data.sources import load_source
 from medclf.errors import ConfigError, DataError
 from medclf.evaluation.classmap import ClassMap, parse_class_map
-from medclf.evaluation.metrics import compute_metrics, expected_calibration_error
-from medclf.evaluation.ordinal import ordinal_metrics
 from medclf.evaluation.plots import plot_augmentation_gallery, plot_confusion, plot_reliability, plot_roc
 from medclf.evaluation.report import write_report
 from medclf.evaluation.subgroups import MIN_GROUP_N
+from medclf.metrics.classification import compute_metrics, expected_calibration_error
+from medclf.metrics.ordinal import ordinal_metrics
 from medclf.operating_point import OperatingPoint
 from medclf.predictor import Predictor, as_predictor
 from medclf.tta import describe as describe_tta
@@ -388,7 +388,7 @@ def write_evaluation(
     return metrics
 
 
-def _grading(b: Bundle, samples: SampleSet, cmap: ClassMap | None) -> str | None:
+def _grading(b: Predictor, samples: SampleSet, cmap: ClassMap | None) -> str | None:
     """How to score grades: an ordinal bundle by its median grade, a multi-class one on graded data by its
     argmax; None when the classes are not grades (or are regrouped by a class map)."""
     if cmap is not None:

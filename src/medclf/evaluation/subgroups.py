@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from medclf.evaluation.metrics import _jsonable, weighted_auc
-from medclf.evaluation.resample import resample_weights, resampling_units
+from medclf.metrics.classification import _jsonable, weighted_auc
+from medclf.metrics.resample import resample_weights, resampling_units
 
 __all__ = [
     "ALPHA",
@@ -139,6 +139,7 @@ def subgroup_analysis(
     )
     overall, _ = a.summarise(np.arange(len(y)), "all", False)
     names = sorted(set(group_of), key=lambda g: (-int((labels == g).sum()), g))
+    tests: list[dict[str, Any]]
     entries, tests = [], []
     for g in names:
         rows = np.flatnonzero(labels == g)

@@ -381,7 +381,8 @@ def _check_pixel_length(ds: Dataset, hdr: _Header, tsuid: UID, path: Path, size:
     elif tsuid.is_deflated:
         available = declared  # offsets refer to the inflated stream: the file size says nothing
     else:
-        available = min(declared, size - int(elem.value_tell))
+        # A deferred raw element (get_item returns one; its stub says a DataElement, which has no offset).
+        available = min(declared, size - int(elem.value_tell))  # type: ignore[attr-defined]
     layout = f"{hdr.frames} frame(s) of {hdr.rows} x {hdr.cols} x {hdr.samples} at {hdr.bits_allocated} bits"
     if declared < expected:
         # The element is whole but too short: Rows, Columns, frames or BitsAllocated do not match it.

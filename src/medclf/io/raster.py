@@ -197,8 +197,9 @@ def _grey_of_rgb_page(page: PILImage.Image, tolerance: float) -> np.ndarray | No
     and channel sum run on uint8/uint16 in Pillow and numpy instead of three float32 planes."""
     r, g, b = page.split()
     if (
+        # One band: getextrema() is (min, max); its stub also allows the per-band pairs of a multi-band image.
         max(ImageChops.difference(r, g).getextrema()[1], ImageChops.difference(g, b).getextrema()[1])
-        > tolerance
+        > tolerance  # type: ignore[operator]
     ):
         return None
     if tolerance <= 0:

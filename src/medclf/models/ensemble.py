@@ -39,6 +39,8 @@ class Ensemble(nn.Module):
     """Fused members; see the module docstring. ``members``: one dict per member with ``arch``,
     ``kwargs``, ``in_channels``, ``n_classes``, ``spatial_dims``, ``size`` and ``temperature``."""
 
+    weights: torch.Tensor  # a registered buffer (methods other than stacking)
+
     def __init__(
         self,
         in_channels: int,

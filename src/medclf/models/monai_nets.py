@@ -6,6 +6,8 @@ that never build one of these networks (a compact model's predict, serve, audit)
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from medclf.models.registry import register_model
@@ -17,7 +19,7 @@ def _resnet(
     depth: int, in_channels: int, n_classes: int, spatial_dims: int, small_input: bool = False
 ) -> nn.Module:
     # Small inputs (MedMNIST's 28-64 px) lose everything to a 7x7/2 stem plus max-pool: use 3x3/1, no pool.
-    stem = (
+    stem: dict[str, Any] = (
         {"conv1_t_size": 3, "conv1_t_stride": 1, "no_max_pool": True}
         if small_input
         else {"conv1_t_size": 7, "conv1_t_stride": 2, "no_max_pool": False}

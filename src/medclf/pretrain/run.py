@@ -138,7 +138,8 @@ def pretrain(
     if state is not None:
         from medclf.preprocess import PreprocessSpec
 
-        spec, arch_kwargs, reasons = PreprocessSpec.from_dict(state["spec"]), state["arch_kwargs"], []
+        reasons: list[str] = []
+        spec, arch_kwargs = PreprocessSpec.from_dict(state["spec"]), state["arch_kwargs"]
     else:
         spec, arch_kwargs, reasons = plan_input(sets[0], arch=cfg.arch, size=cfg.size, seed=cfg.seed)
     data_ = prepare_sources(

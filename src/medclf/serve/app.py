@@ -53,6 +53,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Message
 
 from medclf._version import __version__
 from medclf.bundle import Bundle
@@ -271,7 +272,7 @@ class Service:
         received = 0
         receive = request.receive
 
-        async def capped_receive() -> dict[str, Any]:
+        async def capped_receive() -> Message:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))

@@ -65,14 +65,13 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import UID, AllTransferSyntaxes
-from pynetdicom import AE, evt
-from pynetdicom import sop_class as sop
+from pynetdicom import AE, evt, sop_class
 from pynetdicom.transport import ThreadedAssociationServer
 
 from medclf.errors import ConfigError, InputRejected
@@ -81,9 +80,14 @@ from medclf.predictor import Predictor, as_predictor
 from medclf.serve.sr import build_sr
 
 if TYPE_CHECKING:
-    from pynetdicom.events import Event
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.events import Event, EventHandlerType
 
     from medclf.bundle import Bundle
+
+# pynetdicom creates its SOP class constants at import time from a table (globals()), which no type checker
+# sees: looked up untyped.
+sop: Any = sop_class
 
 __all__ = [
     "ACCEPTED_STORAGE",
@@ -321,7 +325,8 @@ class _NodeAE(AE):
         self._gate = gate
 
     def make_server(self, address: Any, *args: Any, server_class: Any = None, **kwargs: Any) -> Any:
-        return super().make_server(address, *args, server_class=_GatedServer, gate=self._gate, **kwargs)
+        # pynetdicom passes everything after the address by keyword, so *args never holds a server_class.
+        return super().make_server(address, *args, server_class=_GatedServer, gate=self._gate, **kwargs)  # type: ignore[misc]
 
 
 class DicomNode:
@@ -367,14 +372,14 @@ class DicomNode:
         for name, value in (("max_associations", max_associations), ("max_per_peer", max_per_peer)):
             if int(value) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1, not {value}")
-        for name, value in (
+        for name, seconds in (
             ("acse_timeout", acse_timeout),
             ("dimse_timeout", dimse_timeout),
             ("idle_timeout", idle_timeout),
         ):
-            if not float(value) > 0:
+            if not float(seconds) > 0:
                 raise ConfigError(
-                    f"{name.replace('_', '-')} must be a positive number of seconds, not {value}"
+                    f"{name.replace('_', '-')} must be a positive number of seconds, not {seconds}"
                 )
         networks = [_network(h) for h in allowed_hosts]
         if not networks and not _is_loopback(host):
@@ -421,7 +426,7 @@ class DicomNode:
     def start(self) -> DicomNode:
         """Start listening in background threads; returns ``self``."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        handlers = [
+        handlers: list[EventHandlerType] = [
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_C_ECHO, self._handle_echo),
             (evt.EVT_ACCEPTED, self._log_rejected_contexts),
@@ -473,6 +478,7 @@ class DicomNode:
     def _log_rejected_association(self, event: Event) -> None:
         requestor = event.assoc.requestor
         reply = event.assoc.acceptor.primitive
+        diagnosis: tuple[Any, Any]
         diagnosis = (getattr(reply, "result_source", None), getattr(reply, "diagnostic", None))
         called = _lo(str(getattr(requestor.primitive, "called_ae_title", "") or "").strip())
         reason = {
@@ -522,7 +528,8 @@ class DicomNode:
                 )
             else:
                 why = {0x01: "rejected by the user", 0x02: "no reason given"}.get(
-                    cx.result, f"result {cx.result}"
+                    cx.result,  # type: ignore[arg-type]  # dict.get takes any key; typeshed wants an int
+                    f"result {cx.result}",
                 )
             groups.setdefault(why, [])
             if name not in groups[why]:
@@ -546,7 +553,8 @@ class DicomNode:
         that UID gets a failure (``duplicate_uid``) and a log line. The first result stands either way."""
         started = time.perf_counter()
         calling = _calling_ae(event)
-        uid = _lo(str(event.request.AffectedSOPInstanceUID or ""))  # printable only: it goes to the log
+        request = cast("C_STORE", event.request)  # the handler of C-STORE requests
+        uid = _lo(str(request.AffectedSOPInstanceUID or ""))  # printable only: it goes to the log
         try:
             result = self._classify_and_write(event, calling, started)
         except InputRejected as exc:
@@ -580,7 +588,7 @@ class DicomNode:
         return _status(SUCCESS)
 
     def _classify_and_write(self, event: Event, calling: str, started: float) -> dict[str, Any]:
-        request = event.request
+        request = cast("C_STORE", event.request)  # the handler of C-STORE requests
         uid = _safe_uid(request.AffectedSOPInstanceUID, "the Affected SOP Instance UID")
         fd, tmp_name = tempfile.mkstemp(prefix="medclf-cstore-", suffix=".dcm")
         tmp = Path(tmp_name)
@@ -602,7 +610,7 @@ class DicomNode:
             raise InputRejected(prediction["error"], reason=prediction.get("reason", "invalid"))
         now = dt.datetime.now(dt.timezone.utc)
         sr = build_sr(header, prediction, self.bundle, now=now, observer_name=self.ae_title)
-        result = {
+        result: dict[str, Any] = {
             "sop_instance_uid": source.instance,
             "series_instance_uid": source.series,
             "study_instance_uid": source.study,

@@ -209,8 +209,9 @@ def build_sr(
     sr.SpecificCharacterSet = "ISO_IR 192"
     sr.ManufacturerModelName = _lo(f"{bundle.arch} {bundle.sha256[:12]}")
     sr.SoftwareVersions = __version__
-    sr.InstanceCreationDate = sr.ContentDate = sr.SeriesDate = now.strftime("%Y%m%d")
-    sr.InstanceCreationTime = sr.ContentTime = sr.SeriesTime = now.strftime("%H%M%S.%f")
+    # pydicom takes DA/TM values as text; its keyword stubs accept only DA/TM objects.
+    sr.InstanceCreationDate = sr.ContentDate = sr.SeriesDate = now.strftime("%Y%m%d")  # type: ignore[assignment]
+    sr.InstanceCreationTime = sr.ContentTime = sr.SeriesTime = now.strftime("%H%M%S.%f")  # type: ignore[assignment]
     sr.TimezoneOffsetFromUTC = now.strftime("%z") or "+0000"
     if SCHEME in _designators(sr):  # declared where used (a declaration alone draws dciodvfy's warning)
         scheme = Dataset()
@@ -394,7 +395,7 @@ def _without_descriptors(header: Dataset) -> Dataset:
 
 def _designators(ds: Dataset) -> set[str]:
     """The coding scheme designators of every code in ``ds``'s content tree."""
-    found = set()
+    found: set[str] = set()
     for item in ds.get("ContentSequence", []):
         for keyword in ("ConceptNameCodeSequence", "ConceptCodeSequence"):
             found.update(str(code.CodingSchemeDesignator) for code in item.get(keyword, []))

@@ -108,6 +108,7 @@ class TrainConfig:
         return TrainConfig(**kw)
 
     def overrides(self) -> dict[str, Any]:
+        keys: tuple[str, ...]
         keys = ("arch", "size", "epochs", "batch_size", "lr", "augment", "denoise", "patience", "amp", "ema")
         keys += ("slices_as_channels", "mix", "mix_alpha")
         d = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}

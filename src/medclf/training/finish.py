@@ -14,9 +14,9 @@ from medclf import augment as augment_mod
 from medclf import sanity
 from medclf.bundle import save_bundle
 from medclf.data.references import TRAIN_SIGNATURES, aligned_signatures, pack_signatures
-from medclf.evaluation.calibration import apply_temperature, fit_temperature_from_probs, log_probs
-from medclf.evaluation.metrics import compute_metrics
-from medclf.evaluation.ordinal import ordinal_metrics
+from medclf.metrics.calibration import apply_temperature, fit_temperature_from_probs, log_probs
+from medclf.metrics.classification import compute_metrics
+from medclf.metrics.ordinal import ordinal_metrics
 from medclf.model_card import MODEL_CARD, model_card
 from medclf.ood import OOD_FILE
 from medclf.training.config import TrainResult

@@ -24,6 +24,7 @@ from torch import nn
 
 from medclf import threads as threads_mod
 from medclf.budget import Budget, epoch_pace
+from medclf.data.stream import StreamedRows
 from medclf.distributed import DistContext
 from medclf.errors import ConfigError
 from medclf.planner import Plan
@@ -161,6 +162,8 @@ class Loop:
         """One epoch of training steps; the mean training loss."""
         # Frozen layers (and, while probing, the whole backbone) keep their batch-norm statistics too.
         self.freeze_schedule.train_mode()
+        total: float | torch.Tensor  # a tensor once a step has run (summed on the device)
+        count: float
         total, count, skipped = 0.0, 0, 0
         for x, y in self.rows.batches(self.epoch, self.gen):
             x = x.to(self.device, non_blocking=True)
@@ -214,7 +217,7 @@ class Loop:
         return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, model: nn.Module) -> np.ndarray:
+    def predict(self, x: torch.Tensor | StreamedRows, model: nn.Module) -> np.ndarray:
         model.eval()
         out = []
         step = self.rows.eval_batch or 256

@@ -36,7 +36,8 @@ def build_network(
         ids = [torch.device(device).index] if device.startswith("cuda") else None
         wrapped = DistributedDataParallel(model, device_ids=ids)
     if compile:
-        wrapped = torch.compile(wrapped)
+        # torch.compile(module) returns an OptimizedModule (a Module); its stub only says "a callable".
+        wrapped = torch.compile(wrapped)  # type: ignore[assignment]
     return model, frozen, wrapped
 
 
@@ -49,7 +50,8 @@ def memory_format(plan: Plan) -> torch.memory_format | None:
 
 def to_device(model: nn.Module, device: str, fmt: torch.memory_format | None) -> nn.Module:
     model = model.to(device)
-    return model.to(memory_format=fmt) if fmt is not None else model
+    # torch's stub of Module.to lacks its memory_format keyword.
+    return model.to(memory_format=fmt) if fmt is not None else model  # type: ignore[call-overload]
 
 
 def load_transfer_weights(model: nn.Module, plan: Plan, classes: list[str], console: Console) -> None:

@@ -41,9 +41,9 @@ def _features(
     rows = StreamedRows(tensors, idx)
     feats, stats = [], []
     for start in range(0, len(idx), batch_size):
-        x = rows[start : start + batch_size]
-        feats.append(penultimate_features(model, x, batch_size=batch_size))
-        stats.append(input_statistics(x))
+        batch = rows[start : start + batch_size]
+        feats.append(penultimate_features(model, batch, batch_size=batch_size))
+        stats.append(input_statistics(batch))
     if not feats:
         return penultimate_features(model, rows[0:0]), input_statistics(rows[0:0])
     return np.concatenate(feats), np.concatenate(stats)

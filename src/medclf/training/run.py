@@ -94,7 +94,7 @@ def train_one(
     (benchmarks use it to record test scores against wall time; it never influences training).
     ``val_fold=(k, K)`` validates on fold ``k`` of ``K`` of the training split instead of a random
     fraction (K-fold bagging: :func:`medclf.folds.train_folds`). The bundle's temperature is
-    fitted on the validation predictions of the selected model (:mod:`medclf.evaluation.calibration`).
+    fitted on the validation predictions of the selected model (:mod:`medclf.metrics.calibration`).
 
     ``budget`` (default: ``config.time_budget`` from now) is the clock everything here draws on: planning,
     decoding, the epochs, the OOD fit and writing the bundle. ``base_plan`` skips planning and trains that

@@ -3,7 +3,7 @@
 A resample is a row of weights: how many times each sample was drawn. Drawing patients instead of images
 keeps a patient's images together, as the data were collected (several images of one patient are not
 independent evidence). Metrics are then weighted sums (accuracy, confusion matrices) or one sort per score
-column (:func:`medclf.evaluation.metrics.weighted_auc`, :func:`weighted_average_precision`).
+column (:func:`medclf.metrics.classification.weighted_auc`, :func:`weighted_average_precision`).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
-from medclf.evaluation.metrics import expected_calibration_error
+from medclf.metrics.classification import expected_calibration_error
 
 __all__ = [
     "TemperatureFit",

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import cohen_kappa_score, confusion_matrix, roc_auc_score
 
-from medclf.evaluation.metrics import _jsonable, weighted_auc
-from medclf.evaluation.resample import percentile_intervals, resample_weights, resampling_units
+from medclf.metrics.classification import _jsonable, weighted_auc
+from medclf.metrics.resample import percentile_intervals, resample_weights, resampling_units
 from medclf.models.tasks import median_grade
 
 __all__ = ["ordinal_metrics"]
