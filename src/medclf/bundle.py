@@ -8,7 +8,9 @@ Layout::
       model.safetensors    weights (safetensors: no pickle, no code execution on load)
       ...                  optional: report.html, MODEL_CARD.md, train_hashes.json, model.onnx
 
-Loading checks every hash and refuses any mismatch. Writing is atomic: the new bundle is assembled in a
+Loading checks every hash and refuses any mismatch, then checks bundle.json against the manifest's JSON
+Schema (:mod:`medclf.manifest`: typed sections, ``manifest_version``) and refuses, in one line naming the
+field, a manifest that does not fit. Writing is atomic: the new bundle is assembled in a
 temporary sibling folder and swapped in with one rename, so a crash never leaves half a bundle that looks
 whole, and the previous bundle survives until the new one is complete.
 
@@ -56,6 +58,7 @@ from torch import nn
 
 from medclf._version import __version__
 from medclf.errors import BundleError, ConfigError, MedclfError
+from medclf.manifest import MANIFEST_VERSION, Manifest, ManifestInvalid, check_manifest
 from medclf.models import create_model
 from medclf.preprocess import PreprocessSpec
 from medclf.signing import (
@@ -173,7 +176,7 @@ class Bundle:
 
     @property
     def temperature(self) -> float:
-        return float(self.manifest.get("calibration", {}).get("temperature", 1.0))
+        return Manifest.from_dict(self.manifest).temperature
 
     def file(self, name: str) -> Path:
         if name not in self.manifest.get("files", {}):
@@ -221,7 +224,8 @@ def save_bundle(
     """Write a bundle atomically to ``out`` and return its path.
 
     ``manifest`` must hold at least ``model`` (arch, in_channels, n_classes, spatial_dims, kwargs),
-    ``classes`` and ``preprocess``; format, version, dates, package versions and hashes are added here.
+    ``classes`` and ``preprocess``; format, versions, dates, package versions and hashes are added here,
+    and the result must fit :data:`medclf.manifest.SCHEMA` (a ``ValueError`` naming the field otherwise).
     ``extra_files`` maps file names to contents (bytes/str) or to existing files to copy; ``writers`` maps
     file names to callables that write that file given its destination path.
     """
@@ -250,12 +254,15 @@ def save_bundle(
         full.update(
             format=FORMAT,
             format_version=FORMAT_VERSION,
+            manifest_version=MANIFEST_VERSION,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             versions=package_versions(),
             files={p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.name != MANIFEST},
             self_sha256=_SELF_PLACEHOLDER,
         )
-        (tmp / MANIFEST).write_bytes(_seal(full))
+        sealed = _seal(full)
+        check_manifest(json.loads(sealed))  # as load_bundle will: a writer's bug fails here, not later
+        (tmp / MANIFEST).write_bytes(sealed)
         for p in tmp.iterdir():
             _fsync(p)
         _fsync(tmp)
@@ -463,6 +470,10 @@ def _parse_manifest(raw: bytes, label: str) -> dict[str, Any]:
             raise BundleError(f"{label}: {MANIFEST} must not list {name}")
         if not isinstance(digest, str) or len(digest) != 64:
             raise BundleError(f"{label}: integrity check failed: {MANIFEST} has no sha256 for {name}")
+    try:
+        check_manifest(manifest)
+    except ManifestInvalid as exc:
+        raise BundleError(f"{label}: refused: {MANIFEST}'s {exc}") from None
     return manifest
 
 

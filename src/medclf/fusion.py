@@ -32,8 +32,8 @@ from medclf.data.references import TRAIN_SIGNATURES, aligned_signatures, pack_si
 from medclf.data.samples import SampleSet
 from medclf.data.scan import train_copy_flags
 from medclf.data.sources import load_source
-from medclf.data.splits import ensure_validation, fold_split
 from medclf.errors import BundleError, ConfigError, DataError
+from medclf.manifest import Manifest
 from medclf.metrics.calibration import MIN_SAMPLES, TemperatureFit, apply_temperature, fit_temperature
 from medclf.metrics.classification import compute_metrics, expected_calibration_error
 from medclf.model_card import MODEL_CARD, model_card
@@ -275,17 +275,10 @@ def ensemble(
 
 def member_validation_splits(samples: SampleSet, bundle: Bundle) -> list[str]:
     """The splits ``bundle`` was trained with, rebuilt from the seed and fraction (or fold) in its recipe."""
-    recipe = bundle.manifest.get("recipe", {})
-    if recipe.get("kind") == "ensemble":
+    recipe = Manifest.from_dict(bundle.manifest).recipe
+    if recipe.is_ensemble:
         raise ConfigError(f"{bundle.path}: is an ensemble; fuse its members instead of nesting ensembles")
-    # The split's seed (members of seed bagging share one split while their training seeds differ).
-    seed = int(recipe.get("split_seed", recipe.get("seed", 0)))
-    fold = recipe.get("val_fold")
-    if fold:
-        rebuilt = fold_split(samples, int(fold[0]), int(fold[1]), seed=seed)
-    else:
-        rebuilt = ensure_validation(samples, fraction=float(recipe.get("val_fraction", 0.15)), seed=seed)
-    return list(rebuilt.splits)
+    return list(recipe.rebuild_splits(samples).splits)
 
 
 def fit_weights(true_class_probs: np.ndarray) -> np.ndarray:
@@ -398,7 +391,7 @@ def _check_compatible(members: list[Bundle]) -> None:
 
 
 def _task(b: Bundle) -> str:
-    return str(b.manifest.get("task", "multiclass"))  # bundles before task types were multi-class
+    return Manifest.from_dict(b.manifest).task
 
 
 def _ensemble_kwargs(members: list[Bundle], method: str) -> dict[str, Any]:

@@ -67,6 +67,8 @@ import numpy as np
 from scipy import ndimage, stats
 from skimage.feature import graycomatrix, hog, local_binary_pattern
 
+from medclf.data.samples import DEFAULT_VAL_FRACTION  # light: no torch, no scikit-learn
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -554,7 +556,7 @@ def run_baseline(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     console: Console | None = None,
-    val_fraction: float = 0.15,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
 ) -> dict[str, Any]:
     """Features + classical classifiers on ``data``; writes the ``evaluate`` outputs and ``baseline.json``
     to ``out`` and returns the test metrics with a ``baseline`` key (selection table, features, times)."""

@@ -13,13 +13,10 @@ from medclf.bundle import Bundle
 from medclf.data.cache import PreparedData, prepare
 from medclf.data.samples import SampleSet
 from medclf.data.sources import load_source
-from medclf.data.splits import ensure_validation, fold_split
 from medclf.errors import DataError
+from medclf.manifest import Manifest
 from medclf.metrics.classification import compute_metrics
 from medclf.predictor import Predictor
-
-# training.TrainConfig's default, for bundles whose recipe does not record the fraction.
-VAL_FRACTION = 0.15
 
 
 @dataclass
@@ -76,15 +73,7 @@ def load_training_data(
             f"{data}: its classes {samples.classes} are not the bundle's {bundle.classes}; "
             "give the data the bundle was trained on"
         )
-    recipe = bundle.manifest.get("recipe", {})
-    seed = recipe.get("split_seed")
-    seed = int(recipe.get("seed", 0) if seed is None else seed)
-    if recipe.get("val_fold"):
-        samples = fold_split(samples, *recipe["val_fold"], seed=seed)
-    else:
-        samples = ensure_validation(
-            samples, fraction=float(recipe.get("val_fraction", VAL_FRACTION)), seed=seed
-        )
+    samples = Manifest.from_dict(bundle.manifest).recipe.rebuild_splits(samples)
     prepared = prepare(
         samples, bundle.spec, cache_dir=cache_dir, workers=workers, progress=progress, console=console
     )

@@ -12,6 +12,9 @@ import numpy as np
 from medclf.io import Image, image_from_array, read_image
 from medclf.io.guard import check_file
 
+# The share of the training split carved off for validation when a dataset has no validation split.
+DEFAULT_VAL_FRACTION = 0.15
+
 SPLITS = ("train", "val", "test")
 # What one label means: one class among K (unordered), or a grade 0..K-1 (ordered: grade 3 is closer to 4
 # than to 0). Multi-label findings are planned (issue 22) and refused at the source until the whole path

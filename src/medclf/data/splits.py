@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, StratifiedShuffleSplit
 
-from medclf.data.samples import SampleSet
+from medclf.data.samples import DEFAULT_VAL_FRACTION, SampleSet
 from medclf.errors import DataError
 
 
-def ensure_validation(samples: SampleSet, *, fraction: float = 0.15, seed: int = 0) -> SampleSet:
+def ensure_validation(
+    samples: SampleSet, *, fraction: float = DEFAULT_VAL_FRACTION, seed: int = 0
+) -> SampleSet:
     """Return ``samples`` with a ``val`` split, carving one from ``train`` when the source has none.
 
     Stratified by class so rare classes appear in validation; when patient ids exist, all samples of a

@@ -12,6 +12,7 @@ import torch
 
 from medclf import augment as augment_mod
 from medclf.budget import parse_duration
+from medclf.data.samples import DEFAULT_VAL_FRACTION
 from medclf.errors import ConfigError
 from medclf.mitigation import check_mode as check_mitigation_mode
 from medclf.planner import Plan
@@ -33,7 +34,7 @@ class TrainConfig:
     time_budget: float = 600.0
     augment: str | None = None
     denoise: str | None = None
-    val_fraction: float = 0.15
+    val_fraction: float = DEFAULT_VAL_FRACTION
     patience: int | None = None
     amp: str = "auto"
     ema: bool = True
