@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     shortcuts = report.get("shortcuts") or {}
     result: dict[str, Any] = {
         "command": "python benchmarks/audit_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu(),
         "data": str(args.data),
         "seconds": round(seconds, 1),

@@ -168,7 +168,7 @@ def main() -> None:
             node.terminate()
             node.wait(timeout=30)
     report = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "machine": platform.platform(),
         "cpu": cpu_info(),
         "command": " ".join(["benchmarks/dicom_lockout.py", *sys.argv[1:]]),

@@ -142,7 +142,7 @@ def main() -> None:
 
     summary = {
         "command": "python benchmarks/external_validation.py " + " ".join(sys.argv[1:]),
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu(),
         "bundle": args.bundle,
         "data": args.data,

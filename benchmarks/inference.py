@@ -363,7 +363,7 @@ def main() -> None:
         "name": args.name,
         "bundle": str(args.bundle),
         "data": str(args.data),
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": {**machine(), "ort_threads": ort_threads()},
         "command": " ".join(["python", "benchmarks/inference.py", *sys.argv[1:]]),
         "jpeg_inputs": [str(p) for p in jpegs[:3]]

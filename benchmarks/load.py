@@ -246,7 +246,7 @@ def main() -> None:
     report = {
         "benchmark": "medclf serve load test (POST /v1/predict, raw PNG body, loopback)",
         "command": " ".join(["python benchmarks/load.py", *sys.argv[1:]]),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "machine": {
             "cpu": cpu_name(),
             "cpus_usable": len(os.sched_getaffinity(0))

@@ -226,7 +226,7 @@ def main() -> None:
         "datasets_missing": [n for n in DATASETS if not (SHARED / DATASETS[n][1]).exists()],
         "command": " ".join(["python benchmarks/ood.py", *sys.argv[1:]]),
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

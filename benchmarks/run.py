@@ -366,7 +366,7 @@ def run_row(name: str, method: str, out_root: Path, seed: int) -> dict[str, Any]
     row["all_samples"] = {k: metrics["all_samples"].get(k) for k in ("n", "accuracy", "auc", "ci")}
     row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     row["machine"] = machine()
-    row["date"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    row["date"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     row["medclf_version"] = medclf.__version__
     row["seed"] = seed
     return row

@@ -123,12 +123,14 @@ def adapted_aucs(bundle: Any, data: Path) -> list[tuple[str, float, float, int]]
     import torch
 
     from medclf.data.cache import prepare
+    from medclf.data.references import read_train_references
     from medclf.data.sources import load_source
-    from medclf.evaluation.runner import _bundle_train_hashes, _map_labels
+    from medclf.evaluation.runner import _map_labels
 
     samples = load_source(data, default_split="test")
     labels = _map_labels(samples, bundle.classes, data)
-    prepared = prepare(samples, bundle.spec, progress=False, extra_train_hashes=_bundle_train_hashes(bundle))
+    train_hashes = set(read_train_references(bundle.path, bundle.manifest.get("files", {})).hashes)
+    prepared = prepare(samples, bundle.spec, progress=False, extra_train_hashes=train_hashes)
     split_of = np.array(samples.splits)
 
     def positive_probs(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:

@@ -255,7 +255,7 @@ def save_bundle(
             format=FORMAT,
             format_version=FORMAT_VERSION,
             manifest_version=MANIFEST_VERSION,
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             versions=package_versions(),
             files={p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.name != MANIFEST},
             self_sha256=_SELF_PLACEHOLDER,

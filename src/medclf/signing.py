@@ -74,7 +74,7 @@ def sign(
     """One signature entry (as stored in ``signatures.json``) over ``bundle_sha256``."""
     _check_sha256(bundle_sha256)
     signer = _check_signer(signer)
-    signed_at = signed_at or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    signed_at = signed_at or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     public_key = base64.b64encode(_raw(private_key.public_key())).decode()
     msg = message(bundle_sha256=bundle_sha256, signer=signer, signed_at=signed_at, public_key=public_key)
     return {

@@ -366,7 +366,7 @@ class Service:
 
             try:
                 return await asyncio.wait_for(work(), timeout=self.settings.request_timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 limit = self.settings.request_timeout_s
                 if stage == "upload":
                     raise ServeError(

@@ -108,7 +108,7 @@ class AuditLog:
 
     def record(self, rec: AuditRecord) -> Future[None]:
         if not rec.time:
-            rec.time = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+            rec.time = _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
         done: Future[None] = Future()
         self._queue.put((rec, done))
         return done

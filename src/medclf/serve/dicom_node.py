@@ -608,7 +608,7 @@ class DicomNode:
             (prediction,) = self.bundle.predict([image])
         if "error" in prediction:
             raise InputRejected(prediction["error"], reason=prediction.get("reason", "invalid"))
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         sr = build_sr(header, prediction, self.bundle, now=now, observer_name=self.ae_title)
         result: dict[str, Any] = {
             "sop_instance_uid": source.instance,

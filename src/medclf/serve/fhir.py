@@ -118,7 +118,7 @@ def diagnostic_report(
     ``overlay_png``: a heatmap overlay to attach as the report's ``presentedForm``."""
     from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 
-    issued = issued or dt.datetime.now(dt.timezone.utc)
+    issued = issued or dt.datetime.now(dt.UTC)
     when = issued.isoformat(timespec="milliseconds")
     device_ref = {"reference": "#model", "display": algorithm_name(bundle)}
     common = {

@@ -146,7 +146,7 @@ def build_sr(
     Instance UID derived from the source series and the model, so all reports of one model about one
     series share an SR series. Raises :class:`InputRejected` when the source's UIDs are not valid UIDs.
     """
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     evidence = _evidence_header(source)
     algorithm = hd.sr.AlgorithmIdentification(
         name=algorithm_name(bundle),
