@@ -14,9 +14,8 @@ from medclf.io.guard import check_file
 
 SPLITS = ("train", "val", "test")
 # What one label means: one class among K (unordered), or a grade 0..K-1 (ordered: grade 3 is closer to 4
-# than to 0). Multi-label findings are planned (issue 22) and refused at the source until the whole path
-# supports them.
-TASKS = ("multiclass", "ordinal")
+# than to 0), or any number of findings per image (multi-label: ``labels`` is then an (N, K) 0/1 matrix).
+TASKS = ("multiclass", "ordinal", "multilabel")
 
 
 @dataclass
@@ -25,7 +24,8 @@ class SampleSet:
 
     ``refs`` are file paths, or ``"<split>/<index>"`` for samples held in a ``.npz`` array (then
     ``arrays`` maps the npz split name to its image array). ``labels`` index into ``classes`` (-1 when
-    unknown). ``splits`` is one of :data:`SPLITS` per sample. ``patient_ids`` group samples that must never
+    unknown); for ``task="multilabel"`` they are an (N, K) multi-hot matrix over ``classes`` (the findings; a
+    row of zeros: no finding; a row of -1: unknown). ``splits`` is one of :data:`SPLITS` per sample. ``patient_ids`` group samples that must never
     be separated by a split (``None`` when the source has no ids). ``metadata`` holds a manifest's other
     columns (site, scanner, sex, ...), one string per sample (``""`` when blank), for subgroup evaluation and
     the shortcut audit.
@@ -48,6 +48,13 @@ class SampleSet:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         self.labels = np.asarray(self.labels, dtype=np.int64)
+        want_dims = 2 if self.task == "multilabel" else 1
+        if self.labels.ndim != want_dims and len(self.labels):
+            raise ValueError(
+                f"{self.task} labels must have {want_dims} dimension(s), got {self.labels.shape}"
+            )
+        if self.task == "multilabel":
+            self.labels = self.labels.reshape(len(self.labels), len(self.classes))
         n = len(self.refs)
         if not (len(self.labels) == len(self.splits) == len(self.patient_ids) == n):
             raise ValueError("refs, labels, splits and patient_ids must have the same length")
@@ -111,8 +118,17 @@ class SampleSet:
     def with_splits(self, splits: Sequence[str]) -> SampleSet:
         return replace(self, splits=list(splits))
 
+    @property
+    def known(self) -> np.ndarray:
+        """(N,) mask of the samples whose label is known."""
+        return (self.labels >= 0).all(axis=1) if self.labels.ndim == 2 else self.labels >= 0
+
     def class_counts(self, split: str | None = None) -> dict[str, int]:
+        """Samples per class (multi-label: images showing each finding)."""
         mask = np.ones(len(self), bool) if split is None else np.array([s == split for s in self.splits])
+        if self.labels.ndim == 2:
+            counts = self.labels[mask & self.known].sum(axis=0) if len(self) else np.zeros(len(self.classes))
+            return {c: int(n) for c, n in zip(self.classes, counts, strict=True)}
         counts = np.bincount(self.labels[mask & (self.labels >= 0)], minlength=len(self.classes))
         return {c: int(n) for c, n in zip(self.classes, counts, strict=True)}
 

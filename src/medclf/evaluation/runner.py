@@ -60,6 +60,7 @@ def evaluate(
     class_map: str | Mapping[str, Sequence[str]] | ClassMap | None = None,
     operating_point: bool | None = None,
     min_group_n: int = MIN_GROUP_N,
+    manifest: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``bundle`` on ``split`` of ``data``; write the outputs to ``out`` and return the metrics.
 
@@ -81,7 +82,7 @@ def evaluate(
     b = as_predictor(bundle)
     engine = b.engine(engine)
     views = b.tta_views(tta)
-    samples = load_source(data, default_split="test")
+    samples = load_source(data, default_split="test", manifest=dict(manifest or {}))
     if not samples.has_split(split):
         have = ", ".join(sorted(set(samples.splits)))
         raise DataError(f"{data}: no {split!r} split (it has: {have}); choose one with --split")

@@ -65,6 +65,8 @@ class TrainConfig:
     shortcut_mitigation: str = "auto"
     # multiclass or ordinal (grades 0..K-1: a CORN head); None: what the data declare (data.sources.infer_task).
     task: str | None = None
+    # How to read a CSV manifest (data.sources.ManifestOptions as a dict: label_column, split_file, ...).
+    manifest: dict[str, str] | None = None
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:

@@ -78,7 +78,7 @@ def set_up(ctx: RunContext, data: str | Path, *, resume: bool, base_plan: Plan |
     """Set the run up on ``data``: resume ``ctx.ckpt_dir`` (``resume``), take ``base_plan`` with the epochs
     that fit (a leftover-budget member), or plan anew."""
     cfg, console = ctx.cfg, ctx.console
-    samples = load_source(data, default_split="train", task=cfg.task)
+    samples = load_source(data, default_split="train", task=cfg.task, manifest=cfg.manifest)
     if not samples.has_split("train"):
         raise DataError(f"{data}: no training split found")
     if ctx.val_fold is not None:

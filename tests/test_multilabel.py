@@ -1,0 +1,163 @@
+"""Multi-label findings end to end: sources (npz, NIH-shaped CSV), splits, audit, training, evaluation,
+prediction."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+from medclf.cli import main
+from medclf.data.sources import load_source, with_task
+from medclf.data.splits import ensure_validation
+from medclf.errors import DataError
+
+FINDINGS = ["Atelectasis", "Effusion", "Nodule"]
+
+
+def _nih_like(root: Path, n: int = 24, seed: int = 0) -> Path:
+    """NIH ChestX-ray14's file layout in miniature: images/, Data_Entry_2017-style rows, splits.csv (the
+    publisher's split, which lets patient 1 cross from train to test)."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    rows, split_rows = [], []
+    for i in range(n):
+        patient = i // 2 + 1  # two images per patient
+        name = f"{patient:08d}_{i % 2:03d}.png"
+        img = (rng.random((16, 16)) * 255).astype(np.uint8)
+        PILImage.fromarray(img).save(root / "images" / name)
+        findings = [f for f in FINDINGS if rng.random() < 0.35]
+        rows.append([name, "|".join(findings) or "No Finding", i % 2, patient, 50, "M", "PA"])
+        split = "test" if i == 1 else ("train", "valid", "test")[patient % 3] if i > 1 else "train"
+        split_rows.append([name, split])
+    with (root / "Data_Entry_2017_subset.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(
+            [
+                *("Image Index", "Finding Labels", "Follow-up #", "Patient ID"),
+                *("Patient Age", "Patient Gender", "View Position"),
+            ]
+        )
+        w.writerows(rows)
+    with (root / "splits.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["Image Index", "split"])
+        w.writerows(split_rows)
+    return root
+
+
+def _cli_error(capsys, *args) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    assert exc.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert "Traceback" not in message and len(message.splitlines()) == 1, message
+    return message
+
+
+# --- sources ----------------------------------------------------------------------------------------------
+
+
+def test_a_2d_npz_label_array_is_multilabel(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 20), ("val", 6), ("test", 6)):
+        arrays[f"{split}_images"] = rng.integers(0, 255, (n, 8, 8), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (rng.random((n, 14)) < 0.2).astype(np.uint8)
+    np.savez(tmp_path / "chestmnist.npz", **arrays)
+    samples = load_source(tmp_path / "chestmnist.npz")
+    assert samples.task == "multilabel"
+    assert samples.labels.shape == (32, 14)
+    assert samples.classes[:3] == ["atelectasis", "cardiomegaly", "effusion"]  # ChestMNIST's names
+    np.testing.assert_array_equal(samples.labels[:20], arrays["train_labels"])
+    # A (N, 1) label array stays one class per image.
+    arrays = {k: (v[:, :1] if k.endswith("labels") else v) for k, v in arrays.items()}
+    np.savez(tmp_path / "single.npz", **arrays)
+    assert load_source(tmp_path / "single.npz").task == "multiclass"
+
+
+def test_nih_files_work_as_they_are(tmp_path):
+    root = _nih_like(tmp_path / "nih")
+    samples = load_source(
+        root / "Data_Entry_2017_subset.csv", manifest={"split_file": str(root / "splits.csv")}
+    )
+    assert samples.task == "multilabel" and samples.classes == FINDINGS
+    assert samples.labels.shape == (24, 3)
+    rows = list(csv.DictReader((root / "Data_Entry_2017_subset.csv").open()))
+    for i, row in enumerate(rows):
+        want = set() if row["Finding Labels"] == "No Finding" else set(row["Finding Labels"].split("|"))
+        assert {FINDINGS[j] for j in np.flatnonzero(samples.labels[i])} == want
+        assert Path(samples.refs[i]) == root / "images" / row["Image Index"]  # found in images/
+        assert samples.patient_ids[i] == row["Patient ID"]
+    assert set(samples.splits) == {"train", "val", "test"}  # "valid" read as val
+    assert "patient age" in samples.metadata and "finding labels" not in samples.metadata
+
+
+def test_the_no_finding_label_is_settable_and_means_the_empty_set(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("file,findings\na.png,mass;nodule\na.png,normal\na.png,\na.png,nodule\n")
+    s = load_source(manifest, manifest={"label_separator": ";", "no_finding": "Normal"})
+    assert s.classes == ["mass", "nodule"]
+    np.testing.assert_array_equal(s.labels, [[1, 1], [0, 0], [-1, -1], [0, 1]])
+    np.testing.assert_array_equal(s.known, [True, True, False, True])
+    assert s.class_counts() == {"mass": 1, "nodule": 2}
+
+
+def test_single_and_multi_label_tasks_do_not_mix(tmp_path, sim_data):
+    with pytest.raises(DataError, match="multilabel needs several findings"):
+        load_source(sim_data, task="multilabel")
+    root = _nih_like(tmp_path / "nih")
+    samples = load_source(root / "Data_Entry_2017_subset.csv")
+    with pytest.raises(DataError, match="cannot be ordinal"):
+        with_task(samples, "ordinal")
+
+
+def test_bad_manifest_options_are_one_line_errors(tmp_path, capsys):
+    root = _nih_like(tmp_path / "nih")
+    csv_path = root / "Data_Entry_2017_subset.csv"
+    msg = _cli_error(capsys, "audit", csv_path, "--label-column", "Diagnosis", "--out", tmp_path / "a.json")
+    assert "--label-column 'Diagnosis' is not a column" in msg
+    msg = _cli_error(capsys, "audit", csv_path, "--label-separator", ";", "--out", tmp_path / "a.json")
+    assert "use --label-separator '|'" in msg
+    empty = tmp_path / "empty.csv"
+    empty.write_text("path,label\na.png,\nb.png,\n")
+    assert "empty in every row" in _cli_error(capsys, "audit", empty, "--out", tmp_path / "a.json")
+    assert "split file not found" in _cli_error(
+        capsys, "audit", csv_path, "--split-file", tmp_path / "none.csv", "--out", tmp_path / "a.json"
+    )
+    only_none = tmp_path / "none.csv"
+    only_none.write_text("path,label\na.png,No Finding|\n")
+    assert "no row names a finding" in _cli_error(capsys, "audit", only_none, "--out", tmp_path / "a.json")
+
+
+# --- splits and simulated data ----------------------------------------------------------------------------
+
+
+def test_a_carved_multilabel_validation_split_keeps_patients_together(tmp_path):
+    root = _nih_like(tmp_path / "nih", n=60)
+    samples = load_source(root / "Data_Entry_2017_subset.csv")  # no split file: all train
+    carved = ensure_validation(samples, fraction=0.25, seed=0)
+    val = set(carved.indices("val").tolist())
+    assert 0 < len(val) < len(samples)
+    by_patient: dict[str | None, set[str]] = {}
+    for pid, split in zip(carved.patient_ids, carved.splits, strict=True):
+        by_patient.setdefault(pid, set()).add(split)
+    assert all(len(sides) == 1 for sides in by_patient.values())
+
+
+def test_simulated_multi_finding_data_have_co_occurring_findings(tmp_path):
+    from medclf.data.simulate import FINDINGS as SIM_FINDINGS
+    from medclf.data.simulate import make_multilabel_dataset
+
+    root = make_multilabel_dataset(tmp_path / "sim", n=24, size=32, seed=1)
+    samples = load_source(root)
+    assert samples.task == "multilabel" and samples.classes == sorted(SIM_FINDINGS)
+    per_image = samples.labels.sum(axis=1)
+    assert (per_image == 0).any() and (per_image >= 2).any()
+    assert not (samples.labels[:, 1] & samples.labels[:, 2]).any()  # oedema and tumour are exclusive
+    again = make_multilabel_dataset(tmp_path / "again", n=24, size=32, seed=1)
+    assert (again / "manifest.csv").read_bytes() == (root / "manifest.csv").read_bytes()
