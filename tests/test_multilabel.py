@@ -161,3 +161,41 @@ def test_simulated_multi_finding_data_have_co_occurring_findings(tmp_path):
     assert not (samples.labels[:, 1] & samples.labels[:, 2]).any()  # oedema and tumour are exclusive
     again = make_multilabel_dataset(tmp_path / "again", n=24, size=32, seed=1)
     assert (again / "manifest.csv").read_bytes() == (root / "manifest.csv").read_bytes()
+
+
+# --- audit ------------------------------------------------------------------------------------------------
+
+
+def test_the_audit_counts_findings_their_pairs_conflicts_and_patients_crossing_splits(tmp_path):
+    from medclf.api import audit
+
+    root = _nih_like(tmp_path / "nih")
+    csv_path = root / "Data_Entry_2017_subset.csv"
+    # A copy of one image under another name with a different set of findings: a conflict.
+    rows = list(csv.reader(csv_path.open()))
+    (root / "images" / "copy.png").write_bytes((root / "images" / rows[3][0]).read_bytes())
+    other = "Nodule" if rows[3][1] != "Nodule" else "Effusion"
+    with csv_path.open("a", newline="") as fh:
+        csv.writer(fh).writerow(["copy.png", other, 0, 999, 50, "F", "PA"])
+    report = audit(
+        csv_path,
+        manifest={"split_file": str(root / "splits.csv")},
+        workers=1,
+        progress=False,
+        check_shift=False,
+        check_shortcut=False,
+    ).to_dict()
+    samples = load_source(csv_path, manifest={"split_file": str(root / "splits.csv")})
+    assert report["task"] == "multilabel" and report["classes"] == FINDINGS
+    for split, counts in report["counts"].items():
+        mask = np.array([s == split for s in samples.splits])
+        assert counts == dict(zip(FINDINGS, samples.labels[mask].sum(axis=0).tolist(), strict=True))
+    both = np.array(report["findings"]["co_occurrence"]["images"])
+    y = samples.labels
+    assert both[0, 1] == int((y[:, 0] & y[:, 1]).sum()) and both[2, 2] == int(y[:, 2].sum())
+    assert report["findings"]["no_finding"] == int((y.sum(axis=1) == 0).sum())
+    assert len(report["label_conflicts"]) == 1
+    assert sorted(report["label_conflicts"][0]["refs"]) == sorted([f"images/{rows[3][0]}", "images/copy.png"])
+    # Patient 1's two images sit in train and test (the publisher's split is not by patient).
+    assert "1" in report["patients"]["crossing_examples"]
+    assert any("patient leakage" in w for w in report["warnings"])

@@ -132,6 +132,29 @@ class SampleSet:
         counts = np.bincount(self.labels[mask & (self.labels >= 0)], minlength=len(self.classes))
         return {c: int(n) for c, n in zip(self.classes, counts, strict=True)}
 
+    def label_set_view(self, no_finding: str = "No Finding") -> SampleSet:
+        """Multi-label samples as one class per distinct set of findings (``"Effusion|Nodule"``, or
+        ``no_finding`` for the empty set; unknown rows stay -1), for checks that compare classes (duplicates
+        with different labels, shift within a class, acquisition shortcuts). Other tasks: ``self``."""
+        if self.task != "multilabel":
+            return self
+        known = self.known
+        keys = [
+            "|".join(c for c, v in zip(self.classes, row, strict=True) if v) or no_finding
+            for row in self.labels
+        ]
+        names = sorted({k for k, ok in zip(keys, known, strict=True) if ok})
+        codes = np.array(
+            [names.index(k) if ok else -1 for k, ok in zip(keys, known, strict=True)], dtype=np.int64
+        )
+        return replace(self, labels=codes, classes=names, task="multiclass")
+
+    def co_occurrence(self, split: str | None = None) -> np.ndarray:
+        """(K, K) multi-label images showing both findings i and j (the diagonal: finding i at all)."""
+        mask = self.known if split is None else self.known & np.array([s == split for s in self.splits])
+        y = self.labels[mask].astype(np.int64)
+        return y.T @ y
+
     def summary(self) -> dict[str, dict[str, int]]:
         """Counts per split and class, for printing and for bundle.json."""
         return {s: self.class_counts(s) for s in SPLITS if s in self.splits}

@@ -75,7 +75,9 @@ def fold_split(samples: SampleSet, fold: int, n_folds: int, *, seed: int = 0) ->
     if n_folds < 2 or not 0 <= fold < n_folds:
         raise DataError(f"fold {fold} of {n_folds}: need at least 2 folds and 0 <= fold < folds")
     if samples.task == "multilabel":
-        raise DataError("K-fold validation of multi-label data is not supported; use a carved validation split")
+        raise DataError(
+            "K-fold validation of multi-label data is not supported; use a carved validation split"
+        )
     train_idx = samples.indices("train")
     labels = samples.labels[train_idx]
     counts = np.bincount(labels[labels >= 0]) if (labels >= 0).any() else np.array([len(labels)])
