@@ -199,3 +199,123 @@ def test_the_audit_counts_findings_their_pairs_conflicts_and_patients_crossing_s
     # Patient 1's two images sit in train and test (the publisher's split is not by patient).
     assert "1" in report["patients"]["crossing_examples"]
     assert any("patient leakage" in w for w in report["warnings"])
+
+
+# --- training, evaluation, prediction ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def findings_data(tmp_path_factory) -> Path:
+    from medclf.data.simulate import make_multilabel_dataset
+
+    return make_multilabel_dataset(tmp_path_factory.mktemp("findings") / "data", n=60, size=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def findings_bundle(findings_data, tmp_path_factory) -> Path:
+    from medclf.training import train
+
+    out = tmp_path_factory.mktemp("findings_bundle") / "model"
+    train(findings_data, out, epochs=2, size=32, batch_size=16, arch="compact-s", progress=False)
+    return out
+
+
+def test_training_stores_per_finding_thresholds_next_to_the_task(findings_bundle):
+    import json
+
+    manifest = json.loads((findings_bundle / "bundle.json").read_text())
+    keys = list(manifest)
+    assert manifest["task"] == "multilabel" and keys[keys.index("task") + 1] == "thresholds"
+    findings = manifest["classes"]
+    assert findings == ["atrophy", "oedema", "tumour"] and manifest["model"]["n_classes"] == 3
+    thresholds = manifest["thresholds"]["labels"]
+    assert list(thresholds) == findings and all(0 <= t <= 1 for t in thresholds.values())
+    assert manifest["thresholds"]["fitted_on"] == "validation"
+    val = manifest["metrics"]["val"]
+    per_label = val["multilabel"]["per_label"]
+    assert [per_label[f]["threshold"] for f in findings] == [thresholds[f] for f in findings]
+    assert val["auc"] == val["multilabel"]["macro_auc"]  # selection and the headline: macro AUC
+    assert manifest["recipe"]["multilabel_loss"] == "bce"
+    assert all("val_auc" in row for row in manifest["history"])
+
+
+def test_multilabel_losses_and_their_setting():
+    import torch
+
+    from medclf.models.tasks import asymmetric_loss, multilabel_loss, weighted_bce
+    from medclf.training import TrainConfig
+
+    logits, y = torch.randn(6, 3), (torch.rand(6, 3) < 0.4).float()
+    w = torch.tensor([1.0, 3.0, 2.0])
+    assert torch.equal(multilabel_loss("bce", logits, y, w), weighted_bce(logits, y, w))
+    assert torch.equal(multilabel_loss("asymmetric", logits, y, w), asymmetric_loss(logits, y))
+    assert TrainConfig().updated({"multilabel_loss": "asymmetric"}).multilabel_loss == "asymmetric"
+    from medclf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="multilabel-loss"):
+        TrainConfig().updated({"multilabel_loss": "focal"})
+
+
+def test_predict_answers_findings_at_the_bundle_thresholds(findings_bundle, findings_data):
+    import json
+
+    import medclf
+
+    thresholds = json.loads((findings_bundle / "bundle.json").read_text())["thresholds"]["labels"]
+    images = sorted((findings_data / "images").glob("*.png"))[:4]
+    answers = medclf.predict(findings_bundle, [str(p) for p in images])
+    for a in answers:
+        assert set(a["findings"]) == set(thresholds)
+        for name, f in a["findings"].items():
+            assert f["threshold"] == thresholds[name]
+            assert f["present"] == (f["probability"] >= thresholds[name])
+            assert a["probabilities"][name] == f["probability"]
+        assert a["positive"] == [n for n, f in a["findings"].items() if f["present"]]
+        assert a["predicted"] == ("|".join(a["positive"]) or "No Finding")
+    # Independent sigmoids: the probabilities need not sum to one.
+    assert any(abs(sum(a["probabilities"].values()) - 1) > 1e-3 for a in answers)
+
+
+def test_single_label_bundles_answer_as_before(tiny_bundle, sim_data):
+    import medclf
+    from medclf.engines import probabilities
+
+    a = medclf.predict(tiny_bundle, [str(next(sim_data.rglob("*.png")))])[0]
+    assert "findings" not in a and abs(sum(a["probabilities"].values()) - 1) < 1e-9
+    z = np.array([[2.0, -1.0, 0.5]])
+    np.testing.assert_allclose(probabilities(z), np.exp(z) / np.exp(z).sum())
+    np.testing.assert_allclose(probabilities(z, task="multilabel"), 1 / (1 + np.exp(-z)))
+
+
+def test_evaluate_scores_every_finding_at_its_threshold_with_patient_intervals(
+    findings_bundle, findings_data, tmp_path
+):
+    import json
+
+    import medclf
+
+    out = tmp_path / "eval"
+    m = medclf.evaluate(findings_bundle, findings_data, out, n_bootstrap=50, progress=False)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["macro_auc"] == m["macro_auc"] and saved["task"] == "multilabel"
+    assert saved["ci"]["unit"] == "patient" and saved["n_patients"] == saved["n"]
+    thresholds = json.loads((findings_bundle / "bundle.json").read_text())["thresholds"]["labels"]
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert len(rows) == m["n"]
+    for name, entry in m["per_label"].items():
+        assert entry["threshold"] == thresholds[name]
+        pos = [r for r in rows if name in r["findings"].split("|")]
+        hit = [r for r in pos if float(r[f"prob_{name}"]) >= thresholds[name]]
+        assert entry["n_positive"] == len(pos)
+        if pos:
+            assert entry["sensitivity"] == pytest.approx(len(hit) / len(pos), abs=1e-6)
+    html = (out / "report.html").read_text()
+    assert "Findings" in html and all(name in html for name in thresholds)
+    assert (out / "roc.png").stat().st_size > 0 and (out / "calibration.png").stat().st_size > 0
+
+
+def test_evaluate_refuses_findings_for_a_single_label_model(tiny_bundle, findings_data, tmp_path):
+    import medclf
+
+    with pytest.raises(DataError, match="multi-label model"):
+        medclf.evaluate(tiny_bundle, findings_data, tmp_path / "eval", progress=False)

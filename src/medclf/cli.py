@@ -347,6 +347,13 @@ def train(
     patient_column: PatientColumnOption = None,
     split_file: SplitFileOption = None,
     no_finding_label: NoFindingOption = None,
+    multilabel_loss: Annotated[
+        str | None,
+        typer.Option(
+            help="Multi-label findings: bce (binary cross-entropy, positives weighted by each finding's "
+            "negatives per positive; default) or asymmetric (Ridnik et al. 2021)"
+        ),
+    ] = None,
 ) -> None:
     """Train a classifier and write a verified model bundle. With no options a planner decides.
 
@@ -385,6 +392,7 @@ def train(
         "manifest": _manifest_options(
             path_column, label_column, label_separator, patient_column, split_file, no_finding_label
         ),
+        "multilabel_loss": multilabel_loss,
     }
     if include_train_copies:
         settings["include_train_copies"] = True

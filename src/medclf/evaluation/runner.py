@@ -86,6 +86,18 @@ def evaluate(
     if not samples.has_split(split):
         have = ", ".join(sorted(set(samples.splits)))
         raise DataError(f"{data}: no {split!r} split (it has: {have}); choose one with --split")
+    if b.manifest.get("task") == "multilabel" or samples.task == "multilabel":
+        if b.manifest.get("task") != "multilabel":
+            raise DataError(
+                f"{data}: multi-label findings need a multi-label model; this one has one class per image"
+            )
+        from medclf.evaluation.findings import evaluate_findings
+
+        return evaluate_findings(
+            b, samples, data, out, split=split, include_train_copies=include_train_copies, cache_dir=cache_dir,
+            workers=workers, n_bootstrap=n_bootstrap, seed=seed, progress=progress, console=console,
+            engine=engine, views=views,
+        )  # fmt: skip
     cmap = _class_map(class_map, b.classes)
     if cmap is not None and robustness:
         raise ConfigError("--robustness attacks the model's own classes: run it without --class-map")
