@@ -191,6 +191,8 @@ EXTRAS: dict[str, list[str]] = {
     # Issue 22: ordinal (CORN) vs multi-class head on RetinaMNIST, 10 minutes each; issue 24: MLflow tracking.
     "ordinal-retina": ["benchmarks/ordinal.py", "--dataset", "retina", "--budget", "10m"],
     "tracking": ["benchmarks/tracking.py"],
+    # Issue 22: multi-label findings end to end on the NIH ChestX-ray14 subset.
+    "multilabel-nih": ["benchmarks/multilabel.py", "--budget", "10m"],
 }
 
 
@@ -839,6 +841,10 @@ def _ecosystem_sections() -> list[str]:
         from ordinal import render as render_ordinal
 
         lines += [render_ordinal(json.loads(path.read_text())), ""]
+    if (RESULTS / "multilabel-nih.json").exists():
+        from multilabel import render as render_multilabel
+
+        lines += [render_multilabel(json.loads((RESULTS / "multilabel-nih.json").read_text())), ""]
     t = _read("tracking.json")
     if t:
         k, cost, sysinfo = t["kill_and_resume"], t["cost"], t["system"]
