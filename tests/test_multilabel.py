@@ -319,3 +319,52 @@ def test_evaluate_refuses_findings_for_a_single_label_model(tiny_bundle, finding
 
     with pytest.raises(DataError, match="multi-label model"):
         medclf.evaluate(tiny_bundle, findings_data, tmp_path / "eval", progress=False)
+
+
+# --- beyond the core path ---------------------------------------------------------------------------------
+
+
+def test_fetch_chestmnist_checks_its_md5_and_loads_as_findings(tmp_path, monkeypatch):
+    import hashlib
+
+    from medclf.data.fetch import MEDMNIST_MD5, fetch_medmnist
+    from tests.test_fetch import Server
+
+    assert set(MEDMNIST_MD5["chestmnist"]) == {28, 64, 128, 224}  # MedMNIST+ (release 3) sizes
+    root = tmp_path / "mirror"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 10), ("val", 4), ("test", 4)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 64, 64), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (rng.random((n, 14)) < 0.2).astype(np.uint8)
+    np.savez(root / "chestmnist_64.npz", **arrays)
+    digest = hashlib.md5((root / "chestmnist_64.npz").read_bytes(), usedforsecurity=False).hexdigest()
+    monkeypatch.setitem(MEDMNIST_MD5, "chestmnist", {**MEDMNIST_MD5["chestmnist"], 64: digest})
+    server = Server(root)
+    try:
+        path = fetch_medmnist("ChestMNIST", 64, tmp_path / "data", mirror=server.url)
+    finally:
+        server.close()
+    samples = load_source(path)
+    assert samples.task == "multilabel" and len(samples.classes) == 14 and samples.classes[-1] == "hernia"
+
+
+def test_test_time_augmentation_averages_per_finding_probabilities(findings_bundle, findings_data):
+    import torch
+
+    import medclf
+    from medclf.io import read_image
+    from medclf.preprocess import preprocess
+    from medclf.tta import apply_view
+
+    b = medclf.load_bundle(findings_bundle)
+    images = sorted((findings_data / "images").glob("*.png"))[:3]
+    x = np.stack([preprocess(read_image(p), b.spec) for p in images])
+    views = b.tta_views(True)
+    per_view = [b.predict_tensors(apply_view(torch.from_numpy(x), v).contiguous().numpy()) for v in views]
+    with_tta = b.predict_tensors(x, tta=True)
+    np.testing.assert_allclose(with_tta, np.mean(per_view, axis=0), rtol=1e-12)
+    assert not np.allclose(with_tta.sum(axis=1), 1)  # sigmoids per finding, not a distribution
+    answers = medclf.predict(findings_bundle, [str(p) for p in images], tta=True)
+    np.testing.assert_allclose([list(a["probabilities"].values()) for a in answers], with_tta, rtol=1e-6)
