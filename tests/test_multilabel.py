@@ -368,3 +368,32 @@ def test_test_time_augmentation_averages_per_finding_probabilities(findings_bund
     assert not np.allclose(with_tta.sum(axis=1), 1)  # sigmoids per finding, not a distribution
     answers = medclf.predict(findings_bundle, [str(p) for p in images], tta=True)
     np.testing.assert_allclose([list(a["probabilities"].values()) for a in answers], with_tta, rtol=1e-6)
+
+
+def test_the_http_api_answers_findings(findings_bundle, findings_data, tmp_path):
+    import warnings
+
+    import medclf
+    from medclf.serve.app import create_app
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+
+    b = medclf.load_bundle(findings_bundle)
+    png = sorted((findings_data / "images").glob("*.png"))[0]
+    [expected] = b.predict([png])
+    with TestClient(create_app(b, audit_db=str(tmp_path / "audit.db"))) as client:
+        r = client.post("/v1/predict", files={"file": ("x.png", png.read_bytes(), "image/png")})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["positive"] == expected["positive"] and body["predicted"] == expected["predicted"]
+        for name, f in expected["findings"].items():
+            assert body["findings"][name]["present"] == f["present"]
+            assert body["findings"][name]["probability"] == pytest.approx(f["probability"], abs=1e-6)
+        explained = client.post(
+            "/v1/predict?explain=true", files={"file": ("x.png", png.read_bytes(), "image/png")}
+        )
+        assert explained.status_code == 200, explained.text
+        probs = expected["probabilities"]
+        assert explained.json()["explanation"]["explained_class"] == max(probs, key=probs.get)
