@@ -397,3 +397,29 @@ def test_the_http_api_answers_findings(findings_bundle, findings_data, tmp_path)
         assert explained.status_code == 200, explained.text
         probs = expected["probabilities"]
         assert explained.json()["explanation"]["explained_class"] == max(probs, key=probs.get)
+
+
+def test_the_dicom_sr_holds_one_present_item_per_positive_finding(findings_bundle, tmp_path):
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+
+    import medclf
+    from medclf.serve import coding
+    from medclf.serve.sr import write_sr_files
+    from tests.sr_check import check_sr
+
+    b = medclf.load_bundle(findings_bundle)
+    src_path = Path(get_testdata_file("MR_small.dcm"))
+    [result] = b.predict([src_path])
+    # A threshold per finding from the bundle decides; force one present and one absent finding.
+    result["findings"]["atrophy"]["present"], result["findings"]["oedema"]["present"] = True, False
+    result["findings"]["tumour"]["present"] = True
+    result["positive"] = ["atrophy", "tumour"]
+    result.pop("ood", None)
+    notes = write_sr_files(b, [result], tmp_path / "sr")
+    assert not notes, notes
+    report = check_sr(Path(result["sr"]), dcmread(src_path, stop_before_pixels=True), result, b)
+    groups = {g.tracking_identifier: g for g in report.content.get_image_measurement_groups()}
+    for name, f in result["findings"].items():
+        (threshold,) = groups[name].get_measurements(name=coding.THRESHOLD)
+        assert float(threshold.value) == pytest.approx(f["threshold"], abs=1e-6)
