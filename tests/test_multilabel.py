@@ -423,3 +423,33 @@ def test_the_dicom_sr_holds_one_present_item_per_positive_finding(findings_bundl
     for name, f in result["findings"].items():
         (threshold,) = groups[name].get_measurements(name=coding.THRESHOLD)
         assert float(threshold.value) == pytest.approx(f["threshold"], abs=1e-6)
+
+
+def test_onnx_and_int8_export_keep_the_findings_and_report_per_finding_agreement(
+    findings_bundle, findings_data, tmp_path
+):
+    import json
+
+    import medclf
+    from medclf.errors import ConfigError
+
+    result = medclf.export(
+        findings_bundle, tmp_path / "int8", data=findings_data, onnx=True, int8=True, progress=False
+    )
+    manifest = json.loads((result.bundle / "bundle.json").read_text())
+    source = json.loads((findings_bundle / "bundle.json").read_text())
+    assert manifest["task"] == "multilabel" and manifest["thresholds"] == source["thresholds"]
+    steps = {s["step"]: s for s in result.compression["steps"]}
+    assert steps["onnx"]["parity"]["max_abs_prob_diff"] <= steps["onnx"]["parity"]["tolerance"]
+    per_finding = steps["int8"]["agreement_per_finding_with_fp32"]
+    assert list(per_finding) == source["classes"] and all(0 <= v <= 1 for v in per_finding.values())
+    assert steps["int8"]["agreement_with_fp32"] == pytest.approx(np.mean(list(per_finding.values())))
+    exported = medclf.load_bundle(result.bundle)
+    png = str(sorted((findings_data / "images").glob("*.png"))[0])
+    fp32 = exported.predict([png], engine="onnx-fp32")[0]
+    torch_answer = medclf.predict(findings_bundle, [png])[0]
+    for name, f in torch_answer["findings"].items():
+        assert fp32["findings"][name]["probability"] == pytest.approx(f["probability"], abs=1e-4)
+    assert set(exported.predict([png], engine="onnx-int8")[0]["findings"]) == set(per_finding)
+    with pytest.raises(ConfigError, match="multi-label"):
+        medclf.export(findings_bundle, tmp_path / "pruned", data=findings_data, prune=0.3, progress=False)

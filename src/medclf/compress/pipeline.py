@@ -114,6 +114,13 @@ def export_bundle(
     t_start = time.perf_counter()
     src = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     distill = student is not None or distill_from is not None
+    task = str(src.manifest.get("task", "multiclass"))
+    if task == "multilabel" and (prune or distill):
+        raise ConfigError(
+            "pruning and distillation of a multi-label bundle are not supported; use --onnx/--int8"
+        )
+    thresholds_of = (src.manifest.get("thresholds") or {}).get("labels")
+    thresholds = np.array([float(thresholds_of[c]) for c in src.classes]) if thresholds_of else None
     if not (onnx or int8 or prune or distill):
         raise ConfigError("nothing to do: give --onnx, --int8, --prune AMOUNT or --distill-from/--student")
     if (int8 or prune or distill) and data is None:
@@ -135,7 +142,7 @@ def export_bundle(
 
     def scores(probs: np.ndarray) -> dict[str, Any]:
         assert td is not None
-        return val_scores(td.val_y, probs, classes)
+        return val_scores(td.val_y, probs, classes, thresholds)
 
     m = src.manifest["model"]
     arch, kwargs = str(m["arch"]), dict(m.get("kwargs", {}))
@@ -317,7 +324,7 @@ def export_bundle(
                     (parity_samples, *src.spec.input_shape), dtype=np.float32
                 )
                 samples_note = f"random inputs in [0, 1] (n={parity_samples}; no --data given)"
-            parity = check_parity(model, onnx_path, check_x, temperature=temperature)
+            parity = check_parity(model, onnx_path, check_x, temperature=temperature, task=task)
             parity["samples"] = samples_note
             if parity["max_abs_prob_diff"] > PARITY_TOLERANCE:
                 raise BundleError(
@@ -336,7 +343,7 @@ def export_bundle(
                 f"{parity['max_abs_prob_diff']:.1e} on {samples_note}"
             )
             if val_x is not None:
-                fp32_probs = probabilities(_batched(OnnxRunner(onnx_path), val_x), temperature)
+                fp32_probs = probabilities(_batched(OnnxRunner(onnx_path), val_x), temperature, task)
                 step["val_after"] = scores(fp32_probs)
             steps.append(step)
             extra[ONNX_FP32] = onnx_path
@@ -345,7 +352,7 @@ def export_bundle(
             int8_path = work / ONNX_INT8
             calib = td.tensors(td.stratified(td.train_idx, calibration_samples, seed))
             qinfo = quantize_int8(work / ONNX_FP32, int8_path, calib, fmt=int8_format)
-            int8_probs = probabilities(_batched(OnnxRunner(int8_path), val_x), temperature)
+            int8_probs = probabilities(_batched(OnnxRunner(int8_path), val_x), temperature, task)
             fp32_val, int8_val = scores(fp32_probs), scores(int8_probs)
             steps.append(
                 {
@@ -362,6 +369,13 @@ def export_bundle(
                     "max_abs_prob_diff_vs_fp32": float(np.abs(fp32_probs - int8_probs).max()),
                 }
             )
+            if task == "multilabel":  # the same decision per finding, at the bundle's thresholds
+                t = thresholds if thresholds is not None else np.full(len(classes), 0.5)
+                same = (fp32_probs >= t) == (int8_probs >= t)
+                steps[-1]["agreement_with_fp32"] = float(same.mean())
+                steps[-1]["agreement_per_finding_with_fp32"] = dict(
+                    zip(classes, map(float, same.mean(axis=0)), strict=True)
+                )
             console.print(
                 f"[bold]int8[/] ({qinfo['format']}, {qinfo['weights']}, calibrated on {len(calib)} training "
                 f"samples): validation accuracy {fp32_val['accuracy']:.4f} -> {int8_val['accuracy']:.4f}, "
@@ -373,7 +387,7 @@ def export_bundle(
         writers, ood_record = _ood(src, model, changed, td, val_x, extra, manifest, seed)
         val_after = {}
         if val_x is not None:
-            val_after = {"torch": scores(_torch_probs(model, val_x, temperature))}
+            val_after = {"torch": scores(_torch_probs(model, val_x, temperature, task))}
             for s in steps:
                 if s["step"] in ("onnx", "int8"):
                     val_after[f"onnx-{'fp32' if s['step'] == 'onnx' else 'int8'}"] = s["val_after"]
@@ -505,8 +519,8 @@ def _batched(run: Any, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
     return np.concatenate([run(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def _torch_probs(model: nn.Module, x: np.ndarray, temperature: float) -> np.ndarray:
-    return probabilities(_batched(TorchRunner(model), x), temperature)
+def _torch_probs(model: nn.Module, x: np.ndarray, temperature: float, task: str = "multiclass") -> np.ndarray:
+    return probabilities(_batched(TorchRunner(model), x), temperature, task)
 
 
 def _f(v: float | None) -> str:

@@ -215,6 +215,8 @@ def _manifest(
             "n_unreadable": len(prepared.errors),
             "n_val_train_copies": setup.n_copies,
             "val_train_copies_excluded": not cfg.include_train_copies,
+            # How a CSV was read (a split file, other column names), so export reads it the same way.
+            **({"manifest_options": cfg.manifest} if cfg.manifest else {}),
         },
     }
 
