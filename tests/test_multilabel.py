@@ -453,3 +453,34 @@ def test_onnx_and_int8_export_keep_the_findings_and_report_per_finding_agreement
     assert set(exported.predict([png], engine="onnx-int8")[0]["findings"]) == set(per_finding)
     with pytest.raises(ConfigError, match="multi-label"):
         medclf.export(findings_bundle, tmp_path / "pruned", data=findings_data, prune=0.3, progress=False)
+
+
+def test_an_ensemble_of_multilabel_members_averages_their_per_finding_probabilities(
+    findings_bundle, findings_data, tmp_path
+):
+    import json
+
+    import medclf
+    from medclf.errors import ConfigError
+    from medclf.training import train
+
+    second = tmp_path / "second"
+    train(findings_data, second, epochs=2, size=32, batch_size=16, arch="compact-s", seed=1, split_seed=0,
+          progress=False)  # fmt: skip
+    result = medclf.ensemble([findings_bundle, second], tmp_path / "ens", data=findings_data, progress=False)
+    manifest = json.loads((result.bundle / "bundle.json").read_text())
+    assert manifest["task"] == "multilabel" and set(manifest["thresholds"]["labels"]) == set(
+        manifest["classes"]
+    )
+    images = [str(p) for p in sorted((findings_data / "images").glob("*.png"))[:4]]
+    fused = medclf.predict(result.bundle, images)
+    members = [medclf.predict(b, images) for b in (findings_bundle, second)]
+    for k, answer in enumerate(fused):
+        for name, f in answer["findings"].items():
+            mean = np.mean([m[k]["probabilities"][name] for m in members])
+            assert f["probability"] == pytest.approx(mean, abs=1e-5)
+            assert f["threshold"] == manifest["thresholds"]["labels"][name]
+    with pytest.raises(ConfigError, match="mean"):
+        medclf.ensemble(
+            [findings_bundle, second], tmp_path / "stacked", data=findings_data, method="stacking"
+        )
