@@ -484,3 +484,18 @@ def test_an_ensemble_of_multilabel_members_averages_their_per_finding_probabilit
         medclf.ensemble(
             [findings_bundle, second], tmp_path / "stacked", data=findings_data, method="stacking"
         )
+
+
+def test_the_traditional_baseline_runs_one_vs_rest_per_finding(findings_data, tmp_path):
+    import json
+
+    import medclf
+
+    out = tmp_path / "baseline"
+    m = medclf.baseline(findings_data, out, methods="logreg", size=32, workers=1, progress=False)
+    summary = json.loads((out / "baseline.json").read_text())
+    assert "one-vs-rest" in m["model"] and m["task"] == "multilabel"
+    assert set(summary["thresholds"]) == set(m["per_label"]) == {"atrophy", "oedema", "tumour"}
+    for name, entry in m["per_label"].items():
+        assert entry["threshold"] == summary["thresholds"][name]
+    assert summary["test"]["auc"] == m["macro_auc"] and (out / "report.html").exists()

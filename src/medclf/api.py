@@ -182,6 +182,7 @@ def baseline(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     console: Console | None = None,
+    manifest: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Traditional-ML baseline: hand-crafted features (intensity, GLCM, LBP, HOG) and classical classifiers
     chosen on validation AUC; writes the ``evaluate`` outputs for the test split plus ``baseline.json``.
@@ -201,6 +202,7 @@ def baseline(
         cache_dir=cache_dir,
         progress=progress,
         console=console,
+        manifest=manifest,
     )
 
 

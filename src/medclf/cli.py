@@ -890,9 +890,16 @@ def baseline(
     workers: Annotated[int | None, typer.Option(help="Processes for decoding and features")] = None,
     cache_dir: Annotated[str | None, typer.Option(help="Where preprocessed tensors are cached")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+    path_column: PathColumnOption = None,
+    label_column: LabelColumnOption = None,
+    label_separator: LabelSeparatorOption = None,
+    patient_column: PatientColumnOption = None,
+    split_file: SplitFileOption = None,
+    no_finding_label: NoFindingOption = None,
 ) -> None:
     """Traditional-ML baseline: GLCM/LBP/HOG/intensity features and classical classifiers chosen on
-    validation AUC; writes the evaluate outputs for the test split and baseline.json."""
+    validation AUC (one-vs-rest per finding for multi-label data); writes the evaluate outputs for the test
+    split and baseline.json."""
     from medclf.api import baseline as run_baseline
 
     run_baseline(
@@ -905,6 +912,9 @@ def baseline(
         cache_dir=cache_dir,
         progress=progress,
         console=err,
+        manifest=_manifest_options(
+            path_column, label_column, label_separator, patient_column, split_file, no_finding_label
+        ),
     )
 
 

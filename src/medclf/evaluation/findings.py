@@ -32,7 +32,13 @@ from medclf.evaluation.report import write_report
 from medclf.predictor import Predictor
 from medclf.tta import describe as describe_tta
 
-__all__ = ["evaluate_findings", "finding_labels", "plot_findings_calibration", "plot_findings_roc"]
+__all__ = [
+    "evaluate_findings",
+    "finding_labels",
+    "plot_findings_calibration",
+    "plot_findings_roc",
+    "write_findings_evaluation",
+]
 
 PROTOCOL = (
     "Headline metrics use the split minus every sample that is an exact or near copy (re-encoded or "
@@ -102,6 +108,63 @@ def evaluate_findings(
     if len(usable):
         x = np.asarray(prepared.tensors[usable])
         probs[usable] = b.predict_tensors(x, batch_size=128, engine=engine, tta=views)
+    extra = {
+        "bundle_sha256": b.sha256,
+        "engine": engine,
+        "tta": describe_tta(views),
+        "thresholds_from": (
+            f"the bundle ({b.manifest['thresholds'].get('rule', '?')} on validation)"
+            if thresholds_of
+            else None
+        ),
+    }
+    return write_findings_evaluation(
+        out,
+        samples=samples,
+        labels=labels,
+        probs=probs,
+        findings=findings,
+        thresholds=thresholds,
+        ok=prepared.ok,
+        train_copy=copies,
+        split=split,
+        include_train_copies=include_train_copies,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        title=f"medclf evaluation: {Path(str(data)).name} / {split}",
+        extra=extra,
+        console=console,
+    )
+
+
+def write_findings_evaluation(
+    out: str | Path,
+    *,
+    samples: SampleSet,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    findings: list[str],
+    thresholds: np.ndarray | None,
+    ok: np.ndarray,
+    train_copy: np.ndarray,
+    split: str,
+    include_train_copies: bool = False,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    title: str = "medclf evaluation",
+    sections: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Metrics (headline without copies of training samples, and ``all_samples``), predictions.csv, the
+    per-finding figures and report.html for per-finding probabilities ``probs`` (N, K; NaN where unusable)
+    against multi-hot ``labels`` (-1 rows unknown), each finding decided at its ``thresholds``. Shared by
+    ``evaluate`` and the traditional baseline, so both are scored the same way."""
+    console = console or Console(stderr=True, soft_wrap=True)
+    in_split = np.array([s == split for s in samples.splits])
+    idx = np.flatnonzero(in_split)
+    usable = idx[ok[idx] & (labels[idx] >= 0).all(axis=1) & ~np.isnan(probs[idx]).any(axis=1)]
+    copies = train_copy & in_split
     clean = usable if include_train_copies else usable[~copies[usable]]
     if len(clean) == 0:
         raise DataError(f"no usable samples in split {split!r} after removing unreadable files and copies")
@@ -123,17 +186,10 @@ def evaluate_findings(
     n_removed = 0 if include_train_copies else int(copies[usable].sum())
     metrics.update(
         split=split,
-        bundle_sha256=b.sha256,
-        engine=engine,
-        tta=describe_tta(views),
-        thresholds_from=(
-            f"the bundle ({b.manifest['thresholds'].get('rule', '?')} on validation)"
-            if thresholds_of
-            else None
-        ),
+        **(extra or {}),
         n_removed_duplicates=n_removed,
         n_train_copies_in_split=int(copies[idx].sum()),
-        n_unreadable=int((~prepared.ok[idx]).sum()),
+        n_unreadable=int((~ok[idx]).sum()),
         protocol=PROTOCOL if not include_train_copies else "all samples of the split (copies kept)",
         all_samples=all_metrics,
     )
@@ -149,10 +205,14 @@ def evaluate_findings(
     }
     write_report(
         out / "report.html",
-        title=f"medclf evaluation: {Path(str(data)).name} / {split}",
+        title=title,
         metrics=metrics,
         figures=figures,
-        sections={"Findings": _findings_table(metrics), "Summary over findings": _summary(metrics)},
+        sections={
+            "Findings": _findings_table(metrics),
+            "Summary over findings": _summary(metrics),
+            **(sections or {}),
+        },
     )
     ci = metrics["ci"]
     console.print(
