@@ -11,7 +11,9 @@ publisher's ``splits.csv``):
    chosen on the publisher's validation split;
 3. ``medclf evaluate``: per-finding AUC/AP/sensitivity/specificity at those thresholds, macro/micro AUC and mAP
    with intervals resampled by patient, on the test split minus copies of training images;
-4. ``medclf predict`` on one test image: its ``findings`` answer.
+4. ``medclf predict`` on one test image: its ``findings`` answer;
+5. ``medclf export --onnx --int8 --data CSV``: ONNX parity and the int8 model's per-finding agreement with fp32
+   (the same decision at the bundle's thresholds) on the validation split.
 
 No accuracy floor (the set is small and its labels were mined from reports); CheXNet's mean AUC of about 0.84 on
 the full set at 224 px is given for scale only. Results: ``benchmarks/results/multilabel-nih.json``, rendered
@@ -85,6 +87,15 @@ def main() -> None:
         [*py, "predict", str(work / "model"), str(DATA / "images" / first_test)], work / "predict.log"
     )
     answer = json.loads(out)[0]
+    export_s, _ = run(
+        [*py, "export", str(work / "model"), "--out", str(work / "model-int8"), "--onnx", "--int8",
+         "--data", str(csv_path), "--no-progress"],
+        work / "export.log",
+    )  # fmt: skip
+    steps = {
+        s["step"]: s
+        for s in json.loads((work / "model-int8" / "bundle.json").read_text())["compression"]["steps"]
+    }
 
     result: dict[str, Any] = {
         "dataset": "nih-chestxray14-1000",
@@ -131,6 +142,17 @@ def main() -> None:
             "notes": metrics["notes"],
         },
         "predict": {"image": first_test, "positive": answer["positive"], "findings": answer["findings"]},
+        "export": {
+            "wall_s": round(export_s, 1),
+            "onnx_max_abs_prob_diff": steps["onnx"]["parity"]["max_abs_prob_diff"],
+            "int8_size_ratio_vs_fp32": steps["int8"]["size_ratio_vs_fp32"],
+            "int8_agreement_with_fp32": steps["int8"]["agreement_with_fp32"],
+            "int8_agreement_per_finding": steps["int8"]["agreement_per_finding_with_fp32"],
+            "val_macro_auc": {
+                "fp32": steps["int8"]["val_before"]["auc"],
+                "int8": steps["int8"]["val_after"]["auc"],
+            },
+        },
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "multilabel-nih.json").write_text(json.dumps(result, indent=2))
@@ -178,8 +200,15 @@ def render(result: dict[str, Any]) -> str:
             f"{r['threshold']:.3f} | {f(r['sensitivity'], ci['sensitivity'])} | "
             f"{f(r['specificity'], ci['specificity'])} |"
         )
-    pr = result["predict"]
+    pr, ex = result["predict"], result["export"]
+    worst = min(ex["int8_agreement_per_finding"].items(), key=lambda kv: kv[1])
     lines += [
+        "",
+        f"Export ({ex['wall_s']} s): ONNX max |p_onnx - p_torch| {ex['onnx_max_abs_prob_diff']:.1e}; int8 "
+        f"{ex['int8_size_ratio_vs_fp32']}x smaller, the same per-finding decision as fp32 on "
+        f"{100 * ex['int8_agreement_with_fp32']:.1f}% of (validation image, finding) pairs (lowest: {worst[0]} "
+        f"{100 * worst[1]:.1f}%), validation macro AUC {f(ex['val_macro_auc']['fp32'])} (fp32) vs "
+        f"{f(ex['val_macro_auc']['int8'])} (int8).",
         "",
         f"For scale only: CheXNet's mean AUC over the 14 findings was about {CHEXNET_MEAN_AUC} on the full set "
         "(112,120 images) at 224 px. `medclf predict` on "
