@@ -119,6 +119,8 @@ def main() -> None:
             "wall_s": round(train_s, 1),
             "plan": f"{manifest['model']['arch']} {manifest['input']['shape']}",
             "epochs_run": manifest["recipe"].get("epochs_run"),
+            # Leftover-budget seed bagging makes an ensemble of members (medclf.folds): how many.
+            "members": len(manifest.get("ensemble", {}).get("members", [])) or 1,
             "best_epoch": manifest["recipe"].get("best_epoch"),
             "val_macro_auc": manifest["metrics"]["val"]["macro_auc"],
             "thresholds": manifest["thresholds"]["labels"],
@@ -182,8 +184,13 @@ def render(result: dict[str, Any]) -> str:
         + "; ".join(f"{' + '.join(x['findings'])} {x['images']}" for x in a["top_pairs"])
         + ".",
         "",
-        f"Training ({t['wall_s']} s): {t['plan']}, {t['epochs_run']} epochs (best {t['best_epoch']}), validation "
-        f"macro AUC {f(t['val_macro_auc'])}; per-finding thresholds chosen on validation (Youden).",
+        f"Training ({t['wall_s']} s): {t['plan']}, "
+        + (
+            f"{t['epochs_run']} epochs (best {t['best_epoch']})"
+            if t["members"] == 1
+            else f"{t['members']} members from the budget's leftover time, fused by their mean"
+        )
+        + f", validation macro AUC {f(t['val_macro_auc'])}; per-finding thresholds chosen on validation (Youden).",
         "",
         f"Test split: n = {e['n']} images of {e['n_patients']} patients ({e['n_removed_duplicates']} copies of "
         f"training images removed); macro AUC {f(e['macro_auc'], e['ci']['macro_auc'])}, micro AUC "

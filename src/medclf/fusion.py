@@ -95,9 +95,8 @@ def ensemble(
             "multi-label members are fused by the mean of their per-finding probabilities: --method mean"
         )
 
-    samples = load_source(
-        data, default_split="train", manifest=base.manifest.get("data", {}).get("manifest_options")
-    )
+    options = base.manifest.get("data", {}).get("manifest_options")
+    samples = load_source(data, default_split="train", manifest=options)
     if samples.classes != classes:
         raise DataError(
             f"{data}: classes {samples.classes} differ from the members' {classes}; "
@@ -256,6 +255,8 @@ def ensemble(
             "fingerprint": prepared.fingerprint,
             "counts": combined.summary(),
             "n_unreadable": len(prepared.errors),
+            # How the members read a CSV (a split file, other columns): export reads it the same way.
+            **({"manifest_options": options} if options else {}),
         },
         "metrics": metrics,
         "ensemble": fusion,
