@@ -465,10 +465,12 @@ def test_an_ensemble_of_multilabel_members_averages_their_per_finding_probabilit
     from medclf.training import train
 
     second = tmp_path / "second"
+    options = {"label_separator": "|"}  # how the data were read: kept by the ensemble (export reads them so)
     train(findings_data, second, epochs=2, size=32, batch_size=16, arch="compact-s", seed=1, split_seed=0,
-          progress=False)  # fmt: skip
-    result = medclf.ensemble([findings_bundle, second], tmp_path / "ens", data=findings_data, progress=False)
+          manifest=options, progress=False)  # fmt: skip
+    result = medclf.ensemble([second, findings_bundle], tmp_path / "ens", data=findings_data, progress=False)
     manifest = json.loads((result.bundle / "bundle.json").read_text())
+    assert manifest["data"]["manifest_options"] == options
     assert manifest["task"] == "multilabel" and set(manifest["thresholds"]["labels"]) == set(
         manifest["classes"]
     )
