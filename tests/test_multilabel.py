@@ -501,3 +501,19 @@ def test_the_traditional_baseline_runs_one_vs_rest_per_finding(findings_data, tm
     for name, entry in m["per_label"].items():
         assert entry["threshold"] == summary["thresholds"][name]
     assert summary["test"]["auc"] == m["macro_auc"] and (out / "report.html").exists()
+
+
+def test_grad_cam_explains_any_finding_and_recalibrate_refuses_findings(
+    findings_bundle, findings_data, tmp_path
+):
+    import medclf
+    from medclf.errors import ConfigError
+    from medclf.explain import explain_image
+
+    b = medclf.load_bundle(findings_bundle)
+    png = sorted((findings_data / "images").glob("*.png"))[0]
+    for name in b.classes:
+        e = explain_image(b, png, target=name)
+        assert e.explained_class == name and e.heatmap.shape[-2:] == tuple(b.spec.size)
+    with pytest.raises(ConfigError, match="multi-label"):
+        medclf.recalibrate(b, findings_data, tmp_path / "recal")
