@@ -194,6 +194,8 @@ EXTRAS: dict[str, list[str]] = {
     # Issue 25: the starter backbone (60 min of SimCLR on the shared training splits), then BreastMNIST from
     # scratch vs --init-from it, 3 seeds each, 5 minutes each.
     "pretrain": ["benchmarks/pretrain.py", "--pretrain-budget", "60m", "--budget", "5m", "--seeds", "0,1,2"],
+    # Issue 22: multi-label findings end to end on the NIH ChestX-ray14 subset.
+    "multilabel-nih": ["benchmarks/multilabel.py", "--budget", "10m"],
 }
 
 
@@ -842,6 +844,10 @@ def _ecosystem_sections() -> list[str]:
         from ordinal import render as render_ordinal
 
         lines += [render_ordinal(json.loads(path.read_text())), ""]
+    if (RESULTS / "multilabel-nih.json").exists():
+        from multilabel import render as render_multilabel
+
+        lines += [render_multilabel(json.loads((RESULTS / "multilabel-nih.json").read_text())), ""]
     t = _read("tracking.json")
     if t:
         k, cost, sysinfo = t["kill_and_resume"], t["cost"], t["system"]

@@ -161,7 +161,9 @@ def check_sr(sr_path: Path, src: Dataset, result: dict[str, Any], bundle: Any) -
         assert probability.unit == coding.UNITLESS
         assert probability.value == pytest.approx(result["probabilities"][name], abs=1e-6)
         evaluations = group.get_qualitative_evaluations()
-        if name == result["predicted"]:
+        # Multi-label findings: each one present at its threshold; otherwise the predicted class alone.
+        present = set(result["positive"]) if "findings" in result else {result["predicted"]}
+        if name in present:
             assert [(e.name, e.value) for e in evaluations] == [(concept, coding.PRESENT)]
         else:
             assert not evaluations

@@ -90,10 +90,11 @@ def test_medmnist_npz(tmp_path):
     assert fp == fingerprint_files(load_source(p)) and fp != fingerprint_files(s.subset(range(5)))
 
 
-def test_multilabel_npz_is_refused(tmp_path):
+def test_a_2d_npz_label_array_that_is_not_multi_hot_is_refused(tmp_path):
+    # 2-D label arrays are multi-label findings (tests/test_multilabel.py); they must be 0/1.
     p = tmp_path / "chestmnist.npz"
-    np.savez(p, train_images=np.zeros((3, 28, 28), np.uint8), train_labels=np.zeros((3, 14)))
-    with pytest.raises(DataError, match="multi-label"):
+    np.savez(p, train_images=np.zeros((3, 28, 28), np.uint8), train_labels=np.full((3, 14), 2))
+    with pytest.raises(DataError, match="0/1 findings"):
         load_source(p)
 
 

@@ -11,8 +11,8 @@ from sklearn.metrics import average_precision_score, cohen_kappa_score, roc_auc_
 
 from medclf.data.splits import carve_multilabel
 from medclf.errors import DataError
-from medclf.evaluation.multilabel import choose_thresholds, multilabel_metrics
 from medclf.metrics.classification import compute_metrics
+from medclf.metrics.multilabel import choose_thresholds, multilabel_metrics
 from medclf.metrics.ordinal import _weighted_qwk, ordinal_metrics
 from medclf.metrics.resample import resample_weights, resampling_units, weighted_average_precision
 from medclf.models.tasks import (

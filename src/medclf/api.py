@@ -63,14 +63,16 @@ def audit(
     progress: bool = True,
     check_shift: bool = True,
     check_shortcut: bool = True,
+    manifest: dict[str, str] | None = None,
 ) -> AuditReport:
     """Audit a dataset: counts, unreadable files, exact/near duplicates, cross-split leakage, conflicts,
     (``check_shift``) whether val/test differ in distribution from train, class by class, and
     (``check_shortcut``) how well acquisition cues alone predict each class (shortcut learning).
-    ``workers``: decoding processes (default: the CPUs available, see :mod:`medclf.threads`)."""
+    ``workers``: decoding processes (default: the CPUs available, see :mod:`medclf.threads`). ``manifest``:
+    how to read a CSV manifest (:class:`medclf.data.sources.ManifestOptions`)."""
     from medclf import threads
 
-    samples = load_source(data, default_split="train")
+    samples = load_source(data, default_split="train", manifest=manifest)
     return _audit(
         samples,
         workers=workers or threads.decode_workers(),
@@ -182,6 +184,7 @@ def baseline(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     console: Console | None = None,
+    manifest: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Traditional-ML baseline: hand-crafted features (intensity, GLCM, LBP, HOG) and classical classifiers
     chosen on validation AUC; writes the ``evaluate`` outputs for the test split plus ``baseline.json``.
@@ -201,6 +204,7 @@ def baseline(
         cache_dir=cache_dir,
         progress=progress,
         console=console,
+        manifest=manifest,
     )
 
 

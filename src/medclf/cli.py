@@ -77,6 +77,52 @@ RegisteredModelOption = Annotated[
     ),
 ]
 _TRACKING_OPTIONS = ("track", "tracking_uri", "experiment", "registered_model")
+# How to read a CSV manifest whose columns are not medclf's own (data.sources.ManifestOptions).
+PathColumnOption = Annotated[
+    str | None, typer.Option("--path-column", help="CSV column of image paths (default: path, Image Index)")
+]
+LabelColumnOption = Annotated[
+    str | None, typer.Option("--label-column", help="CSV column of labels (default: label, Finding Labels)")
+]
+LabelSeparatorOption = Annotated[
+    str | None,
+    typer.Option(
+        "--label-separator",
+        help="Findings in one label cell are joined by this (multi-label; '|' recognised)",
+    ),
+]
+PatientColumnOption = Annotated[
+    str | None,
+    typer.Option("--patient-column", help="CSV column of patient ids (default: patient_id, Patient ID)"),
+]
+SplitFileOption = Annotated[
+    Path | None,
+    typer.Option("--split-file", help="CSV of '<image>,split' rows (train/valid/test), e.g. NIH's"),
+]
+NoFindingOption = Annotated[
+    str | None,
+    typer.Option("--no-finding-label", help="Label meaning no finding: the empty set (default: No Finding)"),
+]
+
+
+def _manifest_options(
+    path_column: str | None,
+    label_column: str | None,
+    label_separator: str | None,
+    patient_column: str | None,
+    split_file: Path | None,
+    no_finding: str | None,
+) -> dict[str, str] | None:
+    """The manifest options given on the command line (None when none is)."""
+    given = {
+        "path_column": path_column,
+        "label_column": label_column,
+        "label_separator": label_separator,
+        "patient_column": patient_column,
+        "split_file": str(split_file) if split_file is not None else None,
+        "no_finding": no_finding,
+    }
+    return {k: v for k, v in given.items() if v is not None} or None
 
 
 def _trackable(job: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -148,6 +194,12 @@ def audit(
             help="Check how well acquisition cues alone (size, format, scanner...) predict each class"
         ),
     ] = True,
+    path_column: PathColumnOption = None,
+    label_column: LabelColumnOption = None,
+    label_separator: LabelSeparatorOption = None,
+    patient_column: PatientColumnOption = None,
+    split_file: SplitFileOption = None,
+    no_finding_label: NoFindingOption = None,
 ) -> None:
     """Counts, unreadable files, exact and near duplicates, leakage between splits, label conflicts, shift,
     shortcuts."""
@@ -161,6 +213,9 @@ def audit(
         progress=progress,
         check_shift=shift,
         check_shortcut=shortcuts,
+        manifest=_manifest_options(
+            path_column, label_column, label_separator, patient_column, split_file, no_finding_label
+        ),
     )
     report.render(Console())
     report.write_json(out)
@@ -291,9 +346,23 @@ def train(
     task: Annotated[
         str | None,
         typer.Option(
-            help="multiclass or ordinal (grades 0..K-1, trained with a CORN head; predictions are a grade and "
-            "a distribution over grades). Default: what the data declare (class folders named 0..K-1, "
-            "RetinaMNIST: ordinal)"
+            help="multiclass, ordinal (grades 0..K-1, trained with a CORN head; predictions are a grade and "
+            "a distribution over grades) or multilabel (findings: a sigmoid each). Default: what the data "
+            "declare (class folders named 0..K-1, RetinaMNIST: ordinal; '|'-joined labels, 2-D npz labels: "
+            "multilabel)"
+        ),
+    ] = None,
+    path_column: PathColumnOption = None,
+    label_column: LabelColumnOption = None,
+    label_separator: LabelSeparatorOption = None,
+    patient_column: PatientColumnOption = None,
+    split_file: SplitFileOption = None,
+    no_finding_label: NoFindingOption = None,
+    multilabel_loss: Annotated[
+        str | None,
+        typer.Option(
+            help="Multi-label findings: bce (binary cross-entropy, positives weighted by each finding's "
+            "negatives per positive; default) or asymmetric (Ridnik et al. 2021)"
         ),
     ] = None,
 ) -> None:
@@ -332,6 +401,10 @@ def train(
         "threads": threads,
         "shortcut_mitigation": shortcut_mitigation,
         "task": task,
+        "manifest": _manifest_options(
+            path_column, label_column, label_separator, patient_column, split_file, no_finding_label
+        ),
+        "multilabel_loss": multilabel_loss,
     }
     if include_train_copies:
         settings["include_train_copies"] = True
@@ -477,6 +550,12 @@ def evaluate(
     track: TrackOption = False,
     tracking_uri: TrackingUriOption = None,
     experiment: ExperimentOption = "medclf",
+    path_column: PathColumnOption = None,
+    label_column: LabelColumnOption = None,
+    label_separator: LabelSeparatorOption = None,
+    patient_column: PatientColumnOption = None,
+    split_file: SplitFileOption = None,
+    no_finding_label: NoFindingOption = None,
 ) -> None:
     """metrics.json, predictions.csv, ROC/confusion/reliability plots and report.html for one split."""
     from medclf.api import evaluate as run_evaluate
@@ -499,6 +578,9 @@ def evaluate(
         class_map=class_map,
         operating_point=operating_point,
         min_group_n=min_group_n,
+        manifest=_manifest_options(
+            path_column, label_column, label_separator, patient_column, split_file, no_finding_label
+        ),
     )
 
 
@@ -776,7 +858,11 @@ def info(
     print(f"validation  n={val.get('n')} accuracy={val.get('accuracy')} auc={val.get('auc')}")
     gate = m.get("sanity")
     if gate is not None:
-        if gate.get("passed"):
+        if gate.get("passed") and m.get("task") == "multilabel":  # no single-label references for findings
+            print(
+                "sanity      passed (the schedule only: findings have no majority-class or thumbnail reference)"
+            )
+        elif gate.get("passed"):
             print("sanity      passed (clearly better than the majority class and a thumbnail baseline)")
         else:
             print("sanity      FAILED: " + "; ".join(gate.get("warnings", [])))
@@ -887,9 +973,16 @@ def baseline(
     workers: Annotated[int | None, typer.Option(help="Processes for decoding and features")] = None,
     cache_dir: Annotated[str | None, typer.Option(help="Where preprocessed tensors are cached")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+    path_column: PathColumnOption = None,
+    label_column: LabelColumnOption = None,
+    label_separator: LabelSeparatorOption = None,
+    patient_column: PatientColumnOption = None,
+    split_file: SplitFileOption = None,
+    no_finding_label: NoFindingOption = None,
 ) -> None:
     """Traditional-ML baseline: GLCM/LBP/HOG/intensity features and classical classifiers chosen on
-    validation AUC; writes the evaluate outputs for the test split and baseline.json."""
+    validation AUC (one-vs-rest per finding for multi-label data); writes the evaluate outputs for the test
+    split and baseline.json."""
     from medclf.api import baseline as run_baseline
 
     run_baseline(
@@ -902,6 +995,9 @@ def baseline(
         cache_dir=cache_dir,
         progress=progress,
         console=err,
+        manifest=_manifest_options(
+            path_column, label_column, label_separator, patient_column, split_file, no_finding_label
+        ),
     )
 
 

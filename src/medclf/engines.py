@@ -105,9 +105,14 @@ def build_runner(bundle: Bundle, engine: str) -> Runner:
     return _ENGINES[engine].build(bundle)
 
 
-def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Temperature-scaled softmax in float64: the one place every engine's logits become probabilities."""
+def probabilities(logits: np.ndarray, temperature: float = 1.0, task: str = "multiclass") -> np.ndarray:
+    """Temperature-scaled softmax in float64: the one place every engine's logits become probabilities.
+    Multi-label findings (``task="multilabel"``): an independent sigmoid per finding instead."""
     z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    if task == "multilabel":
+        from scipy.special import expit  # no overflow warning for large negative logits
+
+        return expit(z)
     z -= z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)

@@ -89,8 +89,14 @@ def ensemble(
     _check_compatible(members)
     base = max(members, key=lambda b: int(np.prod(b.spec.size)))
     classes = base.classes
+    multilabel = _task(base) == "multilabel"
+    if multilabel and method != "mean":
+        raise ConfigError(
+            "multi-label members are fused by the mean of their per-finding probabilities: --method mean"
+        )
 
-    samples = load_source(data, default_split="train")
+    options = base.manifest.get("data", {}).get("manifest_options")
+    samples = load_source(data, default_split="train", manifest=options)
     if samples.classes != classes:
         raise DataError(
             f"{data}: classes {samples.classes} differ from the members' {classes}; "
@@ -113,7 +119,7 @@ def ensemble(
         extra_train_hashes=set().union(*train_hashes),
     )
     labels = samples.labels
-    readable = prepared.ok & (labels >= 0)
+    readable = prepared.ok & samples.known
     for j, b in enumerate(members):
         rebuilt = {prepared.hashes[i] for i in np.flatnonzero(is_train[j] & readable)}
         if rebuilt != train_hashes[j]:
@@ -155,7 +161,15 @@ def ensemble(
     cal = TemperatureFit(1.0, 0, None, None, None, None, note="calibration not asked for: T = 1")
     val_metrics: dict[str, Any] | None = None
     member_fit_metrics: list[dict[str, Any] | None] = [None] * len(members)
-    if fit_lp is not None and enough:
+    thresholds: dict[str, Any] | None = None
+    if multilabel:
+        cal.note = "multi-label: the mean of the members' per-finding sigmoids, no temperature"
+    if multilabel and fit_lp is not None and enough:
+        with torch.no_grad():
+            fused = model.fuse(torch.from_numpy(fit_lp).float()).double().numpy()
+        val_metrics, thresholds = _findings_metrics(y_fit, 1.0 / (1.0 + np.exp(-fused)), classes, seed)
+        member_fit_metrics = [_metrics(y_fit, fit_lp[j], classes, seed) for j in range(len(members))]
+    elif fit_lp is not None and enough:
         with torch.no_grad():
             fused = model.fuse(torch.from_numpy(fit_lp).float()).double().numpy()
         if calibrate:
@@ -173,11 +187,13 @@ def ensemble(
         if fitted_here:
             val_metrics["note"] = f"{' and '.join(fitted_here)} were fitted on these same samples"
         member_fit_metrics = [_metrics(y_fit, fit_lp[j], classes, seed) for j in range(len(members))]
-    elif calibrate:
+    elif calibrate and not multilabel:
         cal.note = (
             f"{len(fit_idx)} validation samples shared by all members (need {MIN_FIT}, two classes): T = 1; "
             "each member is calibrated on its own validation split"
         )
+    if multilabel and thresholds is None:  # too few shared validation samples to choose them
+        thresholds = _mean_thresholds(members, classes)
     member_own_metrics = [
         _metrics(labels[own_val[j]], log_probs[j][own_val[j]], classes, seed) for j in range(len(members))
     ]
@@ -227,6 +243,7 @@ def ensemble(
         },
         "classes": classes,
         "task": _task(base),  # members share it (_check_compatible); the fused grades are a distribution too
+        **({"thresholds": thresholds} if thresholds else {}),
         "preprocess": base.spec.to_dict(),
         "input": base.manifest.get(
             "input", {"shape": list(base.spec.input_shape), "dtype": "float32", "value_range": [0.0, 1.0]}
@@ -238,6 +255,8 @@ def ensemble(
             "fingerprint": prepared.fingerprint,
             "counts": combined.summary(),
             "n_unreadable": len(prepared.errors),
+            # How the members read a CSV (a split file, other columns): export reads it the same way.
+            **({"manifest_options": options} if options else {}),
         },
         "metrics": metrics,
         "ensemble": fusion,
@@ -245,7 +264,8 @@ def ensemble(
         "calibration": cal.to_dict(),
     }
     union_hashes = sorted(set().union(*train_hashes))
-    detector = _fit_ood(model, prepared.tensors, is_train[-1] & readable, own_val[-1], labels, seed)
+    ood_labels = np.zeros(len(samples), dtype=np.int64) if multilabel else labels  # one distribution
+    detector = _fit_ood(model, prepared.tensors, is_train[-1] & readable, own_val[-1], ood_labels, seed)
     manifest["ood"] = detector.manifest()
     union_rows = np.flatnonzero(is_train.any(axis=0) & prepared.ok)
     signatures = aligned_signatures(union_hashes, prepared.hashes, prepared.scan.signatures, union_rows)
@@ -395,7 +415,10 @@ def _task(b: Bundle) -> str:
 
 
 def _ensemble_kwargs(members: list[Bundle], method: str) -> dict[str, Any]:
+    # Multi-label members fuse per-finding sigmoids (said only then: other ensembles' kwargs are unchanged).
+    extra = {"multilabel": True} if _task(members[0]) == "multilabel" else {}
     return {
+        **extra,
         "members": [
             {
                 "arch": b.arch,
@@ -467,9 +490,44 @@ def _member_log_probs(model: Ensemble, j: int, tensors: np.ndarray, rows: np.nda
     return out
 
 
+def _findings_metrics(
+    y: np.ndarray, probs: np.ndarray, classes: list[str], seed: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Multi-label validation metrics of the fused probabilities at per-finding thresholds chosen on these
+    same samples (Youden), and those thresholds as the bundle records them."""
+    from medclf.metrics.multilabel import choose_thresholds, multilabel_metrics
+
+    t, notes = choose_thresholds(y, probs)
+    m = multilabel_metrics(y, probs, classes, thresholds=t, n_bootstrap=200, seed=seed)
+    m["notes"] = [*notes, *m["notes"]]
+    val = {"n": len(y), "auc": m["macro_auc"], "macro_auc": m["macro_auc"], "map": m["map"], "multilabel": m}
+    val["note"] = "the per-finding thresholds were chosen on these same samples"
+    record = {
+        "rule": "youden",
+        "fitted_on": "validation shared by the members",
+        "labels": dict(zip(classes, map(float, t), strict=True)),
+    }
+    return val, record
+
+
+def _mean_thresholds(members: list[Bundle], classes: list[str]) -> dict[str, Any] | None:
+    """Each finding's threshold as the mean of the members' (0.5 for a member without one)."""
+    per_member = [(b.manifest.get("thresholds") or {}).get("labels") or {} for b in members]
+    return {
+        "rule": "mean of the members' thresholds (too few shared validation samples to choose them)",
+        "fitted_on": "the members' validation splits",
+        "labels": {c: float(np.mean([t.get(c, 0.5) for t in per_member])) for c in classes},
+    }
+
+
 def _metrics(y: np.ndarray, log_probs: np.ndarray, classes: list[str], seed: int) -> dict[str, Any] | None:
     if len(y) == 0:
         return None
+    if y.ndim == 2:  # multi-label: per-finding sigmoids
+        from medclf.metrics.multilabel import multilabel_metrics
+
+        m = multilabel_metrics(y, np.exp(log_probs), classes, n_bootstrap=200, seed=seed)
+        return {"n": len(y), "auc": m["macro_auc"], "map": m["map"], "multilabel": m}
     return compute_metrics(y, np.exp(log_probs), classes, n_bootstrap=200, seed=seed)
 
 

@@ -8,7 +8,7 @@ and :func:`ood_answer`; an input that cannot be used gets an ``error`` entry wit
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +84,21 @@ def ood_answer(flag: bool, score: float, threshold: float) -> dict[str, Any]:
     return answer
 
 
-def class_answer(classes: Sequence[str], probs: np.ndarray, task: str = "multiclass") -> dict[str, Any]:
+def class_answer(
+    classes: Sequence[str],
+    probs: np.ndarray,
+    task: str = "multiclass",
+    thresholds: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
     """The class fields of one answer: ``predicted``, ``confidence`` and ``probabilities``; for ordinal grades
-    also ``grade`` (the median of the distribution, what the ordinal model was selected and evaluated on)."""
+    also ``grade`` (the median of the distribution, what the ordinal model was selected and evaluated on).
+
+    Multi-label findings (``task="multilabel"``): ``findings`` (per finding its probability, its operating
+    threshold from ``thresholds`` (0.5 when the bundle has none) and whether it is ``present``) and
+    ``positive`` (the findings present); ``predicted`` joins them with ``|`` (``No Finding`` when none is)
+    and ``confidence`` is the certainty of the least certain per-finding decision (p, or 1 - p when absent)."""
+    if task == "multilabel":
+        return _findings_answer(classes, probs, thresholds or {})
     ordinal = task == "ordinal"
     k = int(median_grade(probs[None])[0]) if ordinal else int(np.argmax(probs))
     answer: dict[str, Any] = {
@@ -102,3 +114,24 @@ def class_answer(classes: Sequence[str], probs: np.ndarray, task: str = "multicl
             "expected_index": float(np.dot(np.arange(len(probs)), probs)),
         }
     return answer
+
+
+NO_FINDING = "No Finding"
+
+
+def _findings_answer(
+    classes: Sequence[str], probs: np.ndarray, thresholds: Mapping[str, float]
+) -> dict[str, Any]:
+    findings: dict[str, dict[str, Any]] = {}
+    for c, p in zip(classes, probs, strict=True):
+        t = float(thresholds.get(c, 0.5))
+        findings[c] = {"probability": float(p), "threshold": t, "present": bool(p >= t)}
+    positive = [c for c, f in findings.items() if f["present"]]
+    certainty = [f["probability"] if f["present"] else 1.0 - f["probability"] for f in findings.values()]
+    return {
+        "predicted": "|".join(positive) or NO_FINDING,
+        "confidence": float(min(certainty)) if certainty else 1.0,
+        "probabilities": {c: f["probability"] for c, f in findings.items()},
+        "findings": findings,
+        "positive": positive,
+    }

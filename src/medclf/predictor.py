@@ -206,8 +206,9 @@ class Predictor:
             return predict_with_tta(plain, x, views)
         _, run = self.runner(engine)
         temperature = self.temperature if calibrated else 1.0
+        task = self.manifest.get("task", "multiclass")
         out = [
-            probabilities(run(x[start : start + batch_size]), temperature)
+            probabilities(run(x[start : start + batch_size]), temperature, task)
             for start in range(0, len(x), batch_size)
         ]
         if not out:
@@ -245,7 +246,9 @@ class Predictor:
             ood = self.ood_scores(x, engine=engine)
             detector = self.ood
             for j, ((slot, _), p) in enumerate(zip(pending, probs, strict=True)):
-                results[slot].update(class_answer(self.classes, p, self.manifest.get("task", "multiclass")))
+                task = self.manifest.get("task", "multiclass")
+                thresholds = (self.manifest.get("thresholds") or {}).get("labels")
+                results[slot].update(class_answer(self.classes, p, task, thresholds))
                 if point is not None:
                     # The bundle's operating point (medclf recalibrate): a yes/no call at a site's threshold.
                     results[slot]["decision"] = point.decide(float(p[columns].sum()))

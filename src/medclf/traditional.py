@@ -361,6 +361,9 @@ def validation_auc(y: np.ndarray, probs: np.ndarray) -> float | None:
 
     y = np.asarray(y)
     k = probs.shape[1]
+    if y.ndim == 2:  # multi-label findings: macro AUC over the findings with positives and negatives
+        scorable = [j for j in range(k) if 0 < y[:, j].sum() < len(y)]
+        return float(np.mean([roc_auc_score(y[:, j], probs[:, j]) for j in scorable])) if scorable else None
     present = [c for c in range(k) if (y == c).any()]
     if len(present) < 2:
         return None
@@ -449,11 +452,20 @@ class _Candidate:
 
 
 def _full_probs(model: Any, x: np.ndarray, n_classes: int) -> np.ndarray:
-    """Class probabilities as ``(n, n_classes)``: columns of classes absent from training are 0."""
+    """Class probabilities as ``(n, n_classes)``: columns of classes absent from training are 0. A
+    one-vs-rest model (multi-label findings) gives one probability per finding already."""
     p = model.predict_proba(x)
+    if _is_ovr(model):
+        return np.asarray(p, dtype=np.float64)
     out = np.zeros((len(x), n_classes), dtype=np.float64)
     out[:, np.asarray(model.classes_, dtype=np.int64)] = p
     return out
+
+
+def _is_ovr(model: Any) -> bool:
+    from sklearn.multiclass import OneVsRestClassifier
+
+    return isinstance(model, OneVsRestClassifier)
 
 
 def select_model(
@@ -467,6 +479,7 @@ def select_model(
     seed: int = 0,
     workers: int = 1,
     console: Console | None = None,
+    multilabel: bool = False,
 ) -> tuple[Any, _Candidate, list[_Candidate]]:
     """Fit every candidate of ``methods`` on the training features, score it on the validation features
     with :func:`validation_auc`, and return ``(best model, its candidate, all candidates)``.
@@ -481,6 +494,10 @@ def select_model(
         for params in GRIDS[method]:
             t0 = time.perf_counter()
             model = make_estimator(method, params, seed=seed, workers=workers)
+            if multilabel:  # one binary classifier per finding (scikit-learn's one-vs-rest)
+                from sklearn.multiclass import OneVsRestClassifier
+
+                model = OneVsRestClassifier(model)
             with threadpool_limits(limits=workers), warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", ConvergenceWarning)
                 model.fit(x_train, y_train)
@@ -491,7 +508,12 @@ def select_model(
                 method=method,
                 params=dict(params),
                 val_auc=validation_auc(y_val, p_val),
-                val_accuracy=float((p_val.argmax(axis=1) == y_val).mean()),
+                # Multi-label: the accuracy of the per-finding decisions at 0.5.
+                val_accuracy=float(
+                    ((p_val >= 0.5) == (y_val == 1)).mean()
+                    if multilabel
+                    else (p_val.argmax(axis=1) == y_val).mean()
+                ),
                 fit_seconds=seconds,
                 note=note,
             )
@@ -557,9 +579,13 @@ def run_baseline(
     progress: bool = True,
     console: Console | None = None,
     val_fraction: float = DEFAULT_VAL_FRACTION,
+    manifest: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Features + classical classifiers on ``data``; writes the ``evaluate`` outputs and ``baseline.json``
-    to ``out`` and returns the test metrics with a ``baseline`` key (selection table, features, times)."""
+    to ``out`` and returns the test metrics with a ``baseline`` key (selection table, features, times).
+    Multi-label findings: each classifier one-vs-rest (one binary classifier per finding), each finding's
+    threshold chosen on validation, scored as ``evaluate`` scores a multi-label bundle. ``manifest``: how to
+    read a CSV manifest (:class:`medclf.data.sources.ManifestOptions`)."""
     from rich.console import Console
 
     from medclf.data.cache import prepare
@@ -569,7 +595,8 @@ def run_baseline(
     console = console or Console(stderr=True, soft_wrap=True)
     names = check_methods(methods)
     workers = workers or min(4, os.cpu_count() or 1)
-    samples, given_train = _load_with_validation(data, val_fraction, seed)
+    samples, given_train = _load_with_validation(data, val_fraction, seed, manifest)
+    multilabel = samples.task == "multilabel"
     spec = feature_spec(samples, size=size, seed=seed)
     console.print(
         f"[bold]Baseline[/] on {data}: {len(samples)} samples, greyscale {spec.size[0]} px, "
@@ -611,6 +638,7 @@ def run_baseline(
         seed=seed,
         workers=workers,
         console=console,
+        multilabel=multilabel,
     )
     times["fit_seconds"] = time.perf_counter() - t0
     console.print(f"Selected [bold]{best.method}[/] ({_params_text(best.params)})")
@@ -639,33 +667,57 @@ def run_baseline(
     sections = _report_sections(data, best, table, model, summary, spec, rate, workers, times)
     if prepared.errors:
         sections["Unreadable files (left out)"] = prepared.errors[:50]
-    split = np.array(samples.splits)
-    metrics = write_evaluation(
-        out,
-        samples=samples,
-        labels=labels,
-        probs=probs,
-        ok=prepared.ok,
-        train_copy=np.where(split == "test", rows.test_copy, prepared.train_copy),
-        errors=[str(m or "unreadable") for m in prepared.scan.messages],
-        split="test",
-        classes=list(samples.classes),
-        seed=seed,
-        title=f"medclf baseline: {Path(str(data)).name} / test ({best.method})",
-        sections=sections,
-        extra={"model": f"baseline {best.method} ({_params_text(best.params)})"},
-        console=console,
-    )
+    train_copy = np.where(np.array(samples.splits) == "test", rows.test_copy, prepared.train_copy)
+    if multilabel:
+        from medclf.evaluation.findings import write_findings_evaluation
+        from medclf.metrics.multilabel import choose_thresholds
+
+        # Each finding's operating point on validation, as training chooses a network's.
+        thresholds, _ = choose_thresholds(labels[rows.val], _full_probs(model, x_val, k))
+        summary["thresholds"] = dict(zip(samples.classes, map(float, thresholds), strict=True))
+        metrics = write_findings_evaluation(
+            out,
+            samples=samples,
+            labels=labels,
+            probs=probs,
+            findings=list(samples.classes),
+            thresholds=thresholds,
+            ok=prepared.ok,
+            train_copy=train_copy,
+            split="test",
+            seed=seed,
+            title=f"medclf baseline: {Path(str(data)).name} / test ({best.method}, one vs rest)",
+            sections=sections,
+            extra={"model": f"baseline {best.method} one-vs-rest ({_params_text(best.params)})"},
+            console=console,
+        )
+    else:
+        metrics = write_evaluation(
+            out,
+            samples=samples,
+            labels=labels,
+            probs=probs,
+            ok=prepared.ok,
+            train_copy=train_copy,
+            errors=[str(m or "unreadable") for m in prepared.scan.messages],
+            split="test",
+            classes=list(samples.classes),
+            seed=seed,
+            title=f"medclf baseline: {Path(str(data)).name} / test ({best.method})",
+            sections=sections,
+            extra={"model": f"baseline {best.method} ({_params_text(best.params)})"},
+            console=console,
+        )
     summary["times"]["total_seconds"] = round(time.perf_counter() - t_start, 3)
     summary["test"] = {
         "n": metrics["n"],
         "auc": metrics["auc"],
-        "accuracy": metrics["accuracy"],
+        "accuracy": metrics.get("accuracy"),  # multi-label: per finding, in metrics.json
         "n_removed_duplicates": metrics["n_removed_duplicates"],
         "all_samples": {
             "n": metrics["all_samples"]["n"],
             "auc": metrics["all_samples"]["auc"],
-            "accuracy": metrics["all_samples"]["accuracy"],
+            "accuracy": metrics["all_samples"].get("accuracy"),
         },
     }
     out = Path(out)
@@ -673,14 +725,16 @@ def run_baseline(
     return {**metrics, "baseline": summary}
 
 
-def _load_with_validation(data: str | Path, val_fraction: float, seed: int) -> tuple[SampleSet, np.ndarray]:
+def _load_with_validation(
+    data: str | Path, val_fraction: float, seed: int, manifest: dict[str, str] | None
+) -> tuple[SampleSet, np.ndarray]:
     """The dataset with a validation split (carved from training when it has none), and which samples the
     dataset itself put in its training split."""
     from medclf.data.sources import load_source
     from medclf.data.splits import ensure_validation
     from medclf.errors import DataError
 
-    samples = load_source(data, default_split="train")
+    samples = load_source(data, default_split="train", manifest=manifest)
     if not samples.has_split("train"):
         raise DataError(f"{data}: no training split found")
     if not samples.has_split("test"):
@@ -711,7 +765,7 @@ def _baseline_rows(
 
     split = np.array(samples.splits)
     labels = samples.labels
-    usable = prepared.ok & (labels >= 0)
+    usable = prepared.ok & samples.known
     train_idx = np.flatnonzero(usable & (split == "train"))
     val_all = usable & (split == "val")
     n_val_copies = int((val_all & prepared.train_copy).sum())
@@ -731,7 +785,11 @@ def _baseline_rows(
             "after removing unreadable files and validation copies of training samples, the train, "
             f"validation or test split is empty ({len(train_idx)} / {len(val_idx)} / {len(test_idx)})"
         )
-    if len(np.unique(labels[train_idx])) < 2:
+    if samples.task == "multilabel":
+        positives = labels[train_idx].sum(axis=0)
+        if not ((positives > 0) & (positives < len(train_idx))).any():
+            raise DataError("no finding has both positive and negative training images: nothing to learn")
+    elif len(np.unique(labels[train_idx])) < 2:
         raise DataError("the training split holds a single class: nothing to learn")
     if n_val_copies:
         console.print(

@@ -44,7 +44,8 @@ class TrainingData:
         if len(idx) <= n:
             return np.asarray(idx)
         rng = np.random.default_rng(seed)
-        y = self.samples.labels[idx]
+        # Multi-label: each set of findings in proportion.
+        y = self.samples.label_set_view().labels[idx]
         picked: list[np.ndarray] = []
         for c in np.unique(y):
             members = idx[y == c]
@@ -65,7 +66,9 @@ def load_training_data(
     """Load ``data`` as training did for ``bundle``: the same validation split (the recipe's split seed and
     fraction, or its K-fold fold), the same spec, validation copies of training samples left out."""
     console = console or Console(stderr=True, soft_wrap=True)
-    samples = load_source(data, default_split="train")
+    # A CSV read with options at training (a split file, other column names) is read the same way here.
+    options = bundle.manifest.get("data", {}).get("manifest_options")
+    samples = load_source(data, default_split="train", manifest=options)
     if not samples.has_split("train"):
         raise DataError(f"{data}: no training split found")
     if list(samples.classes) != list(bundle.classes):
@@ -78,7 +81,7 @@ def load_training_data(
         samples, bundle.spec, cache_dir=cache_dir, workers=workers, progress=progress, console=console
     )
     splits = np.array(samples.splits)
-    labelled = prepared.ok & (samples.labels >= 0)
+    labelled = prepared.ok & samples.known
     train_idx = np.flatnonzero(labelled & (splits == "train"))
     val_idx = np.flatnonzero(labelled & (splits == "val") & ~prepared.train_copy)
     if len(train_idx) == 0 or len(val_idx) == 0:
@@ -93,7 +96,16 @@ def load_training_data(
     return TrainingData(samples, prepared, train_idx, val_idx, same)
 
 
-def val_scores(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, float | int | None]:
-    """Accuracy and AUC (as ``evaluate`` computes them, no bootstrap) for before/after records."""
+def val_scores(
+    y: np.ndarray, probs: np.ndarray, classes: list[str], thresholds: np.ndarray | None = None
+) -> dict[str, float | int | None]:
+    """Accuracy and AUC (as ``evaluate`` computes them, no bootstrap) for before/after records. Multi-label
+    findings (``y`` (N, K)): macro AUC, and the accuracy of the per-finding decisions at ``thresholds``
+    (the bundle's; 0.5 without) over all (image, finding) pairs."""
+    if y.ndim == 2:
+        from medclf.metrics.multilabel import multilabel_metrics
+
+        m = multilabel_metrics(y, probs, classes, thresholds=thresholds, n_bootstrap=0)
+        return {"n": len(y), "accuracy": 1.0 - m["hamming_loss"], "auc": m["macro_auc"]}
     m = compute_metrics(y, probs, classes, n_bootstrap=0)
     return {"n": len(y), "accuracy": m["accuracy"], "auc": m["auc"]}

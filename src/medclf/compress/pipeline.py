@@ -94,16 +94,18 @@ class _Work:
     kwargs: dict[str, Any]
     temperature: float
     console: Console
+    task: str = "multiclass"
+    thresholds: np.ndarray | None = None  # a multi-label bundle's per-finding operating points
     steps: list[dict[str, Any]] = field(default_factory=list)
     history: list[dict[str, float]] | None = None
 
     def scores(self, probs: np.ndarray) -> dict[str, Any]:
         assert self.td is not None
-        return val_scores(self.td.val_y, probs, self.src.classes)
+        return val_scores(self.td.val_y, probs, self.src.classes, self.thresholds)
 
     def val_scores_of(self, model: nn.Module, temperature: float = 1.0) -> dict[str, Any]:
         assert self.val_x is not None
-        return self.scores(_torch_probs(model, self.val_x, temperature))
+        return self.scores(_torch_probs(model, self.val_x, temperature, self.task))
 
 
 def export_bundle(
@@ -147,6 +149,10 @@ def export_bundle(
     t_start = time.perf_counter()
     src = as_predictor(bundle)
     distill = student is not None or distill_from is not None
+    if src.manifest.get("task") == "multilabel" and (prune or distill):
+        raise ConfigError(
+            "pruning and distillation of a multi-label bundle are not supported; use --onnx/--int8"
+        )
     _check_request(onnx=onnx, int8=int8, prune=prune, distill=distill, data=data, epochs=epochs, lr=lr)
     tuning = _Tuning(
         epochs=epochs,
@@ -204,6 +210,7 @@ def _start(
         else None
     )
     m = src.manifest["model"]
+    thresholds_of = (src.manifest.get("thresholds") or {}).get("labels")
     return _Work(
         src=src,
         td=td,
@@ -213,6 +220,8 @@ def _start(
         kwargs=dict(m.get("kwargs", {})),
         temperature=src.temperature,
         console=console,
+        task=str(src.manifest.get("task", "multiclass")),
+        thresholds=np.array([float(thresholds_of[c]) for c in src.classes]) if thresholds_of else None,
     )
 
 
@@ -467,7 +476,7 @@ def _onnx(w: _Work, onnx_path: Path, parity_samples: int, seed: int) -> np.ndarr
             (parity_samples, *src.spec.input_shape), dtype=np.float32
         )
         samples_note = f"random inputs in [0, 1] (n={parity_samples}; no --data given)"
-    parity = check_parity(w.model, onnx_path, check_x, temperature=w.temperature)
+    parity = check_parity(w.model, onnx_path, check_x, temperature=w.temperature, task=w.task)
     parity["samples"] = samples_note
     if parity["max_abs_prob_diff"] > PARITY_TOLERANCE:
         raise BundleError(
@@ -482,7 +491,7 @@ def _onnx(w: _Work, onnx_path: Path, parity_samples: int, seed: int) -> np.ndarr
     )
     fp32_probs = None
     if val_x is not None:
-        fp32_probs = probabilities(_batched(OnnxRunner(onnx_path), val_x), w.temperature)
+        fp32_probs = probabilities(_batched(OnnxRunner(onnx_path), val_x), w.temperature, w.task)
         step["val_after"] = w.scores(fp32_probs)
     w.steps.append(step)
     return fp32_probs
@@ -502,7 +511,7 @@ def _int8(
     assert td is not None and val_x is not None
     calib = td.tensors(td.stratified(td.train_idx, calibration_samples, seed))
     qinfo = quantize_int8(fp32_path, int8_path, calib, fmt=int8_format)
-    int8_probs = probabilities(_batched(OnnxRunner(int8_path), val_x), w.temperature)
+    int8_probs = probabilities(_batched(OnnxRunner(int8_path), val_x), w.temperature, w.task)
     fp32_val, int8_val = w.scores(fp32_probs), w.scores(int8_probs)
     size_ratio = round(fp32_path.stat().st_size / int8_path.stat().st_size, 2)
     w.steps.append(
@@ -518,6 +527,14 @@ def _int8(
             "max_abs_prob_diff_vs_fp32": float(np.abs(fp32_probs - int8_probs).max()),
         }
     )
+    if w.task == "multilabel":  # the same decision per finding, at the bundle's thresholds
+        classes = w.src.classes
+        t = w.thresholds if w.thresholds is not None else np.full(len(classes), 0.5)
+        same = (fp32_probs >= t) == (int8_probs >= t)
+        w.steps[-1]["agreement_with_fp32"] = float(same.mean())
+        w.steps[-1]["agreement_per_finding_with_fp32"] = dict(
+            zip(classes, map(float, same.mean(axis=0)), strict=True)
+        )
     w.console.print(
         f"[bold]int8[/] ({qinfo['format']}, {qinfo['weights']}, calibrated on {len(calib)} training "
         f"samples): validation accuracy {fp32_val['accuracy']:.4f} -> {int8_val['accuracy']:.4f}, "
@@ -660,8 +677,8 @@ def _batched(run: Any, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
     return np.concatenate([run(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def _torch_probs(model: nn.Module, x: np.ndarray, temperature: float) -> np.ndarray:
-    return probabilities(_batched(TorchRunner(model), x), temperature)
+def _torch_probs(model: nn.Module, x: np.ndarray, temperature: float, task: str = "multiclass") -> np.ndarray:
+    return probabilities(_batched(TorchRunner(model), x), temperature, task)
 
 
 def _f(v: float | None) -> str:

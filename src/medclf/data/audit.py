@@ -101,7 +101,8 @@ class AuditReport:
                 str(c["total"]),
                 f"{c['exact']} exact + {c['near_only']} near, of {c['of']} ({_pct(c['total'], c['of'])})",
             )
-        it.add_row("label conflicts", str(len(d["label_conflicts"])), "same picture, different classes")
+        what = "different sets of findings" if d.get("task") == "multilabel" else "different classes"
+        it.add_row("label conflicts", str(len(d["label_conflicts"])), f"same picture, {what}")
         it.add_row("constant images", str(d["constant_images"]), "no content to learn from")
         shift = d.get("split_shift")
         if shift and shift["results"]:
@@ -116,6 +117,11 @@ class AuditReport:
         if d["patients"]["with_ids"]:
             it.add_row("patients in several splits", str(d["patients"]["crossing_splits"]), "")
         console.print(it)
+        f = d.get("findings")
+        if f:
+            by_n = ", ".join(f"{k}: {v}" for k, v in f["images_by_number_of_findings"].items())
+            top = "; ".join(f"{escape(' + '.join(p['findings']))} {p['images']}" for p in f["top_pairs"][:5])
+            console.print(f"[bold]findings per image[/] {by_n}   [bold]most frequent pairs[/] {top or '-'}")
 
         sizes = "; ".join(
             f"{k}: per axis min {_fmt_size(v['min'])}, median {_fmt_size(v['median'])}, max "
@@ -220,13 +226,18 @@ def audit(
     sr = scan_result if scan_result is not None else scan(samples, workers=workers, progress=progress)
     if len(sr) != len(samples):
         raise ValueError(f"scan_result has {len(sr)} samples, the sample set {len(samples)}")
+    findings = _findings_summary(samples) if samples.task == "multilabel" else None
+    counted = samples
+    # Multi-label: duplicates, shift and shortcuts compare sets of findings (a conflict is the same picture
+    # with two different sets); the counts above stay per finding.
+    samples = samples.label_set_view()
     n = len(samples)
     splits = [s for s in SPLITS if s in samples.splits]
     refs = [samples.display_ref(i) for i in range(n)]
     warn: list[tuple[int, str]] = []  # (priority, text): lower is more serious
 
-    # Counts and balance
-    counts = {s: samples.class_counts(s) for s in splits}
+    # Counts and balance (per finding for multi-label data)
+    counts = {s: counted.class_counts(s) for s in splits}
     imbalance: dict[str, float | None] = {}
     for s in splits:
         present = [v for v in counts[s].values() if v > 0]
@@ -243,7 +254,7 @@ def audit(
                     "and per-class recall, not only accuracy",
                 )
             )
-    unlabelled = int((samples.labels < 0).sum())
+    unlabelled = int((~samples.known).sum())
     if unlabelled:
         warn.append((5, f"{_n(unlabelled, 'sample')} without a label"))
 
@@ -377,7 +388,9 @@ def audit(
         "source": samples.source,
         "kind": samples.kind,
         "n_samples": n,
-        "classes": list(samples.classes),
+        "classes": list(counted.classes),
+        "task": counted.task,
+        "findings": findings,
         "splits": splits,
         "counts": counts,
         "imbalance_ratio": imbalance,
@@ -451,6 +464,33 @@ def _shortcut_summary(
     for text in report.warnings():
         warn.append((1, text))
     return report.to_manifest()
+
+
+def _findings_summary(samples: SampleSet) -> dict[str, Any]:
+    """Multi-label data: images per number of findings, the co-occurrence of findings (images showing both,
+    per pair, overall and per split) and the most frequent pairs."""
+    known = samples.known
+    per_image = samples.labels[known].sum(axis=1)
+    both = samples.co_occurrence()
+    names = samples.classes
+    pairs: list[dict[str, Any]] = [
+        {"findings": [names[i], names[j]], "images": int(both[i, j])}
+        for i in range(len(names))
+        for j in range(i + 1, len(names))
+        if both[i, j]
+    ]
+    pairs.sort(key=lambda p: -p["images"])
+    return {
+        "no_finding": int((per_image == 0).sum()),
+        "images_by_number_of_findings": {
+            str(k): int(v) for k, v in sorted(Counter(per_image.tolist()).items())
+        },
+        "co_occurrence": {"labels": list(names), "images": both.tolist()},
+        "co_occurrence_per_split": {
+            s: samples.co_occurrence(s).tolist() for s in SPLITS if s in samples.splits
+        },
+        "top_pairs": pairs[:10],
+    }
 
 
 def _patient_summary(samples: SampleSet) -> dict[str, Any]:

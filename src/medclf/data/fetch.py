@@ -59,6 +59,12 @@ MEDMNIST_MD5: dict[str, dict[int, str]] = {
         128: "0a97e76651ace45c5d943ee3f65b63ae",
         224: "abc493b6d529d5de7569faaef2773ba3",
     },
+    "chestmnist": {  # multi-label: 14 findings (a 2-D label array)
+        28: "02c8a6516a18b556561a56cbdd36c4a8",
+        64: "9de6cd0b934ebb5b7426cfba5efbae16",
+        128: "db107e5590b27930b62dbaf558aebee3",
+        224: "45bd33e6f06c3e8cdb481c74a89152aa",
+    },
     "retinamnist": {
         28: "bd4c0672f1bba3e3a89f0e4e876791e4",
         64: "afda852cc34dcda56f86ad2b2457dbcc",

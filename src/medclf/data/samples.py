@@ -17,9 +17,8 @@ DEFAULT_VAL_FRACTION = 0.15
 
 SPLITS = ("train", "val", "test")
 # What one label means: one class among K (unordered), or a grade 0..K-1 (ordered: grade 3 is closer to 4
-# than to 0). Multi-label findings are planned (issue 22) and refused at the source until the whole path
-# supports them.
-TASKS = ("multiclass", "ordinal")
+# than to 0), or any number of findings per image (multi-label: ``labels`` is then an (N, K) 0/1 matrix).
+TASKS = ("multiclass", "ordinal", "multilabel")
 
 
 @dataclass
@@ -28,7 +27,8 @@ class SampleSet:
 
     ``refs`` are file paths, or ``"<split>/<index>"`` for samples held in a ``.npz`` array (then
     ``arrays`` maps the npz split name to its image array). ``labels`` index into ``classes`` (-1 when
-    unknown). ``splits`` is one of :data:`SPLITS` per sample. ``patient_ids`` group samples that must never
+    unknown); for ``task="multilabel"`` they are an (N, K) multi-hot matrix over ``classes`` (the findings; a
+    row of zeros: no finding; a row of -1: unknown). ``splits`` is one of :data:`SPLITS` per sample. ``patient_ids`` group samples that must never
     be separated by a split (``None`` when the source has no ids). ``metadata`` holds a manifest's other
     columns (site, scanner, sex, ...), one string per sample (``""`` when blank), for subgroup evaluation and
     the shortcut audit.
@@ -51,6 +51,13 @@ class SampleSet:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         self.labels = np.asarray(self.labels, dtype=np.int64)
+        want_dims = 2 if self.task == "multilabel" else 1
+        if self.labels.ndim != want_dims and len(self.labels):
+            raise ValueError(
+                f"{self.task} labels must have {want_dims} dimension(s), got {self.labels.shape}"
+            )
+        if self.task == "multilabel":
+            self.labels = self.labels.reshape(len(self.labels), len(self.classes))
         n = len(self.refs)
         if not (len(self.labels) == len(self.splits) == len(self.patient_ids) == n):
             raise ValueError("refs, labels, splits and patient_ids must have the same length")
@@ -114,10 +121,43 @@ class SampleSet:
     def with_splits(self, splits: Sequence[str]) -> SampleSet:
         return replace(self, splits=list(splits))
 
+    @property
+    def known(self) -> np.ndarray:
+        """(N,) mask of the samples whose label is known."""
+        known = (self.labels >= 0).all(axis=1) if self.labels.ndim == 2 else self.labels >= 0
+        return np.asarray(known, dtype=bool)
+
     def class_counts(self, split: str | None = None) -> dict[str, int]:
+        """Samples per class (multi-label: images showing each finding)."""
         mask = np.ones(len(self), bool) if split is None else np.array([s == split for s in self.splits])
+        if self.labels.ndim == 2:
+            counts = self.labels[mask & self.known].sum(axis=0) if len(self) else np.zeros(len(self.classes))
+            return {c: int(n) for c, n in zip(self.classes, counts, strict=True)}
         counts = np.bincount(self.labels[mask & (self.labels >= 0)], minlength=len(self.classes))
         return {c: int(n) for c, n in zip(self.classes, counts, strict=True)}
+
+    def label_set_view(self, no_finding: str = "No Finding") -> SampleSet:
+        """Multi-label samples as one class per distinct set of findings (``"Effusion|Nodule"``, or
+        ``no_finding`` for the empty set; unknown rows stay -1), for checks that compare classes (duplicates
+        with different labels, shift within a class, acquisition shortcuts). Other tasks: ``self``."""
+        if self.task != "multilabel":
+            return self
+        known = self.known
+        keys = [
+            "|".join(c for c, v in zip(self.classes, row, strict=True) if v) or no_finding
+            for row in self.labels
+        ]
+        names = sorted({k for k, ok in zip(keys, known, strict=True) if ok})
+        codes = np.array(
+            [names.index(k) if ok else -1 for k, ok in zip(keys, known, strict=True)], dtype=np.int64
+        )
+        return replace(self, labels=codes, classes=names, task="multiclass")
+
+    def co_occurrence(self, split: str | None = None) -> np.ndarray:
+        """(K, K) multi-label images showing both findings i and j (the diagonal: finding i at all)."""
+        mask = self.known if split is None else self.known & np.array([s == split for s in self.splits])
+        y = self.labels[mask].astype(np.int64)
+        return y.T @ y
 
     def summary(self) -> dict[str, dict[str, int]]:
         """Counts per split and class, for printing and for bundle.json."""

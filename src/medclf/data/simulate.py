@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import csv
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -71,6 +71,7 @@ __all__ = [
     "CaseParams",
     "Lesion",
     "make_dataset",
+    "make_multilabel_dataset",
     "render_case",
     "render_case_with_labels",
     "sample_case_params",
@@ -906,4 +907,62 @@ def make_dataset(
             w = csv.writer(fh, lineterminator="\n")
             w.writerow(["path", "label", "patient_id", "split"])
             w.writerows(sorted(rows))
+    return out
+
+
+# ----------------------------------------------------------------------------------- multi-finding variant
+
+#: Findings of the multi-label variant: a lesion (a tumour or an oedema, as the classes above) and, drawn
+#: independently, atrophy (enlarged ventricles), so an image may show none, one or two findings.
+FINDINGS = ("atrophy", "oedema", "tumour")
+ATROPHY_VENTRICLE = (0.35, 0.5)  # beyond the healthy range (-0.06, 0.14) that sample_case_params draws
+NO_FINDING = "No Finding"
+
+
+def make_multilabel_dataset(
+    out_dir: str | Path,
+    *,
+    n: int = 60,
+    size: int = 32,
+    seed: int = 0,
+    splits: dict[str, float] = {"train": 0.7, "test": 0.3},  # noqa: B006 - read only, never mutated
+    atrophy_rate: float = 0.4,
+    difficulty: str = "moderate",
+) -> Path:
+    """Write a multi-label dataset of ``n`` simulated 2D brain MRI and return ``out_dir``.
+
+    Layout as NIH ChestX-ray14 ships it: ``images/<case>.png`` and ``manifest.csv`` with
+    ``path,label,patient_id,split`` where ``label`` holds the findings (:data:`FINDINGS`) joined by ``|``, or
+    ``No Finding``. Each case draws a lesion class (normal, tumour or oedema, a third each) and, independently
+    with probability ``atrophy_rate``, atrophy. Byte-identical for the same arguments; a non-empty
+    ``out_dir`` is refused."""
+    _difficulty(difficulty)
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty")
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    root = np.random.SeedSequence(seed)
+    order_seq, *case_seqs = root.spawn(1 + n)
+    order_rng = np.random.default_rng(order_seq)
+    names = list(splits)
+    counts = _split_counts(n, splits)
+    split_of = order_rng.permutation([s for s in names for _ in range(counts[s])])
+    rows = []
+    for k in range(n):
+        rng = np.random.default_rng(case_seqs[k])
+        lesion = CLASSES[int(rng.integers(len(CLASSES)))]
+        atrophy = bool(rng.random() < atrophy_rate)
+        params = sample_case_params(lesion, rng=rng, dims=2, size=size, difficulty=difficulty)
+        if atrophy:
+            params = replace(params, ventricle=float(rng.uniform(*ATROPHY_VENTRICLE)))
+        findings = sorted({lesion} - {"normal"} | ({"atrophy"} if atrophy else set()))
+        pid = f"p{k:04d}"
+        _write_png(out / "images" / f"{pid}.png", render_case(params)[0])
+        rows.append((f"images/{pid}.png", "|".join(findings) or NO_FINDING, pid, str(split_of[k])))
+    with (out / "manifest.csv").open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["path", "label", "patient_id", "split"])
+        w.writerows(rows)
     return out

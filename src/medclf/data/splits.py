@@ -22,7 +22,13 @@ def ensure_validation(
     train_idx = samples.indices("train")
     if len(train_idx) < 4:
         raise DataError(f"{samples.source}: only {len(train_idx)} training samples; need at least 4")
-    val_local = carve(samples.labels[train_idx], [samples.patient_ids[i] for i in train_idx], fraction, seed)
+    if samples.task == "multilabel":  # stratified on every finding at once, grouped by patient
+        known = np.maximum(samples.labels[train_idx], 0)
+        val_local = carve_multilabel(known, [samples.patient_ids[i] for i in train_idx], fraction, seed)
+    else:
+        val_local = carve(
+            samples.labels[train_idx], [samples.patient_ids[i] for i in train_idx], fraction, seed
+        )
     splits = list(samples.splits)
     for j in val_local:
         splits[int(train_idx[j])] = "val"
@@ -70,6 +76,10 @@ def fold_split(samples: SampleSet, fold: int, n_folds: int, *, seed: int = 0) ->
     """
     if n_folds < 2 or not 0 <= fold < n_folds:
         raise DataError(f"fold {fold} of {n_folds}: need at least 2 folds and 0 <= fold < folds")
+    if samples.task == "multilabel":
+        raise DataError(
+            "K-fold validation of multi-label data is not supported; use a carved validation split"
+        )
     train_idx = samples.indices("train")
     labels = samples.labels[train_idx]
     counts = np.bincount(labels[labels >= 0]) if (labels >= 0).any() else np.array([len(labels)])

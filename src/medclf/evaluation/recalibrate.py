@@ -81,6 +81,10 @@ def recalibrate(
     """
     console = console or Console(stderr=True, soft_wrap=True)
     b = as_predictor(bundle)
+    if b.manifest.get("task") == "multilabel":  # its operating points are per finding, chosen in training
+        raise ConfigError(
+            "recalibrate fits one temperature and one operating point: not for multi-label bundles"
+        )
     out = Path(out)
     if out.resolve() == b.path.resolve() or (
         isinstance(bundle, (str, Path)) and out.resolve() == Path(bundle).resolve()

@@ -60,6 +60,7 @@ def evaluate(
     class_map: str | Mapping[str, Sequence[str]] | ClassMap | None = None,
     operating_point: bool | None = None,
     min_group_n: int = MIN_GROUP_N,
+    manifest: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``bundle`` on ``split`` of ``data``; write the outputs to ``out`` and return the metrics.
 
@@ -81,10 +82,22 @@ def evaluate(
     b = as_predictor(bundle)
     engine = b.engine(engine)
     views = b.tta_views(tta)
-    samples = load_source(data, default_split="test")
+    samples = load_source(data, default_split="test", manifest=dict(manifest or {}))
     if not samples.has_split(split):
         have = ", ".join(sorted(set(samples.splits)))
         raise DataError(f"{data}: no {split!r} split (it has: {have}); choose one with --split")
+    if b.manifest.get("task") == "multilabel" or samples.task == "multilabel":
+        if b.manifest.get("task") != "multilabel":
+            raise DataError(
+                f"{data}: multi-label findings need a multi-label model; this one has one class per image"
+            )
+        from medclf.evaluation.findings import evaluate_findings
+
+        return evaluate_findings(
+            b, samples, data, out, split=split, include_train_copies=include_train_copies, cache_dir=cache_dir,
+            workers=workers, n_bootstrap=n_bootstrap, seed=seed, progress=progress, console=console,
+            engine=engine, views=views,
+        )  # fmt: skip
     cmap = _class_map(class_map, b.classes)
     if cmap is not None and robustness:
         raise ConfigError("--robustness attacks the model's own classes: run it without --class-map")

@@ -9,6 +9,10 @@ is a vector of logits whose softmax is the fused class probability:
 - ``stacking``: a linear layer (the meta-learner, fitted on validation) on the concatenated member
   log-probabilities.
 
+Multi-label findings (``multilabel=True``, ``mean`` / ``weighted`` only): each member's per-finding sigmoid
+``p_i``; the output is the logit of ``sum_i w_i p_i`` per finding, so that the sigmoid every engine applies
+returns the mean of the members' per-finding probabilities.
+
 Members may take different input sizes: the ensemble's input has the largest, and each smaller member
 gets a resample of it: a separable Gaussian low-pass (sigma = (factor - 1) / 2, as skimage's resize) then
 bilinear / trilinear interpolation, all plain convolutions and ``Resize`` so that the ensemble still
@@ -49,10 +53,14 @@ class Ensemble(nn.Module):
         *,
         members: Sequence[dict[str, Any]],
         method: str = "mean",
+        multilabel: bool = False,
     ) -> None:
         super().__init__()
         if method not in METHODS:
             raise ConfigError(f"unknown fusion method {method!r}; choose one of {', '.join(METHODS)}")
+        if multilabel and method == "stacking":
+            raise ConfigError("multi-label members are fused by their (weighted) mean, not by stacking")
+        self.multilabel = multilabel
         if len(members) < 2:
             raise ConfigError("an ensemble needs at least two members")
         if len(members) > MAX_MEMBERS:  # a manifest must not make us build networks without end
@@ -84,7 +92,9 @@ class Ensemble(nn.Module):
     def member_log_prob(self, j: int, x: torch.Tensor) -> torch.Tensor:
         """Member ``j``'s calibrated log-probabilities ``(N, K)`` for ensemble inputs ``x``."""
         xi = x if tuple(x.shape[2:]) == self.sizes[j] else self.resamplers[j](x)
-        return F.log_softmax(self.members[j](xi).float() / self.temperatures[j], dim=1)
+        z = self.members[j](xi).float() / self.temperatures[j]
+        # Multi-label: log of each finding's own probability (a sigmoid), not a distribution over findings.
+        return F.logsigmoid(z) if self.multilabel else F.log_softmax(z, dim=1)
 
     def member_log_probs(self, x: torch.Tensor) -> torch.Tensor:
         """Every member's calibrated log-probabilities, ``(M, N, K)``."""
@@ -97,7 +107,13 @@ class Ensemble(nn.Module):
             features = log_probs.clamp_min(LOG_FLOOR).permute(1, 0, 2).reshape(n, m * k)
             return self.stack(features)
         # log(sum_i w_i p_i), computed stably; a zero weight gives -inf, which logsumexp ignores.
-        return torch.logsumexp(log_probs + torch.log(self.weights).view(-1, 1, 1), dim=0)
+        log_w = torch.log(self.weights).view(-1, 1, 1)
+        fused = torch.logsumexp(log_probs + log_w, dim=0)
+        if not self.multilabel:
+            return fused
+        # The logit of the mean probability: log(mean p) - log(mean (1 - p)), finding by finding.
+        log_not = torch.log((1 - torch.exp(log_probs)).clamp_min(1e-12))
+        return fused - torch.logsumexp(log_not + log_w, dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fuse(self.member_log_probs(x))
@@ -165,5 +181,8 @@ def ensemble(
     spatial_dims: int = 2,
     members: Sequence[dict[str, Any]] = (),
     method: str = "mean",
+    multilabel: bool = False,
 ) -> nn.Module:
-    return Ensemble(in_channels, n_classes, spatial_dims, members=members, method=method)
+    return Ensemble(
+        in_channels, n_classes, spatial_dims, members=members, method=method, multilabel=multilabel
+    )

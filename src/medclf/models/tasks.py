@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "MULTILABEL_LOSSES",
     "TASKS",
     "TaskHead",
     "asymmetric_loss",
@@ -32,6 +33,7 @@ __all__ = [
     "corn_output_hook",
     "corn_probabilities",
     "median_grade",
+    "multilabel_loss",
     "positive_weights",
     "task_head",
     "weighted_bce",
@@ -144,6 +146,22 @@ TASKS: dict[str, TaskHead] = {
     "multilabel": TaskHead("multilabel", lambda k: k, _multilabel_probabilities, "a sigmoid per finding"),
     "ordinal": TaskHead("ordinal", lambda k: k - 1, corn_probabilities, "CORN: K-1 conditional sigmoids"),
 }
+
+
+# The losses a multi-label run may train with (``--multilabel-loss``): class-balanced binary cross-entropy
+# (positives weighted by each finding's negatives per positive) or the asymmetric loss.
+MULTILABEL_LOSSES = ("bce", "asymmetric")
+
+
+def multilabel_loss(
+    name: str, logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor
+) -> torch.Tensor:
+    """The multi-label loss ``name`` (:data:`MULTILABEL_LOSSES`) of ``logits`` against 0/1 ``targets``."""
+    if name == "bce":
+        return weighted_bce(logits, targets, pos_weight)
+    if name == "asymmetric":
+        return asymmetric_loss(logits, targets)
+    raise ValueError(f"unknown multi-label loss {name!r}; choose from {', '.join(MULTILABEL_LOSSES)}")
 
 
 def median_grade(probs: np.ndarray) -> np.ndarray:

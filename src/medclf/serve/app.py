@@ -321,9 +321,10 @@ class Service:
                 }
             )
             if explain:
-                e = self.explainer.explain_tensor(
-                    preprocess(image, self.bundle.spec), target=result["predicted"]
-                )
+                # Multi-label: the most probable finding (Grad-CAM per finding is not done yet).
+                probs = result["probabilities"]
+                target = max(probs, key=probs.get) if "findings" in result else result["predicted"]
+                e = self.explainer.explain_tensor(preprocess(image, self.bundle.spec), target=target)
                 out["explanation"] = {
                     "method": e.method,
                     "layer": e.layer,

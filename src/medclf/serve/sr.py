@@ -11,7 +11,8 @@
   class as its "Finding", the algorithm identification (TID 4019: name, version = the bundle's sha256,
   manufacturer ``medclf``, parameters), the source image, the class's probability (DCM 122157
   "Probability", UCUM ``1``), and, for the class the model predicts, the qualitative evaluation
-  ``<class> = Present``;
+  ``<class> = Present``; a multi-label bundle's group also holds the finding's threshold (DCM 122411), and
+  every finding present at its threshold is ``<finding> = Present``;
 - **the operating point's decision** when the bundle has one (``medclf recalibrate``): a group for its
   positive group of classes with their summed probability, the threshold (DCM 122411) and
   ``<group> = Present`` or ``Absent``;
@@ -158,17 +159,25 @@ def build_sr(
     groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
     outside = bool(prediction.get("ood"))
     if not outside:
-        predicted = str(prediction["predicted"])
+        # Multi-label findings: every finding present at its threshold is "Present" (one CODE item each),
+        # and its group also holds that threshold; one label per image: the predicted class alone.
+        findings = prediction.get("findings")
+        present = (
+            {str(f) for f in prediction.get("positive", [])} if findings else {str(prediction["predicted"])}
+        )
         for name, p in prediction["probabilities"].items():
             concept = class_code(str(name))
+            measurements = [_measurement(PROBABILITY, float(p))]
+            if findings:
+                measurements.append(_measurement(THRESHOLD, float(findings[name]["threshold"])))
             groups.append(
                 _group(
                     str(name),
                     concept,
                     algorithm,
                     image,
-                    [_measurement(PROBABILITY, float(p))],
-                    [hd.sr.QualitativeEvaluation(concept, PRESENT)] if str(name) == predicted else [],
+                    measurements,
+                    [hd.sr.QualitativeEvaluation(concept, PRESENT)] if str(name) in present else [],
                 )
             )
         if prediction.get("decision"):

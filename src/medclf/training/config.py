@@ -69,6 +69,10 @@ class TrainConfig:
     shortcut_mitigation: str = "auto"
     # multiclass or ordinal (grades 0..K-1: a CORN head); None: what the data declare (data.sources.infer_task).
     task: str | None = None
+    # How to read a CSV manifest (data.sources.ManifestOptions as a dict: label_column, split_file, ...).
+    manifest: dict[str, str] | None = None
+    # Multi-label findings: bce (class-balanced binary cross-entropy) or asymmetric (models.tasks).
+    multilabel_loss: str = "bce"
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:
@@ -103,6 +107,8 @@ class TrainConfig:
         if kw["amp"] not in AMP_CHOICES:
             raise ConfigError(f"--amp must be one of {', '.join(AMP_CHOICES)}, not {kw['amp']!r}")
         augment_mod.check_mix(kw["mix"] or "none", kw["mix_alpha"])  # fail before any data is read
+        if kw["multilabel_loss"] not in ("bce", "asymmetric"):  # models.tasks.MULTILABEL_LOSSES
+            raise ConfigError(f"--multilabel-loss must be bce or asymmetric, not {kw['multilabel_loss']!r}")
         if kw["threads"] is not None and int(kw["threads"]) < 1:
             raise ConfigError(f"--threads must be at least 1, not {kw['threads']}")
         check_mitigation_mode(kw["shortcut_mitigation"])

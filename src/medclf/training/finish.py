@@ -16,6 +16,7 @@ from medclf.bundle import save_bundle
 from medclf.data.references import TRAIN_SIGNATURES, aligned_signatures, pack_signatures
 from medclf.metrics.calibration import apply_temperature, fit_temperature_from_probs, log_probs
 from medclf.metrics.classification import compute_metrics
+from medclf.metrics.multilabel import choose_thresholds, multilabel_metrics
 from medclf.metrics.ordinal import ordinal_metrics
 from medclf.model_card import MODEL_CARD, model_card
 from medclf.ood import OOD_FILE
@@ -37,6 +38,8 @@ def finish(
     cfg, samples, prepared = ctx.cfg, setup.samples, setup.prepared
     schedule = loop.schedule_record()
     val_y = samples.labels[setup.val_idx]
+    if samples.task == "multilabel":
+        return _finish_multilabel(ctx, setup, loop, history, best_epoch, val_probs, schedule)
     calibration = fit_temperature_from_probs(val_probs, val_y)
     val_probs = apply_temperature(log_probs(val_probs), calibration.temperature)
     val_metrics = compute_metrics(val_y, val_probs, samples.classes, n_bootstrap=200, seed=cfg.seed)
@@ -60,6 +63,22 @@ def finish(
         shortcuts=setup.shortcuts,
     )
     bundle = _write(ctx, setup, loop, manifest, train_hashes)
+    return _result(ctx, setup, loop, history, best_epoch, bundle, val_metrics, verdict, references, schedule)
+
+
+def _result(
+    ctx: RunContext,
+    setup: RunSetup,
+    loop: Loop,
+    history: list[dict[str, float]],
+    best_epoch: int,
+    bundle: Path,
+    val_metrics: dict[str, Any],
+    verdict: dict[str, Any],
+    references: dict[str, Any],
+    schedule: dict[str, Any],
+) -> TrainResult:
+    prepared = setup.prepared
     seconds = ctx.budget.elapsed()
     ctx.console.print(
         f"[bold green]Bundle written[/] to {bundle}  (val AUC {_fmt(val_metrics.get('auc'))}, "
@@ -79,6 +98,73 @@ def finish(
         references=references,
         schedule=schedule,
     )
+
+
+def _finish_multilabel(
+    ctx: RunContext,
+    setup: RunSetup,
+    loop: Loop,
+    history: list[dict[str, float]],
+    best_epoch: int,
+    val_probs: np.ndarray,
+    schedule: dict[str, Any],
+) -> TrainResult:
+    """Multi-label findings: each finding's operating threshold chosen on validation (Youden's J), the
+    validation metrics at those thresholds (per finding, macro/micro AUC, mAP, patient-resampled intervals),
+    and the bundle with the thresholds next to its task. No temperature: the findings' sigmoids are kept as
+    the network gives them."""
+    cfg, samples = ctx.cfg, setup.samples
+    val_y = samples.labels[setup.val_idx]
+    thresholds, notes = choose_thresholds(val_y, val_probs)
+    pids = [samples.patient_ids[i] for i in setup.val_idx]
+    detail = multilabel_metrics(
+        val_y,
+        val_probs,
+        samples.classes,
+        thresholds=thresholds,
+        patient_ids=pids if any(p is not None for p in pids) else None,
+        n_bootstrap=200,
+        seed=cfg.seed,
+    )
+    detail["notes"] = [*notes, *detail["notes"]]
+    val_metrics: dict[str, Any] = {
+        "n": len(val_y),
+        "auc": detail["macro_auc"],
+        "macro_auc": detail["macro_auc"],
+        "micro_auc": detail["micro_auc"],
+        "map": detail["map"],
+        "multilabel": detail,
+        "n_removed_duplicates": setup.n_copies if not cfg.include_train_copies else 0,
+    }
+    # The gate's references (majority class, thumbnail regression) are single-label: only the schedule and
+    # the macro AUC are judged.
+    references: dict[str, Any] = {"majority": {}, "baseline": None}
+    verdict = sanity.judge({"auc": detail["macro_auc"], "n": len(val_y)}, references, schedule).to_dict()
+    train_hashes = sorted({setup.prepared.hashes[i] for i in setup.train_idx})
+    manifest = _manifest(ctx, setup, loop, history, best_epoch, schedule)
+    manifest["recipe"]["multilabel_loss"] = cfg.multilabel_loss
+    # Each finding's operating threshold, next to the task (what predict's decisions use).
+    keys = list(manifest)
+    manifest = (
+        {k: manifest[k] for k in keys[: keys.index("task") + 1]}
+        | {
+            "thresholds": {
+                "rule": "youden",
+                "fitted_on": "validation",
+                "labels": dict(zip(samples.classes, map(float, thresholds), strict=True)),
+            }
+        }
+        | {k: manifest[k] for k in keys[keys.index("task") + 1 :]}
+    )
+    manifest.update(
+        metrics={"val": val_metrics},
+        history=history,
+        calibration={"temperature": 1.0, "note": "multi-label: per-finding sigmoids, no temperature fitted"},
+        sanity=verdict,
+        shortcuts=setup.shortcuts,
+    )
+    bundle = _write(ctx, setup, loop, manifest, train_hashes)
+    return _result(ctx, setup, loop, history, best_epoch, bundle, val_metrics, verdict, references, schedule)
 
 
 def _manifest(
@@ -129,6 +215,8 @@ def _manifest(
             "n_unreadable": len(prepared.errors),
             "n_val_train_copies": setup.n_copies,
             "val_train_copies_excluded": not cfg.include_train_copies,
+            # How a CSV was read (a split file, other column names), so export reads it the same way.
+            **({"manifest_options": cfg.manifest} if cfg.manifest else {}),
         },
     }
 
@@ -139,12 +227,14 @@ def _write(
     """Fit the OOD guard of the selected model, write the bundle, drop the checkpoint (unless kept)."""
     prepared, train_idx = setup.prepared, setup.train_idx
     best = loop.best_model()
+    samples = setup.samples
     detector = fit_ood(
         best,
         prepared.tensors,
         train_idx,
         setup.val_idx,
-        setup.samples.labels,
+        # Multi-label: one training distribution (no class means over sets of findings).
+        np.zeros(len(samples), dtype=np.int64) if samples.task == "multilabel" else samples.labels,
         ctx.cfg.seed,
         loop.rows.eval_batch,
     )

@@ -27,6 +27,7 @@ from medclf.budget import Budget, epoch_pace
 from medclf.data.stream import StreamedRows
 from medclf.distributed import DistContext
 from medclf.errors import ConfigError
+from medclf.models.tasks import multilabel_loss, positive_weights
 from medclf.planner import Plan
 from medclf.schedule import Schedule
 from medclf.training import checkpoint, probe
@@ -41,7 +42,7 @@ from medclf.training.network import (
 )
 from medclf.training.progress import ProgressDisplay
 from medclf.training.rows import LoopData, TrainingRows
-from medclf.training.selection import AUC_TIE, Selection, epoch_scores
+from medclf.training.selection import AUC_TIE, Selection, epoch_scores, multilabel_epoch_scores
 
 __all__ = ["EpochCallback", "Loop", "LoopData", "LoopHooks", "LossHook"]
 
@@ -89,6 +90,8 @@ class Loop:
     ) -> None:
         self.plan, self.data, self.cfg, self.device = plan, data, cfg, device
         self.samples, self.prepared = data.samples, data.prepared
+        # Multi-label findings: a sigmoid per finding and a binary loss per finding (models.tasks).
+        self.multilabel = data.samples.task == "multilabel"
         self.console = console or Console(stderr=True, soft_wrap=True)
         self.progress, self.ckpt_dir, self.hooks = progress, ckpt_dir, hooks or LoopHooks()
         self.dist = dist or DistContext()
@@ -140,6 +143,11 @@ class Loop:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
         n_classes = len(self.samples.classes)
         labels = self.samples.labels[self.data.train_idx]
+        if self.multilabel:
+            pos_weight = positive_weights(labels)
+            self.pos_weight = torch.tensor(pos_weight, dtype=torch.float32, device=self.device)
+            self.class_weights = None
+            return
         counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
         # Balanced class weights (n / (K n_c)), so a rare class counts as much as a common one.
         weights = np.where(counts > 0, counts.sum() / (n_classes * np.maximum(counts, 1)), 0.0)
@@ -172,10 +180,13 @@ class Loop:
                 x = x.contiguous(memory_format=self.fmt)
             with self.autocast():
                 logits = self.train_model(x)
-            # Hard labels, or the soft targets of a mixed batch (the same weighted cross-entropy on both).
-            loss = F.cross_entropy(
-                logits.float(), y, weight=self.class_weights, label_smoothing=self.plan.label_smoothing
-            )
+            if self.multilabel:
+                loss = multilabel_loss(self.cfg.multilabel_loss, logits, y, self.pos_weight)
+            else:
+                # Hard labels, or the soft targets of a mixed batch (the same weighted cross-entropy on both).
+                loss = F.cross_entropy(
+                    logits.float(), y, weight=self.class_weights, label_smoothing=self.plan.label_smoothing
+                )
             if self.hooks.loss is not None:
                 loss = self.hooks.loss(x, logits.float(), loss)
             if self._step(loss):  # a skipped step advances neither the schedule nor the average
@@ -227,7 +238,8 @@ class Loop:
             if self.fmt is not None:
                 xb = xb.contiguous(memory_format=self.fmt)
             with self.autocast():
-                out.append(torch.softmax(model(xb).float(), dim=1).cpu())
+                logits = model(xb).float()
+            out.append((torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)).cpu())
         return torch.cat(out).numpy().astype(np.float64)
 
     def predict_val(self, model: nn.Module) -> np.ndarray:
@@ -299,7 +311,10 @@ class Loop:
         loss = self.train_epoch()
         probs = self.predict_val(self.eval_model())
         val_y = self.samples.labels[self.data.val_idx]
-        val_auc, val_loss, val_acc = epoch_scores(val_y, probs, len(self.samples.classes))
+        if self.multilabel:  # selection on macro AUC over the findings
+            val_auc, val_loss, val_acc = multilabel_epoch_scores(val_y, probs)
+        else:
+            val_auc, val_loss, val_acc = epoch_scores(val_y, probs, len(self.samples.classes))
         epoch_times.append(self.clock() - t0)
         if self.dist.agree(self.best.improved_by(val_auc, val_loss)):
             self.best.take(epoch + 1, val_auc, val_loss, plain_state(self.eval_model()), probs)

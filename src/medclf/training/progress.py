@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 
 from medclf import threads as threads_mod
@@ -19,7 +20,12 @@ def print_plan(
     policy: threads_mod.ThreadPolicy | None = None,
 ) -> None:
     """The data, the plan and the reasons for its choices, and the thread policy."""
-    counts = ", ".join(f"{s}: {sum(c.values())}" for s, c in samples.summary().items())
+    summary = samples.summary()
+    if samples.task == "multilabel":  # images per split (the summary counts findings)
+        summary = {
+            s: {"images": int((samples.known & (np.array(samples.splits) == s)).sum())} for s in summary
+        }
+    counts = ", ".join(f"{s}: {sum(c.values())}" for s, c in summary.items())
     console.print(
         f"[bold]Data[/] {samples.source} ({samples.kind}; {counts}; classes {', '.join(samples.classes)})"
     )

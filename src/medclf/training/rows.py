@@ -56,6 +56,8 @@ class TrainingRows:
         self.train_x = _rows(data.prepared.tensors, data.train_idx, self.streaming)
         self.val_x = _rows(data.prepared.tensors, data.val_idx, self.streaming)
         self.train_y = torch.from_numpy(data.samples.labels[data.train_idx])
+        if data.samples.task == "multilabel":  # 0/1 targets of the per-finding binary losses
+            self.train_y = self.train_y.float()
         weights = data.sample_weights
         self.sample_weights = None if weights is None else torch.from_numpy(weights)
 

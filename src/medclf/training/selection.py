@@ -57,3 +57,18 @@ def _auc(y: np.ndarray, probs: np.ndarray, n_classes: int) -> float:
         return float(roc_auc_score(y, probs[:, 1]))
     scores = [roc_auc_score(y == c, probs[:, c]) for c in present]
     return float(np.mean(scores))
+
+
+def multilabel_epoch_scores(y: np.ndarray, probs: np.ndarray) -> tuple[float, float, float]:
+    """Validation macro AUC (over the findings with positives and negatives), mean binary cross-entropy and
+    mean per-finding accuracy at 0.5 of one epoch's (N, K) per-finding probabilities."""
+    from sklearn.metrics import roc_auc_score
+
+    scorable = [j for j in range(y.shape[1]) if 0 < y[:, j].sum() < len(y)]
+    val_auc = (
+        float(np.mean([roc_auc_score(y[:, j], probs[:, j]) for j in scorable])) if scorable else float("nan")
+    )
+    p = torch.from_numpy(probs).clamp(1e-7, 1 - 1e-7)
+    val_loss = float(F.binary_cross_entropy(p, torch.from_numpy(y).double()))
+    val_acc = float(((probs >= 0.5) == (y == 1)).mean())
+    return val_auc, val_loss, val_acc

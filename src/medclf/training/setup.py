@@ -78,7 +78,7 @@ def set_up(ctx: RunContext, data: str | Path, *, resume: bool, base_plan: Plan |
     """Set the run up on ``data``: resume ``ctx.ckpt_dir`` (``resume``), take ``base_plan`` with the epochs
     that fit (a leftover-budget member), or plan anew."""
     cfg, console = ctx.cfg, ctx.console
-    samples = load_source(data, default_split="train", task=cfg.task)
+    samples = load_source(data, default_split="train", task=cfg.task, manifest=cfg.manifest)
     if not samples.has_split("train"):
         raise DataError(f"{data}: no training split found")
     if ctx.val_fold is not None:
@@ -97,7 +97,7 @@ def set_up(ctx: RunContext, data: str | Path, *, resume: bool, base_plan: Plan |
     prepared, train_idx, val_idx, n_copies = _cache_pass(ctx, samples, plan)
     # Shortcut check on the training split (cues from the decoding pass); may switch the mitigation on.
     shortcuts, sample_weights = shortcut_step(
-        plan, samples, prepared.scan, train_idx, mode=cfg.shortcut_mitigation, decide=state is None,
+        plan, samples.label_set_view(), prepared.scan, train_idx, mode=cfg.shortcut_mitigation, decide=state is None,
         seed=cfg.seed, workers=cfg.workers or 1, console=console if ctx.dist.is_main else Console(quiet=True),
     )  # fmt: skip
     setup = RunSetup(
@@ -150,6 +150,13 @@ def _head_for_task(plan: Plan, samples: SampleSet) -> None:
         )
     else:
         plan.arch_kwargs = {k: v for k, v in plan.arch_kwargs.items() if k != "head"}
+    if samples.task == "multilabel":
+        plan.reasons.append(
+            f"multi-label findings: {len(samples.classes)} sigmoid outputs; selection on validation macro AUC"
+        )
+        if plan.mix != "none":  # mixing one-hot targets assumes one class per image
+            plan.reasons.append(f"batch mixing ({plan.mix}) off: its targets assume one class per image")
+            plan.mix = "none"
 
 
 def _cache_pass(
@@ -171,8 +178,8 @@ def _cache_pass(
     )
     if dist.enabled and dist.is_local_main:
         dist.barrier()
-    train_idx = np.flatnonzero(prepared.ok & (np.array(samples.splits) == "train") & (samples.labels >= 0))
-    val_mask = prepared.ok & (np.array(samples.splits) == "val") & (samples.labels >= 0)
+    train_idx = np.flatnonzero(prepared.ok & (np.array(samples.splits) == "train") & samples.known)
+    val_mask = prepared.ok & (np.array(samples.splits) == "val") & samples.known
     n_copies = int((val_mask & prepared.train_copy).sum())
     if not cfg.include_train_copies:
         val_mask &= ~prepared.train_copy
@@ -186,6 +193,11 @@ def _cache_pass(
         raise DataError(
             "after removing unreadable files and copies, no training or validation samples remain"
         )
+    if samples.task == "multilabel":
+        positives = samples.labels[train_idx].sum(axis=0)
+        if not ((positives > 0) & (positives < len(train_idx))).any():
+            raise DataError("no finding has both positive and negative training images: nothing to learn")
+        return prepared, train_idx, val_idx, n_copies
     present = np.unique(samples.labels[train_idx])
     if len(present) < 2:
         raise DataError("the training split holds a single class: nothing to learn")

@@ -245,9 +245,15 @@
       const fill = el("div", { class: "fill" });
       fill.style.width = Math.max(0, Math.min(100, 100 * p)).toFixed(1) + "%";
       const track = el("div", { class: "track", role: "img", "aria-label": name + ": " + pct(p) }, fill);
-      bars.append(el("li", { class: name === r.predicted ? "top" : "" },
-        el("span", { class: "name", title: name }, name), track, el("span", { class: "pct" }, pct(p))));
+      // Multi-label findings: each finding present at its own threshold is marked (several may be).
+      const marked = r.findings ? r.findings[name].present : name === r.predicted;
+      const label = r.findings ? name + (marked ? " (present)" : "") : name;
+      bars.append(el("li", { class: marked ? "top" : "" },
+        el("span", { class: "name", title: name }, label), track, el("span", { class: "pct" }, pct(p))));
     }
+    $("prob-title").textContent = r.findings
+      ? "Findings: probability each (present at or above its threshold)"
+      : "Class probabilities";
 
     const details = $("request-details");
     details.replaceChildren();
