@@ -15,6 +15,7 @@ and pydicom, so the corpus does not depend on any test data file.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import os
@@ -468,12 +469,19 @@ def _gzip_stream(header: bytes, n_zeros: int) -> bytes:
     return b"".join(comp.compress(p) for p in stream()) + comp.flush()
 
 
+@functools.cache
+def _cached_entries() -> tuple[tuple[str, str, bytes | None, frozenset[str]], ...]:
+    # Making the bombs (deflating hundreds of MiB of zeros) takes seconds and several test files build the
+    # corpus: the contents (a few MiB) are made once per test process, the files written anew each time.
+    return tuple((name, kind, content, frozenset(reasons)) for name, kind, content, reasons in _entries())
+
+
 def build_corpus(dest: str | Path) -> list[CorpusFile]:
     """Write the hostile corpus into ``dest`` (created) and describe every file (see the module doc)."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     out: list[CorpusFile] = []
-    for name, kind, content, reasons in _entries():
+    for name, kind, content, reasons in _cached_entries():
         path = dest / name
         if content is not None:
             path.write_bytes(content)

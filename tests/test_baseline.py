@@ -5,10 +5,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +16,8 @@ from skimage.feature import graycomatrix, graycoprops
 
 from medclf import traditional as bl
 from medclf.errors import ConfigError
+
+from .inprocess import run_medclf
 
 CLASSES = ("fine", "smooth")
 
@@ -230,23 +229,7 @@ def test_unknown_method_and_3d_data_are_config_errors(tmp_path: Path) -> None:
 
 
 def test_cli_unknown_method_is_exit_2_without_traceback(textures: Path, tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "medclf",
-            "baseline",
-            str(textures),
-            "--out",
-            str(tmp_path / "o"),
-            "--methods",
-            "rf,knn",
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        timeout=300,
-    )
+    proc = run_medclf("baseline", textures, "--out", tmp_path / "o", "--methods", "rf,knn")
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "'knn'" in proc.stderr and "logreg, rf, svm, gbm" in proc.stderr

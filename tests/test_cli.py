@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
+from .inprocess import run_medclf
+
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 
@@ -24,6 +26,14 @@ def medclf(*args, cwd=None):
         cwd=cwd,
         timeout=600,
     )
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+def medclf_here(*args, cwd=None):
+    """The same command in this process (tests/inprocess.py), for tests of what a command does rather than
+    of the process around it: the exit codes and one-line errors above keep their real processes."""
+    proc = run_medclf(*args, cwd=cwd)
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc
 
@@ -75,11 +85,11 @@ def test_missing_data_is_exit_2_with_a_message(tmp_path):
 
 
 def test_bad_option_value_is_exit_2(tmp_path, sim_data):
-    proc = medclf("train", sim_data, "--out", tmp_path / "b", "--time-budget", "soon")
+    proc = medclf_here("train", sim_data, "--out", tmp_path / "b", "--time-budget", "soon")
     assert proc.returncode == 2 and "cannot read the duration" in proc.stderr
-    proc = medclf("train", sim_data, "--out", tmp_path / "b", "--arch", "nonet", "--epochs", "1")
+    proc = medclf_here("train", sim_data, "--out", tmp_path / "b", "--arch", "nonet", "--epochs", "1")
     assert proc.returncode == 2 and "unknown architecture" in proc.stderr
-    proc = medclf("train", sim_data, "--out", tmp_path / "b", "--mix", "cutmix", "--mix-alpha", "-1")
+    proc = medclf_here("train", sim_data, "--out", tmp_path / "b", "--mix", "cutmix", "--mix-alpha", "-1")
     assert proc.returncode == 2 and "--mix-alpha must be a positive number" in proc.stderr
     assert not (tmp_path / "b").exists()
 
@@ -104,7 +114,7 @@ def test_predict_warns_about_an_image_unlike_the_training_data(tiny_bundle, sim_
     checker = tmp_path / "checker.png"
     PILImage.fromarray((np.indices((64, 64)).sum(0) // 8 % 2 * 255).astype(np.uint8)).save(checker)
     normal = sorted((sim_data / "test").rglob("*.png"))[0]
-    proc = medclf("predict", tiny_bundle, normal, checker)
+    proc = medclf_here("predict", tiny_bundle, normal, checker)
     assert proc.returncode == 0, proc.stderr  # a warning, not a refusal: the answer is still given
     results = json.loads(proc.stdout)
     assert results[1]["ood"] is True and "unlike the images" in results[1]["warning"]
@@ -113,7 +123,7 @@ def test_predict_warns_about_an_image_unlike_the_training_data(tiny_bundle, sim_
 
 def test_predict_folder_csv_and_exit_0(tiny_bundle, sim_data, tmp_path):
     out = tmp_path / "p.csv"
-    proc = medclf("predict", tiny_bundle, sim_data / "test" / "normal", "--format", "csv", "--out", out)
+    proc = medclf_here("predict", tiny_bundle, sim_data / "test" / "normal", "--format", "csv", "--out", out)
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == len(list((sim_data / "test" / "normal").glob("*.png")))
@@ -127,10 +137,10 @@ def test_tampered_bundle_is_refused(tiny_bundle, tmp_path):
     data = bytearray(f.read_bytes())
     data[-10] ^= 0x01
     f.write_bytes(bytes(data))
-    proc = medclf("info", copy)
+    proc = medclf_here("info", copy)
     assert proc.returncode == 2 and "integrity check failed" in proc.stderr
     assert "model.safetensors" in proc.stderr
-    assert medclf("info", tiny_bundle).returncode == 0
+    assert medclf_here("info", tiny_bundle).returncode == 0
 
 
 def test_evaluate_writes_everything(tiny_bundle, sim_data, tmp_path):
@@ -140,7 +150,7 @@ def test_evaluate_writes_everything(tiny_bundle, sim_data, tmp_path):
     src = sorted((data / "train" / "tumour").glob("*.png"))[0]
     shutil.copyfile(src, data / "test" / "tumour" / "leaked.png")
     out = tmp_path / "eval"
-    proc = medclf("evaluate", tiny_bundle, data, "--out", out)
+    proc = medclf_here("evaluate", tiny_bundle, data, "--out", out)
     assert proc.returncode == 0, proc.stderr
     m = json.loads((out / "metrics.json").read_text())
     for key in (
@@ -170,24 +180,24 @@ def test_evaluate_writes_everything(tiny_bundle, sim_data, tmp_path):
 
 
 def test_evaluate_missing_split(tiny_bundle, sim_data):
-    proc = medclf("evaluate", tiny_bundle, sim_data, "--split", "val", "--out", "unused")
+    proc = medclf_here("evaluate", tiny_bundle, sim_data, "--split", "val", "--out", "unused")
     assert proc.returncode == 2 and "no 'val' split" in proc.stderr
 
 
 def test_audit_command(sim_data, tmp_path):
     out = tmp_path / "audit.json"
-    proc = medclf("audit", sim_data, "--out", out, "--no-progress")
+    proc = medclf_here("audit", sim_data, "--out", out, "--no-progress")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert report and "counts" in json.dumps(report)
     assert set(report["split_shift"]) == {"warn_auc", "min_per_side", "results"}
-    proc = medclf("audit", sim_data, "--out", out, "--no-progress", "--no-shift")
+    proc = medclf_here("audit", sim_data, "--out", out, "--no-progress", "--no-shift")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text())["split_shift"] is None
 
 
 def test_models_command():
-    proc = medclf("models")
+    proc = medclf_here("models")
     assert proc.returncode == 0 and "resnet18" in proc.stdout and "densenet121" in proc.stdout
 
 
@@ -217,14 +227,14 @@ def test_pydicom_files(tiny_bundle, tmp_path):
     # an extension must not matter: the content decides
     renamed = tmp_path / "mr_small.png"
     shutil.copyfile(files[0], renamed)
-    proc = medclf("predict", tiny_bundle, *files, renamed)
+    proc = medclf_here("predict", tiny_bundle, *files, renamed)
     assert proc.returncode == 0, proc.stderr
     results = json.loads(proc.stdout)
     probs = np.array([[r["probabilities"][c] for c in sorted(r["probabilities"])] for r in results])
     mr = np.vstack([probs[: len(LOSSLESS)], probs[-1:]])
     assert np.allclose(mr, mr[0], atol=1e-6), "lossless encodings of one image must give one answer"
     truncated = _testdata("MR_truncated.dcm")
-    proc = medclf("predict", tiny_bundle, truncated)
+    proc = medclf_here("predict", tiny_bundle, truncated)
     assert proc.returncode == 2
     err = json.loads(proc.stdout)[0]
     assert "error" in err and "truncat" in err["error"].lower()

@@ -48,7 +48,7 @@ def test_kill_9_during_training_then_resume_loses_at_most_one_epoch(sim_data, tm
         "--out",
         str(out),
         "--epochs",
-        "20",
+        "10",  # killed after 3: the resumed run has epochs left to train (patience is at least 8)
         "--size",
         "32",
         "--arch",

@@ -1,9 +1,6 @@
 """Fusion: an ensemble is a bundle like any other; what is fitted comes from validation only; K-fold bagging."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -22,6 +19,8 @@ from medclf.fusion import ensemble, fit_stacking, fit_weights, member_validation
 from medclf.metrics.calibration import apply_temperature
 from medclf.models.ensemble import LOG_FLOOR
 from medclf.training import train
+
+from .inprocess import run_medclf
 
 TINY = dict(epochs=2, batch_size=16, arch="compact-s", progress=False)
 
@@ -242,16 +241,8 @@ def test_seed_bagging_shares_one_validation_split(sim_data, tmp_path):
 
 
 def test_command_line(members, val_data, tmp_path):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-
     def medclf(*args):
-        proc = subprocess.run(
-            [sys.executable, "-m", "medclf", *map(str, args)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=600,
-        )
+        proc = run_medclf(*args)
         assert "Traceback" not in proc.stderr, proc.stderr
         return proc
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,6 +10,8 @@ import pytest
 from medclf.errors import ConfigError
 from medclf.mitigation import check_mode, group_balance_weights
 from tests.test_shortcuts import confounded_dataset
+
+from .inprocess import run_medclf
 
 
 def test_group_balance_weights_balance_groups_within_each_class():
@@ -91,21 +91,6 @@ def test_unflagged_data_trains_as_before(tiny_bundle):
 
 
 def test_cli_refuses_an_unknown_mitigation_mode_in_one_line(sim_data, tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "medclf",
-            "train",
-            str(sim_data),
-            "--out",
-            str(tmp_path / "b"),
-            "--shortcut-mitigation",
-            "maybe",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_medclf("train", sim_data, "--out", tmp_path / "b", "--shortcut-mitigation", "maybe")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "--shortcut-mitigation must be one of" in proc.stderr

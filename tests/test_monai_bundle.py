@@ -20,6 +20,8 @@ from pydicom.data import get_testdata_file
 from medclf.api import load_bundle
 from medclf.interop.monai_bundle import METADATA_SCHEMA
 
+from .inprocess import run_medclf
+
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 
@@ -46,7 +48,9 @@ def calibrated(tiny_bundle, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def monai_bundle(calibrated, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("monai") / "bundle"
-    run = _run("export", calibrated, "--monai-bundle", out, module="medclf")
+    # medclf's side in this process (tests/inprocess.py); MONAI's commands below run in their own processes,
+    # which also shows that the exported bundle needs nothing of medclf's state.
+    run = run_medclf("export", calibrated, "--monai-bundle", out)
     assert run.returncode == 0, run.stderr
     return out
 
@@ -78,9 +82,9 @@ def test_the_export_is_a_monai_bundle_without_pickle(monai_bundle, calibrated, t
     readme = (monai_bundle / "docs" / "README.md").read_text(encoding="utf-8")
     assert load_bundle(calibrated).sha256 in readme and "python -m monai.bundle run" in readme
     # Never over an existing folder; not mixed with compression options.
-    again = _run("export", calibrated, "--monai-bundle", monai_bundle, module="medclf")
+    again = run_medclf("export", calibrated, "--monai-bundle", monai_bundle)
     assert again.returncode == 2 and "not an empty folder" in again.stderr and "Traceback" not in again.stderr
-    mixed = _run("export", calibrated, "--monai-bundle", tmp_path / "m", "--onnx", module="medclf")
+    mixed = run_medclf("export", calibrated, "--monai-bundle", tmp_path / "m", "--onnx")
     assert mixed.returncode == 2 and "compress it first" in mixed.stderr and not (tmp_path / "m").exists()
 
 

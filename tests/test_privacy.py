@@ -6,10 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +21,8 @@ from medclf.errors import ConfigError, InputRejected
 from medclf.io import read_image
 from medclf.privacy import _ACTIONS, BASIC_PROFILE, BASIC_PROFILE_CODE, KEPT_UIDS, deidentify
 
-ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+from .inprocess import run_medclf
+
 # Identity planted in the test files: distinctive strings that occur nowhere else.
 IDENTITY = {
     "PatientName": "Zyxwvut^Qwertyuiop",
@@ -126,11 +124,7 @@ def test_deid_follows_the_basic_profile(study: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     salt = tmp_path / "salt"
     salt.write_text("a secret salt of enough length\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "medclf", "deid", str(study), str(out), "--salt-file", str(salt),
-         "--report", str(tmp_path / "report.json")],
-        capture_output=True, text=True, env=ENV, timeout=300,
-    )  # fmt: skip
+    proc = run_medclf("deid", study, out, "--salt-file", salt, "--report", tmp_path / "report.json")
     assert "Traceback" not in proc.stderr
     assert proc.returncode == 2, proc.stderr  # the burned-in image was refused
     assert "burned" in proc.stderr.lower() and "photo.png" in proc.stderr and "not DICOM" in proc.stderr
@@ -222,10 +216,7 @@ def test_deid_refuses_what_it_must(study: Path, tmp_path: Path) -> None:
     one = study / "series1" / "img1.dcm"
     with pytest.raises(ConfigError):
         deidentify(one, one)  # never over the input
-    proc = subprocess.run(
-        [sys.executable, "-m", "medclf", "deid", str(study / "photo.png"), str(tmp_path / "x.dcm")],
-        capture_output=True, text=True, env=ENV, timeout=300,
-    )  # fmt: skip
+    proc = run_medclf("deid", study / "photo.png", tmp_path / "x.dcm")
     assert proc.returncode == 2 and "not DICOM" in proc.stderr and "Traceback" not in proc.stderr
     burned = deidentify(study / "series2" / "burned.dcm", tmp_path / "b.dcm", allow_burned_in=True)
     assert burned.flagged == [str(study / "series2" / "burned.dcm")] and (tmp_path / "b.dcm").exists()

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,6 +24,7 @@ from medclf.serve.app import create_app
 from medclf.serve.fhir import diagnostic_report, wants_fhir
 from medclf.serve.sr import build_sr
 
+from .inprocess import run_medclf
 from .sr_check import check_sr, dciodvfy, needs_dciodvfy
 
 with warnings.catch_warnings():
@@ -51,10 +50,7 @@ def mr_copy(tmp_path) -> Path:
 
 
 def _medclf(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    run = subprocess.run(
-        [sys.executable, "-m", "medclf", *args], capture_output=True, text=True, timeout=300, env=env
-    )
+    run = run_medclf(*args)  # in this process (tests/inprocess.py)
     assert "Traceback" not in run.stderr, run.stderr
     return run
 

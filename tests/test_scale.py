@@ -98,8 +98,9 @@ def _volume_dataset(root: Path, n_per_class: int, seed: int) -> Path:
     import nibabel as nib
 
     rng = np.random.default_rng(seed)
-    # NIfTI array axes are (x, y, z): z, inferior to superior, is the slab axis of 2.5D.
-    xx, yy, zz = np.mgrid[:SIDE, :SIDE, :DEPTH]
+    # NIfTI array axes are (x, y, z): z, inferior to superior, is the slab axis of 2.5D. Open grids: the
+    # distances broadcast to the same values as full ones, without three volume-sized arrays per volume.
+    xx, yy, zz = np.ogrid[:SIDE, :SIDE, :DEPTH]
     for c, cls in enumerate(("upper", "lower")):
         (root / cls).mkdir(parents=True)
         for i in range(n_per_class):

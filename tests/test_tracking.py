@@ -21,6 +21,8 @@ from medclf.folds import train_folds
 from medclf.tracking import local_store_uri, track
 from medclf.training import selection
 
+from .inprocess import run_medclf
+
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 ENV.pop("MLFLOW_TRACKING_URI", None)
 KW = dict(epochs=2, size=24, batch_size=16, arch="compact-s", progress=False)
@@ -36,6 +38,13 @@ def medclf(*args, cwd=None):
         cwd=cwd,
         timeout=600,
     )
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+def medclf_here(*args, cwd=None):
+    """The same command in this process (tests/inprocess.py): no second import of PyTorch and MLflow."""
+    proc = run_medclf(*args, cwd=cwd, env={"PYTHONWARNINGS": "ignore"})
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc
 
@@ -58,7 +67,7 @@ def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
 
 
 def test_train_track_logs_the_run_and_registers_the_bundle_in_the_local_store(sim_data, tmp_path):
-    proc = medclf("train", sim_data, "--out", "model", *TRAIN_ARGS, "--track", cwd=tmp_path)
+    proc = medclf_here("train", sim_data, "--out", "model", *TRAIN_ARGS, "--track", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The embedded default: a SQLite store under runs/mlruns of the current folder, no server.
     assert (tmp_path / "runs" / "mlruns" / "mlflow.db").is_file()
@@ -174,7 +183,7 @@ def test_evaluate_track_is_its_own_run_tagged_with_the_bundle(tiny_bundle, sim_d
     client = _client(uri)
     exp = client.create_experiment("medclf", artifact_location=(tmp_path / "artifacts").as_uri())
     trained = client.create_run(exp, tags={"medclf.job": "train", "medclf.bundle_sha256": sha})
-    proc = medclf(
+    proc = medclf_here(
         "evaluate", tiny_bundle, sim_data, "--out", tmp_path / "eval", "--no-progress", "--tracking-uri", uri
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -218,7 +227,9 @@ def _closed_port() -> int:
 @pytest.mark.parametrize("uri", ["bogus://nowhere", "http://127.0.0.1:{port}"])
 def test_an_unusable_tracking_uri_is_one_line_and_exit_2_before_any_work(sim_data, tmp_path, uri):
     uri = uri.format(port=_closed_port())
-    proc = medclf("train", sim_data, "--out", tmp_path / "model", *TRAIN_ARGS, "--tracking-uri", uri)
+    # One refusal in a real process (nothing else reaches its stderr), the other in this one.
+    run = medclf if uri.startswith("bogus") else medclf_here
+    proc = run("train", sim_data, "--out", tmp_path / "model", *TRAIN_ARGS, "--tracking-uri", uri)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--tracking-uri" in lines[0] and uri in lines[0], proc.stderr

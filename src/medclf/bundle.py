@@ -119,16 +119,17 @@ def sha256_file(path: str | Path) -> str:
 
 
 def package_versions() -> dict[str, str]:
-    import monai
-    import sklearn
+    # The installed distributions' versions, read from their metadata: importing MONAI only to read its
+    # version costs seconds (it loads all its submodules, MLflow's handler among them) in every training.
+    from importlib.metadata import version
 
     return {
         "medclf": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "monai": monai.__version__,
+        "monai": version("monai"),
         "numpy": np.__version__,
-        "scikit-learn": sklearn.__version__,
+        "scikit-learn": version("scikit-learn"),
     }
 
 
