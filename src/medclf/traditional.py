@@ -589,7 +589,6 @@ def run_baseline(
     from rich.console import Console
 
     from medclf.data.cache import prepare
-    from medclf.evaluation.runner import write_evaluation
 
     t_start = time.perf_counter()
     console = console or Console(stderr=True, soft_wrap=True)
@@ -608,7 +607,56 @@ def run_baseline(
     )
     times = {"decode_seconds": time.perf_counter() - t0}
     rows = _baseline_rows(samples, prepared, given_train, console)
-    labels = samples.labels
+    (x_train, x_val, x_test), n_images, rate = _baseline_features(
+        prepared, rows, workers, progress, console, times
+    )
+    k = len(samples.classes)
+    console.print("Model selection on the validation split:")
+    t0 = time.perf_counter()
+    model, best, table = select_model(
+        x_train,
+        samples.labels[rows.train],
+        x_val,
+        samples.labels[rows.val],
+        k,
+        methods=names,
+        seed=seed,
+        workers=workers,
+        console=console,
+        multilabel=multilabel,
+    )
+    times["fit_seconds"] = time.perf_counter() - t0
+    console.print(f"Selected [bold]{best.method}[/] ({_params_text(best.params)})")
+    t0 = time.perf_counter()
+    probs = np.full((len(samples), k), np.nan)
+    probs[rows.test] = _full_probs(model, x_test, k)
+    times["predict_seconds"] = time.perf_counter() - t0
+
+    summary = _summary(
+        data, samples, names, seed, model, best, table, rows, prepared, spec, n_images, rate, workers, times
+    )
+    sections = _report_sections(data, best, table, model, summary, spec, rate, workers, times)
+    if prepared.errors:
+        sections["Unreadable files (left out)"] = prepared.errors[:50]
+    metrics = _write_report(
+        out, data, samples, prepared, rows, probs, model, x_val, best, sections, summary, seed, console
+    )
+    summary["times"]["total_seconds"] = round(time.perf_counter() - t_start, 3)
+    summary["test"] = _test_summary(metrics)
+    out = Path(out)
+    (out / "baseline.json").write_text(json.dumps(summary, indent=2))
+    return {**metrics, "baseline": summary}
+
+
+def _baseline_features(
+    prepared: PreparedData,
+    rows: _Rows,
+    workers: int,
+    progress: bool,
+    console: Console,
+    times: dict[str, float],
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], int, float]:
+    """The hand-crafted features of the training, validation and test rows; the images read and their rate."""
     needed = np.concatenate([rows.train, rows.val, rows.test])
     t0 = time.perf_counter()
     feats = extract_features(
@@ -623,52 +671,30 @@ def run_baseline(
         f"Features: {len(needed)} images x {N_FEATURES} in {times['features_seconds']:.1f} s ({rate:.0f} images/s)"
     )
     n_tr, n_va = len(rows.train), len(rows.val)
-    x_train, x_val, x_test = feats[:n_tr], feats[n_tr : n_tr + n_va], feats[n_tr + n_va :]
+    return (feats[:n_tr], feats[n_tr : n_tr + n_va], feats[n_tr + n_va :]), len(needed), rate
 
-    k = len(samples.classes)
-    console.print("Model selection on the validation split:")
-    t0 = time.perf_counter()
-    model, best, table = select_model(
-        x_train,
-        labels[rows.train],
-        x_val,
-        labels[rows.val],
-        k,
-        methods=names,
-        seed=seed,
-        workers=workers,
-        console=console,
-        multilabel=multilabel,
-    )
-    times["fit_seconds"] = time.perf_counter() - t0
-    console.print(f"Selected [bold]{best.method}[/] ({_params_text(best.params)})")
 
-    t0 = time.perf_counter()
-    probs = np.full((len(samples), k), np.nan)
-    probs[rows.test] = _full_probs(model, x_test, k)
-    times["predict_seconds"] = time.perf_counter() - t0
+def _write_report(
+    out: str | Path,
+    data: str | Path,
+    samples: SampleSet,
+    prepared: PreparedData,
+    rows: _Rows,
+    probs: np.ndarray,
+    model: Any,
+    x_val: np.ndarray,
+    best: _Candidate,
+    sections: dict[str, Any],
+    summary: dict[str, Any],
+    seed: int,
+    console: Console,
+) -> dict[str, Any]:
+    """The test split scored as ``evaluate`` scores a bundle (per finding for multi-label data)."""
+    from medclf.evaluation.runner import write_evaluation
 
-    summary = _summary(
-        data,
-        samples,
-        names,
-        seed,
-        model,
-        best,
-        table,
-        rows,
-        prepared,
-        spec,
-        len(needed),
-        rate,
-        workers,
-        times,
-    )
-    sections = _report_sections(data, best, table, model, summary, spec, rate, workers, times)
-    if prepared.errors:
-        sections["Unreadable files (left out)"] = prepared.errors[:50]
+    labels, k = samples.labels, len(samples.classes)
     train_copy = np.where(np.array(samples.splits) == "test", rows.test_copy, prepared.train_copy)
-    if multilabel:
+    if samples.task == "multilabel":
         from medclf.evaluation.findings import write_findings_evaluation
         from medclf.metrics.multilabel import choose_thresholds
 
@@ -708,8 +734,12 @@ def run_baseline(
             extra={"model": f"baseline {best.method} ({_params_text(best.params)})"},
             console=console,
         )
-    summary["times"]["total_seconds"] = round(time.perf_counter() - t_start, 3)
-    summary["test"] = {
+    return metrics
+
+
+def _test_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``baseline.json``'s test figures."""
+    return {
         "n": metrics["n"],
         "auc": metrics["auc"],
         "accuracy": metrics.get("accuracy"),  # multi-label: per finding, in metrics.json
@@ -720,9 +750,6 @@ def run_baseline(
             "accuracy": metrics["all_samples"].get("accuracy"),
         },
     }
-    out = Path(out)
-    (out / "baseline.json").write_text(json.dumps(summary, indent=2))
-    return {**metrics, "baseline": summary}
 
 
 def _load_with_validation(

@@ -149,11 +149,7 @@ def export_bundle(
     t_start = time.perf_counter()
     src = as_predictor(bundle)
     distill = student is not None or distill_from is not None
-    if src.manifest.get("task") == "multilabel" and (prune or distill):
-        raise ConfigError(
-            "pruning and distillation of a multi-label bundle are not supported; use --onnx/--int8"
-        )
-    _check_request(onnx=onnx, int8=int8, prune=prune, distill=distill, data=data, epochs=epochs, lr=lr)
+    _check_request(src, onnx=onnx, int8=int8, prune=prune, distill=distill, data=data, epochs=epochs, lr=lr)
     tuning = _Tuning(
         epochs=epochs,
         lr=lr,
@@ -268,6 +264,7 @@ def _write(
 
 
 def _check_request(
+    src: Predictor,
     *,
     onnx: bool,
     int8: bool,
@@ -278,6 +275,10 @@ def _check_request(
     lr: float | None,
 ) -> None:
     """Refuse, before any data is read, what the export cannot do."""
+    if src.manifest.get("task") == "multilabel" and (prune or distill):
+        raise ConfigError(
+            "pruning and distillation of a multi-label bundle are not supported; use --onnx/--int8"
+        )
     if not (onnx or int8 or prune or distill):
         raise ConfigError("nothing to do: give --onnx, --int8, --prune AMOUNT or --distill-from/--student")
     if (int8 or prune or distill) and data is None:

@@ -81,19 +81,8 @@ def recalibrate(
     """
     console = console or Console(stderr=True, soft_wrap=True)
     b = as_predictor(bundle)
-    if b.manifest.get("task") == "multilabel":  # its operating points are per finding, chosen in training
-        raise ConfigError(
-            "recalibrate fits one temperature and one operating point: not for multi-label bundles"
-        )
     out = Path(out)
-    if out.resolve() == b.path.resolve() or (
-        isinstance(bundle, (str, Path)) and out.resolve() == Path(bundle).resolve()
-    ):
-        raise ConfigError(
-            f"--out {out} is the source bundle: recalibration writes a new bundle, never over its source"
-        )
-    if sensitivity is not None and not 0 < sensitivity <= 1:
-        raise ConfigError(f"--sensitivity must lie in (0, 1], got {sensitivity}")
+    _check_request(b, bundle, out, sensitivity)
     engine = b.engine(engine)
     cmap = parse_class_map(class_map, b.classes) if class_map is not None else None
     point_classes, negative = _positive_group(b.classes, cmap, positive)
@@ -108,13 +97,7 @@ def recalibrate(
     y = site.labels[site.rows]
     z = log_probs(raw)
     point = OperatingPoint(positive, point_classes, 0.0, "youden", negative)
-    if site.by_class:
-        temp = fit_temperature(z, y)
-        truth = np.isin(y, point.columns(b.classes))
-    else:
-        assert cmap is not None
-        temp = fit_grouped_temperature(z, y, cmap.matrix())
-        truth = np.isin(y, point.columns(cmap.names, cmap.groups))
+    temp, truth = _temperature_and_truth(b, site.by_class, cmap, point, z, y)
     n_pos, n_neg = int(truth.sum()), int((~truth).sum())
     if n_pos < MIN_PER_SIDE or n_neg < MIN_PER_SIDE:
         raise DataError(
@@ -133,16 +116,7 @@ def recalibrate(
     figures = binary_figures(truth, score, threshold)
     method = "sensitivity" if sensitivity is not None else "youden"
     record = site.record(data, split, cmap)
-    fit = {
-        "method_description": METHODS[method],
-        "achieved": figures,
-        "engine": engine,
-        "temperature": temperature,
-        "site": record,
-        "source_bundle_sha256": b.sha256,
-        "caution": "figures measured on the sample the threshold was fitted on: optimistic; confirm them "
-        "with medclf evaluate on other images from the site",
-    }
+    fit = _fit_record(b, method, figures, engine, temperature, record)
     point = OperatingPoint(
         positive=positive,
         classes=point_classes,
@@ -163,6 +137,56 @@ def recalibrate(
     path = _write_bundle(b, out, calibration, point, record)
     _print_summary(console, path, point, figures, temp, temperature, b.temperature, record)
     return point.to_manifest()
+
+
+def _check_request(
+    b: Predictor, bundle: str | Path | Bundle | Predictor, out: Path, sensitivity: float | None
+) -> None:
+    """Refuse, before any data is read, what recalibration cannot do."""
+    if b.manifest.get("task") == "multilabel":  # its operating points are per finding, chosen in training
+        raise ConfigError(
+            "recalibrate fits one temperature and one operating point: not for multi-label bundles"
+        )
+    if out.resolve() == b.path.resolve() or (
+        isinstance(bundle, (str, Path)) and out.resolve() == Path(bundle).resolve()
+    ):
+        raise ConfigError(
+            f"--out {out} is the source bundle: recalibration writes a new bundle, never over its source"
+        )
+    if sensitivity is not None and not 0 < sensitivity <= 1:
+        raise ConfigError(f"--sensitivity must lie in (0, 1], got {sensitivity}")
+
+
+def _temperature_and_truth(
+    b: Predictor, by_class: bool, cmap: ClassMap | None, point: OperatingPoint, z: np.ndarray, y: np.ndarray
+) -> tuple[TemperatureFit, np.ndarray]:
+    """The temperature fitted on the site's labels (model classes, or class-map groups) and which samples
+    are positive for ``point``."""
+    if by_class:
+        return fit_temperature(z, y), np.isin(y, point.columns(b.classes))
+    assert cmap is not None
+    return fit_grouped_temperature(z, y, cmap.matrix()), np.isin(y, point.columns(cmap.names, cmap.groups))
+
+
+def _fit_record(
+    b: Predictor,
+    method: str,
+    figures: dict[str, Any],
+    engine: str,
+    temperature: float,
+    site: dict[str, Any],
+) -> dict[str, Any]:
+    """What the operating point records about its fit."""
+    return {
+        "method_description": METHODS[method],
+        "achieved": figures,
+        "engine": engine,
+        "temperature": temperature,
+        "site": site,
+        "source_bundle_sha256": b.sha256,
+        "caution": "figures measured on the sample the threshold was fitted on: optimistic; confirm them "
+        "with medclf evaluate on other images from the site",
+    }
 
 
 @dataclass
