@@ -176,7 +176,8 @@ def render(result: dict[str, Any]) -> str:
         f"`benchmarks/multilabel.py`: NIH's files as they are (`Data_Entry_2017_subset.csv`, `images/`, the "
         f"publisher's `splits.csv`): `medclf audit`, `medclf train --time-budget {result['budget']} "
         f"--multilabel-loss {result['loss']}` (seed {result['seed']}), `medclf evaluate`, `medclf predict`. "
-        f"CPU: {c['model']}, {c['allowed']} of {c['cores']} cores.",
+        f"CPU: {c['model']}, {c['allowed']} of {c['cores']} cores; flags: "
+        f"{', '.join(c['flags']) or 'none of AVX-512, AVX-VNNI, AMX'}.",
         "",
         f"Audit ({a['wall_s']} s): {a['n_samples']} images, {a['no_finding']} with no finding; "
         f"{p['n_patients']} patients, **{p['crossing_splits']} of them with images in more than one split** "
