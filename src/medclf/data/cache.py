@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +25,9 @@ import numpy as np
 from rich.console import Console
 
 from medclf import threads
+from medclf.data.references import read_train_references
 from medclf.data.samples import SampleSet
-from medclf.data.scan import ScanResult, scan, train_copy_flags
+from medclf.data.scan import ScanResult, scan, train_copy_flags, train_copy_matches
 from medclf.data.signatures import NEAR_THRESHOLD
 from medclf.data.sources import fingerprint_files
 from medclf.preprocess import PreprocessSpec, preprocess
@@ -159,6 +160,49 @@ def prepare(
         fingerprint=fingerprint_files(samples),
         path=folder,
     )
+
+
+@dataclass
+class AgainstBundle:
+    """Samples decoded for a bundle, with the copies of that bundle's training images among them."""
+
+    prepared: PreparedData
+    exact: np.ndarray  # per sample: the same bytes as a training file
+    near: np.ndarray  # per sample: a near copy of a training image (by the signatures the bundle carries)
+    near_checked: bool  # False: the bundle carries no signatures (older bundles), only exact copies found
+
+
+def prepare_for_bundle(
+    samples: SampleSet,
+    spec: PreprocessSpec,
+    bundle_dir: Path,
+    files: Mapping[str, str],
+    *,
+    cache_dir: str | Path | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    console: Console | None = None,
+) -> AgainstBundle:
+    """Decode ``samples`` with a bundle's ``spec`` and find copies of its training images: what evaluation,
+    recalibration and multi-label evaluation score a bundle on. ``bundle_dir``/``files``: where the bundle
+    is and its manifest's ``files`` (for :func:`medclf.data.references.read_train_references`)."""
+    refs = read_train_references(bundle_dir, files)
+    train_hashes = set(refs.hashes)
+    # The whole dataset is decoded (not just the split scored): the cache key then matches training's, so
+    # a dataset already seen by `train` is not decoded again.
+    prepared = prepare(
+        samples,
+        spec,
+        cache_dir=cache_dir,
+        workers=workers,
+        progress=progress,
+        console=console,
+        extra_train_hashes=train_hashes,
+    )
+    exact, near, _ = train_copy_matches(
+        samples, prepared.scan, extra_train_hashes=train_hashes, extra_train_signatures=refs.signatures
+    )
+    return AgainstBundle(prepared, exact, near, near_checked=refs.signatures is not None)
 
 
 def _put_row(tensors: np.ndarray, i: int, row: np.ndarray | None) -> None:

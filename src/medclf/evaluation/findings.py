@@ -22,10 +22,8 @@ from matplotlib.figure import Figure
 from rich.console import Console
 from sklearn.metrics import roc_curve
 
-from medclf.data.cache import prepare
-from medclf.data.references import read_train_references
+from medclf.data.cache import prepare_for_bundle
 from medclf.data.samples import SampleSet
-from medclf.data.scan import train_copy_matches
 from medclf.errors import DataError
 from medclf.evaluation.report import write_report
 from medclf.metrics.multilabel import multilabel_metrics
@@ -89,20 +87,18 @@ def evaluate_findings(
     thresholds = None if not thresholds_of else np.array([float(thresholds_of[c]) for c in findings])
     in_split = np.array([s == split for s in samples.splits])
     idx = np.flatnonzero(in_split)
-    refs = read_train_references(b.path, b.manifest.get("files", {}))
-    prepared = prepare(
+    found = prepare_for_bundle(
         samples,
         b.spec,
+        b.path,
+        b.manifest.get("files", {}),
         cache_dir=cache_dir,
         workers=workers,
         progress=progress,
         console=console,
-        extra_train_hashes=set(refs.hashes),
     )
-    exact, near, _ = train_copy_matches(
-        samples, prepared.scan, extra_train_hashes=set(refs.hashes), extra_train_signatures=refs.signatures
-    )
-    copies = (exact | near) & in_split
+    prepared = found.prepared
+    copies = (found.exact | found.near) & in_split
     usable = idx[prepared.ok[idx] & samples.known[idx]]
     probs = np.full((len(samples), len(findings)), np.nan)
     if len(usable):

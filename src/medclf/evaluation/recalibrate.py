@@ -31,10 +31,8 @@ from rich.console import Console
 from scipy.special import log_softmax, logsumexp
 
 from medclf.bundle import WEIGHTS, Bundle, save_bundle
-from medclf.data.cache import PreparedData, prepare
-from medclf.data.references import read_train_references
+from medclf.data.cache import PreparedData, prepare_for_bundle
 from medclf.data.samples import SampleSet
-from medclf.data.scan import train_copy_matches
 from medclf.data.sources import load_source
 from medclf.errors import ConfigError, DataError
 from medclf.evaluation.classmap import ClassMap, parse_class_map
@@ -257,22 +255,20 @@ def _read_site(
         )
     labels = np.where(samples.labels >= 0, lut[np.maximum(samples.labels, 0)], -1)
 
-    refs = read_train_references(b.path, b.manifest.get("files", {}))
-    prepared = prepare(
+    found = prepare_for_bundle(
         samples,
         b.spec,
+        b.path,
+        b.manifest.get("files", {}),
         cache_dir=cache_dir,
         workers=workers,
         progress=progress,
         console=console,
-        extra_train_hashes=set(refs.hashes),
     )
-    exact, near, _ = train_copy_matches(
-        samples, prepared.scan, extra_train_hashes=set(refs.hashes), extra_train_signatures=refs.signatures
-    )
+    prepared, exact, near = found.prepared, found.exact, found.near
     readable = prepared.ok & (labels >= 0)
     copies = (exact | near) & readable
-    if refs.signatures is None:
+    if not found.near_checked:
         console.print("[yellow]note:[/] the bundle carries no training signatures: only exact copies removed")
     return _Site(
         samples=samples,
@@ -284,7 +280,7 @@ def _read_site(
         near=near,
         copies=copies,
         readable=readable,
-        near_checked=refs.signatures is not None,
+        near_checked=found.near_checked,
     )
 
 

@@ -18,10 +18,8 @@ import numpy as np
 from rich.console import Console
 
 from medclf.bundle import Bundle
-from medclf.data.cache import prepare
-from medclf.data.references import read_train_references
+from medclf.data.cache import prepare_for_bundle
 from medclf.data.samples import SampleSet
-from medclf.data.scan import train_copy_matches
 from medclf.data.sources import load_source
 from medclf.errors import ConfigError, DataError
 from medclf.evaluation.classmap import ClassMap, parse_class_map
@@ -107,26 +105,21 @@ def evaluate(
     in_split = np.array([s == split for s in samples.splits])
     idx = np.flatnonzero(in_split)
     groups = _subgroup_labels(b, samples, idx, by, workers, console)
-    refs = read_train_references(b.path, b.manifest.get("files", {}))
-    train_hashes = set(refs.hashes)
-    # Decode the whole dataset (not just train + split): the cache key then matches training's, so a
-    # dataset already seen by `train` is not decoded again.
-    prepared = prepare(
+    found = prepare_for_bundle(
         samples,
         b.spec,
+        b.path,
+        b.manifest.get("files", {}),
         cache_dir=cache_dir,
         workers=workers,
         progress=progress,
         console=console,
-        extra_train_hashes=train_hashes,
     )
     # Copies of the model's training images, by hash and by the signatures the bundle carries (a dataset
     # the model never saw has no train split of its own to compare against).
-    exact, near, _ = train_copy_matches(
-        samples, prepared.scan, extra_train_hashes=train_hashes, extra_train_signatures=refs.signatures
-    )
+    prepared, exact, near = found.prepared, found.exact, found.near
     prepared.train_copy = exact | near
-    if refs.signatures is None and not samples.has_split("train"):
+    if not found.near_checked and not samples.has_split("train"):
         console.print(
             "[yellow]note:[/] this bundle carries no training signatures (made before they were stored): "
             "only exact copies of training images (same bytes) can be removed"
@@ -151,7 +144,7 @@ def evaluate(
         "tta": describe_tta(views),
         "n_removed_exact": 0 if include_train_copies else int((exact & usable_split).sum()),
         "n_removed_near": 0 if include_train_copies else int((near & ~exact & usable_split).sum()),
-        "near_copies_checked": refs.signatures is not None or samples.has_split("train"),
+        "near_copies_checked": found.near_checked or samples.has_split("train"),
     }
     if cmap is not None:
         extra["class_map"] = cmap.to_dict()
