@@ -13,7 +13,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -179,34 +179,8 @@ def initial_plan(
         raise ConfigError(
             "--slices-as-channels needs volumes (NIfTI, DICOM series, 3D .npz); this data is 2D"
         )
-    is_ct = fp.modalities.get("CT", 0) > fp.n_probed // 2
-    spec_kw: dict[str, Any] = {
-        "spatial_dims": dims,
-        "channels": fp.channels,
-        "denoise": overrides.get("denoise") or "none",
-    }
-    if is_ct:
-        spec_kw.update(normalise="window", window=(-1000.0, 1000.0))
-        reasons.append("CT data: fixed window -1000..1000 HU")
-    if native <= 64:
-        # Tiny images (MedMNIST) carry no empty border worth cropping, and cropping would change their scale.
-        spec_kw["crop_foreground"] = False
-    batch = overrides.get("batch_size") or (32 if n_train < 1500 else 64)
-    if dims == 3:
-        batch = overrides.get("batch_size") or (8 if n_train < 500 else 16)
-    lr = float(overrides.get("lr") or 2e-3)
-    if world_size > 1:
-        if overrides.get("batch_size"):
-            if batch < world_size:
-                raise ConfigError(f"--batch-size {batch} is the global batch: it needs at least {world_size}")
-            batch = batch // world_size * world_size
-        else:
-            batch *= world_size
-            if not overrides.get("lr"):
-                lr *= math.sqrt(world_size)
-        reasons.append(
-            f"{world_size} processes: global batch {batch} ({batch // world_size} per process), peak lr {lr:g}"
-        )
+    spec_kw = _spec_kwargs(fp, overrides, reasons)
+    batch, lr = _batch_and_lr(dims, n_train, overrides, world_size, reasons)
     arch = overrides.get("arch") or "compact"
     modality = max(fp.modalities, key=lambda m: fp.modalities[m]) if fp.modalities else None
     modal_preset = preset_for_modality(modality)
@@ -244,6 +218,47 @@ def initial_plan(
             plan, fp, slabs, "--slices-as-channels", bool(overrides.get("batch_size"))
         )
     return plan
+
+
+def _spec_kwargs(fp: Fingerprint, overrides: dict[str, Any], reasons: list[str]) -> dict[str, Any]:
+    """The preprocessing spec's arguments that the data decides (all but the size)."""
+    is_ct = fp.modalities.get("CT", 0) > fp.n_probed // 2
+    spec_kw: dict[str, Any] = {
+        "spatial_dims": fp.spatial_dims,
+        "channels": fp.channels,
+        "denoise": overrides.get("denoise") or "none",
+    }
+    if is_ct:
+        spec_kw.update(normalise="window", window=(-1000.0, 1000.0))
+        reasons.append("CT data: fixed window -1000..1000 HU")
+    if min(fp.median_shape) <= 64:
+        # Tiny images (MedMNIST) carry no empty border worth cropping, and cropping would change their scale.
+        spec_kw["crop_foreground"] = False
+    return spec_kw
+
+
+def _batch_and_lr(
+    dims: int, n_train: int, overrides: dict[str, Any], world_size: int, reasons: list[str]
+) -> tuple[int, float]:
+    """The global batch and the peak learning rate, scaled for ``world_size`` processes (see
+    :func:`initial_plan`)."""
+    batch = overrides.get("batch_size") or (32 if n_train < 1500 else 64)
+    if dims == 3:
+        batch = overrides.get("batch_size") or (8 if n_train < 500 else 16)
+    lr = float(overrides.get("lr") or 2e-3)
+    if world_size > 1:
+        if overrides.get("batch_size"):
+            if batch < world_size:
+                raise ConfigError(f"--batch-size {batch} is the global batch: it needs at least {world_size}")
+            batch = batch // world_size * world_size
+        else:
+            batch *= world_size
+            if not overrides.get("lr"):
+                lr *= math.sqrt(world_size)
+        reasons.append(
+            f"{world_size} processes: global batch {batch} ({batch // world_size} per process), peak lr {lr:g}"
+        )
+    return batch, lr
 
 
 def as_slices_as_channels(plan: Plan, fp: Fingerprint, slabs: int, why: str, keep_batch: bool) -> Plan:
@@ -387,63 +402,118 @@ def _choose(
     """:func:`choose_size_and_epochs` with a shared probe. ``from_smallest``: time the smallest size first
     and start the search at the largest size that timing (scaled by pixels: pessimistic for larger sizes)
     says fits; the narrower-network fallback uses it, as its wider twin just failed at the smallest size."""
+    want_epochs = int(overrides.get("epochs") or target_epochs(n_train))
+    search = _SizeSearch(
+        plan=plan,
+        probe=probe,
+        device=device,
+        n_train=n_train,
+        budget_s=budget_s,
+        # Resolution usually buys more than the last epochs do: accept a size once 60 % of the target
+        # epochs fit (measured on simulated MRI, 600 cases: 64 px x 100 epochs beat 28 px x 120 clearly).
+        min_epochs=want_epochs if overrides.get("epochs") else max(1, int(0.6 * want_epochs)),
+        per_process=max(1, plan.batch_size // world_size),
+        scale=world_size * (0.9 if world_size > 1 else 1.0),
+    )
+    chosen = search.run(_candidate_sizes(plan, fp, overrides), from_smallest)
+    fallback = _fallback(plan, chosen, fp, overrides, search.min_epochs)
+    if fallback is not None:
+        changed, narrower = fallback
+        return _choose(changed, n_train, budget_s, fp, overrides, device, world_size, probe, narrower)
+    return _apply_choice(plan, chosen, overrides, budget_s, want_epochs)
+
+
+def _candidate_sizes(plan: Plan, fp: Fingerprint, overrides: dict[str, Any]) -> list[int]:
+    """Input sizes to try, largest first: the size asked for, or the planner's sizes up to a cap."""
+    if overrides.get("size"):
+        return [int(overrides["size"])]
     dims = plan.spec.spatial_dims
     native = min(fp.median_shape[1:]) if plan.spec.slices_as_channels else min(fp.median_shape)
-    want_epochs = int(overrides.get("epochs") or target_epochs(n_train))
-    if overrides.get("size"):
-        candidates = [int(overrides["size"])]
-    else:
-        pool = SIZES_2D if dims == 2 else SIZES_3D
-        # Upsampling tiny images up to 2x gives the network room (MedMNIST); never beyond the native size
-        # otherwise: that adds compute, not information.
-        cap = max(native * 2, 64) if native < 64 else native
-        cap = min(cap, 256 if dims == 2 else 96)
-        candidates = sorted(
-            {s for s in pool if s <= cap} | ({native} if native <= cap else set()), reverse=True
-        )
-    # Resolution usually buys more than the last epochs do: accept a size once 60 % of the target
-    # epochs fit (measured on simulated MRI, 600 cases: 64 px x 100 epochs beat 28 px x 120 clearly).
-    min_epochs = want_epochs if overrides.get("epochs") else max(1, int(0.6 * want_epochs))
-    chosen = None
-    per_process = max(1, plan.batch_size // world_size)
-    scale = world_size * (0.9 if world_size > 1 else 1.0)
+    pool = SIZES_2D if dims == 2 else SIZES_3D
+    # Upsampling tiny images up to 2x gives the network room (MedMNIST); never beyond the native size
+    # otherwise: that adds compute, not information.
+    cap = max(native * 2, 64) if native < 64 else native
+    cap = min(cap, 256 if dims == 2 else 96)
+    return sorted({s for s in pool if s <= cap} | ({native} if native <= cap else set()), reverse=True)
 
-    def predicted_fits(size: int) -> bool:  # True when there is no timing to predict from
-        predicted = probe.predict(plan, size, arch_kwargs_for(plan.arch, size, dims), per_process)
-        return predicted is None or n_train / (predicted * scale) * min_epochs <= budget_s
 
-    i = 0
-    if from_smallest and len(candidates) > 1:
-        smallest = candidates[-1]
-        probe.ips(plan, smallest, arch_kwargs_for(plan.arch, smallest, dims), device, per_process)
-        i = next(j for j, size in enumerate(candidates) if predicted_fits(size) or j == len(candidates) - 1)
-    while i < len(candidates):
-        size = candidates[i]
-        kw = arch_kwargs_for(plan.arch, size, dims)
-        ips, estimated = probe.ips(plan, size, kw, device, per_process)
-        fits = n_train / (ips * scale) * min_epochs <= budget_s
-        if fits or i == len(candidates) - 1:
-            if estimated:  # the choice is timed, not guessed (a few steps past the allowance)
-                ips, estimated = probe.ips(plan, size, kw, device, per_process, force=True)
-                fits = n_train / (ips * scale) * min_epochs <= budget_s
-            ips *= scale
-            chosen = (size, kw, ips, n_train / ips, fits, estimated)
-            break
-        # Skip the sizes that even the optimistic pixel-scaled prediction says cannot fit.
-        i += 1
-        while i < len(candidates) - 1 and not predicted_fits(candidates[i]):
+class _Chosen(NamedTuple):
+    size: int
+    arch_kwargs: dict[str, Any]
+    ips: float  # images/s of all processes together
+    epoch_s: float
+    fits: bool  # the minimum epochs fit the budget
+    estimated: bool  # the throughput is scaled from other sizes, not timed
+
+
+@dataclass
+class _SizeSearch:
+    """The search for the largest input size at which ``min_epochs`` of ``plan``'s network fit the budget."""
+
+    plan: Plan
+    probe: _Probe
+    device: str
+    n_train: int
+    budget_s: float
+    min_epochs: int
+    per_process: int  # each process's share of the batch
+    scale: float  # processes times their scaling efficiency
+
+    def fits(self, ips: float) -> bool:
+        return self.n_train / (ips * self.scale) * self.min_epochs <= self.budget_s
+
+    def predicted_fits(self, size: int) -> bool:
+        """True when there is no timing to predict from."""
+        kw = arch_kwargs_for(self.plan.arch, size, self.plan.spec.spatial_dims)
+        predicted = self.probe.predict(self.plan, size, kw, self.per_process)
+        return predicted is None or self.fits(predicted)
+
+    def run(self, candidates: list[int], from_smallest: bool) -> _Chosen:
+        """The first of ``candidates`` (largest first) that fits, else the smallest."""
+        plan, probe, dims = self.plan, self.probe, self.plan.spec.spatial_dims
+        i = 0
+        if from_smallest and len(candidates) > 1:
+            smallest = candidates[-1]
+            probe.ips(
+                plan, smallest, arch_kwargs_for(plan.arch, smallest, dims), self.device, self.per_process
+            )
+            i = next(
+                j
+                for j, size in enumerate(candidates)
+                if self.predicted_fits(size) or j == len(candidates) - 1
+            )
+        while i < len(candidates):
+            size = candidates[i]
+            kw = arch_kwargs_for(plan.arch, size, dims)
+            ips, estimated = probe.ips(plan, size, kw, self.device, self.per_process)
+            fits = self.fits(ips)
+            if fits or i == len(candidates) - 1:
+                if estimated:  # the choice is timed, not guessed (a few steps past the allowance)
+                    ips, estimated = probe.ips(plan, size, kw, self.device, self.per_process, force=True)
+                    fits = self.fits(ips)
+                ips *= self.scale
+                return _Chosen(size, kw, ips, self.n_train / ips, fits, estimated)
+            # Skip the sizes that even the optimistic pixel-scaled prediction says cannot fit.
             i += 1
-    assert chosen is not None
-    size, kw, ips, epoch_s, fits, estimated = chosen
+            while i < len(candidates) - 1 and not self.predicted_fits(candidates[i]):
+                i += 1
+        raise AssertionError("no candidate size")
 
-    def replan(changed: Plan, from_smallest: bool = False) -> Plan:
-        return _choose(changed, n_train, budget_s, fp, overrides, device, world_size, probe, from_smallest)
 
-    if not fits and dims == 3 and overrides.get("slices_as_channels") is None and not overrides.get("size"):
+def _fallback(
+    plan: Plan, chosen: _Chosen, fp: Fingerprint, overrides: dict[str, Any], min_epochs: int
+) -> tuple[Plan, bool] | None:
+    """When even the smallest size does not fit: the plan to search again (2.5D for volumes, a narrower
+    network for 2D), and whether to start that search from the smallest size; None to keep ``chosen``."""
+    dims = plan.spec.spatial_dims
+    size, ips = chosen.size, chosen.ips
+    if chosen.fits:
+        return None
+    if dims == 3 and overrides.get("slices_as_channels") is None and not overrides.get("size"):
         slabs = max(2, min(DEFAULT_SLABS, fp.median_shape[0]))
         why = f"3D at {size}^3 runs {ips:.1f} volumes/s, too slow for {min_epochs} epochs in the budget"
-        return replan(as_slices_as_channels(plan, fp, slabs, why, bool(overrides.get("batch_size"))))
-    if not fits and dims == 2 and plan.arch in NARROWER and not overrides.get("arch"):
+        return as_slices_as_channels(plan, fp, slabs, why, bool(overrides.get("batch_size"))), False
+    if dims == 2 and plan.arch in NARROWER and not overrides.get("arch"):
         # Even the smallest size cannot run 60 % of the target epochs: a narrower network (about a quarter
         # of the compute) that gets through the epochs beats a wide one stopped early (PneumoniaMNIST, 3
         # minutes on an AVX2 CPU without bf16: compact ran 5 epochs to AUC 0.968).
@@ -453,7 +523,16 @@ def _choose(
             f"switching to the narrower {narrower}"
         )
         plan.arch = narrower
-        return replan(plan, from_smallest=True)
+        return plan, True
+    return None
+
+
+def _apply_choice(
+    plan: Plan, chosen: _Chosen, overrides: dict[str, Any], budget_s: float, want_epochs: int
+) -> Plan:
+    """Set the chosen size, its network arguments, the throughput and the epochs that fit the budget."""
+    size, kw, ips, epoch_s = chosen.size, chosen.arch_kwargs, chosen.ips, chosen.epoch_s
+    dims = plan.spec.spatial_dims
     plan.spec = PreprocessSpec(**{**plan.spec.to_dict(), "size": (size,) * dims, "extra": {}})
     plan.arch_kwargs = {**kw, **overrides.get("arch_kwargs", {})}
     plan.throughput, plan.epoch_seconds = ips, epoch_s
@@ -462,7 +541,7 @@ def _choose(
     else:
         fit = int(budget_s // max(epoch_s, 1e-6))
         plan.epochs = int(max(1, min(fit, math.ceil(want_epochs * 1.5))))
-        how = "estimated from the sizes timed" if estimated else "measured"
+        how = "estimated from the sizes timed" if chosen.estimated else "measured"
         plan.reasons.append(
             f"size {size}: {ips:.0f} img/s {how} -> {epoch_s:.1f} s/epoch; {plan.epochs} epochs fit the "
             f"{budget_s / 60:.1f} min left (target {want_epochs})"

@@ -59,95 +59,114 @@ class AuditReport:
         """Print the counts per class and split, an issues summary and the warnings."""
         console = console or Console()
         d = self.data
-        splits = list(d["counts"])
-        t = Table(title=f"Samples per class and split — {escape(d['source'])}", title_justify="left")
-        t.add_column("class")
-        for s in splits:
-            t.add_column(s, justify="right")
-        t.add_column("total", justify="right")
-        classes = d["classes"]
-        for c in classes:
-            row = [d["counts"][s].get(c, 0) for s in splits]
-            t.add_row(escape(c), *map(str, row), str(sum(row)))
-        totals = [sum(d["counts"][s].values()) for s in splits]
-        t.add_row("[bold]total[/]", *map(str, totals), str(sum(totals)), end_section=True)
-        t.add_row(
-            "imbalance (max/min)",
-            *[_fmt_ratio(d["imbalance_ratio"].get(s)) for s in splits],
-            "",
-        )
-        console.print(t)
-
-        dup = d["duplicates"]
-        copies = d["train_copies"]
-        it = Table(title="Issues", title_justify="left")
-        it.add_column("check")
-        it.add_column("found", justify="right")
-        it.add_column("detail")
-        it.add_row("unreadable files", str(len(d["unreadable"])), _top_reasons(d["unreadable"]))
-        it.add_row(
-            "exact duplicate groups",
-            str(dup["exact_groups"]),
-            f"{dup['exact_cross_split_groups']} cross splits; {dup['exact_redundant_files']} redundant files",
-        )
-        it.add_row(
-            "near duplicate groups",
-            str(dup["near_groups"]),
-            f"{dup['near_cross_split_groups']} cross splits (correlation >= {d['near_threshold']})",
-        )
-        for s, c in copies["per_split"].items():
-            it.add_row(
-                f"{s} copies of train",
-                str(c["total"]),
-                f"{c['exact']} exact + {c['near_only']} near, of {c['of']} ({_pct(c['total'], c['of'])})",
-            )
-        what = "different sets of findings" if d.get("task") == "multilabel" else "different classes"
-        it.add_row("label conflicts", str(len(d["label_conflicts"])), f"same picture, {what}")
-        it.add_row("constant images", str(d["constant_images"]), "no content to learn from")
-        shift = d.get("split_shift")
-        if shift and shift["results"]:
-            worst = max(shift["results"], key=lambda r: r["auc"])
-            it.add_row(
-                "split shift (class-wise)",
-                str(sum(r["shifted"] for r in shift["results"])),
-                f"of {len(shift['results'])} split/class pairs tell apart from train (AUC >= "
-                f"{shift['warn_auc']}, higher on small sets); highest {worst['auc']:.2f} "
-                f"({escape(worst['split'])}, {escape(worst['cls'])})",
-            )
-        if d["patients"]["with_ids"]:
-            it.add_row("patients in several splits", str(d["patients"]["crossing_splits"]), "")
-        console.print(it)
-        f = d.get("findings")
-        if f:
-            by_n = ", ".join(f"{k}: {v}" for k, v in f["images_by_number_of_findings"].items())
-            top = "; ".join(f"{escape(' + '.join(p['findings']))} {p['images']}" for p in f["top_pairs"][:5])
-            console.print(f"[bold]findings per image[/] {by_n}   [bold]most frequent pairs[/] {top or '-'}")
-
-        sizes = "; ".join(
-            f"{k}: per axis min {_fmt_size(v['min'])}, median {_fmt_size(v['median'])}, max "
-            f"{_fmt_size(v['max'])}; most common {_fmt_size(v['most_common'][0]['size'])} "
-            f"({v['most_common'][0]['count']})"
-            for k, v in d["sizes"].items()
-        )
-        console.print(f"[bold]sizes[/] {sizes or '-'}")
-        console.print(
-            "[bold]channels[/] "
-            + escape(_fmt_counts(d["channels"]))
-            + "   [bold]formats[/] "
-            + escape(_fmt_counts(d["formats"]))
-            + "   [bold]modes[/] "
-            + escape(_fmt_counts(d["modes"]))
-        )
+        console.print(_counts_table(d))
+        console.print(_issues_table(d))
+        _render_findings(console, d.get("findings"))
+        _render_content(console, d)
         _render_shortcuts(console, d.get("shortcuts"))
         console.print(f"[dim]scanned {d['n_samples']} samples in {d['scan_seconds']:.1f} s[/]")
-        if d["warnings"]:
-            console.print("[bold yellow]Warnings[/]")
-            for w in d["warnings"][:max_warnings]:
-                console.print(f"  [yellow]![/] {escape(w)}")
-            if len(d["warnings"]) > max_warnings:
-                console.print(f"  ... and {len(d['warnings']) - max_warnings} more (see the JSON report)")
-        else:
-            console.print("[green]No warnings.[/]")
+        _render_warnings(console, d["warnings"], max_warnings)
+
+
+def _counts_table(d: dict[str, Any]) -> Table:
+    splits = list(d["counts"])
+    t = Table(title=f"Samples per class and split — {escape(d['source'])}", title_justify="left")
+    t.add_column("class")
+    for s in splits:
+        t.add_column(s, justify="right")
+    t.add_column("total", justify="right")
+    classes = d["classes"]
+    for c in classes:
+        row = [d["counts"][s].get(c, 0) for s in splits]
+        t.add_row(escape(c), *map(str, row), str(sum(row)))
+    totals = [sum(d["counts"][s].values()) for s in splits]
+    t.add_row("[bold]total[/]", *map(str, totals), str(sum(totals)), end_section=True)
+    t.add_row(
+        "imbalance (max/min)",
+        *[_fmt_ratio(d["imbalance_ratio"].get(s)) for s in splits],
+        "",
+    )
+    return t
+
+
+def _issues_table(d: dict[str, Any]) -> Table:
+    dup = d["duplicates"]
+    copies = d["train_copies"]
+    it = Table(title="Issues", title_justify="left")
+    it.add_column("check")
+    it.add_column("found", justify="right")
+    it.add_column("detail")
+    it.add_row("unreadable files", str(len(d["unreadable"])), _top_reasons(d["unreadable"]))
+    it.add_row(
+        "exact duplicate groups",
+        str(dup["exact_groups"]),
+        f"{dup['exact_cross_split_groups']} cross splits; {dup['exact_redundant_files']} redundant files",
+    )
+    it.add_row(
+        "near duplicate groups",
+        str(dup["near_groups"]),
+        f"{dup['near_cross_split_groups']} cross splits (correlation >= {d['near_threshold']})",
+    )
+    for s, c in copies["per_split"].items():
+        it.add_row(
+            f"{s} copies of train",
+            str(c["total"]),
+            f"{c['exact']} exact + {c['near_only']} near, of {c['of']} ({_pct(c['total'], c['of'])})",
+        )
+    what = "different sets of findings" if d.get("task") == "multilabel" else "different classes"
+    it.add_row("label conflicts", str(len(d["label_conflicts"])), f"same picture, {what}")
+    it.add_row("constant images", str(d["constant_images"]), "no content to learn from")
+    shift = d.get("split_shift")
+    if shift and shift["results"]:
+        worst = max(shift["results"], key=lambda r: r["auc"])
+        it.add_row(
+            "split shift (class-wise)",
+            str(sum(r["shifted"] for r in shift["results"])),
+            f"of {len(shift['results'])} split/class pairs tell apart from train (AUC >= "
+            f"{shift['warn_auc']}, higher on small sets); highest {worst['auc']:.2f} "
+            f"({escape(worst['split'])}, {escape(worst['cls'])})",
+        )
+    if d["patients"]["with_ids"]:
+        it.add_row("patients in several splits", str(d["patients"]["crossing_splits"]), "")
+    return it
+
+
+def _render_findings(console: Console, f: dict[str, Any] | None) -> None:
+    """Multi-label data: images per number of findings and the most frequent pairs."""
+    if f:
+        by_n = ", ".join(f"{k}: {v}" for k, v in f["images_by_number_of_findings"].items())
+        top = "; ".join(f"{escape(' + '.join(p['findings']))} {p['images']}" for p in f["top_pairs"][:5])
+        console.print(f"[bold]findings per image[/] {by_n}   [bold]most frequent pairs[/] {top or '-'}")
+
+
+def _render_content(console: Console, d: dict[str, Any]) -> None:
+    """Sizes, channels, formats and modes, one line each."""
+    sizes = "; ".join(
+        f"{k}: per axis min {_fmt_size(v['min'])}, median {_fmt_size(v['median'])}, max "
+        f"{_fmt_size(v['max'])}; most common {_fmt_size(v['most_common'][0]['size'])} "
+        f"({v['most_common'][0]['count']})"
+        for k, v in d["sizes"].items()
+    )
+    console.print(f"[bold]sizes[/] {sizes or '-'}")
+    console.print(
+        "[bold]channels[/] "
+        + escape(_fmt_counts(d["channels"]))
+        + "   [bold]formats[/] "
+        + escape(_fmt_counts(d["formats"]))
+        + "   [bold]modes[/] "
+        + escape(_fmt_counts(d["modes"]))
+    )
+
+
+def _render_warnings(console: Console, warnings: list[str], max_warnings: int) -> None:
+    if warnings:
+        console.print("[bold yellow]Warnings[/]")
+        for w in warnings[:max_warnings]:
+            console.print(f"  [yellow]![/] {escape(w)}")
+        if len(warnings) > max_warnings:
+            console.print(f"  ... and {len(warnings) - max_warnings} more (see the JSON report)")
+    else:
+        console.print("[green]No warnings.[/]")
 
 
 def _render_shortcuts(console: Console, sc: dict[str, Any] | None) -> None:
@@ -231,12 +250,50 @@ def audit(
     # Multi-label: duplicates, shift and shortcuts compare sets of findings (a conflict is the same picture
     # with two different sets); the counts above stay per finding.
     samples = samples.label_set_view()
-    n = len(samples)
     splits = [s for s in SPLITS if s in samples.splits]
-    refs = [samples.display_ref(i) for i in range(n)]
-    warn: list[tuple[int, str]] = []  # (priority, text): lower is more serious
+    refs = [samples.display_ref(i) for i in range(len(samples))]
+    # (priority, text): lower is more serious. The checks below add to it in a fixed order, which orders
+    # warnings of the same priority.
+    warn: list[tuple[int, str]] = []
+    counts, imbalance = _balance_summary(counted, samples, splits, warn)
+    unreadable = _unreadable_summary(samples, sr, refs, warn)
+    groups, duplicates = _duplicate_summary(samples, sr, refs, near_threshold, warn)
+    copies, per_split = _train_copy_summary(samples, sr, splits, near_threshold, warn)
+    conflicts = _label_conflicts(samples, groups, refs, warn)
+    patients = _patient_summary(samples, warn)
+    shift = _split_shift_summary(samples, sr, copies, warn, progress) if check_shift else None
+    shortcuts = _shortcut_summary(samples, sr, copies, warn) if check_shortcut else None
+    content = _content_summary(sr, warn)
+    data: dict[str, Any] = {
+        "source": samples.source,
+        "kind": samples.kind,
+        "n_samples": len(samples),
+        "classes": list(counted.classes),
+        "task": counted.task,
+        "findings": findings,
+        "splits": splits,
+        "counts": counts,
+        "imbalance_ratio": imbalance,
+        "unreadable": unreadable,
+        "near_threshold": near_threshold,
+        "duplicates": duplicates,
+        "train_copies": {"per_split": per_split, "refs": [refs[i] for i in np.flatnonzero(copies)]},
+        "label_conflicts": conflicts,
+        "patients": patients,
+        **content,
+        "split_shift": shift,
+        "shortcuts": shortcuts,
+        "scan_seconds": round(sr.seconds, 3),
+        "warnings": [text for _, text in sorted(warn, key=lambda w: w[0])],
+    }
+    return AuditReport(data=data, scan=sr, train_copies=copies, groups=groups)
 
-    # Counts and balance (per finding for multi-label data)
+
+def _balance_summary(
+    counted: SampleSet, samples: SampleSet, splits: list[str], warn: list[tuple[int, str]]
+) -> tuple[dict[str, dict[str, int]], dict[str, float | None]]:
+    """Samples of ``counted`` per class and split (per finding for multi-label data) and each split's
+    imbalance ratio; warns of missing classes, imbalance and samples of ``samples`` without a label."""
     counts = {s: counted.class_counts(s) for s in splits}
     imbalance: dict[str, float | None] = {}
     for s in splits:
@@ -257,8 +314,13 @@ def audit(
     unlabelled = int((~samples.known).sum())
     if unlabelled:
         warn.append((5, f"{_n(unlabelled, 'sample')} without a label"))
+    return counts, imbalance
 
-    # Unusable files
+
+def _unreadable_summary(
+    samples: SampleSet, sr: ScanResult, refs: list[str], warn: list[tuple[int, str]]
+) -> list[dict[str, str]]:
+    """The files that cannot be used, and why."""
     unreadable = [
         {
             "ref": refs[i],
@@ -278,8 +340,24 @@ def audit(
     bugs = sum(u["reason"] in ("reader_error", "scan_error") for u in unreadable)
     if bugs:
         warn.append((2, f"{_n(bugs, 'file')} hit an internal reader error: please report this as a bug"))
+    return unreadable
 
-    # Duplicates
+
+def _group_dict(samples: SampleSet, g: DuplicateGroup, refs: list[str]) -> dict[str, Any]:
+    return {
+        "kind": g.kind,
+        "refs": [refs[i] for i in g.members],
+        "splits": g.splits,
+        "classes": [_class_name(samples, lab) for lab in g.labels],
+        "crosses_splits": g.crosses_splits,
+        "label_conflict": g.label_conflict,
+    }
+
+
+def _duplicate_summary(
+    samples: SampleSet, sr: ScanResult, refs: list[str], near_threshold: float, warn: list[tuple[int, str]]
+) -> tuple[list[DuplicateGroup], dict[str, Any]]:
+    """Groups of byte-identical and of near-identical samples, and their summary."""
     groups = find_duplicates(
         sr.hashes,
         sr.signatures,
@@ -290,17 +368,6 @@ def audit(
     )
     exact = [g for g in groups if g.kind == "exact"]
     near = [g for g in groups if g.kind == "near"]
-
-    def gdict(g: DuplicateGroup) -> dict[str, Any]:
-        return {
-            "kind": g.kind,
-            "refs": [refs[i] for i in g.members],
-            "splits": g.splits,
-            "classes": [_class_name(samples, lab) for lab in g.labels],
-            "crosses_splits": g.crosses_splits,
-            "label_conflict": g.label_conflict,
-        }
-
     exact_cross = sum(g.crosses_splits for g in exact)
     near_cross = sum(g.crosses_splits for g in near)
     redundant = sum(len(g.members) - 1 for g in exact)
@@ -320,8 +387,36 @@ def audit(
                 f"correlation >= {near_threshold}), {near_cross} of them across splits",
             )
         )
+    return groups, {
+        "exact_groups": len(exact),
+        "exact_cross_split_groups": exact_cross,
+        "exact_redundant_files": redundant,
+        "near_groups": len(near),
+        "near_cross_split_groups": near_cross,
+        "exact": [_group_dict(samples, g, refs) for g in exact],
+        "near": [_group_dict(samples, g, refs) for g in near],
+    }
 
-    # Leakage into val/test: per sample, direct match with the training split.
+
+def _label_conflicts(
+    samples: SampleSet, groups: list[DuplicateGroup], refs: list[str], warn: list[tuple[int, str]]
+) -> list[dict[str, Any]]:
+    """Duplicate groups whose members carry different labels."""
+    conflicts = [_group_dict(samples, g, refs) for g in groups if g.label_conflict]
+    if conflicts:
+        warn.append(
+            (
+                1,
+                f"{_n(len(conflicts), 'duplicate group')} with different labels for the same picture (label noise)",
+            )
+        )
+    return conflicts
+
+
+def _train_copy_summary(
+    samples: SampleSet, sr: ScanResult, splits: list[str], near_threshold: float, warn: list[tuple[int, str]]
+) -> tuple[np.ndarray, dict[str, dict[str, int]]]:
+    """Leakage into val/test: which samples copy a training sample (directly), and the counts per split."""
     ex, nr, _ = train_copy_matches(samples, sr, near_threshold=near_threshold)
     copies = ex | nr
     per_split: dict[str, dict[str, int]] = {}
@@ -345,28 +440,11 @@ def audit(
                     "headline figures",
                 )
             )
+    return copies, per_split
 
-    conflicts = [gdict(g) for g in groups if g.label_conflict]
-    if conflicts:
-        warn.append(
-            (
-                1,
-                f"{_n(len(conflicts), 'duplicate group')} with different labels for the same picture (label noise)",
-            )
-        )
 
-    patients = _patient_summary(samples)
-    if patients["crossing_splits"]:
-        warn.append(
-            (
-                3,
-                f"{_n(patients['crossing_splits'], 'patient')} with samples in more than one split (patient leakage)",
-            )
-        )
-
-    shift = _split_shift_summary(samples, sr, copies, warn, progress) if check_shift else None
-    shortcuts = _shortcut_summary(samples, sr, copies, warn) if check_shortcut else None
-
+def _content_summary(sr: ScanResult, warn: list[tuple[int, str]]) -> dict[str, Any]:
+    """What the decoded samples hold: sizes, channels, formats, modes, constant images, intensities."""
     dec = np.flatnonzero(sr.decoded)
     sizes = _size_summary([shape for i in dec if (shape := sr.shapes[i]) is not None], warn)
     channels = {str(k): v for k, v in sorted(Counter(int(sr.channels[i]) for i in dec).items())}
@@ -383,43 +461,14 @@ def audit(
     if n_constant:
         warn.append((5, f"{_n(n_constant, 'constant image')} (a single value everywhere): check them"))
     intensity = _intensity_summary(sr.stats[dec], warn)
-
-    data: dict[str, Any] = {
-        "source": samples.source,
-        "kind": samples.kind,
-        "n_samples": n,
-        "classes": list(counted.classes),
-        "task": counted.task,
-        "findings": findings,
-        "splits": splits,
-        "counts": counts,
-        "imbalance_ratio": imbalance,
-        "unreadable": unreadable,
-        "near_threshold": near_threshold,
-        "duplicates": {
-            "exact_groups": len(exact),
-            "exact_cross_split_groups": exact_cross,
-            "exact_redundant_files": redundant,
-            "near_groups": len(near),
-            "near_cross_split_groups": near_cross,
-            "exact": [gdict(g) for g in exact],
-            "near": [gdict(g) for g in near],
-        },
-        "train_copies": {"per_split": per_split, "refs": [refs[i] for i in np.flatnonzero(copies)]},
-        "label_conflicts": conflicts,
-        "patients": patients,
+    return {
         "sizes": sizes,
         "channels": channels,
         "formats": formats,
         "modes": modes,
         "constant_images": n_constant,
         "intensity": intensity,
-        "split_shift": shift,
-        "shortcuts": shortcuts,
-        "scan_seconds": round(sr.seconds, 3),
-        "warnings": [text for _, text in sorted(warn, key=lambda w: w[0])],
     }
-    return AuditReport(data=data, scan=sr, train_copies=copies, groups=groups)
 
 
 def _split_shift_summary(
@@ -493,12 +542,16 @@ def _findings_summary(samples: SampleSet) -> dict[str, Any]:
     }
 
 
-def _patient_summary(samples: SampleSet) -> dict[str, Any]:
+def _patient_summary(samples: SampleSet, warn: list[tuple[int, str]]) -> dict[str, Any]:
     where: dict[str, set[str]] = {}
     for p, s in zip(samples.patient_ids, samples.splits, strict=True):
         if p is not None:
             where.setdefault(p, set()).add(s)
     crossing = sorted(p for p, ss in where.items() if len(ss) > 1)
+    if crossing:
+        warn.append(
+            (3, f"{_n(len(crossing), 'patient')} with samples in more than one split (patient leakage)")
+        )
     return {
         "with_ids": sum(p is not None for p in samples.patient_ids),
         "n_patients": len(where),

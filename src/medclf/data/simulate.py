@@ -51,7 +51,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import nibabel as nib
 import numpy as np
@@ -400,27 +400,11 @@ def sample_case_params(
     original simulator, draw for draw.
     """
     diff = _difficulty(difficulty)
-    if label not in CLASSES:
-        raise ValueError(f"unknown class {label!r}; expected one of {CLASSES}")
-    if dims not in (2, 3):
-        raise ValueError("dims must be 2 or 3")
-    if not 16 <= size <= 1024:
-        raise ValueError("size must be between 16 and 1024")
-    if n_slices < 1 or (dims == 3 and n_slices != 1):
-        raise ValueError("n_slices must be >= 1, and 1 for 3D")
+    _check_case_args(label, dims, size, n_slices)
     tpl = _template()
-    deg = np.pi / 180
-    # Pose: rotation within ±10° (mostly in-plane for 2D: a tilted axial plane changes anatomy a lot),
-    # isotropic scale ±8% with a little anisotropy, a few mm of shift.
-    if dims == 2:
-        rot = _rotation(rng.uniform(-6, 6) * deg, rng.uniform(-4, 4) * deg, rng.uniform(-10, 10) * deg)
-        level = rng.uniform(*SLICE_BAND_MM)
-        shift = np.array([rng.uniform(-8, 8), rng.uniform(-8, 8), level - HEAD_CENTRE_MM[2]])
-    else:
-        rot = _rotation(*(rng.uniform(-10, 10, size=3) * deg))
-        shift = rng.uniform(-8, 8, size=3)
-    scale = rng.uniform(0.92, 1.08) * rng.uniform(0.97, 1.03, size=3)
-    centre = HEAD_CENTRE_MM + shift
+    # The draws below happen in a fixed order (pose, elastic, anatomy, head, lesion, acquisition): changing
+    # it changes every simulated dataset.
+    rot, scale, centre = _draw_pose(rng, dims)
     # Elastic head deformation (the smooth random displacement field of Simard et al. 2003 / TorchIO's
     # RandomElasticDeformation), built from long-wavelength plane waves instead of spline control points:
     # as smooth, but evaluated only where we render. Wavelengths >= 70 mm keep displacement gradients < 1,
@@ -429,6 +413,68 @@ def sample_case_params(
     elastic = tuple(_Fourier.draw(rng, (70.0, 200.0), e_std, m=6) for _ in range(3))
     ventricle = rng.uniform(-0.06, 0.14)
     tissue_contrast = rng.uniform(-0.15, 0.2)
+    head_thickness, head_levels, temporalis, head_field = _draw_head(rng)
+
+    lesion = None
+    if label != "normal":
+        if dims == 2:
+            pts, normal = _central_slice_points(size, rot, scale, centre, elastic, ventricle, tpl)
+        else:
+            pts, normal = tpl.candidates, np.zeros(3)
+        half_extent = SLICE_GAP_MM * (n_slices - 1) / 2.0
+        lesion = _draw_lesion(label, rng, tpl, pts, normal, half_extent, diff)
+
+    return CaseParams(
+        label=label,
+        dims=dims,
+        size=size,
+        n_slices=n_slices,
+        rotation=rot,
+        scale=scale,
+        centre=centre,
+        elastic=elastic,
+        ventricle=float(ventricle),
+        tissue_contrast=float(tissue_contrast),
+        head_thickness=head_thickness,
+        head_levels=head_levels,
+        temporalis_mm=float(temporalis),
+        head_field=head_field,
+        lesion=lesion,
+        **_draw_acquisition(rng, diff),
+    )
+
+
+def _check_case_args(label: str, dims: int, size: int, n_slices: int) -> None:
+    if label not in CLASSES:
+        raise ValueError(f"unknown class {label!r}; expected one of {CLASSES}")
+    if dims not in (2, 3):
+        raise ValueError("dims must be 2 or 3")
+    if not 16 <= size <= 1024:
+        raise ValueError("size must be between 16 and 1024")
+    if n_slices < 1 or (dims == 3 and n_slices != 1):
+        raise ValueError("n_slices must be >= 1, and 1 for 3D")
+
+
+def _draw_pose(rng: np.random.Generator, dims: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rotation (output -> template frame), scale and the template mm at the output centre.
+
+    Rotation within ±10° (mostly in-plane for 2D: a tilted axial plane changes anatomy a lot), isotropic
+    scale ±8% with a little anisotropy, a few mm of shift; 2D also draws the slice level.
+    """
+    deg = np.pi / 180
+    if dims == 2:
+        rot = _rotation(rng.uniform(-6, 6) * deg, rng.uniform(-4, 4) * deg, rng.uniform(-10, 10) * deg)
+        level = rng.uniform(*SLICE_BAND_MM)
+        shift = np.array([rng.uniform(-8, 8), rng.uniform(-8, 8), level - HEAD_CENTRE_MM[2]])
+    else:
+        rot = _rotation(*(rng.uniform(-10, 10, size=3) * deg))
+        shift = rng.uniform(-8, 8, size=3)
+    scale = rng.uniform(0.92, 1.08) * rng.uniform(0.97, 1.03, size=3)
+    return rot, scale, HEAD_CENTRE_MM + shift
+
+
+def _draw_head(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float, _Fourier]:
+    """Scalp and skull layers: thickness (mm) and intensity of each, temporalis thickness, variation."""
     head_thickness = np.array(
         [
             rng.uniform(1.0, 2.5),  # subarachnoid CSF / meninges
@@ -453,53 +499,48 @@ def sample_case_params(
     )
     temporalis = rng.uniform(1.5, 5.0)
     head_field = _Fourier.draw(rng, (80.0, 250.0), rng.uniform(0.05, 0.15))  # gentle, no lumps
+    return head_thickness, head_levels, temporalis, head_field
 
-    lesion = None
-    if label != "normal":
-        if dims == 2:
-            # Lesion centres are drawn among the pixels of the central slice, so the slices cut the lesion.
-            sp = FOV_MM / size
-            g = (np.arange(size) - (size - 1) / 2.0) * sp
-            yy, xx = np.meshgrid(-g, -g, indexing="ij")  # anterior up, patient right on the left
-            out = np.stack([xx.ravel(), yy.ravel(), np.zeros(xx.size)])
-            pts = _geometry(out, rot, scale, centre, elastic, ventricle, tpl)
-            normal = rot[:, 2] / np.linalg.norm(rot[:, 2])
-        else:
-            pts, normal = tpl.candidates, np.zeros(3)
-        half_extent = SLICE_GAP_MM * (n_slices - 1) / 2.0
-        lesion = _draw_lesion(label, rng, tpl, pts, normal, half_extent, diff)
 
-    # Acquisition. Gamma and brightness: scanner/protocol contrast; bias: receive-coil inhomogeneity
-    # modelled as a smooth multiplicative field, exp(cubic polynomial) as in TorchIO's RandomBiasField
-    # (the N3 model of Sled et al. 1998); Rician magnitude noise (Gudbjartsson & Patz 1995) or Gaussian.
+def _central_slice_points(
+    size: int,
+    rot: np.ndarray,
+    scale: np.ndarray,
+    centre: np.ndarray,
+    elastic: tuple[_Fourier, ...],
+    ventricle: float,
+    tpl: _Template,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Template mm of the central 2D slice's pixels, and the slice normal: 2D lesion centres are drawn
+    among these pixels, so the slices cut the lesion."""
+    sp = FOV_MM / size
+    g = (np.arange(size) - (size - 1) / 2.0) * sp
+    yy, xx = np.meshgrid(-g, -g, indexing="ij")  # anterior up, patient right on the left
+    out = np.stack([xx.ravel(), yy.ravel(), np.zeros(xx.size)])
+    pts = _geometry(out, rot, scale, centre, elastic, ventricle, tpl)
+    return pts, rot[:, 2] / np.linalg.norm(rot[:, 2])
+
+
+def _draw_acquisition(rng: np.random.Generator, diff: _Difficulty) -> dict[str, Any]:
+    """The :class:`CaseParams` fields of the acquisition, drawn in this order.
+
+    Gamma and brightness: scanner/protocol contrast; bias: receive-coil inhomogeneity modelled as a smooth
+    multiplicative field, exp(cubic polynomial) as in TorchIO's RandomBiasField (the N3 model of Sled et
+    al. 1998); Rician magnitude noise (Gudbjartsson & Patz 1995) or Gaussian.
+    """
     gamma = float(np.exp(rng.uniform(np.log(0.7), np.log(1.5))))
     # Log-bias std ~0.05-0.25 over the head: max/min over the brain ~1.3 typically, up to ~2 (3T-like).
     bias_strength = rng.uniform(0.1, 0.9)
     bias = rng.normal(size=20) * bias_strength / np.sqrt(20.0)
-    return CaseParams(
-        label=label,
-        dims=dims,
-        size=size,
-        n_slices=n_slices,
-        rotation=rot,
-        scale=scale,
-        centre=centre,
-        elastic=elastic,
-        ventricle=float(ventricle),
-        tissue_contrast=float(tissue_contrast),
-        head_thickness=head_thickness,
-        head_levels=head_levels,
-        temporalis_mm=float(temporalis),
-        head_field=head_field,
-        lesion=lesion,
-        gamma=gamma,
-        bias=bias,
-        blur_mm=float(rng.uniform(*diff.blur_mm)),
-        brightness=float(rng.uniform(0.6, 1.0)),
-        noise=float(rng.uniform(*diff.noise)),
-        rician=bool(rng.random() < 0.8),
-        noise_seed=int(rng.integers(0, 2**63 - 1)),
-    )
+    return {
+        "gamma": gamma,
+        "bias": bias,
+        "blur_mm": float(rng.uniform(*diff.blur_mm)),
+        "brightness": float(rng.uniform(0.6, 1.0)),
+        "noise": float(rng.uniform(*diff.noise)),
+        "rician": bool(rng.random() < 0.8),
+        "noise_seed": int(rng.integers(0, 2**63 - 1)),
+    }
 
 
 def _draw_lesion(
@@ -517,56 +558,19 @@ def _draw_lesion(
     thickness of a multi-slice stack, which a tumour must span.
     """
     tumour = label == "tumour"
-    if tumour:
-        radius = rng.uniform(*diff.tumour_radius)
-        radius = max(radius, half_extent + 5.0)  # every slice of a multi-slice patient shows the mass
-    else:
-        radius = rng.uniform(*diff.oedema_lesion_radius)
-    oedema_radius = 0.0
-    if tumour and rng.random() < diff.p_tumour_oedema:  # many tumours carry a thin peritumoural oedema too
-        oedema_radius = radius * rng.uniform(*diff.tumour_oedema_extent)
-    elif not tumour:
-        oedema_radius = max(rng.uniform(*diff.oedema_radius), half_extent + 10.0)
-
-    # Candidate centres: tissue (not CSF), supratentorial, deep enough for the lesion to stay in the brain.
-    depth = -_sample(tpl.sdist, tpl.sdist_origin, 2.0, pts)
-    t1 = _sample(tpl.t1, tpl.origin, 1.0, pts).astype(np.float64) / 255.0
-    wm = _sample(tpl.wm, tpl.origin, 1.0, pts).astype(np.float64) / 255.0
-    tissue = (t1 > 0.5 * (tpl.csf + tpl.gm)) & (pts[2] > -25.0)
-    for _ in range(10):
-        need = 0.55 * radius + 4.0 if tumour else radius + 6.0
-        ok = tissue & (depth >= need)
-        if not tumour:
-            ok &= wm > 0.35  # metastases sit at the grey/white junction or in white matter
-        if ok.any():
-            break
-        radius *= 0.85
-    else:
-        ok = depth >= np.max(depth)
-    i = rng.choice(np.flatnonzero(ok))
-    # Off-plane offset: keep the lesion cut by the slice(s) rather than grazing them.
-    dz_max = max(0.0, min(0.35 * radius, radius - half_extent - 3.0)) if tumour else min(2.0, radius / 2)
-    c = pts[:, i] + normal * rng.uniform(-dz_max, dz_max)
-
+    radius, oedema_radius = _draw_lesion_radii(tumour, rng, half_extent, diff)
+    centre, radius = _draw_lesion_centre(tumour, rng, tpl, pts, normal, half_extent, radius)
     axes_rot = _rotation(*rng.uniform(-np.pi, np.pi, size=3))
     stretch = rng.uniform(0.75, 1.3, size=3)
     axes = np.diag(1.0 / stretch) @ axes_rot.T
-    if tumour:
-        has_core = rng.random() < diff.p_tumour_core
-        core = rng.uniform(*diff.tumour_core) if has_core else 0.0
-        rim = rng.uniform(*diff.tumour_rim) if rng.random() < diff.p_tumour_rim else 0.0
-        push, decay = rng.uniform(*diff.tumour_push), rng.uniform(0.8, 1.6)
-    else:
-        has_core = rng.random() < 0.4
-        core = rng.uniform(0.3, 0.6) if has_core else 0.0
-        rim = rng.uniform(0.4, 1.0) if rng.random() < 0.5 else 0.0
-        push, decay = rng.uniform(0.0, 0.25), rng.uniform(0.8, 1.5)
+    core, rim, push, decay = _draw_lesion_structure(tumour, rng, diff)
     # Solid-part contrast, the same distribution for both classes so intensity alone is ambiguous: mostly
     # T1-hypointense (between CSF and white matter), sometimes hyperintense (haemorrhage, enhancement).
     level = rng.uniform(*diff.hypo_level) if rng.random() < 0.8 else rng.uniform(*diff.hyper_level)
+    # The keyword arguments are evaluated, and so drawn, in the order written.
     return Lesion(
         kind=label,
-        centre=c,
+        centre=centre,
         radius=float(radius),
         axes=axes,
         shape=_Fourier.draw(rng, (0.8 * radius, 3.0 * radius), rng.uniform(0.06, 0.2)),
@@ -585,6 +589,72 @@ def _draw_lesion(
         oedema_shape=_Fourier.draw(rng, (10.0, 40.0), 0.3, m=10),
         oedema_level=float(rng.uniform(*diff.oedema_level)),  # darker than white matter, often GM-like
     )
+
+
+def _draw_lesion_radii(
+    tumour: bool, rng: np.random.Generator, half_extent: float, diff: _Difficulty
+) -> tuple[float, float]:
+    """Radius of the mass (tumour) or of the small central lesion (oedema), and of the oedema (0: none)."""
+    if tumour:
+        radius = rng.uniform(*diff.tumour_radius)
+        radius = max(radius, half_extent + 5.0)  # every slice of a multi-slice patient shows the mass
+    else:
+        radius = rng.uniform(*diff.oedema_lesion_radius)
+    oedema_radius = 0.0
+    if tumour and rng.random() < diff.p_tumour_oedema:  # many tumours carry a thin peritumoural oedema too
+        oedema_radius = radius * rng.uniform(*diff.tumour_oedema_extent)
+    elif not tumour:
+        oedema_radius = max(rng.uniform(*diff.oedema_radius), half_extent + 10.0)
+    return radius, oedema_radius
+
+
+def _draw_lesion_centre(
+    tumour: bool,
+    rng: np.random.Generator,
+    tpl: _Template,
+    pts: np.ndarray,
+    normal: np.ndarray,
+    half_extent: float,
+    radius: float,
+) -> tuple[np.ndarray, float]:
+    """A lesion centre among ``pts``, and the radius, shrunk where no candidate is deep enough for it."""
+    # Candidate centres: tissue (not CSF), supratentorial, deep enough for the lesion to stay in the brain.
+    depth = -_sample(tpl.sdist, tpl.sdist_origin, 2.0, pts)
+    t1 = _sample(tpl.t1, tpl.origin, 1.0, pts).astype(np.float64) / 255.0
+    wm = _sample(tpl.wm, tpl.origin, 1.0, pts).astype(np.float64) / 255.0
+    tissue = (t1 > 0.5 * (tpl.csf + tpl.gm)) & (pts[2] > -25.0)
+    for _ in range(10):
+        need = 0.55 * radius + 4.0 if tumour else radius + 6.0
+        ok = tissue & (depth >= need)
+        if not tumour:
+            ok &= wm > 0.35  # metastases sit at the grey/white junction or in white matter
+        if ok.any():
+            break
+        radius *= 0.85
+    else:
+        ok = depth >= np.max(depth)
+    i = rng.choice(np.flatnonzero(ok))
+    # Off-plane offset: keep the lesion cut by the slice(s) rather than grazing them.
+    dz_max = max(0.0, min(0.35 * radius, radius - half_extent - 3.0)) if tumour else min(2.0, radius / 2)
+    return pts[:, i] + normal * rng.uniform(-dz_max, dz_max), radius
+
+
+def _draw_lesion_structure(
+    tumour: bool, rng: np.random.Generator, diff: _Difficulty
+) -> tuple[float, float, float, float]:
+    """Necrotic core (relative radius, 0: none), enhancing rim (strength, 0: none), mass effect and its
+    decay length."""
+    if tumour:
+        has_core = rng.random() < diff.p_tumour_core
+        core = rng.uniform(*diff.tumour_core) if has_core else 0.0
+        rim = rng.uniform(*diff.tumour_rim) if rng.random() < diff.p_tumour_rim else 0.0
+        push, decay = rng.uniform(*diff.tumour_push), rng.uniform(0.8, 1.6)
+    else:
+        has_core = rng.random() < 0.4
+        core = rng.uniform(0.3, 0.6) if has_core else 0.0
+        rim = rng.uniform(0.4, 1.0) if rng.random() < 0.5 else 0.0
+        push, decay = rng.uniform(0.0, 0.25), rng.uniform(0.8, 1.5)
+    return core, rim, push, decay
 
 
 # ------------------------------------------------------------------------------------------------ render
@@ -845,6 +915,37 @@ def make_dataset(
     ``"moderate"``, see :data:`DIFFICULTIES`) sets how conspicuous the lesions are.
     """
     _difficulty(difficulty)  # refuse a bad name before touching the disk
+    _check_dataset_args(n_per_class, dims, splits, slices_per_patient)
+    out = Path(out_dir)
+    _prepare_out_dir(out, overwrite)
+
+    n_total = n_per_class * len(CLASSES)
+    root = np.random.SeedSequence(seed)
+    order_seq, *case_seqs = root.spawn(1 + n_total)
+    order_rng = np.random.default_rng(order_seq)
+    # Patient ids are a random permutation so that an id reveals nothing about the class.
+    ids = order_rng.permutation(n_total)
+    labels = [c for c in CLASSES for _ in range(n_per_class)]
+    split_of = _stratified_splits(order_rng, n_per_class, splits)
+
+    rows: list[tuple[str, str, str, str]] = []
+    for k in range(n_total):
+        rng = np.random.default_rng(case_seqs[k])
+        params = sample_case_params(
+            labels[k], rng=rng, dims=dims, size=size, n_slices=slices_per_patient, difficulty=difficulty
+        )
+        pid = f"p{ids[k]:04d}"
+        folder = out / split_of[k] / labels[k] if split_of[k] else out / labels[k]
+        paths = _write_case(folder, pid, params)
+        rows += [(p.relative_to(out).as_posix(), labels[k], pid, split_of[k]) for p in paths]
+    if manifest:
+        _write_manifest(out, sorted(rows))
+    return out
+
+
+def _check_dataset_args(
+    n_per_class: int, dims: int, splits: dict[str, float] | None, slices_per_patient: int
+) -> None:
     if n_per_class < 1:
         raise ValueError("n_per_class must be >= 1")
     if slices_per_patient < 1 or (dims == 3 and slices_per_patient != 1):
@@ -855,7 +956,11 @@ def make_dataset(
             raise ValueError(f"split names must be among {SPLIT_NAMES}, got {sorted(splits)}")
         if any(v < 0 for v in splits.values()) or not np.isclose(sum(splits.values()), 1.0):
             raise ValueError("split fractions must be >= 0 and add up to 1")
-    out = Path(out_dir)
+
+
+def _prepare_out_dir(out: Path, overwrite: bool) -> None:
+    """Create ``out``; a non-empty one is refused unless ``overwrite``, which removes only what
+    :func:`make_dataset` writes."""
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out} is not empty (pass overwrite=True to replace a simulated dataset)")
@@ -865,14 +970,12 @@ def make_dataset(
         (out / "manifest.csv").unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
-    n_total = n_per_class * len(CLASSES)
-    root = np.random.SeedSequence(seed)
-    order_seq, *case_seqs = root.spawn(1 + n_total)
-    order_rng = np.random.default_rng(order_seq)
-    # Patient ids are a random permutation so that an id reveals nothing about the class.
-    ids = order_rng.permutation(n_total)
-    labels = [c for c in CLASSES for _ in range(n_per_class)]
-    split_of = [""] * n_total
+
+def _stratified_splits(
+    order_rng: np.random.Generator, n_per_class: int, splits: dict[str, float] | None
+) -> list[str]:
+    """The split of each case (cases ordered class by class), stratified by class; ``""`` without splits."""
+    split_of = [""] * (n_per_class * len(CLASSES))
     if splits is not None:
         for ci in range(len(CLASSES)):
             members = order_rng.permutation(np.arange(ci * n_per_class, (ci + 1) * n_per_class))
@@ -881,33 +984,29 @@ def make_dataset(
                 for m in members[start : start + count]:
                     split_of[m] = name
                 start += count
+    return split_of
 
-    rows: list[tuple[str, str, str, str]] = []
-    for k in range(n_total):
-        rng = np.random.default_rng(case_seqs[k])
-        params = sample_case_params(
-            labels[k], rng=rng, dims=dims, size=size, n_slices=slices_per_patient, difficulty=difficulty
-        )
-        img = render_case(params)
-        pid = f"p{ids[k]:04d}"
-        folder = out / split_of[k] / labels[k] if split_of[k] else out / labels[k]
-        folder.mkdir(parents=True, exist_ok=True)
-        if dims == 3:
-            path = folder / f"{pid}.nii.gz"
-            _write_nifti(path, img, params.spacing)
-            paths = [path]
-        else:
-            names = [pid] if slices_per_patient == 1 else [f"{pid}_s{s}" for s in range(slices_per_patient)]
-            paths = [folder / f"{name}.png" for name in names]
-            for path, sl in zip(paths, img, strict=True):
-                _write_png(path, sl)
-        rows += [(p.relative_to(out).as_posix(), labels[k], pid, split_of[k]) for p in paths]
-    if manifest:
-        with (out / "manifest.csv").open("w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh, lineterminator="\n")
-            w.writerow(["path", "label", "patient_id", "split"])
-            w.writerows(sorted(rows))
-    return out
+
+def _write_case(folder: Path, pid: str, params: CaseParams) -> list[Path]:
+    """Render one patient into ``folder``: a NIfTI volume, or one PNG per slice; returns the files."""
+    img = render_case(params)
+    folder.mkdir(parents=True, exist_ok=True)
+    if params.dims == 3:
+        path = folder / f"{pid}.nii.gz"
+        _write_nifti(path, img, params.spacing)
+        return [path]
+    names = [pid] if params.n_slices == 1 else [f"{pid}_s{s}" for s in range(params.n_slices)]
+    paths = [folder / f"{name}.png" for name in names]
+    for path, sl in zip(paths, img, strict=True):
+        _write_png(path, sl)
+    return paths
+
+
+def _write_manifest(out: Path, rows: list[tuple[str, str, str, str]]) -> None:
+    with (out / "manifest.csv").open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["path", "label", "patient_id", "split"])
+        w.writerows(rows)
 
 
 # ----------------------------------------------------------------------------------- multi-finding variant
@@ -949,7 +1048,7 @@ def make_multilabel_dataset(
     names = list(splits)
     counts = _split_counts(n, splits)
     split_of = order_rng.permutation([s for s in names for _ in range(counts[s])])
-    rows = []
+    rows: list[tuple[str, str, str, str]] = []
     for k in range(n):
         rng = np.random.default_rng(case_seqs[k])
         lesion = CLASSES[int(rng.integers(len(CLASSES)))]
@@ -961,8 +1060,5 @@ def make_multilabel_dataset(
         pid = f"p{k:04d}"
         _write_png(out / "images" / f"{pid}.png", render_case(params)[0])
         rows.append((f"images/{pid}.png", "|".join(findings) or NO_FINDING, pid, str(split_of[k])))
-    with (out / "manifest.csv").open("w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh, lineterminator="\n")
-        w.writerow(["path", "label", "patient_id", "split"])
-        w.writerows(rows)
+    _write_manifest(out, rows)
     return out

@@ -40,9 +40,9 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -470,13 +470,6 @@ def create_app(
     settings = replace(settings or ServeSettings(), **overrides)
     b = _load(bundle, settings) if isinstance(bundle, (str, Path)) else as_predictor(bundle)
     service = Service(b, settings)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await asyncio.get_running_loop().run_in_executor(service.pool, service.warm_up)
-        yield
-        service.close()
-
     # The specification is the same for every model (no architecture, no class names: /v1/model tells those,
     # behind the key), and with keys it needs one too. No redirects: Starlette builds their absolute URL from
     # the Host header, which the client chooses; /v1/predict/ is a 404.
@@ -484,15 +477,37 @@ def create_app(
         title="medclf",
         version="v1",
         summary=f"Medical image classification. {DISCLAIMER}",
-        lifespan=lifespan,
+        lifespan=_lifespan(service),
         docs_url=None if service.keys else "/docs",
         redoc_url=None,
         redirect_slashes=False,
     )
     app.state.service = service
+    # The gate reads the route list at the first request, so it sees the routes added below.
     app.add_middleware(
         RequestGate, keys=service.keys, audit=service.audit, model_sha256=b.sha256, routes=app.router.routes
     )
+    _add_error_handlers(app)
+    _add_predict_route(app, service)
+    _add_status_routes(app, service)
+    _add_page(app)
+    return app
+
+
+def _lifespan(service: Service) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """Warm the model up before the first request; release the service at shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.get_running_loop().run_in_executor(service.pool, service.warm_up)
+        yield
+        service.close()
+
+    return lifespan
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every refusal as ``{"error": message, "reason": code}`` with its status; never a traceback."""
 
     @app.exception_handler(MedclfError)
     async def _medclf_error(request: Request, exc: MedclfError) -> JSONResponse:
@@ -519,6 +534,8 @@ def create_app(
         log.exception("internal error")
         return JSONResponse({"error": "internal server error", "reason": "internal"}, status_code=500)
 
+
+def _add_predict_route(app: FastAPI, service: Service) -> None:
     @app.post(
         "/v1/predict",
         summary="Classify one image (DICOM, NIfTI, PNG, JPEG, TIFF)",
@@ -559,6 +576,10 @@ def create_app(
         }
         return JSONResponse(body)
 
+
+def _add_status_routes(app: FastAPI, service: Service) -> None:
+    """The model document, liveness and readiness."""
+
     @app.get("/v1/model", summary="Classes, input spec, preprocessing, metrics and model card")
     async def model(request: Request) -> dict[str, Any]:
         return service.model_document()
@@ -575,13 +596,15 @@ def create_app(
         body = {"ready": ready, "in_flight": adm.in_flight, "queue": adm.limit, "audit_log": audit_ok}
         return JSONResponse(body, status_code=200 if ready else 503)
 
+
+def _add_page(app: FastAPI) -> None:
+    """The web page and its files, with the page's security headers."""
+
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers=_PAGE_HEADERS)
 
     app.mount("/static", _PageFiles(directory=STATIC), name="static")
-
-    return app
 
 
 # ----------------------------------------------------------------------------------------------- running

@@ -149,52 +149,18 @@ def build_sr(
     """
     now = now or dt.datetime.now(dt.UTC)
     evidence = _evidence_header(source)
-    algorithm = hd.sr.AlgorithmIdentification(
-        name=algorithm_name(bundle),
-        version=bundle.sha256,
-        manufacturer="medclf",
-        parameters=_parameters(bundle),
-    )
     image = hd.sr.SourceImageForMeasurementGroup.from_source_image(evidence)
     groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
-    outside = bool(prediction.get("ood"))
-    if not outside:
-        # Multi-label findings: every finding present at its threshold is "Present" (one CODE item each),
-        # and its group also holds that threshold; one label per image: the predicted class alone.
-        findings = prediction.get("findings")
-        present = (
-            {str(f) for f in prediction.get("positive", [])} if findings else {str(prediction["predicted"])}
-        )
-        for name, p in prediction["probabilities"].items():
-            concept = class_code(str(name))
-            measurements = [_measurement(PROBABILITY, float(p))]
-            if findings:
-                measurements.append(_measurement(THRESHOLD, float(findings[name]["threshold"])))
-            groups.append(
-                _group(
-                    str(name),
-                    concept,
-                    algorithm,
-                    image,
-                    measurements,
-                    [hd.sr.QualitativeEvaluation(concept, PRESENT)] if str(name) in present else [],
-                )
-            )
+    if not prediction.get("ood"):
+        groups += _class_groups(prediction, bundle, image)
         if prediction.get("decision"):
             groups.append(_decision_group(prediction["decision"], bundle, image))
     if "ood" in prediction:
         groups.append(_check_group(prediction, bundle, image))
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=model_observer_uid(bundle),
-            name=_lo(observer_name),
-            manufacturer_name="medclf",
-            model_name=_lo(f"{bundle.arch} {bundle.sha256[:12]}"),
-        ),
-    )
     report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        observation_context=hd.sr.ObservationContext(
+            observer_device_context=_model_observer(bundle, observer_name)
+        ),
         procedure_reported=codes.SCT.ImagingProcedure,
         imaging_measurements=groups,
         referenced_images=_image_library(evidence),
@@ -214,20 +180,7 @@ def build_sr(
         is_verified=False,
         series_description="medclf AI classification (research, not for diagnosis)",
     )
-    # The class names and copied names may be in any script.
-    sr.SpecificCharacterSet = "ISO_IR 192"
-    sr.ManufacturerModelName = _lo(f"{bundle.arch} {bundle.sha256[:12]}")
-    sr.SoftwareVersions = __version__
-    # pydicom takes DA/TM values as text; its keyword stubs accept only DA/TM objects.
-    sr.InstanceCreationDate = sr.ContentDate = sr.SeriesDate = now.strftime("%Y%m%d")  # type: ignore[assignment]
-    sr.InstanceCreationTime = sr.ContentTime = sr.SeriesTime = now.strftime("%H%M%S.%f")  # type: ignore[assignment]
-    sr.TimezoneOffsetFromUTC = now.strftime("%z") or "+0000"
-    if SCHEME in _designators(sr):  # declared where used (a declaration alone draws dciodvfy's warning)
-        scheme = Dataset()
-        scheme.CodingSchemeDesignator = SCHEME
-        scheme.CodingSchemeName = SCHEME_NAME
-        scheme.CodingSchemeResponsibleOrganization = "medclf"
-        sr.CodingSchemeIdentificationSequence = [scheme]
+    _set_header(sr, bundle, now)
     return sr
 
 
@@ -275,6 +228,73 @@ def write_sr_files(bundle: Predictor, results: Sequence[dict[str, Any]], out_dir
 
 
 # -- pieces -------------------------------------------------------------------------------------------------
+
+
+def _class_groups(
+    prediction: dict[str, Any], bundle: Predictor, image: hd.sr.SourceImageForMeasurementGroup
+) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    """One group per class: its probability and, for the class predicted, ``<class> = Present``.
+
+    Multi-label findings: every finding present at its threshold is "Present" (one CODE item each), and its
+    group also holds that threshold; one label per image: the predicted class alone.
+    """
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=algorithm_name(bundle),
+        version=bundle.sha256,
+        manufacturer="medclf",
+        parameters=_parameters(bundle),
+    )
+    findings = prediction.get("findings")
+    present = {str(f) for f in prediction.get("positive", [])} if findings else {str(prediction["predicted"])}
+    groups = []
+    for name, p in prediction["probabilities"].items():
+        concept = class_code(str(name))
+        measurements = [_measurement(PROBABILITY, float(p))]
+        if findings:
+            measurements.append(_measurement(THRESHOLD, float(findings[name]["threshold"])))
+        groups.append(
+            _group(
+                str(name),
+                concept,
+                algorithm,
+                image,
+                measurements,
+                [hd.sr.QualitativeEvaluation(concept, PRESENT)] if str(name) in present else [],
+            )
+        )
+    return groups
+
+
+def _model_observer(bundle: Predictor, observer_name: str) -> hd.sr.ObserverContext:
+    """The model as the observing device (TID 1004)."""
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=model_observer_uid(bundle),
+            name=_lo(observer_name),
+            manufacturer_name="medclf",
+            model_name=_lo(f"{bundle.arch} {bundle.sha256[:12]}"),
+        ),
+    )
+
+
+def _set_header(sr: hd.sr.Comprehensive3DSR, bundle: Predictor, now: dt.datetime) -> None:
+    """The attributes highdicom does not set: character set, model and software, dates, the private
+    coding scheme's declaration."""
+    # The class names and copied names may be in any script.
+    sr.SpecificCharacterSet = "ISO_IR 192"
+    sr.ManufacturerModelName = _lo(f"{bundle.arch} {bundle.sha256[:12]}")
+    sr.SoftwareVersions = __version__
+    # pydicom takes DA/TM values as text; its keyword stubs accept only DA/TM objects.
+    sr.InstanceCreationDate = sr.ContentDate = sr.SeriesDate = now.strftime("%Y%m%d")  # type: ignore[assignment]
+    sr.InstanceCreationTime = sr.ContentTime = sr.SeriesTime = now.strftime("%H%M%S.%f")  # type: ignore[assignment]
+    sr.TimezoneOffsetFromUTC = now.strftime("%z") or "+0000"
+    if SCHEME in _designators(sr):  # declared where used (a declaration alone draws dciodvfy's warning)
+        scheme = Dataset()
+        scheme.CodingSchemeDesignator = SCHEME
+        scheme.CodingSchemeName = SCHEME_NAME
+        scheme.CodingSchemeResponsibleOrganization = "medclf"
+        sr.CodingSchemeIdentificationSequence = [scheme]
 
 
 def _group(
