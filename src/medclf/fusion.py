@@ -27,7 +27,7 @@ import torch
 from rich.console import Console
 
 from medclf.bundle import Bundle, save_bundle
-from medclf.data.cache import prepare
+from medclf.data.cache import PreparedData, prepare
 from medclf.data.references import TRAIN_SIGNATURES, aligned_signatures, pack_signatures
 from medclf.data.samples import SampleSet
 from medclf.data.scan import train_copy_flags
@@ -83,23 +83,113 @@ def ensemble(
     ``recipe`` adds entries to the bundle's recipe (``medclf train --folds`` records its runs there)."""
     t_start = time.perf_counter()
     console = console or Console(stderr=True, soft_wrap=True)
+    members = _members(bundles, method)
+    base = max(members, key=lambda b: int(np.prod(b.spec.size)))
+    classes = base.classes
+    multilabel = _task(base) == "multilabel"
+    splits = _rebuild_splits(
+        members, base, data, cache_dir=cache_dir, workers=workers, progress=progress, console=console
+    )
+    model = _build(members, method)
+    fit = _fit_set(model, splits, method, console)
+    enough = _enough_to_fit(fit, method)
+    with torch.no_grad():
+        fitted = _FITTERS[method](model, fit.lp, fit.y, seed)
+    weights = model.weights.tolist() if method != "stacking" else None
+    val = _score_on_fit_set(model, members, splits, fit, method, calibrate, enough, seed)
+    own = [_metrics(splits.labels[v], fit.log_probs[j][v], classes, seed) for j, v in enumerate(fit.own_val)]
+    out_of_fold = _out_of_fold(members, fit.own_val, fit.log_probs, splits.labels, classes, seed)
+    fusion = _fusion_record(
+        members, base, method, weights, fitted, len(fit.idx), val.member_metrics, own, out_of_fold
+    )
+    seconds = round(time.perf_counter() - t_start, 1)
+    manifest = _manifest(members, base, splits, method, val, fusion, out_of_fold, seconds, recipe)
+    path = _save(out, model, manifest, splits, fit, multilabel=multilabel, seed=seed)
+    _print_summary(console, path, val.member_metrics, own, val.metrics, weights, val.cal)
+    return EnsembleResult(
+        bundle=path,
+        method=method,
+        weights=weights,
+        temperature=val.cal.temperature,
+        n_fit=len(fit.idx),
+        val_metrics=val.metrics,
+        member_val_metrics=val.member_metrics,
+        seconds=seconds,
+    )
+
+
+@dataclass
+class _Splits:
+    """The members' dataset, every member's splits rebuilt from its recipe, decoded once for all members."""
+
+    samples: SampleSet
+    options: dict[str, Any] | None  # how the members read a CSV manifest
+    member_splits: list[list[str]]
+    is_train: np.ndarray  # (M, N): sample i in member j's training split
+    is_val: np.ndarray  # (M, N): sample i in member j's validation split
+    combined: SampleSet  # "train" where any member trained
+    train_hashes: list[set[str]]  # per member: the content hashes of the files it trained on
+    prepared: PreparedData
+    readable: np.ndarray  # decoded, with a known label
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.samples.labels
+
+
+@dataclass
+class _FitSet:
+    """The fitting set: validation samples shared by every member, minus copies of any member's training
+    sample; each member's own validation rows; the members' log-probabilities where they are needed."""
+
+    idx: np.ndarray
+    own_val: list[np.ndarray]  # per member: its validation rows, minus copies of its training samples
+    log_probs: dict[int, np.ndarray]  # member -> (N, K), NaN outside its own validation rows and the fit set
+    lp: np.ndarray | None  # (M, n_fit, K) on the fitting set; None when it is empty
+    y: np.ndarray  # labels of the fitting set
+
+
+@dataclass
+class _Validation:
+    """The ensemble's temperature, its metrics and its members' on the fitting set (None where too small),
+    and the multi-label per-finding thresholds."""
+
+    cal: TemperatureFit
+    metrics: dict[str, Any] | None = None
+    member_metrics: list[dict[str, Any] | None] = field(default_factory=list)
+    thresholds: dict[str, Any] | None = None
+
+
+def _members(bundles: Sequence[str | Path | Bundle | Predictor], method: str) -> list[Bundle]:
+    """The member bundles, checked to be fusable with ``method``."""
     if method not in METHODS:
         raise ConfigError(f"unknown fusion method {method!r}; choose one of {', '.join(METHODS)}")
     members = [as_bundle(b) for b in bundles]
     _check_compatible(members)
-    base = max(members, key=lambda b: int(np.prod(b.spec.size)))
-    classes = base.classes
-    multilabel = _task(base) == "multilabel"
-    if multilabel and method != "mean":
+    if _task(members[0]) == "multilabel" and method != "mean":
         raise ConfigError(
             "multi-label members are fused by the mean of their per-finding probabilities: --method mean"
         )
+    return members
 
+
+def _rebuild_splits(
+    members: list[Bundle],
+    base: Bundle,
+    data: str | Path,
+    *,
+    cache_dir: str | Path | None,
+    workers: int | None,
+    progress: bool,
+    console: Console,
+) -> _Splits:
+    """``data`` with every member's splits rebuilt, decoded with the ``base`` member's spec; refused unless
+    each member's rebuilt training split holds exactly the files it trained on."""
     options = base.manifest.get("data", {}).get("manifest_options")
     samples = load_source(data, default_split="train", manifest=options)
-    if samples.classes != classes:
+    if samples.classes != base.classes:
         raise DataError(
-            f"{data}: classes {samples.classes} differ from the members' {classes}; "
+            f"{data}: classes {samples.classes} differ from the members' {base.classes}; "
             "give the dataset the members were trained on"
         )
     member_splits = [member_validation_splits(samples, b) for b in members]
@@ -118,7 +208,6 @@ def ensemble(
         console=console,
         extra_train_hashes=set().union(*train_hashes),
     )
-    labels = samples.labels
     readable = prepared.ok & samples.known
     for j, b in enumerate(members):
         rebuilt = {prepared.hashes[i] for i in np.flatnonzero(is_train[j] & readable)}
@@ -127,78 +216,129 @@ def ensemble(
                 f"{b.path}: its training files are not the training split of {data} rebuilt from its recipe "
                 f"(seed {b.manifest.get('recipe', {}).get('seed')}): give the dataset it was trained on"
             )
+    return _Splits(
+        samples, options, member_splits, is_train, is_val, combined, train_hashes, prepared, readable
+    )
 
-    model = _build(members, method)
+
+def _fit_set(model: Ensemble, splits: _Splits, method: str, console: Console) -> _FitSet:
+    """The fitting set and each member's own validation rows, with the members' log-probabilities (through
+    the ensemble's own input path) on them."""
+    n_members = len(splits.member_splits)
     # What every member validated on, minus copies of any member's training sample: the fitting set.
-    fit_mask = is_val.all(axis=0) & readable & ~prepared.train_copy
+    fit_mask = splits.is_val.all(axis=0) & splits.readable & ~splits.prepared.train_copy
     fit_idx = np.flatnonzero(fit_mask)
     own_val = [
-        is_val[j] & readable & ~train_copy_flags(samples.with_splits(member_splits[j]), prepared.scan)
-        for j in range(len(members))
+        splits.is_val[j]
+        & splits.readable
+        & ~train_copy_flags(splits.samples.with_splits(splits.member_splits[j]), splits.prepared.scan)
+        for j in range(n_members)
     ]
     console.print(
-        f"Fusing {len(members)} members ({method}) on {len(fit_idx)} validation samples shared by all members"
+        f"Fusing {n_members} members ({method}) on {len(fit_idx)} validation samples shared by all members"
     )
-    # Member log-probabilities, through the ensemble's own input path, where they are needed.
     log_probs = {
-        j: _member_log_probs(model, j, prepared.tensors, own_val[j] | fit_mask) for j in range(len(members))
+        j: _member_log_probs(model, j, splits.prepared.tensors, own_val[j] | fit_mask)
+        for j in range(n_members)
     }
-    fit_lp = np.stack([log_probs[j][fit_idx] for j in range(len(members))]) if len(fit_idx) else None
-    y_fit = labels[fit_idx]
+    fit_lp = np.stack([log_probs[j][fit_idx] for j in range(n_members)]) if len(fit_idx) else None
+    return _FitSet(fit_idx, own_val, log_probs, fit_lp, splits.labels[fit_idx])
 
-    enough = len(fit_idx) >= MIN_FIT and len(np.unique(y_fit)) >= 2
+
+def _enough_to_fit(fit: _FitSet, method: str) -> bool:
+    """Whether the fitting set can fit anything; refused for a method that must be fitted when it cannot."""
+    enough = len(fit.idx) >= MIN_FIT and len(np.unique(fit.y)) >= 2
     if method != "mean" and not enough:
         raise DataError(
             f"'{method}' fusion is fitted on validation samples that every member left out of training, and "
-            f"there are {len(fit_idx)} (need {MIN_FIT}, with two classes). Members whose validation splits "
+            f"there are {len(fit.idx)} (need {MIN_FIT}, with two classes). Members whose validation splits "
             "differ (different seeds without a dataset validation split, or K-fold runs) can only be "
             "fused with --method mean"
         )
-    with torch.no_grad():
-        fitted = _FITTERS[method](model, fit_lp, y_fit, seed)
-    weights = model.weights.tolist() if method != "stacking" else None
+    return enough
 
+
+def _score_on_fit_set(
+    model: Ensemble,
+    members: list[Bundle],
+    splits: _Splits,
+    fit: _FitSet,
+    method: str,
+    calibrate: bool,
+    enough: bool,
+    seed: int,
+) -> _Validation:
+    """The ensemble's temperature (fitted on the fitting set when asked for and possible), its validation
+    metrics and its members' there; multi-label: thresholds chosen there, else the mean of the members'."""
+    classes = members[0].classes  # the members share them (_check_compatible), as they share their task
+    multilabel = _task(members[0]) == "multilabel"
     cal = TemperatureFit(1.0, 0, None, None, None, None, note="calibration not asked for: T = 1")
-    val_metrics: dict[str, Any] | None = None
-    member_fit_metrics: list[dict[str, Any] | None] = [None] * len(members)
-    thresholds: dict[str, Any] | None = None
+    val = _Validation(cal, member_metrics=[None] * len(members))
     if multilabel:
-        cal.note = "multi-label: the mean of the members' per-finding sigmoids, no temperature"
-    if multilabel and fit_lp is not None and enough:
+        val.cal.note = "multi-label: the mean of the members' per-finding sigmoids, no temperature"
+    if fit.lp is not None and enough:
         with torch.no_grad():
-            fused = model.fuse(torch.from_numpy(fit_lp).float()).double().numpy()
-        val_metrics, thresholds = _findings_metrics(y_fit, 1.0 / (1.0 + np.exp(-fused)), classes, seed)
-        member_fit_metrics = [_metrics(y_fit, fit_lp[j], classes, seed) for j in range(len(members))]
-    elif fit_lp is not None and enough:
-        with torch.no_grad():
-            fused = model.fuse(torch.from_numpy(fit_lp).float()).double().numpy()
-        if calibrate:
-            cal = fit_temperature(fused, y_fit)
-        probs = apply_temperature(fused, cal.temperature)
-        val_metrics = compute_metrics(y_fit, probs, classes, n_bootstrap=200, seed=seed)
-        val_metrics.update(
-            ece_uncalibrated=expected_calibration_error(y_fit, apply_temperature(fused, 1.0)),
-            temperature=cal.temperature,
-            n_removed_duplicates=int((is_val.all(axis=0) & readable & prepared.train_copy).sum()),
-        )
-        fitted_here = ([] if method == "mean" else [f"the {method} fusion"]) + (
-            ["the temperature"] if calibrate else []
-        )
-        if fitted_here:
-            val_metrics["note"] = f"{' and '.join(fitted_here)} were fitted on these same samples"
-        member_fit_metrics = [_metrics(y_fit, fit_lp[j], classes, seed) for j in range(len(members))]
+            fused = model.fuse(torch.from_numpy(fit.lp).float()).double().numpy()
+        if multilabel:
+            val.metrics, val.thresholds = _findings_metrics(
+                fit.y, 1.0 / (1.0 + np.exp(-fused)), classes, seed
+            )
+        else:
+            if calibrate:
+                val.cal = fit_temperature(fused, fit.y)
+            n_copies = int((splits.is_val.all(axis=0) & splits.readable & splits.prepared.train_copy).sum())
+            val.metrics = _fused_metrics(fused, fit.y, val.cal, classes, method, calibrate, n_copies, seed)
+        val.member_metrics = [_metrics(fit.y, fit.lp[j], classes, seed) for j in range(len(members))]
     elif calibrate and not multilabel:
-        cal.note = (
-            f"{len(fit_idx)} validation samples shared by all members (need {MIN_FIT}, two classes): T = 1; "
+        val.cal.note = (
+            f"{len(fit.idx)} validation samples shared by all members (need {MIN_FIT}, two classes): T = 1; "
             "each member is calibrated on its own validation split"
         )
-    if multilabel and thresholds is None:  # too few shared validation samples to choose them
-        thresholds = _mean_thresholds(members, classes)
-    member_own_metrics = [
-        _metrics(labels[own_val[j]], log_probs[j][own_val[j]], classes, seed) for j in range(len(members))
-    ]
-    out_of_fold = _out_of_fold(members, own_val, log_probs, labels, classes, seed)
+    if multilabel and val.thresholds is None:  # too few shared validation samples to choose them
+        val.thresholds = _mean_thresholds(members, classes)
+    return val
 
+
+def _fused_metrics(
+    fused: np.ndarray,
+    y: np.ndarray,
+    cal: TemperatureFit,
+    classes: list[str],
+    method: str,
+    calibrate: bool,
+    n_copies: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Metrics of the fused log-probabilities at the temperature ``cal`` on the fitting set (which left out
+    ``n_copies`` copies of training samples), saying what was fitted on these same samples."""
+    probs = apply_temperature(fused, cal.temperature)
+    metrics = compute_metrics(y, probs, classes, n_bootstrap=200, seed=seed)
+    metrics.update(
+        ece_uncalibrated=expected_calibration_error(y, apply_temperature(fused, 1.0)),
+        temperature=cal.temperature,
+        n_removed_duplicates=n_copies,
+    )
+    fitted_here = ([] if method == "mean" else [f"the {method} fusion"]) + (
+        ["the temperature"] if calibrate else []
+    )
+    if fitted_here:
+        metrics["note"] = f"{' and '.join(fitted_here)} were fitted on these same samples"
+    return metrics
+
+
+def _fusion_record(
+    members: list[Bundle],
+    base: Bundle,
+    method: str,
+    weights: list[float] | None,
+    fitted: dict[str, Any],
+    n_fit: int,
+    fit_metrics: list[dict[str, Any] | None],
+    own_metrics: list[dict[str, Any] | None],
+    out_of_fold: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The manifest's ``ensemble`` section: the method, what it fitted and on what, the members, and (K-fold
+    members) the out-of-fold estimate."""
     member_records = []
     for j, b in enumerate(members):
         recipe_j = b.manifest.get("recipe", {})
@@ -212,8 +352,8 @@ def ensemble(
                 "temperature": b.temperature,
                 "seed": recipe_j.get("seed"),
                 "val_fold": recipe_j.get("val_fold"),
-                "val": member_fit_metrics[j],
-                "val_own": member_own_metrics[j],
+                "val": fit_metrics[j],
+                "val_own": own_metrics[j],
             }
         )
     fusion = {
@@ -222,54 +362,86 @@ def ensemble(
         "stacking": fitted or None,
         "fit_set": {
             "description": "validation samples shared by every member, minus copies of any member's training samples",
-            "n": len(fit_idx),
+            "n": n_fit,
         },
         "members": member_records,
         "input_resampling": _resampling_note(members, base),
     }
     if out_of_fold is not None:
         fusion["out_of_fold"] = out_of_fold
-    metrics: dict[str, Any] = {"val": val_metrics} if val_metrics is not None else {}
+    return fusion
+
+
+def _manifest(
+    members: list[Bundle],
+    base: Bundle,
+    splits: _Splits,
+    method: str,
+    val: _Validation,
+    fusion: dict[str, Any],
+    out_of_fold: dict[str, Any] | None,
+    seconds: float,
+    recipe: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The ensemble bundle's manifest (without its OOD guard, fitted on the finished model)."""
+    metrics: dict[str, Any] = {"val": val.metrics} if val.metrics is not None else {}
     if out_of_fold is not None:
         metrics["out_of_fold"] = out_of_fold
-    seconds = round(time.perf_counter() - t_start, 1)
-    manifest = {
+    return {
         "model": {
             "arch": "ensemble",
             "kwargs": _ensemble_kwargs(members, method),
             "in_channels": base.spec.channels,
-            "n_classes": len(classes),
+            "n_classes": len(base.classes),
             "spatial_dims": base.spec.spatial_dims,
         },
-        "classes": classes,
+        "classes": base.classes,
         "task": _task(base),  # members share it (_check_compatible); the fused grades are a distribution too
-        **({"thresholds": thresholds} if thresholds else {}),
+        **({"thresholds": val.thresholds} if val.thresholds else {}),
         "preprocess": base.spec.to_dict(),
         "input": base.manifest.get(
             "input", {"shape": list(base.spec.input_shape), "dtype": "float32", "value_range": [0.0, 1.0]}
         ),
         "recipe": {"kind": "ensemble", "method": method, "fusion_seconds": seconds, **(recipe or {})},
         "data": {
-            "source": Path(samples.source).name,
-            "kind": samples.kind,
-            "fingerprint": prepared.fingerprint,
-            "counts": combined.summary(),
-            "n_unreadable": len(prepared.errors),
+            "source": Path(splits.samples.source).name,
+            "kind": splits.samples.kind,
+            "fingerprint": splits.prepared.fingerprint,
+            "counts": splits.combined.summary(),
+            "n_unreadable": len(splits.prepared.errors),
             # How the members read a CSV (a split file, other columns): export reads it the same way.
-            **({"manifest_options": options} if options else {}),
+            **({"manifest_options": splits.options} if splits.options else {}),
         },
         "metrics": metrics,
         "ensemble": fusion,
         "history": [],
-        "calibration": cal.to_dict(),
+        "calibration": val.cal.to_dict(),
     }
-    union_hashes = sorted(set().union(*train_hashes))
-    ood_labels = np.zeros(len(samples), dtype=np.int64) if multilabel else labels  # one distribution
-    detector = _fit_ood(model, prepared.tensors, is_train[-1] & readable, own_val[-1], ood_labels, seed)
+
+
+def _save(
+    out: str | Path,
+    model: Ensemble,
+    manifest: dict[str, Any],
+    splits: _Splits,
+    fit: _FitSet,
+    *,
+    multilabel: bool,
+    seed: int,
+) -> Path:
+    """Fit the ensemble's OOD guard on the last member's training and validation rows, then write the bundle
+    with the union of the members' training hashes and signatures."""
+    union_hashes = sorted(set().union(*splits.train_hashes))
+    prepared = splits.prepared
+    ood_labels = (
+        np.zeros(len(splits.samples), dtype=np.int64) if multilabel else splits.labels
+    )  # one distribution
+    train_rows = splits.is_train[-1] & splits.readable
+    detector = _fit_ood(model, prepared.tensors, train_rows, fit.own_val[-1], ood_labels, seed)
     manifest["ood"] = detector.manifest()
-    union_rows = np.flatnonzero(is_train.any(axis=0) & prepared.ok)
+    union_rows = np.flatnonzero(splits.is_train.any(axis=0) & prepared.ok)
     signatures = aligned_signatures(union_hashes, prepared.hashes, prepared.scan.signatures, union_rows)
-    path = save_bundle(
+    return save_bundle(
         out,
         model=model,
         manifest=manifest,
@@ -279,17 +451,6 @@ def ensemble(
             MODEL_CARD: model_card(manifest),
         },
         writers={OOD_FILE: detector.save},
-    )
-    _print_summary(console, path, member_fit_metrics, member_own_metrics, val_metrics, weights, cal)
-    return EnsembleResult(
-        bundle=path,
-        method=method,
-        weights=weights,
-        temperature=cal.temperature,
-        n_fit=len(fit_idx),
-        val_metrics=val_metrics,
-        member_val_metrics=member_fit_metrics,
-        seconds=seconds,
     )
 
 

@@ -10,7 +10,6 @@ sample; the same figures on the whole split are kept under ``all_samples``.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from sklearn.metrics import roc_curve
 from medclf.data.cache import prepare_for_bundle
 from medclf.data.samples import SampleSet
 from medclf.errors import DataError
+from medclf.evaluation.protocol import output_folder, protocol_fields, split_rows, write_metrics
 from medclf.evaluation.report import write_report
 from medclf.metrics.multilabel import multilabel_metrics
 from medclf.predictor import Predictor
@@ -38,10 +38,6 @@ __all__ = [
     "write_findings_evaluation",
 ]
 
-PROTOCOL = (
-    "Headline metrics use the split minus every sample that is an exact or near copy (re-encoded or "
-    "resized) of a training sample; 'all_samples' holds the same metrics on the whole split."
-)
 _DPI = 100
 
 
@@ -157,59 +153,48 @@ def write_findings_evaluation(
     against multi-hot ``labels`` (-1 rows unknown), each finding decided at its ``thresholds``. Shared by
     ``evaluate`` and the traditional baseline, so both are scored the same way."""
     console = console or Console(stderr=True, soft_wrap=True)
-    in_split = np.array([s == split for s in samples.splits])
-    idx = np.flatnonzero(in_split)
-    usable = idx[ok[idx] & (labels[idx] >= 0).all(axis=1) & ~np.isnan(probs[idx]).any(axis=1)]
-    copies = train_copy & in_split
-    clean = usable if include_train_copies else usable[~copies[usable]]
-    if len(clean) == 0:
-        raise DataError(f"no usable samples in split {split!r} after removing unreadable files and copies")
-    has_ids = any(p not in (None, "") for p in samples.patient_ids)
-
-    def score(rows: np.ndarray) -> dict[str, Any]:
-        return multilabel_metrics(
-            labels[rows],
-            probs[rows],
-            findings,
-            thresholds=thresholds,
-            patient_ids=[samples.patient_ids[i] for i in rows] if has_ids else None,
-            n_bootstrap=n_bootstrap,
-            seed=seed,
+    scorable = ok & (labels >= 0).all(axis=1)
+    rows = split_rows(samples.splits, split, scorable, probs, train_copy, include_train_copies)
+    metrics, all_metrics = (
+        _scored(
+            samples, labels, probs, findings, r, thresholds=thresholds, n_bootstrap=n_bootstrap, seed=seed
         )
-
-    metrics = _with_headline(score(clean))
-    all_metrics = _with_headline(score(usable))
-    n_removed = 0 if include_train_copies else int(copies[usable].sum())
-    metrics.update(
-        split=split,
-        **(extra or {}),
-        n_removed_duplicates=n_removed,
-        n_train_copies_in_split=int(copies[idx].sum()),
-        n_unreadable=int((~ok[idx]).sum()),
-        protocol=PROTOCOL if not include_train_copies else "all samples of the split (copies kept)",
-        all_samples=all_metrics,
+        for r in (rows.clean, rows.usable)
     )
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    _write_predictions(out / "predictions.csv", samples, labels, probs, thresholds, copies, idx, findings)
-    figures = {
-        "ROC curve per finding": plot_findings_roc(labels[clean], probs[clean], findings, out / "roc.png"),
-        "Calibration per finding": plot_findings_calibration(
-            labels[clean], probs[clean], findings, out / "calibration.png"
-        ),
-    }
+    record = protocol_fields(rows, ok, include_train_copies)
+    metrics.update(split=split, **(extra or {}), **record, all_samples=all_metrics)
+    out = output_folder(out)
+    write_metrics(out, metrics)
+    _write_predictions(
+        out / "predictions.csv", samples, labels, probs, thresholds, rows.copies, rows.idx, findings
+    )
     write_report(
         out / "report.html",
         title=title,
         metrics=metrics,
-        figures=figures,
+        figures=_figures(labels[rows.clean], probs[rows.clean], findings, out),
         sections={
             "Findings": _findings_table(metrics),
             "Summary over findings": _summary(metrics),
             **(sections or {}),
         },
     )
+    _print_findings(console, metrics, split=split, n_removed=rows.n_removed, out=out)
+    return metrics
+
+
+def _figures(y: np.ndarray, probs: np.ndarray, findings: list[str], out: Path) -> dict[str, Path]:
+    """The report's figures of the headline samples: caption -> file in ``out``."""
+    return {
+        "ROC curve per finding": plot_findings_roc(y, probs, findings, out / "roc.png"),
+        "Calibration per finding": plot_findings_calibration(y, probs, findings, out / "calibration.png"),
+    }
+
+
+def _print_findings(
+    console: Console, metrics: dict[str, Any], *, split: str, n_removed: int, out: Path
+) -> None:
+    """The summary on the console: the headline over findings, then each finding."""
     ci = metrics["ci"]
     console.print(
         f"[bold]{split}[/] n={metrics['n']} (removed {n_removed} copies of training samples)  macro AUC "
@@ -222,7 +207,32 @@ def write_findings_evaluation(
             f"sens {_f(e['sensitivity'])} spec {_f(e['specificity'])} at {e['threshold']:.3f}"
         )
     console.print(f"Report: {out / 'report.html'}")
-    return metrics
+
+
+def _scored(
+    samples: SampleSet,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    findings: list[str],
+    rows: np.ndarray,
+    *,
+    thresholds: np.ndarray | None,
+    n_bootstrap: int,
+    seed: int,
+) -> dict[str, Any]:
+    """The multi-label metrics of ``rows``, intervals resampled by patient when the samples name patients."""
+    has_ids = any(p not in (None, "") for p in samples.patient_ids)
+    return _with_headline(
+        multilabel_metrics(
+            labels[rows],
+            probs[rows],
+            findings,
+            thresholds=thresholds,
+            patient_ids=[samples.patient_ids[i] for i in rows] if has_ids else None,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
+        )
+    )
 
 
 def _with_headline(m: dict[str, Any]) -> dict[str, Any]:

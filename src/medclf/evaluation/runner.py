@@ -8,22 +8,22 @@ published protocols compute them, are kept under ``all_samples``.
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from rich.console import Console
 
 from medclf.bundle import Bundle
-from medclf.data.cache import prepare_for_bundle
+from medclf.data.cache import AgainstBundle, PreparedData, prepare_for_bundle
 from medclf.data.samples import SampleSet
 from medclf.data.sources import load_source
 from medclf.errors import ConfigError, DataError
 from medclf.evaluation.classmap import ClassMap, parse_class_map
 from medclf.evaluation.plots import plot_augmentation_gallery, plot_confusion, plot_reliability, plot_roc
+from medclf.evaluation.protocol import PROTOCOL, output_folder, protocol_fields, split_rows, write_metrics
 from medclf.evaluation.report import write_report
 from medclf.evaluation.subgroups import MIN_GROUP_N
 from medclf.metrics.classification import compute_metrics, expected_calibration_error
@@ -32,10 +32,9 @@ from medclf.operating_point import OperatingPoint
 from medclf.predictor import Predictor, as_predictor
 from medclf.tta import describe as describe_tta
 
-PROTOCOL = (
-    "Headline metrics use the split minus every sample that is an exact or near copy (re-encoded or "
-    "resized) of a training sample; 'all_samples' holds the same metrics on the whole split."
-)
+__all__ = ["PROTOCOL", "evaluate", "write_evaluation"]
+
+_ATTACKS = "Adversarial robustness (white-box FGSM / PGD, L-inf)"  # the report's section
 
 
 def evaluate(
@@ -80,15 +79,8 @@ def evaluate(
     b = as_predictor(bundle)
     engine = b.engine(engine)
     views = b.tta_views(tta)
-    samples = load_source(data, default_split="test", manifest=dict(manifest or {}))
-    if not samples.has_split(split):
-        have = ", ".join(sorted(set(samples.splits)))
-        raise DataError(f"{data}: no {split!r} split (it has: {have}); choose one with --split")
-    if b.manifest.get("task") == "multilabel" or samples.task == "multilabel":
-        if b.manifest.get("task") != "multilabel":
-            raise DataError(
-                f"{data}: multi-label findings need a multi-label model; this one has one class per image"
-            )
+    samples = _load_split(data, split, manifest)
+    if _is_findings(b, samples, data):
         from medclf.evaluation.findings import evaluate_findings
 
         return evaluate_findings(
@@ -96,15 +88,89 @@ def evaluate(
             workers=workers, n_bootstrap=n_bootstrap, seed=seed, progress=progress, console=console,
             engine=engine, views=views,
         )  # fmt: skip
+    target = _target(b, samples, data, class_map, robustness, operating_point)
+    idx = np.flatnonzero(np.array([s == split for s in samples.splits]))
+    groups = _subgroup_labels(b, samples, idx, by, workers, console)
+    found = _decode(b, samples, cache_dir=cache_dir, workers=workers, progress=progress, console=console)
+    prepared = found.prepared
+    usable = idx[prepared.ok[idx] & (target.labels[idx] >= 0)]
+    probs, uncalibrated = _predict(b, prepared, usable, len(samples), target.cmap, engine=engine, views=views)
+    extra = _provenance(b, found, samples, target.cmap, usable, engine, views, include_train_copies, console)
+    sections = _report_sections(b, prepared.errors, data, split)
+    if target.cmap is not None:
+        sections["Class map (external validation)"] = _class_map_section(target.cmap, extra)
+    if robustness and len(usable):
+        rows = usable if include_train_copies else usable[~prepared.train_copy[usable]]
+        extra["robustness"], sections[_ATTACKS] = _robustness(b, prepared, target.labels, rows, seed, console)
+    return write_evaluation(
+        out, samples=samples, labels=target.labels, probs=probs, ok=prepared.ok,
+        train_copy=prepared.train_copy, errors=[str(m or "unreadable") for m in prepared.scan.messages],
+        split=split, classes=target.classes, include_train_copies=include_train_copies,
+        n_bootstrap=n_bootstrap, seed=seed, title=f"medclf evaluation: {Path(str(data)).name} / {split}",
+        subgroups=groups, patient_ids=samples.patient_ids, operating_point=target.point,
+        min_group_n=min_group_n, sections=sections, extra=extra, console=console,
+        uncalibrated_probs=uncalibrated, temperature=b.temperature, grades=_grading(b, samples, target.cmap),
+        extra_figures=_augmentation_gallery(b, samples, prepared, Path(out)),
+    )  # fmt: skip
+
+
+class _Target(NamedTuple):
+    """What the model is scored against: ``labels`` index ``classes`` (the model's, or a class map's groups);
+    ``point``: the operating point whose decisions are scored, and the columns of its positive group."""
+
+    cmap: ClassMap | None
+    labels: np.ndarray
+    classes: list[str]
+    point: tuple[OperatingPoint, np.ndarray] | None
+
+
+def _load_split(data: str | Path, split: str, manifest: Mapping[str, str] | None) -> SampleSet:
+    """The dataset, refused when it has no ``split``."""
+    samples = load_source(data, default_split="test", manifest=dict(manifest or {}))
+    if not samples.has_split(split):
+        have = ", ".join(sorted(set(samples.splits)))
+        raise DataError(f"{data}: no {split!r} split (it has: {have}); choose one with --split")
+    return samples
+
+
+def _is_findings(b: Predictor, samples: SampleSet, data: str | Path) -> bool:
+    """Whether the model or the data are multi-label (findings); refuses a single-label model on findings."""
+    if b.manifest.get("task") != "multilabel" and samples.task != "multilabel":
+        return False
+    if b.manifest.get("task") != "multilabel":
+        raise DataError(
+            f"{data}: multi-label findings need a multi-label model; this one has one class per image"
+        )
+    return True
+
+
+def _target(
+    b: Predictor,
+    samples: SampleSet,
+    data: str | Path,
+    class_map: str | Mapping[str, Sequence[str]] | ClassMap | None,
+    robustness: bool,
+    operating_point: bool | None,
+) -> _Target:
+    """The dataset's labels as the model is scored on them (its classes, or the class map's groups)."""
     cmap = _class_map(class_map, b.classes)
     if cmap is not None and robustness:
         raise ConfigError("--robustness attacks the model's own classes: run it without --class-map")
     labels = _map_labels(samples, b.classes, data) if cmap is None else _group_labels(samples, cmap, data)
     classes = b.classes if cmap is None else cmap.names
-    point = _operating_point(b, operating_point, classes, cmap)
-    in_split = np.array([s == split for s in samples.splits])
-    idx = np.flatnonzero(in_split)
-    groups = _subgroup_labels(b, samples, idx, by, workers, console)
+    return _Target(cmap, labels, classes, _operating_point(b, operating_point, classes, cmap))
+
+
+def _decode(
+    b: Predictor,
+    samples: SampleSet,
+    *,
+    cache_dir: str | Path | None,
+    workers: int | None,
+    progress: bool,
+    console: Console,
+) -> AgainstBundle:
+    """The samples decoded with the bundle's spec, those that copy its training images marked ``train_copy``."""
     found = prepare_for_bundle(
         samples,
         b.spec,
@@ -117,15 +183,28 @@ def evaluate(
     )
     # Copies of the model's training images, by hash and by the signatures the bundle carries (a dataset
     # the model never saw has no train split of its own to compare against).
-    prepared, exact, near = found.prepared, found.exact, found.near
-    prepared.train_copy = exact | near
+    found.prepared.train_copy = found.exact | found.near
     if not found.near_checked and not samples.has_split("train"):
         console.print(
             "[yellow]note:[/] this bundle carries no training signatures (made before they were stored): "
             "only exact copies of training images (same bytes) can be removed"
         )
-    usable = idx[prepared.ok[idx] & (labels[idx] >= 0)]
-    probs = np.full((len(samples), len(b.classes)), np.nan)
+    return found
+
+
+def _predict(
+    b: Predictor,
+    prepared: PreparedData,
+    usable: np.ndarray,
+    n_samples: int,
+    cmap: ClassMap | None,
+    *,
+    engine: str,
+    views: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities of the ``usable`` rows (NaN elsewhere), with and without the bundle's temperature;
+    summed into the class map's groups when there is one."""
+    probs = np.full((n_samples, len(b.classes)), np.nan)
     uncalibrated = probs.copy()
     if len(usable):
         x = np.asarray(prepared.tensors[usable])
@@ -137,13 +216,29 @@ def evaluate(
         )
     if cmap is not None:  # a group's probability is the sum of its classes'
         probs, uncalibrated = cmap.apply(probs), cmap.apply(uncalibrated)
-    usable_split = in_split & prepared.ok & (labels >= 0)
+    return probs, uncalibrated
+
+
+def _provenance(
+    b: Predictor,
+    found: AgainstBundle,
+    samples: SampleSet,
+    cmap: ClassMap | None,
+    usable: np.ndarray,
+    engine: str,
+    views: Any,
+    include_train_copies: bool,
+    console: Console,
+) -> dict[str, Any]:
+    """What metrics.json records of the model, how it ran, the copies of its training images removed from
+    the ``usable`` rows, and warnings from its training (also printed)."""
+    exact, near = found.exact[usable], found.near[usable]
     extra: dict[str, Any] = {
         "bundle_sha256": b.sha256,
         "engine": engine,
         "tta": describe_tta(views),
-        "n_removed_exact": 0 if include_train_copies else int((exact & usable_split).sum()),
-        "n_removed_near": 0 if include_train_copies else int((near & ~exact & usable_split).sum()),
+        "n_removed_exact": 0 if include_train_copies else int(exact.sum()),
+        "n_removed_near": 0 if include_train_copies else int((near & ~exact).sum()),
         "near_copies_checked": found.near_checked or samples.has_split("train"),
     }
     if cmap is not None:
@@ -155,59 +250,38 @@ def evaluate(
         extra["training_warnings"] = list(gate.get("warnings", []))
         for w in extra["training_warnings"]:
             console.print(f"[bold red]warning:[/] this model's training: {w}", highlight=False)
-    sections = _report_sections(b, prepared.errors, data, split)
-    if cmap is not None:
-        sections["Class map (external validation)"] = {
-            "groups": cmap.describe(),
-            "group probability": "sum of the probabilities of the group's model classes",
-            "copies of training images removed": (
-                f"{extra['n_removed_exact']} exact (same bytes), {extra['n_removed_near']} near (same picture "
-                "re-encoded or resized)"
-                + ("" if extra["near_copies_checked"] else "; near copies not checked")
-            ),
-        }
-    if robustness and len(usable):
-        from medclf.evaluation.robustness import robustness_report
+    return extra
 
-        rows = usable if include_train_copies else usable[~prepared.train_copy[usable]]
-        console.print(f"Adversarial robustness (FGSM, PGD) on {min(len(rows), 512)} samples...")
-        report = robustness_report(b.model, np.asarray(prepared.tensors[rows]), labels[rows], seed=seed)
-        extra["robustness"] = report
-        sections["Adversarial robustness (white-box FGSM / PGD, L-inf)"] = [
-            {
-                "eps (8-bit grey levels)": a["eps_8bit_levels"],
-                "clean accuracy": f"{report['clean_accuracy']:.3f}",
-                "FGSM accuracy": f"{a['fgsm_accuracy']:.3f}",
-                f"PGD-{report['pgd_steps']} accuracy": f"{a['pgd_accuracy']:.3f}",
-            }
-            for a in report["attacks"]
-        ]
-    return write_evaluation(
-        out,
-        samples=samples,
-        labels=labels,
-        probs=probs,
-        ok=prepared.ok,
-        train_copy=prepared.train_copy,
-        errors=[str(m or "unreadable") for m in prepared.scan.messages],
-        split=split,
-        classes=classes,
-        include_train_copies=include_train_copies,
-        n_bootstrap=n_bootstrap,
-        seed=seed,
-        title=f"medclf evaluation: {Path(str(data)).name} / {split}",
-        subgroups=groups,
-        patient_ids=samples.patient_ids,
-        operating_point=point,
-        min_group_n=min_group_n,
-        sections=sections,
-        extra=extra,
-        console=console,
-        uncalibrated_probs=uncalibrated,
-        temperature=b.temperature,
-        grades=_grading(b, samples, cmap),
-        extra_figures=_augmentation_gallery(b, samples, prepared, Path(out)),
-    )
+
+def _class_map_section(cmap: ClassMap, extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "groups": cmap.describe(),
+        "group probability": "sum of the probabilities of the group's model classes",
+        "copies of training images removed": (
+            f"{extra['n_removed_exact']} exact (same bytes), {extra['n_removed_near']} near (same picture "
+            "re-encoded or resized)" + ("" if extra["near_copies_checked"] else "; near copies not checked")
+        ),
+    }
+
+
+def _robustness(
+    b: Predictor, prepared: PreparedData, labels: np.ndarray, rows: np.ndarray, seed: int, console: Console
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Accuracy under FGSM and PGD attacks on ``rows``: the record for metrics.json and the report's table."""
+    from medclf.evaluation.robustness import robustness_report
+
+    console.print(f"Adversarial robustness (FGSM, PGD) on {min(len(rows), 512)} samples...")
+    report = robustness_report(b.model, np.asarray(prepared.tensors[rows]), labels[rows], seed=seed)
+    table = [
+        {
+            "eps (8-bit grey levels)": a["eps_8bit_levels"],
+            "clean accuracy": f"{report['clean_accuracy']:.3f}",
+            "FGSM accuracy": f"{a['fgsm_accuracy']:.3f}",
+            f"PGD-{report['pgd_steps']} accuracy": f"{a['pgd_accuracy']:.3f}",
+        }
+        for a in report["attacks"]
+    ]
+    return report, table
 
 
 def _augmentation_gallery(b: Predictor, samples: SampleSet, prepared: Any, out: Path) -> dict[str, Path]:
@@ -273,88 +347,147 @@ def write_evaluation(
     curve to the reliability diagram.
     """
     console = console or Console(stderr=True, soft_wrap=True)
-    in_split = np.array([s == split for s in samples.splits])
-    idx = np.flatnonzero(in_split)
-    usable = idx[ok[idx] & (labels[idx] >= 0) & ~np.isnan(probs[idx]).any(axis=1)]
-    copies = train_copy & in_split
-    clean = usable if include_train_copies else usable[~copies[usable]]
-    if len(clean) == 0:
-        raise DataError(f"no usable samples in split {split!r} after removing unreadable files and copies")
-    metrics = compute_metrics(labels[clean], probs[clean], classes, n_bootstrap=n_bootstrap, seed=seed)
-    all_metrics = compute_metrics(labels[usable], probs[usable], classes, n_bootstrap=n_bootstrap, seed=seed)
-    n_removed = 0 if include_train_copies else int(copies[usable].sum())
-    if uncalibrated_probs is not None:
-        for m, rows in ((metrics, clean), (all_metrics, usable)):
-            m["ece_uncalibrated"] = expected_calibration_error(labels[rows], uncalibrated_probs[rows])
-            m["temperature"] = float(temperature if temperature is not None else 1.0)
-    metrics.update(
-        split=split,
-        n_removed_duplicates=n_removed,
-        n_train_copies_in_split=int(copies[idx].sum()),
-        n_unreadable=int((~ok[idx]).sum()),
-        protocol=PROTOCOL if not include_train_copies else "all samples of the split (copies kept)",
-        **(extra or {}),
-        all_samples=all_metrics,
+    rows = split_rows(samples.splits, split, ok & (labels >= 0), probs, train_copy, include_train_copies)
+    metrics, all_metrics = (
+        _scored(labels, probs, classes, r, n_bootstrap, seed, uncalibrated_probs, temperature)
+        for r in (rows.clean, rows.usable)
     )
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    sections = dict(sections or {})
-    extra_figures = dict(extra_figures or {})
+    record = protocol_fields(rows, ok, include_train_copies)
+    metrics.update(split=split, **record, **(extra or {}), all_samples=all_metrics)
+    out = output_folder(out)
+    sections, extra_figures = dict(sections or {}), dict(extra_figures or {})
+    y, p = labels[rows.clean], probs[rows.clean]
     if operating_point is not None:
-        from medclf.evaluation.operating import binary_figures
-
-        point, columns = operating_point
-        found = binary_figures(
-            np.isin(labels[clean], columns), point.scores(probs[clean], columns), point.threshold
-        )
-        metrics["operating_point"] = {**point.to_manifest(), "evaluated": found}
-        sections["Operating point"] = _operating_point_section(point, found)
+        metrics["operating_point"], sections["Operating point"] = _at_operating_point(operating_point, y, p)
     if grades is not None:
         metrics["ordinal"] = ordinal_metrics(
-            labels[clean], probs[clean], classes, patient_ids=_rows_of(patient_ids, clean),
-            n_bootstrap=n_bootstrap, seed=seed, decision=grades,
+            y, p, classes, patient_ids=_rows_of(patient_ids, rows.clean), n_bootstrap=n_bootstrap, seed=seed,
+            decision=grades,
         )  # fmt: skip
         sections["Grades"] = _grades_section(metrics["ordinal"])
     if subgroups:
-        from medclf.evaluation.subgroups import plot_forest, subgroup_analysis
+        _add_subgroups(
+            metrics, sections, extra_figures, subgroups, labels, probs, classes, rows.clean, patient_ids, out,
+            n_bootstrap=n_bootstrap, seed=seed, min_n=min_group_n,
+        )  # fmt: skip
+    write_metrics(out, metrics)
+    _write_predictions(
+        out / "predictions.csv", samples, labels, probs, ok, train_copy, errors, rows.idx, classes
+    )
+    figures = _figures(labels, probs, uncalibrated_probs, rows.clean, classes, metrics, out, temperature)
+    figures.update(extra_figures)
+    write_report(out / "report.html", title=title, metrics=metrics, figures=figures, sections=sections)
+    _print_evaluation(console, metrics, all_metrics, split=split, n_removed=rows.n_removed, out=out)
+    return metrics
 
-        ids = [patient_ids[i] for i in clean] if patient_ids is not None else None
-        has_ids = ids is not None and any(pid not in (None, "") for pid in ids)
-        metrics["subgroups"] = {}
-        for key, values in subgroups.items():
-            analysis = subgroup_analysis(
-                labels[clean],
-                probs[clean],
-                classes,
-                [values[i] for i in clean],
-                key=key,
-                patient_ids=ids if has_ids else None,
-                n_bootstrap=n_bootstrap,
-                seed=seed,
-                min_n=min_group_n,
-            )
-            metrics["subgroups"][key] = analysis
-            metrics["notes"] = [*metrics.get("notes", []), *analysis["warnings"]]
-            safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in key)
-            extra_figures[f"Subgroups by {key} (forest plot)"] = plot_forest(
-                analysis, out / f"subgroups_{safe}.png"
-            )
-            sections.update(_subgroup_sections(analysis))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    _write_predictions(out / "predictions.csv", samples, labels, probs, ok, train_copy, errors, idx, classes)
-    figures = {
-        "ROC curves": plot_roc(labels[clean], probs[clean], classes, out / "roc.png"),
+
+def _scored(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    rows: np.ndarray,
+    n_bootstrap: int,
+    seed: int,
+    uncalibrated_probs: np.ndarray | None,
+    temperature: float | None,
+) -> dict[str, Any]:
+    """The metrics of ``rows``; given their probabilities before temperature scaling, also the ECE of those
+    and the temperature."""
+    m = compute_metrics(labels[rows], probs[rows], classes, n_bootstrap=n_bootstrap, seed=seed)
+    if uncalibrated_probs is not None:
+        m["ece_uncalibrated"] = expected_calibration_error(labels[rows], uncalibrated_probs[rows])
+        m["temperature"] = float(temperature if temperature is not None else 1.0)
+    return m
+
+
+def _at_operating_point(
+    operating_point: tuple[OperatingPoint, np.ndarray], y: np.ndarray, probs: np.ndarray
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Sensitivity, specificity (and more) of the point's decisions: the record for metrics.json and the
+    report's section."""
+    from medclf.evaluation.operating import binary_figures
+
+    point, columns = operating_point
+    found = binary_figures(np.isin(y, columns), point.scores(probs, columns), point.threshold)
+    return {**point.to_manifest(), "evaluated": found}, _operating_point_section(point, found)
+
+
+def _add_subgroups(
+    metrics: dict[str, Any],
+    sections: dict[str, Any],
+    figures: dict[str, Path],
+    subgroups: Mapping[str, Sequence[str]],
+    labels: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    rows: np.ndarray,
+    patient_ids: Sequence[str | None] | None,
+    out: Path,
+    *,
+    n_bootstrap: int,
+    seed: int,
+    min_n: int,
+) -> None:
+    """A subgroup analysis of ``rows`` per key: into ``metrics["subgroups"]`` (its warnings into the notes),
+    the report's sections and a forest plot in ``out``."""
+    from medclf.evaluation.subgroups import plot_forest, subgroup_analysis
+
+    ids = [patient_ids[i] for i in rows] if patient_ids is not None else None
+    has_ids = ids is not None and any(pid not in (None, "") for pid in ids)
+    metrics["subgroups"] = {}
+    for key, values in subgroups.items():
+        analysis = subgroup_analysis(
+            labels[rows],
+            probs[rows],
+            classes,
+            [values[i] for i in rows],
+            key=key,
+            patient_ids=ids if has_ids else None,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
+            min_n=min_n,
+        )
+        metrics["subgroups"][key] = analysis
+        metrics["notes"] = [*metrics.get("notes", []), *analysis["warnings"]]
+        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in key)
+        figures[f"Subgroups by {key} (forest plot)"] = plot_forest(analysis, out / f"subgroups_{safe}.png")
+        sections.update(_subgroup_sections(analysis))
+
+
+def _figures(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    uncalibrated_probs: np.ndarray | None,
+    rows: np.ndarray,
+    classes: list[str],
+    metrics: dict[str, Any],
+    out: Path,
+    temperature: float | None,
+) -> dict[str, Path]:
+    """ROC curves, confusion matrix and reliability diagram of the headline samples (``rows``), in ``out``."""
+    return {
+        "ROC curves": plot_roc(labels[rows], probs[rows], classes, out / "roc.png"),
         "Confusion matrix": plot_confusion(metrics["confusion_matrix"], classes, out / "confusion.png"),
         "Reliability diagram": plot_reliability(
-            labels[clean],
-            probs[clean],
+            labels[rows],
+            probs[rows],
             out / "reliability.png",
-            uncalibrated_probs=None if uncalibrated_probs is None else uncalibrated_probs[clean],
+            uncalibrated_probs=None if uncalibrated_probs is None else uncalibrated_probs[rows],
             temperature=temperature,
         ),
-        **(extra_figures or {}),
     }
-    write_report(out / "report.html", title=title, metrics=metrics, figures=figures, sections=sections)
+
+
+def _print_evaluation(
+    console: Console,
+    metrics: dict[str, Any],
+    all_metrics: dict[str, Any],
+    *,
+    split: str,
+    n_removed: int,
+    out: Path,
+) -> None:
+    """The summary on the console: headline and whole-split figures, grades, subgroups, operating point."""
     console.print(
         f"[bold]{split}[/] n={metrics['n']} (removed {n_removed} copies of training samples)  "
         f"accuracy {metrics['accuracy']:.4f} {_ci(metrics, 'accuracy')}  AUC {_f(metrics['auc'])} {_ci(metrics, 'auc')}"
@@ -369,7 +502,21 @@ def write_evaluation(
             f"{_ci_pair(g['ci']['mae'])}  QWK {_f(g['qwk'])} {_ci_pair(g['ci']['qwk'])}  within one grade "
             f"{g['within_one_accuracy']:.4f}"
         )
-    for key, analysis in metrics.get("subgroups", {}).items():
+    _print_subgroups(console, metrics.get("subgroups", {}))
+    if "operating_point" in metrics:
+        op = metrics["operating_point"]
+        e = op["evaluated"]
+        console.print(f"Operating point: {op['rule']}")
+        console.print(
+            f"  sensitivity {_f(e['sensitivity'])} {_ci_pair(e['ci']['sensitivity'])}  "
+            f"specificity {_f(e['specificity'])} {_ci_pair(e['ci']['specificity'])}  "
+            f"(n={e['n_positive']} {op['positive']}, {e['n_negative']} {op['negative']})"
+        )
+    console.print(f"Report: {out / 'report.html'}")
+
+
+def _print_subgroups(console: Console, analyses: dict[str, Any]) -> None:
+    for key, analysis in analyses.items():
         gap = analysis.get("largest_gap")
         groups_text = ", ".join(f"{g['group']} (n={g['n']})" for g in analysis["groups"])
         console.print(f"Subgroups by {key}: {groups_text}")
@@ -381,17 +528,6 @@ def write_evaluation(
             )
         for w in analysis["warnings"]:
             console.print(f"  [yellow]warning:[/] {w}", highlight=False)
-    if "operating_point" in metrics:
-        op = metrics["operating_point"]
-        e = op["evaluated"]
-        console.print(f"Operating point: {op['rule']}")
-        console.print(
-            f"  sensitivity {_f(e['sensitivity'])} {_ci_pair(e['ci']['sensitivity'])}  "
-            f"specificity {_f(e['specificity'])} {_ci_pair(e['ci']['specificity'])}  "
-            f"(n={e['n_positive']} {op['positive']}, {e['n_negative']} {op['negative']})"
-        )
-    console.print(f"Report: {out / 'report.html'}")
-    return metrics
 
 
 def _grading(b: Predictor, samples: SampleSet, cmap: ClassMap | None) -> str | None:

@@ -57,42 +57,13 @@ def compute_metrics(
     labels = list(range(k))
     pred = p.argmax(axis=1)
     present = np.bincount(y, minlength=k) > 0
-    notes: list[str] = []
-    absent = [class_names[c] for c in range(k) if not present[c]]
-    if absent:
-        notes.append(
-            f"classes absent from the labels: {', '.join(absent)}; their sensitivity and AUC are "
-            "undefined (null) and the overall AUC and balanced accuracy use the present classes only"
-        )
-
+    notes = _absent_class_notes(class_names, present)
     per_class_auc = [_ovr_auc(y, p, c) for c in labels]
-    if k == 2:
-        auc = float(roc_auc_score(y == 1, p[:, 1])) if present.all() else None
-    else:
-        defined = [a for a in per_class_auc if a is not None]
-        auc = float(np.mean(defined)) if defined else None
+    auc = _overall_auc(y, p, present, per_class_auc)
     if auc is None:
         notes.append("AUC is undefined: it needs at least two classes present in the labels")
-
     cm = confusion_matrix(y, pred, labels=labels)
-    # zero_division=nan: a class never predicted has no precision, rather than a misleading 0.
-    prec, rec, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=np.nan)
-    tp = np.diag(cm)
-    fp = cm.sum(axis=0) - tp
-    tn = n - cm.sum(axis=1) - fp
-    spec = np.divide(tn, tn + fp, out=np.full(k, np.nan), where=(tn + fp) > 0)
-    per_class = {
-        str(name): {
-            "sensitivity": rec[c],
-            "specificity": spec[c],
-            "precision": prec[c],
-            "f1": f1[c],
-            "support": int(support[c]),
-            "auc": per_class_auc[c],
-        }
-        for c, name in enumerate(class_names)
-    }
-
+    per_class = _per_class(y, pred, cm, per_class_auc, class_names)
     intervals = _bootstrap(
         y,
         p,
@@ -104,14 +75,7 @@ def compute_metrics(
         binary=k == 2,
         want_auc=auc is not None,
     )
-    if 0 < intervals["n_bootstrap"] < n_bootstrap:
-        notes.append(
-            f"{n_bootstrap - intervals['n_bootstrap']} of {n_bootstrap} bootstrap resamples lacked a "
-            "class and were skipped"
-        )
-    if n_bootstrap > 0 and intervals["n_bootstrap"] == 0:
-        notes.append("no usable bootstrap resample (every one lacked a class): no confidence intervals")
-
+    notes.extend(_bootstrap_notes(intervals["n_bootstrap"], n_bootstrap))
     out = {
         "n": n,
         "class_names": list(class_names),
@@ -131,6 +95,65 @@ def compute_metrics(
         "notes": notes,
     }
     return _jsonable(out)
+
+
+def _absent_class_notes(class_names: list[str], present: np.ndarray) -> list[str]:
+    absent = [class_names[c] for c in range(len(present)) if not present[c]]
+    if not absent:
+        return []
+    return [
+        f"classes absent from the labels: {', '.join(absent)}; their sensitivity and AUC are "
+        "undefined (null) and the overall AUC and balanced accuracy use the present classes only"
+    ]
+
+
+def _overall_auc(
+    y: np.ndarray, p: np.ndarray, present: np.ndarray, per_class_auc: list[float | None]
+) -> float | None:
+    """Two classes: class 1's ROC AUC (None unless both are present); more: the mean of the defined
+    one-vs-rest AUCs."""
+    if p.shape[1] == 2:
+        return float(roc_auc_score(y == 1, p[:, 1])) if present.all() else None
+    defined = [a for a in per_class_auc if a is not None]
+    return float(np.mean(defined)) if defined else None
+
+
+def _per_class(
+    y: np.ndarray,
+    pred: np.ndarray,
+    cm: np.ndarray,
+    per_class_auc: list[float | None],
+    class_names: list[str],
+) -> dict[str, dict[str, Any]]:
+    """Sensitivity, specificity, precision, F1, support and one-vs-rest AUC of every class."""
+    k = len(class_names)
+    labels = list(range(k))
+    # zero_division=nan: a class never predicted has no precision, rather than a misleading 0.
+    prec, rec, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=np.nan)
+    tp = np.diag(cm)
+    fp = cm.sum(axis=0) - tp
+    tn = len(y) - cm.sum(axis=1) - fp
+    spec = np.divide(tn, tn + fp, out=np.full(k, np.nan), where=(tn + fp) > 0)
+    return {
+        str(name): {
+            "sensitivity": rec[c],
+            "specificity": spec[c],
+            "precision": prec[c],
+            "f1": f1[c],
+            "support": int(support[c]),
+            "auc": per_class_auc[c],
+        }
+        for c, name in enumerate(class_names)
+    }
+
+
+def _bootstrap_notes(kept: int, asked: int) -> list[str]:
+    """What the notes say when resamples lacking a class were skipped (``kept`` of ``asked``)."""
+    if 0 < kept < asked:
+        return [f"{asked - kept} of {asked} bootstrap resamples lacked a class and were skipped"]
+    if asked > 0 and kept == 0:
+        return ["no usable bootstrap resample (every one lacked a class): no confidence intervals"]
+    return []
 
 
 def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:

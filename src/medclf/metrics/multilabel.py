@@ -87,13 +87,7 @@ def multilabel_metrics(
         raise ValueError(f"{len(label_names)} label names for {n_labels} columns")
     if not 0 < ci < 1:
         raise ValueError(f"ci must lie in (0, 1), got {ci}")
-    t = (
-        np.full(n_labels, DEFAULT_THRESHOLD)
-        if thresholds is None
-        else np.asarray(thresholds, dtype=np.float64)
-    )
-    if t.shape != (n_labels,):
-        raise ValueError(f"{t.shape[0] if t.ndim else 1} thresholds for {n_labels} findings")
+    t = _operating_thresholds(thresholds, n_labels)
     pred = p >= t
     scorable = np.flatnonzero((y.sum(axis=0) > 0) & (y.sum(axis=0) < n))
     scored = set(scorable.tolist())
@@ -104,29 +98,8 @@ def multilabel_metrics(
     ]
     if thresholds is None:
         notes.append(f"no operating points given: every finding thresholded at {DEFAULT_THRESHOLD}")
-
-    per_label: dict[str, Any] = {}
-    for j, name in enumerate(label_names):
-        pos = y[:, j] == 1
-        has_both = j in scored
-        per_label[name] = {
-            "n_positive": int(pos.sum()),
-            "prevalence": float(pos.mean()) if n else None,
-            "auc": float(roc_auc_score(pos, p[:, j])) if has_both else None,
-            "ap": float(average_precision_score(pos, p[:, j])) if has_both else None,
-            "threshold": float(t[j]),
-            "sensitivity": float(pred[pos, j].mean()) if pos.any() else None,
-            "specificity": float((~pred[~pos, j]).mean()) if (~pos).any() else None,
-            # Calibration of this finding's probability as a binary prediction.
-            "ece": expected_calibration_error(pos.astype(int), np.stack([1 - p[:, j], p[:, j]], axis=1)),
-        }
-    summary = {
-        "macro_auc": _mean_or_none([per_label[label_names[j]]["auc"] for j in scorable.tolist()]),
-        "map": _mean_or_none([per_label[label_names[j]]["ap"] for j in scorable.tolist()]),
-        "micro_auc": _micro_auc(y, p),
-        "subset_accuracy": float((pred == (y == 1)).all(axis=1).mean()),
-        "hamming_loss": float((pred != (y == 1)).mean()),
-    }
+    per_label = _per_label(y, p, pred, t, label_names, scorable)
+    summary = _summary(y, p, pred, [per_label[label_names[j]] for j in scorable.tolist()])
     units = resampling_units(patient_ids, n)
     intervals = _bootstrap(y, p, pred, scorable, units, n_bootstrap, seed, ci)
     for j, name in enumerate(label_names):
@@ -151,6 +124,60 @@ def multilabel_metrics(
             "notes": notes,
         }
     )
+
+
+def _operating_thresholds(thresholds: np.ndarray | Sequence[float] | None, n_labels: int) -> np.ndarray:
+    """One threshold per finding: those given, else the default for every finding."""
+    t = (
+        np.full(n_labels, DEFAULT_THRESHOLD)
+        if thresholds is None
+        else np.asarray(thresholds, dtype=np.float64)
+    )
+    if t.shape != (n_labels,):
+        raise ValueError(f"{t.shape[0] if t.ndim else 1} thresholds for {n_labels} findings")
+    return t
+
+
+def _per_label(
+    y: np.ndarray,
+    p: np.ndarray,
+    pred: np.ndarray,
+    t: np.ndarray,
+    label_names: Sequence[str],
+    scorable: np.ndarray,
+) -> dict[str, Any]:
+    """Each finding's prevalence, AUC and AP (when it has positives and negatives), operating point and ECE."""
+    n = len(y)
+    scored = set(scorable.tolist())
+    per_label: dict[str, Any] = {}
+    for j, name in enumerate(label_names):
+        pos = y[:, j] == 1
+        has_both = j in scored
+        per_label[name] = {
+            "n_positive": int(pos.sum()),
+            "prevalence": float(pos.mean()) if n else None,
+            "auc": float(roc_auc_score(pos, p[:, j])) if has_both else None,
+            "ap": float(average_precision_score(pos, p[:, j])) if has_both else None,
+            "threshold": float(t[j]),
+            "sensitivity": float(pred[pos, j].mean()) if pos.any() else None,
+            "specificity": float((~pred[~pos, j]).mean()) if (~pos).any() else None,
+            # Calibration of this finding's probability as a binary prediction.
+            "ece": expected_calibration_error(pos.astype(int), np.stack([1 - p[:, j], p[:, j]], axis=1)),
+        }
+    return per_label
+
+
+def _summary(
+    y: np.ndarray, p: np.ndarray, pred: np.ndarray, scorable: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Macro AUC and mAP over the ``scorable`` findings' entries, micro AUC, subset accuracy, Hamming loss."""
+    return {
+        "macro_auc": _mean_or_none([e["auc"] for e in scorable]),
+        "map": _mean_or_none([e["ap"] for e in scorable]),
+        "micro_auc": _micro_auc(y, p),
+        "subset_accuracy": float((pred == (y == 1)).all(axis=1).mean()),
+        "hamming_loss": float((pred != (y == 1)).mean()),
+    }
 
 
 def _validate(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
