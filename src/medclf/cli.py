@@ -21,6 +21,7 @@ from rich.console import Console
 from medclf.cli_options import (
     MANIFEST,
     PRETRAINING,
+    READING,
     TRACKING,
     TRAINING,
     BundleArgument,
@@ -35,7 +36,6 @@ from medclf.cli_options import (
     Threads,
     TrustedKeys,
     Tta,
-    Workers,
     expand,
     manifest_options,
     signature_with,
@@ -240,6 +240,7 @@ def pretrain(
 
 @app.command()
 @_trackable("evaluate", [o for o in TRACKING if o.name != "registered_model"])
+@expand("reading", READING, keep_defaults=True)
 @expand("manifest", MANIFEST, manifest_options)
 def evaluate(
     bundle: BundleArgument,
@@ -249,9 +250,8 @@ def evaluate(
     include_train_copies: Annotated[
         bool, typer.Option(help="Headline figures on the whole split, copies of training samples included")
     ] = False,
-    workers: Workers = None,
-    cache_dir: CacheDir = None,
-    progress: Progress = True,
+    *,
+    reading: dict[str, Any],
     engine: Engine = "auto",
     tta: Tta = False,
     robustness: Annotated[
@@ -296,9 +296,7 @@ def evaluate(
         out,
         split=split,
         include_train_copies=include_train_copies,
-        workers=workers,
-        cache_dir=cache_dir,
-        progress=progress,
+        **reading,
         console=err,
         engine=engine,
         tta=tta,
@@ -409,6 +407,7 @@ def _as_csv(results: list[dict[str, Any]], classes: list[str]) -> str:
 
 
 @app.command()
+@expand("reading", READING, keep_defaults=True)
 def ensemble(
     bundles: Annotated[list[Path], typer.Argument(help="Member bundles (folders or .zip), at least two")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Ensemble bundle folder to write")],
@@ -417,9 +416,8 @@ def ensemble(
     calibrate: Annotated[
         bool, typer.Option(help="Fit the ensemble's temperature on the shared validation samples")
     ] = True,
-    workers: Workers = None,
-    cache_dir: CacheDir = None,
-    progress: Progress = True,
+    *,
+    reading: dict[str, Any],
 ) -> None:
     """Fuse trained bundles into one ensemble bundle; weights and meta-learner come from validation only."""
     from medclf import api
@@ -430,15 +428,14 @@ def ensemble(
         data=data,
         method=method,
         calibrate=calibrate,
-        workers=workers,
-        cache_dir=cache_dir,
-        progress=progress,
+        **reading,
         console=err,
     )
 
 
 @app.command()
 @_trackable("export")
+@expand("reading", READING, keep_defaults=True)
 def export(
     bundle: Annotated[Path, typer.Argument(help="Model bundle to compress (folder or .zip)")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Bundle folder to write")] = None,
@@ -475,9 +472,8 @@ def export(
     int8_format: Annotated[str, typer.Option(help="qdq or qoperator")] = "qdq",
     calibration_samples: Annotated[int, typer.Option(help="Training samples for int8 calibration")] = 256,
     seed: Seed = 0,
-    workers: Workers = None,
-    cache_dir: CacheDir = None,
-    progress: Progress = True,
+    *,
+    reading: dict[str, Any],
     monai_bundle: Annotated[
         Path | None,
         typer.Option(
@@ -512,9 +508,7 @@ def export(
         int8_format=int8_format,
         calibration_samples=calibration_samples,
         seed=seed,
-        workers=workers,
-        cache_dir=cache_dir,
-        progress=progress,
+        **reading,
         console=err,
     )
 
@@ -630,6 +624,7 @@ def _print_operating_point(op: dict[str, Any]) -> None:
 
 
 @app.command()
+@expand("reading", READING, keep_defaults=True)
 def recalibrate(
     bundle: Annotated[Path, typer.Argument(help="Model bundle (folder or .zip); never modified")],
     data: Annotated[str, typer.Argument(help="Labelled sample from the new site (folder, CSV or .npz)")],
@@ -650,9 +645,8 @@ def recalibrate(
     ] = None,
     split: Annotated[str | None, typer.Option(help="Use only this split of DATA (default: all)")] = None,
     engine: Engine = "auto",
-    workers: Workers = None,
-    cache_dir: CacheDir = None,
-    progress: Progress = True,
+    *,
+    reading: dict[str, Any],
 ) -> None:
     """Fit the temperature and an operating point (threshold) on a site's labelled sample; write a new bundle."""
     from medclf import api
@@ -666,9 +660,7 @@ def recalibrate(
         class_map=class_map,
         split=split,
         engine=engine,
-        workers=workers,
-        cache_dir=cache_dir,
-        progress=progress,
+        **reading,
         console=err,
     )
 

@@ -88,19 +88,24 @@ def signature_with(command: Callable[..., Any], table: Sequence[Opt], replacing:
     return signature.replace(parameters=[*params[:at], *(o.parameter() for o in table), *rest])
 
 
-def given(table: Sequence[Opt], values: dict[str, Any]) -> dict[str, Any]:
+def given(table: Sequence[Opt], values: dict[str, Any], keep_defaults: bool = False) -> dict[str, Any]:
     """Pop ``table``'s options from ``values``; return those set to something else than their default (paths
-    as strings), so that a setting left alone keeps the value a config file or the planner gives it."""
+    as strings), so that a setting left alone keeps the value a config file or the planner gives it; with
+    ``keep_defaults``, all of them."""
     chosen = {o.name: values.pop(o.name, o.default) for o in table}
     return {
         o.name: str(chosen[o.name]) if isinstance(chosen[o.name], Path) else chosen[o.name]
         for o in table
-        if chosen[o.name] != o.default
+        if keep_defaults or chosen[o.name] != o.default
     }
 
 
 def expand(
-    into: str, table: Sequence[Opt], collect: Callable[[dict[str, Any]], Any] | None = None
+    into: str,
+    table: Sequence[Opt],
+    collect: Callable[[dict[str, Any]], Any] | None = None,
+    *,
+    keep_defaults: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate a command: its parameter ``into`` becomes ``table``'s options on the command line and
     receives :func:`given` of them (passed through ``collect`` when given)."""
@@ -108,7 +113,7 @@ def expand(
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(command)
         def run(**values: Any) -> Any:
-            chosen = given(table, values)
+            chosen = given(table, values, keep_defaults)
             return command(**values, **{into: collect(chosen) if collect else chosen})
 
         run.__signature__ = signature_with(command, table, replacing=into)  # type: ignore[attr-defined]
@@ -116,6 +121,10 @@ def expand(
 
     return decorate
 
+
+# How a command that reads a dataset reads it (keywords of the API's functions), passed on all three:
+# expand(..., keep_defaults=True).
+READING = (Opt("workers", Workers), Opt("cache_dir", CacheDir), Opt("progress", Progress, True))
 
 # Training settings, by the name of the TrainConfig field each sets (tests/test_cli_options.py checks them).
 TRAINING = (
