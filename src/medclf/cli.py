@@ -1,6 +1,7 @@
-"""The ``medclf`` command: a thin Typer layer, one command = one call into the Python API.
+"""The ``medclf`` command: a thin Typer layer, one command = one call into the Python API (:mod:`medclf.api`).
 
-Every :class:`~medclf.errors.MedclfError` becomes a one-line message on stderr and exit code 2.
+Every :class:`~medclf.errors.MedclfError` becomes a one-line message on stderr and exit code 2. The options
+shared by several commands are declared once, in :mod:`medclf.cli_options`.
 """
 
 from __future__ import annotations
@@ -10,17 +11,39 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
+from medclf.cli_options import (
+    MANIFEST,
+    PRETRAINING,
+    READING,
+    TRACKING,
+    TRAINING,
+    BundleArgument,
+    BundleSha256,
+    CacheDir,
+    DataArgument,
+    Engine,
+    Opt,
+    Progress,
+    Resume,
+    Seed,
+    Threads,
+    TrustedKeys,
+    Tta,
+    expand,
+    manifest_options,
+    signature_with,
+)
 from medclf.errors import MedclfError
 
 if TYPE_CHECKING:
-    from medclf.predictor import Predictor
+    from medclf.api import Predictor
 
 app = typer.Typer(
     name="medclf",
@@ -30,150 +53,54 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True, soft_wrap=True)
-_THREADS_HELP = "PyTorch/ONNX Runtime threads (default: the CPUs not busy with other processes)"
+# The commands import medclf.api when they run: it loads PyTorch, which `medclf --help` does not need and
+# which main() must not load before it has set the OpenMP environment.
 
 
-def _apply_threads(threads: int | None) -> None:
-    from medclf import threads as threads_mod
-
-    threads_mod.apply(threads)
-
-
-# Trust options of the commands that run a bundle (predict, evaluate, info, serve, dicom-node).
-TrustedKeysOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--trusted-keys",
-        help="Folder of Ed25519 public keys (*.pub, *.pem) or one key file: refuse a bundle none of them signed",
-    ),
-]
-BundleSha256Option = Annotated[
-    str | None,
-    typer.Option("--bundle-sha256", help="Refuse any bundle but the one with this sha256 (`medclf info`)"),
-]
-
-
-# Experiment tracking options of train, evaluate and export (medclf.tracking; README, Experiment tracking).
-TrackOption = Annotated[
-    bool,
-    typer.Option(
-        "--track", help="Log this run to MLflow (default store: sqlite:///runs/mlruns/mlflow.db, no server)"
-    ),
-]
-TrackingUriOption = Annotated[
-    str | None,
-    typer.Option(
-        "--tracking-uri",
-        help="MLflow tracking server or store, e.g. http://mlflow.team:5000 (implies --track; default "
-        "$MLFLOW_TRACKING_URI, else the local store)",
-    ),
-]
-ExperimentOption = Annotated[str, typer.Option("--experiment", help="MLflow experiment of the run")]
-RegisteredModelOption = Annotated[
-    str | None,
-    typer.Option(
-        "--registered-model",
-        help="MLflow registered model the bundle becomes a version of (default: its folder name)",
-    ),
-]
-_TRACKING_OPTIONS = ("track", "tracking_uri", "experiment", "registered_model")
-# How to read a CSV manifest whose columns are not medclf's own (data.sources.ManifestOptions).
-PathColumnOption = Annotated[
-    str | None, typer.Option("--path-column", help="CSV column of image paths (default: path, Image Index)")
-]
-LabelColumnOption = Annotated[
-    str | None, typer.Option("--label-column", help="CSV column of labels (default: label, Finding Labels)")
-]
-LabelSeparatorOption = Annotated[
-    str | None,
-    typer.Option(
-        "--label-separator",
-        help="Findings in one label cell are joined by this (multi-label; '|' recognised)",
-    ),
-]
-PatientColumnOption = Annotated[
-    str | None,
-    typer.Option("--patient-column", help="CSV column of patient ids (default: patient_id, Patient ID)"),
-]
-SplitFileOption = Annotated[
-    Path | None,
-    typer.Option("--split-file", help="CSV of '<image>,split' rows (train/valid/test), e.g. NIH's"),
-]
-NoFindingOption = Annotated[
-    str | None,
-    typer.Option("--no-finding-label", help="Label meaning no finding: the empty set (default: No Finding)"),
-]
-
-
-def _manifest_options(
-    path_column: str | None,
-    label_column: str | None,
-    label_separator: str | None,
-    patient_column: str | None,
-    split_file: Path | None,
-    no_finding: str | None,
-) -> dict[str, str] | None:
-    """The manifest options given on the command line (None when none is)."""
-    given = {
-        "path_column": path_column,
-        "label_column": label_column,
-        "label_separator": label_separator,
-        "patient_column": patient_column,
-        "split_file": str(split_file) if split_file is not None else None,
-        "no_finding": no_finding,
-    }
-    return {k: v for k, v in given.items() if v is not None} or None
-
-
-def _trackable(job: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """Run a command as one tracked MLflow job when --track or --tracking-uri is given; its other options
-    are the run's ``settings.*`` parameters."""
+def _trackable(
+    job: str, options: Sequence[Opt] = TRACKING
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Give a command the experiment tracking ``options`` and run it as one tracked MLflow job when --track
+    or --tracking-uri is given; its other options are the run's ``settings.*`` parameters."""
 
     def decorate(command: Callable[..., None]) -> Callable[..., None]:
         @functools.wraps(command)
-        def run(**options: Any) -> None:
-            if not (options.get("track") or options.get("tracking_uri")):
-                return command(**options)
-            from medclf.tracking import track
+        def run(**given: Any) -> None:
+            tracking = {o.name: given.pop(o.name, o.default) for o in options}
+            out = given.get("monai_bundle") or given.get("out")
+            # Without --out, export says what is missing itself.
+            if not (tracking["track"] or tracking["tracking_uri"]) or out is None:
+                return command(**given)
+            from medclf import api
 
-            settings = {k: v for k, v in options.items() if k not in _TRACKING_OPTIONS and v is not None}
-            out = options.get("monai_bundle") or options.get("out")
-            if out is None:  # export without --out: let the command say what is missing
-                return command(**options)
-            with track(
+            with api.track(
                 job,
                 out,
-                uri=options.get("tracking_uri"),
-                experiment=options.get("experiment"),
-                registered_model=options.get("registered_model"),
-                params={k: str(v) for k, v in settings.items()},
-                resume=bool(options.get("resume")),
-                bagging=options.get("folds") is not None or options.get("members") is not None,
-                bundle=options.get("bundle") if job == "evaluate" else None,
+                uri=tracking["tracking_uri"],
+                experiment=tracking["experiment"],
+                registered_model=tracking.get("registered_model"),
+                params={k: str(v) for k, v in given.items() if v is not None},
+                resume=bool(given.get("resume")),
+                bagging=given.get("folds") is not None or given.get("members") is not None,
+                bundle=given.get("bundle") if job == "evaluate" else None,
                 console=err,
             ) as tracker:
                 try:
-                    command(**options)
+                    command(**given)
                 except typer.Exit as exc:  # e.g. --strict's exit code 3: the bundle is written all the same
                     tracker.finish(exit_code=int(exc.exit_code or 0))
                     raise
 
+        run.__signature__ = signature_with(command, options)  # type: ignore[attr-defined]
         return run
 
     return decorate
 
 
-def _load_trusted(bundle: Path, trusted_keys: Path | None, bundle_sha256: str | None) -> Predictor:
-    """Load a bundle (a Predictor), refusing it unless it is signed by a trusted key / has the pinned sha256
-    (if asked)."""
-    from medclf.predictor import Predictor
-
-    return Predictor.load(bundle, trusted_keys=trusted_keys, expected_sha256=bundle_sha256)
-
-
 @app.command()
+@expand("manifest", MANIFEST, manifest_options)
 def audit(
-    data: Annotated[str, typer.Argument(help="Dataset: folder, CSV manifest or MedMNIST .npz")],
+    data: DataArgument,
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the JSON report")] = Path(
         "audit.json"
     ),
@@ -183,39 +110,32 @@ def audit(
     near_threshold: Annotated[
         float | None, typer.Option(help="Correlation at which two images count as copies")
     ] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+    progress: Progress = True,
     shift: Annotated[
         bool, typer.Option(help="Check, class by class, whether val/test differ in distribution from train")
     ] = True,
-    threads: Annotated[int | None, typer.Option("--threads", help=_THREADS_HELP)] = None,
+    threads: Threads = None,
     shortcuts: Annotated[
         bool,
         typer.Option(
             help="Check how well acquisition cues alone (size, format, scanner...) predict each class"
         ),
     ] = True,
-    path_column: PathColumnOption = None,
-    label_column: LabelColumnOption = None,
-    label_separator: LabelSeparatorOption = None,
-    patient_column: PatientColumnOption = None,
-    split_file: SplitFileOption = None,
-    no_finding_label: NoFindingOption = None,
+    manifest: dict[str, str] | None = None,
 ) -> None:
     """Counts, unreadable files, exact and near duplicates, leakage between splits, label conflicts, shift,
     shortcuts."""
-    from medclf.api import audit as run_audit
+    from medclf import api
 
-    _apply_threads(threads)
-    report = run_audit(
+    api.set_threads(threads)
+    report = api.audit(
         data,
         workers=workers,
         near_threshold=near_threshold,
         progress=progress,
         check_shift=shift,
         check_shortcut=shortcuts,
-        manifest=_manifest_options(
-            path_column, label_column, label_separator, patient_column, split_file, no_finding_label
-        ),
+        manifest=manifest,
     )
     report.render(Console())
     report.write_json(out)
@@ -232,81 +152,23 @@ def fetch(
     ] = None,
 ) -> None:
     """Download an official MedMNIST file at any published size; its checksum is verified."""
-    from medclf.data.fetch import fetch_medmnist, medmnist_filename
+    from medclf import api
 
-    err.print(f"Fetching {medmnist_filename(name, size)} from {mirror or 'Zenodo (record 10519652)'}...")
-    path = fetch_medmnist(name, size, out, mirror=mirror)
+    err.print(f"Fetching {api.medmnist_filename(name, size)} from {mirror or 'Zenodo (record 10519652)'}...")
+    path = api.fetch_medmnist(name, size, out, mirror=mirror)
     err.print(f"{path}: checksum verified")
 
 
 @app.command()
 @_trackable("train")
+@expand("settings", TRAINING)
+@expand("manifest", MANIFEST, manifest_options)
 def train(
-    data: Annotated[str, typer.Argument(help="Dataset: folder, CSV manifest or MedMNIST .npz")],
+    data: DataArgument,
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write")],
-    arch: Annotated[
-        str | None, typer.Option(help="Architecture (see `medclf models`); default: planner")
-    ] = None,
-    size: Annotated[
-        int | None, typer.Option(help="Input size in pixels (square/cube); default: planner")
-    ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs; default: what fits the time budget")] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help="Global batch size, split across torchrun processes; default: planner")
-    ] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate (AdamW)")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed")] = None,
-    time_budget: Annotated[
-        str | None, typer.Option(help="Wall-time budget, e.g. 90s, 10m, 2h (default 10m)")
-    ] = None,
-    augment: Annotated[
-        str | None,
-        typer.Option(help="Augmentation preset: none, light, standard, mri, xray, strong (default: planner)"),
-    ] = None,
-    mix: Annotated[str | None, typer.Option(help="Batch mixing: none, mixup, cutmix (default none)")] = None,
-    mix_alpha: Annotated[
-        float | None, typer.Option(help="Beta(alpha, alpha) of --mix (default: mixup 0.4, cutmix 1.0)")
-    ] = None,
-    denoise: Annotated[str | None, typer.Option(help="Denoising: none, nlm, gaussian, median")] = None,
+    settings: dict[str, Any],
     config: Annotated[Path | None, typer.Option(help="JSON or TOML file of training settings")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from <out>.ckpt after an interruption")] = False,
-    workers: Annotated[int | None, typer.Option(help="Decoding processes")] = None,
-    cache_dir: Annotated[str | None, typer.Option(help="Where preprocessed tensors are cached")] = None,
-    include_train_copies: Annotated[
-        bool, typer.Option(help="Keep validation samples that copy training samples in model selection")
-    ] = False,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1")] = None,
-    init_from: Annotated[
-        Path | None,
-        typer.Option(
-            help="Fine-tune from this bundle, a `medclf pretrain` backbone (new head), or a safetensors state "
-            "dict (with --arch; torchvision/timm ResNet/DenseNet names are mapped)"
-        ),
-    ] = None,
-    freeze: Annotated[
-        str | None, typer.Option(help="With --init-from: layer groups kept frozen, e.g. stem,layer1,layer2")
-    ] = None,
-    slices_as_channels: Annotated[
-        int | None,
-        typer.Option(help="Volumes as 2.5D: K axial slabs as channels of a 2D network (0: always 3D)"),
-    ] = None,
-    linear_probe: Annotated[
-        float | None,
-        typer.Option(
-            help="With --init-from: share of the epochs that train the output layer only, before all layers "
-            "fine-tune with the backbone at 0.1x the learning rate (0: off; default: 0.3 below 2000 images)"
-        ),
-    ] = None,
-    amp: Annotated[str | None, typer.Option(help="Mixed precision: auto, bf16, fp16, off")] = None,
-    compile: Annotated[
-        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the network")
-    ] = None,
-    stream: Annotated[
-        str | None, typer.Option(help="Stream training data from the disk cache: auto, on, off")
-    ] = None,
-    memory_limit: Annotated[
-        str | None, typer.Option(help="Memory the cached training data may fill, e.g. 8G (default: free RAM)")
-    ] = None,
+    resume: Resume = False,
     folds: Annotated[
         int | None,
         typer.Option(help="K-fold bagging: K runs on complementary folds, fused into one ensemble"),
@@ -321,8 +183,7 @@ def train(
             help="With --folds or --members: mean, weighted or stacking (fitted on a shared validation split)"
         ),
     ] = "mean",
-    progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
-    threads: Annotated[int | None, typer.Option("--threads", help=_THREADS_HELP)] = None,
+    progress: Progress = True,
     strict: Annotated[
         bool,
         typer.Option(
@@ -332,197 +193,73 @@ def train(
             "still written",
         ),
     ] = False,
-    shortcut_mitigation: Annotated[
-        str | None,
-        typer.Option(
-            help="auto (on when the shortcut check flags acquisition cues), on, off: randomise acquisition "
-            "cues in augmentation and balance sampling over class x acquisition group"
-        ),
-    ] = None,
-    track: TrackOption = False,
-    tracking_uri: TrackingUriOption = None,
-    experiment: ExperimentOption = "medclf",
-    registered_model: RegisteredModelOption = None,
-    task: Annotated[
-        str | None,
-        typer.Option(
-            help="multiclass, ordinal (grades 0..K-1, trained with a CORN head; predictions are a grade and "
-            "a distribution over grades) or multilabel (findings: a sigmoid each). Default: what the data "
-            "declare (class folders named 0..K-1, RetinaMNIST: ordinal; '|'-joined labels, 2-D npz labels: "
-            "multilabel)"
-        ),
-    ] = None,
-    path_column: PathColumnOption = None,
-    label_column: LabelColumnOption = None,
-    label_separator: LabelSeparatorOption = None,
-    patient_column: PatientColumnOption = None,
-    split_file: SplitFileOption = None,
-    no_finding_label: NoFindingOption = None,
-    multilabel_loss: Annotated[
-        str | None,
-        typer.Option(
-            help="Multi-label findings: bce (binary cross-entropy, positives weighted by each finding's "
-            "negatives per positive; default) or asymmetric (Ridnik et al. 2021)"
-        ),
-    ] = None,
+    manifest: dict[str, str] | None = None,
 ) -> None:
     """Train a classifier and write a verified model bundle. With no options a planner decides.
 
     Several processes or GPUs: `torchrun --nproc_per_node N -m medclf train DATA ...` (README, Scaling out).
     Exit codes: 0 done, 2 bad input or settings, 3 with --strict when the sanity gate failed.
     """
-    from medclf.api import train as run_train
-    from medclf.training import TrainConfig
+    from medclf import api
 
-    cfg = TrainConfig.from_file(config) if config else TrainConfig()
-    settings: dict[str, Any] = {
-        "arch": arch,
-        "size": size,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "seed": seed,
-        "time_budget": time_budget,
-        "augment": augment,
-        "mix": mix,
-        "mix_alpha": mix_alpha,
-        "denoise": denoise,
-        "workers": workers,
-        "cache_dir": cache_dir,
-        "device": device,
-        "init_from": str(init_from) if init_from else None,
-        "freeze": freeze,
-        "linear_probe": linear_probe,
-        "slices_as_channels": slices_as_channels,
-        "amp": amp,
-        "compile": compile,
-        "stream": stream,
-        "memory_limit": memory_limit,
-        "threads": threads,
-        "shortcut_mitigation": shortcut_mitigation,
-        "task": task,
-        "manifest": _manifest_options(
-            path_column, label_column, label_separator, patient_column, split_file, no_finding_label
-        ),
-        "multilabel_loss": multilabel_loss,
-    }
-    if include_train_copies:
-        settings["include_train_copies"] = True
-    cfg = cfg.updated({k: v for k, v in settings.items() if v is not None})
+    cfg = api.TrainConfig.from_file(config) if config else api.TrainConfig()
+    cfg = cfg.updated({**settings, "manifest": manifest})
     if folds is not None and members is not None:
         raise MedclfError("choose --folds or --members, not both")
     if strict and (folds is not None or members is not None):
         raise MedclfError("--strict gates single runs (and their automatic members), not --folds/--members")
+    run: dict[str, Any] = {"config": cfg, "resume": resume, "progress": progress, "console": err}
     if members is not None:
-        from medclf.api import train_members
-
-        train_members(
-            data,
-            out,
-            members=members,
-            method=fusion,
-            config=cfg,
-            resume=resume,
-            progress=progress,
-            console=err,
-        )
-        return
-    if folds is not None:
-        from medclf.api import train_folds
-
-        train_folds(
-            data, out, folds=folds, method=fusion, config=cfg, resume=resume, progress=progress, console=err
-        )
-        return
-    result = run_train(data, out, config=cfg, resume=resume, progress=progress, console=err)
-    if strict and result.sanity is not None and not result.sanity.get("passed", True):
-        from medclf.sanity import EXIT_CODE
-
-        raise typer.Exit(EXIT_CODE)
+        api.train_members(data, out, members=members, method=fusion, **run)
+    elif folds is not None:
+        api.train_folds(data, out, folds=folds, method=fusion, **run)
+    else:
+        result = api.train(data, out, **run)
+        if strict and result.sanity is not None and not result.sanity.get("passed", True):
+            raise typer.Exit(api.SANITY_EXIT_CODE)
 
 
 @app.command()
+@expand("settings", PRETRAINING)
 def pretrain(
     data: Annotated[
         list[str], typer.Argument(help="Image sources (folders, CSV manifests, .npz), labels ignored")
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Backbone bundle folder to write")],
-    arch: Annotated[
-        str | None, typer.Option(help="Architecture (see `medclf models`); default compact")
-    ] = None,
-    size: Annotated[
-        int | None, typer.Option(help="Input size in pixels; default: the first source's, at most 64")
-    ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs; default: what fits the time budget")] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help="Images per step (two views each); default 128 on a CPU, 256 on a GPU")
-    ] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate (AdamW, default 1e-3)")] = None,
-    temperature: Annotated[float | None, typer.Option(help="NT-Xent temperature (default 0.5)")] = None,
-    splits: Annotated[
-        str | None, typer.Option(help="Splits to learn from: train (default) or train,val; never test")
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed")] = None,
-    time_budget: Annotated[
-        str | None, typer.Option(help="Wall-time budget, e.g. 30m, 1h (default 1h)")
-    ] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from <out>.ckpt after an interruption")] = False,
-    workers: Annotated[int | None, typer.Option(help="Decoding processes")] = None,
-    cache_dir: Annotated[str | None, typer.Option(help="Where preprocessed tensors are cached")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1")] = None,
-    threads: Annotated[int | None, typer.Option("--threads", help=_THREADS_HELP)] = None,
-    amp: Annotated[str | None, typer.Option(help="Mixed precision: auto, bf16, fp16, off")] = None,
+    settings: dict[str, Any],
+    resume: Resume = False,
     progress: Annotated[bool, typer.Option(help="Show decoding progress")] = True,
 ) -> None:
     """Self-supervised (SimCLR) pretraining on unlabelled images; writes a sealed backbone bundle (no head)
     for `medclf train --init-from`. Progress shows the SSL loss and, when a source has labels, the accuracy
     of a k-NN probe on its validation images. Exit codes: 0 done, 2 bad input or settings."""
-    from medclf.api import pretrain as run_pretrain
+    from medclf import api
 
-    settings = {
-        "arch": arch,
-        "size": size,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "temperature": temperature,
-        "splits": splits,
-        "seed": seed,
-        "time_budget": time_budget,
-        "workers": workers,
-        "cache_dir": cache_dir,
-        "device": device,
-        "threads": threads,
-        "amp": amp,
-    }
-    run_pretrain(data, out, resume=resume, progress=progress, console=err, **settings)
+    api.pretrain(data, out, resume=resume, progress=progress, console=err, **settings)
 
 
 @app.command()
-@_trackable("evaluate")
+@_trackable("evaluate", [o for o in TRACKING if o.name != "registered_model"])
+@expand("reading", READING, keep_defaults=True)
+@expand("manifest", MANIFEST, manifest_options)
 def evaluate(
-    bundle: Annotated[Path, typer.Argument(help="Model bundle (folder or .zip)")],
+    bundle: BundleArgument,
     data: Annotated[str, typer.Argument(help="Dataset holding the split to evaluate")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder")] = Path("eval"),
     split: Annotated[str, typer.Option(help="Split to evaluate: test, val or train")] = "test",
     include_train_copies: Annotated[
         bool, typer.Option(help="Headline figures on the whole split, copies of training samples included")
     ] = False,
-    workers: Annotated[int | None, typer.Option(help="Decoding processes")] = None,
-    cache_dir: Annotated[str | None, typer.Option(help="Where preprocessed tensors are cached")] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
-    engine: Annotated[
-        str, typer.Option(help="torch, onnx, onnx-fp32, onnx-int8 or auto (ONNX when the bundle has it)")
-    ] = "auto",
-    tta: Annotated[
-        bool, typer.Option("--tta", help="Test-time augmentation: average over flips and small shifts")
-    ] = False,
+    *,
+    reading: dict[str, Any],
+    engine: Engine = "auto",
+    tta: Tta = False,
     robustness: Annotated[
         bool, typer.Option("--robustness", help="Also measure accuracy under FGSM and PGD attacks")
     ] = False,
-    threads: Annotated[int | None, typer.Option("--threads", help=_THREADS_HELP)] = None,
-    trusted_keys: TrustedKeysOption = None,
-    bundle_sha256: BundleSha256Option = None,
+    threads: Threads = None,
+    trusted_keys: TrustedKeys = None,
+    bundle_sha256: BundleSha256 = None,
     by: Annotated[
         str | None,
         typer.Option(
@@ -547,29 +284,19 @@ def evaluate(
     min_group_n: Annotated[
         int, typer.Option(help="Subgroups smaller than this are reported, not tested")
     ] = 30,
-    track: TrackOption = False,
-    tracking_uri: TrackingUriOption = None,
-    experiment: ExperimentOption = "medclf",
-    path_column: PathColumnOption = None,
-    label_column: LabelColumnOption = None,
-    label_separator: LabelSeparatorOption = None,
-    patient_column: PatientColumnOption = None,
-    split_file: SplitFileOption = None,
-    no_finding_label: NoFindingOption = None,
+    manifest: dict[str, str] | None = None,
 ) -> None:
     """metrics.json, predictions.csv, ROC/confusion/reliability plots and report.html for one split."""
-    from medclf.api import evaluate as run_evaluate
+    from medclf import api
 
-    _apply_threads(threads)
-    run_evaluate(
-        _load_trusted(bundle, trusted_keys, bundle_sha256),
+    api.set_threads(threads)
+    api.evaluate(
+        api.load_bundle(bundle, trusted_keys=trusted_keys, expected_sha256=bundle_sha256),
         data,
         out,
         split=split,
         include_train_copies=include_train_copies,
-        workers=workers,
-        cache_dir=cache_dir,
-        progress=progress,
+        **reading,
         console=err,
         engine=engine,
         tta=tta,
@@ -578,26 +305,20 @@ def evaluate(
         class_map=class_map,
         operating_point=operating_point,
         min_group_n=min_group_n,
-        manifest=_manifest_options(
-            path_column, label_column, label_separator, patient_column, split_file, no_finding_label
-        ),
+        manifest=manifest,
     )
 
 
 @app.command()
 def predict(
-    bundle: Annotated[Path, typer.Argument(help="Model bundle (folder or .zip)")],
+    bundle: BundleArgument,
     inputs: Annotated[list[str], typer.Argument(help="Image files and/or folders (searched recursively)")],
     format: Annotated[str, typer.Option("--format", "-f", help="json or csv")] = "json",
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Write to this file instead of stdout")
     ] = None,
-    engine: Annotated[
-        str, typer.Option(help="torch, onnx, onnx-fp32, onnx-int8 or auto (ONNX when the bundle has it)")
-    ] = "auto",
-    tta: Annotated[
-        bool, typer.Option("--tta", help="Test-time augmentation: average over flips and small shifts")
-    ] = False,
+    engine: Engine = "auto",
+    tta: Tta = False,
     explain: Annotated[
         Path | None, typer.Option("--explain", help="Also write one heatmap PNG per input into this folder")
     ] = None,
@@ -610,34 +331,21 @@ def predict(
             "--sr", help="Also write a DICOM SR per DICOM input into this folder (<SOPInstanceUID>.sr.dcm)"
         ),
     ] = None,
-    threads: Annotated[int | None, typer.Option("--threads", help=_THREADS_HELP)] = None,
-    trusted_keys: TrustedKeysOption = None,
-    bundle_sha256: BundleSha256Option = None,
+    threads: Threads = None,
+    trusted_keys: TrustedKeys = None,
+    bundle_sha256: BundleSha256 = None,
 ) -> None:
     """Classify images. Exit code 2 if any input was refused (the others still get answers)."""
-    _apply_threads(threads)
+    from medclf import api
+
+    api.set_threads(threads)
     if format not in ("json", "csv"):
         raise MedclfError(f"--format must be json or csv, not {format!r}")
-    b = _load_trusted(bundle, trusted_keys, bundle_sha256)
+    b = api.load_bundle(bundle, trusted_keys=trusted_keys, expected_sha256=bundle_sha256)
     results = b.predict(inputs, engine=engine, tta=tta)
     if explain is not None:
-        # Explain the class each prediction chose; the heatmap's path joins that input's entry.
-        chosen = {r["path"]: r["predicted"] for r in results if "predicted" in r}
-        from medclf.explain import explain_inputs
-
-        heatmaps = {
-            r["path"]: r["heatmap"]
-            for r in explain_inputs(b, inputs, explain, method=explain_method, targets=chosen)
-            if "heatmap" in r
-        }
-        for r in results:
-            if r["path"] in heatmaps:
-                r["heatmap"] = heatmaps[r["path"]]
-    sr_notes = []
-    if sr is not None:
-        from medclf.serve.sr import write_sr_files
-
-        sr_notes = write_sr_files(b, results, sr)
+        _add_heatmaps(b, inputs, results, explain, explain_method)
+    sr_notes = api.write_sr_files(b, results, sr) if sr is not None else []
     text = _as_csv(results, b.classes) if format == "csv" else json.dumps(results, indent=2)
     if out:
         out.write_text(text + ("" if text.endswith("\n") else "\n"), encoding="utf-8")
@@ -655,6 +363,23 @@ def predict(
         raise MedclfError("no input files found")
     if refused:
         raise typer.Exit(2)
+
+
+def _add_heatmaps(
+    b: Predictor, inputs: list[str], results: list[dict[str, Any]], folder: Path, method: str
+) -> None:
+    """Explain the class each prediction chose; the heatmap's path joins that input's entry."""
+    from medclf import api
+
+    chosen = {r["path"]: r["predicted"] for r in results if "predicted" in r}
+    heatmaps = {
+        r["path"]: r["heatmap"]
+        for r in api.explain_inputs(b, inputs, folder, method=method, targets=chosen)
+        if "heatmap" in r
+    }
+    for r in results:
+        if r["path"] in heatmaps:
+            r["heatmap"] = heatmaps[r["path"]]
 
 
 def _as_csv(results: list[dict[str, Any]], classes: list[str]) -> str:
@@ -682,6 +407,7 @@ def _as_csv(results: list[dict[str, Any]], classes: list[str]) -> str:
 
 
 @app.command()
+@expand("reading", READING, keep_defaults=True)
 def ensemble(
     bundles: Annotated[list[Path], typer.Argument(help="Member bundles (folders or .zip), at least two")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Ensemble bundle folder to write")],
@@ -690,28 +416,26 @@ def ensemble(
     calibrate: Annotated[
         bool, typer.Option(help="Fit the ensemble's temperature on the shared validation samples")
     ] = True,
-    workers: Annotated[int | None, typer.Option(help="Decoding processes")] = None,
-    cache_dir: Annotated[str | None, typer.Option(help="Where preprocessed tensors are cached")] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+    *,
+    reading: dict[str, Any],
 ) -> None:
     """Fuse trained bundles into one ensemble bundle; weights and meta-learner come from validation only."""
-    from medclf.api import ensemble as run_ensemble
+    from medclf import api
 
-    run_ensemble(
+    api.ensemble(
         bundles,
         out,
         data=data,
         method=method,
         calibrate=calibrate,
-        workers=workers,
-        cache_dir=cache_dir,
-        progress=progress,
+        **reading,
         console=err,
     )
 
 
 @app.command()
 @_trackable("export")
+@expand("reading", READING, keep_defaults=True)
 def export(
     bundle: Annotated[Path, typer.Argument(help="Model bundle to compress (folder or .zip)")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Bundle folder to write")] = None,
@@ -747,41 +471,28 @@ def export(
     ] = None,
     int8_format: Annotated[str, typer.Option(help="qdq or qoperator")] = "qdq",
     calibration_samples: Annotated[int, typer.Option(help="Training samples for int8 calibration")] = 256,
-    seed: Annotated[int, typer.Option(help="Random seed")] = 0,
-    workers: Annotated[int | None, typer.Option(help="Decoding processes")] = None,
-    cache_dir: Annotated[str | None, typer.Option(help="Where preprocessed tensors are cached")] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+    seed: Seed = 0,
+    *,
+    reading: dict[str, Any],
     monai_bundle: Annotated[
         Path | None,
         typer.Option(
             "--monai-bundle", help="Write BUNDLE as a MONAI bundle into this new folder (instead of --out)"
         ),
     ] = None,
-    threads: Annotated[int | None, typer.Option("--threads", help=_THREADS_HELP)] = None,
-    track: TrackOption = False,
-    tracking_uri: TrackingUriOption = None,
-    experiment: ExperimentOption = "medclf",
-    registered_model: RegisteredModelOption = None,
+    threads: Threads = None,
 ) -> None:
     """Compress a bundle: distil, prune, export to ONNX, quantise to int8; records accuracy before/after.
     Or, with --monai-bundle, write it as a MONAI bundle."""
-    from medclf.api import export as run_export
+    from medclf import api
 
-    _apply_threads(threads)
+    api.set_threads(threads)
     if monai_bundle is not None:
         compressing = any(v for v in (out, data, onnx, int8, prune, distill_from, student, student_kwargs))
-        if compressing:
-            raise MedclfError(
-                "--monai-bundle exports BUNDLE as it is: compress it first (--out), then export the result"
-            )
-        from medclf.api import export_monai_bundle
-
-        written = export_monai_bundle(bundle, monai_bundle)
-        err.print(f"MONAI bundle written to {written}", highlight=False)
-        return
+        return _export_monai_bundle(bundle, monai_bundle, compressing)
     if out is None:
         raise MedclfError("--out is required (the bundle folder to write), or --monai-bundle")
-    run_export(
+    api.export(
         bundle,
         out,
         data=data,
@@ -797,11 +508,21 @@ def export(
         int8_format=int8_format,
         calibration_samples=calibration_samples,
         seed=seed,
-        workers=workers,
-        cache_dir=cache_dir,
-        progress=progress,
+        **reading,
         console=err,
     )
+
+
+def _export_monai_bundle(bundle: Path, folder: Path, compressing: bool) -> None:
+    """``medclf export --monai-bundle``: BUNDLE as it is, as a MONAI bundle."""
+    from medclf import api
+
+    if compressing:
+        raise MedclfError(
+            "--monai-bundle exports BUNDLE as it is: compress it first (--out), then export the result"
+        )
+    written = api.export_monai_bundle(bundle, folder)
+    err.print(f"MONAI bundle written to {written}", highlight=False)
 
 
 def _json_option(name: str, text: str | None) -> Any:
@@ -815,22 +536,21 @@ def _json_option(name: str, text: str | None) -> Any:
 
 @app.command()
 def info(
-    bundle: Annotated[Path, typer.Argument(help="Model bundle (folder or .zip)")],
-    trusted_keys: TrustedKeysOption = None,
-    bundle_sha256: BundleSha256Option = None,
+    bundle: BundleArgument,
+    trusted_keys: TrustedKeys = None,
+    bundle_sha256: BundleSha256 = None,
     card: Annotated[bool, typer.Option("--card", help="Print the bundle's MODEL_CARD.md instead")] = False,
 ) -> None:
     """Verify a bundle's integrity and show what it holds and who signed it (--card: its model card)."""
-    from medclf.model_card import MODEL_CARD
+    from medclf import api
 
-    b = _load_trusted(bundle, trusted_keys, bundle_sha256)
+    b = api.load_bundle(bundle, trusted_keys=trusted_keys, expected_sha256=bundle_sha256)
     m = b.manifest
     if card:
-        if MODEL_CARD not in m["files"]:
-            raise MedclfError(f"{bundle}: this bundle has no {MODEL_CARD} (made before medclf wrote one)")
-        print(b.read_file(MODEL_CARD).decode("utf-8"), end="")
+        if api.MODEL_CARD not in m["files"]:
+            raise MedclfError(f"{bundle}: this bundle has no {api.MODEL_CARD} (made before medclf wrote one)")
+        print(b.read_file(api.MODEL_CARD).decode("utf-8"), end="")
         return
-    val = m.get("metrics", {}).get("val", {})
     print(f"bundle      {b.source}")
     print(f"sha256      {b.sha256}  (all {len(m['files'])} file hashes verified)")
     for i, check in enumerate(b.signatures or [None]):
@@ -843,15 +563,28 @@ def info(
     else:
         print(f"model       {b.arch} {m['model'].get('kwargs', {})}, input {list(b.spec.input_shape)}")
     if m.get("kind") == "backbone":  # medclf pretrain's: no output layer, nothing to predict with
-        pre = m.get("pretraining", {})
-        images = sum(int(s.get("images", 0)) for s in pre.get("sources", []))
-        print(
-            f"kind        backbone (no output layer): fine-tune it with `medclf train --init-from {bundle}`"
-        )
-        print(
-            f"pretrained  {pre.get('method')}, {pre.get('epochs')} epochs on {images} images of {len(pre.get('sources', []))} source(s)"
-        )
+        _print_backbone(m, bundle)
         return
+    _print_classifier(b)
+    if m.get("operating_point"):
+        _print_operating_point(m["operating_point"])
+
+
+def _print_backbone(m: dict[str, Any], bundle: Path) -> None:
+    pre = m.get("pretraining", {})
+    images = sum(int(s.get("images", 0)) for s in pre.get("sources", []))
+    print(f"kind        backbone (no output layer): fine-tune it with `medclf train --init-from {bundle}`")
+    print(
+        f"pretrained  {pre.get('method')}, {pre.get('epochs')} epochs on {images} images of {len(pre.get('sources', []))} source(s)"
+    )
+
+
+def _print_classifier(b: Predictor) -> None:
+    """What `medclf info` says of a bundle that classifies: classes, validation, sanity gate, engines."""
+    from medclf import api
+
+    m = b.manifest
+    val = m.get("metrics", {}).get("val", {})
     print(f"calibration temperature {b.temperature:.4g}")
     print(f"classes     {', '.join(b.classes)}")
     print(f"created     {m.get('created')}  medclf {m.get('versions', {}).get('medclf')}")
@@ -869,29 +602,29 @@ def info(
     leftover = m.get("leftover")
     if leftover and leftover.get("failure"):
         print(f"leftover    {leftover['failure']}")
-    from medclf.engines import available_engines
+    print(f"engines     {', '.join(api.available_engines(b))} (default: {b.engine()})")
+    if api.MODEL_CARD in m["files"]:
+        print(f"model card  {api.MODEL_CARD} (medclf info --card prints it)")
 
-    print(f"engines     {', '.join(available_engines(m['files']))} (default: {b.engine()})")
-    if MODEL_CARD in m["files"]:
-        print(f"model card  {MODEL_CARD} (medclf info --card prints it)")
-    op = m.get("operating_point")
-    if op:
-        achieved = op.get("achieved") or {}
-        ci = achieved.get("ci") or {}
 
-        def fig(key: str) -> str:
-            v, iv = achieved.get(key), ci.get(key)
-            return "n/a" if v is None else f"{v:.3f}" + (f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else "")
+def _print_operating_point(op: dict[str, Any]) -> None:
+    achieved = op.get("achieved") or {}
+    ci = achieved.get("ci") or {}
 
-        site = op.get("site") or {}
-        print(f"operating   {op.get('rule')}")
-        print(
-            f"            site sample {site.get('source')} n={achieved.get('n')}: sensitivity {fig('sensitivity')}, "
-            f"specificity {fig('specificity')} (fitted there: optimistic)"
-        )
+    def fig(key: str) -> str:
+        v, iv = achieved.get(key), ci.get(key)
+        return "n/a" if v is None else f"{v:.3f}" + (f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else "")
+
+    site = op.get("site") or {}
+    print(f"operating   {op.get('rule')}")
+    print(
+        f"            site sample {site.get('source')} n={achieved.get('n')}: sensitivity {fig('sensitivity')}, "
+        f"specificity {fig('specificity')} (fitted there: optimistic)"
+    )
 
 
 @app.command()
+@expand("reading", READING, keep_defaults=True)
 def recalibrate(
     bundle: Annotated[Path, typer.Argument(help="Model bundle (folder or .zip); never modified")],
     data: Annotated[str, typer.Argument(help="Labelled sample from the new site (folder, CSV or .npz)")],
@@ -911,15 +644,14 @@ def recalibrate(
         ),
     ] = None,
     split: Annotated[str | None, typer.Option(help="Use only this split of DATA (default: all)")] = None,
-    engine: Annotated[str, typer.Option(help="torch, onnx, onnx-fp32, onnx-int8 or auto")] = "auto",
-    workers: Annotated[int | None, typer.Option(help="Decoding processes")] = None,
-    cache_dir: Annotated[str | None, typer.Option(help="Where preprocessed tensors are cached")] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+    engine: Engine = "auto",
+    *,
+    reading: dict[str, Any],
 ) -> None:
     """Fit the temperature and an operating point (threshold) on a site's labelled sample; write a new bundle."""
-    from medclf.api import recalibrate as run_recalibrate
+    from medclf import api
 
-    run_recalibrate(
+    api.recalibrate(
         bundle,
         data,
         out,
@@ -928,9 +660,7 @@ def recalibrate(
         class_map=class_map,
         split=split,
         engine=engine,
-        workers=workers,
-        cache_dir=cache_dir,
-        progress=progress,
+        **reading,
         console=err,
     )
 
@@ -938,10 +668,10 @@ def recalibrate(
 @app.command()
 def models() -> None:
     """List the registered architectures."""
-    from medclf.models import list_models, model_info
+    from medclf import api
 
-    for name in list_models():
-        print(f"{name:14s} {model_info(name).description}")
+    for name, description in api.list_models().items():
+        print(f"{name:14s} {description}")
 
 
 @app.command()
@@ -951,15 +681,17 @@ def demo(
     ] = Path("demo-out"),
     n_per_class: Annotated[int, typer.Option(help="Simulated cases per class")] = 200,
     time_budget: Annotated[str, typer.Option(help="Training time budget")] = "120s",
-    seed: Annotated[int, typer.Option(help="Random seed")] = 0,
+    seed: Seed = 0,
 ) -> None:
     """Simulated brain MRI (from the MNI152 template): audit, train, evaluate, report, predict."""
+    # The demo is itself a script over the API, a layer above it (pyproject.toml, [tool.importlinter]).
     from medclf.demo import run_demo
 
     run_demo(out, n_per_class=n_per_class, time_budget=time_budget, seed=seed, console=err)
 
 
 @app.command()
+@expand("manifest", MANIFEST, manifest_options)
 def baseline(
     data: Annotated[str, typer.Argument(help="Dataset: folder, CSV manifest or MedMNIST .npz (2D)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder")] = Path("baseline"),
@@ -971,21 +703,16 @@ def baseline(
     ] = "logreg,rf,svm",
     seed: Annotated[int, typer.Option(help="Random seed (validation split, forests, SVM)")] = 0,
     workers: Annotated[int | None, typer.Option(help="Processes for decoding and features")] = None,
-    cache_dir: Annotated[str | None, typer.Option(help="Where preprocessed tensors are cached")] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
-    path_column: PathColumnOption = None,
-    label_column: LabelColumnOption = None,
-    label_separator: LabelSeparatorOption = None,
-    patient_column: PatientColumnOption = None,
-    split_file: SplitFileOption = None,
-    no_finding_label: NoFindingOption = None,
+    cache_dir: CacheDir = None,
+    progress: Progress = True,
+    manifest: dict[str, str] | None = None,
 ) -> None:
     """Traditional-ML baseline: GLCM/LBP/HOG/intensity features and classical classifiers chosen on
     validation AUC (one-vs-rest per finding for multi-label data); writes the evaluate outputs for the test
     split and baseline.json."""
-    from medclf.api import baseline as run_baseline
+    from medclf import api
 
-    run_baseline(
+    api.baseline(
         data,
         out,
         size=size,
@@ -995,15 +722,13 @@ def baseline(
         cache_dir=cache_dir,
         progress=progress,
         console=err,
-        manifest=_manifest_options(
-            path_column, label_column, label_separator, patient_column, split_file, no_finding_label
-        ),
+        manifest=manifest,
     )
 
 
 @app.command("dicom-node")
 def dicom_node(
-    bundle: Annotated[Path, typer.Argument(help="Model bundle (folder or .zip)")],
+    bundle: BundleArgument,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the result JSON and DICOM SR files")],
     port: Annotated[int, typer.Option(help="TCP port to listen on")] = 11112,
     ae_title: Annotated[str, typer.Option("--ae-title", help="This node's AE title (called AE)")] = "MEDCLF",
@@ -1036,18 +761,18 @@ def dicom_node(
     fhir: Annotated[
         bool, typer.Option("--fhir", help="Also write each result as a FHIR DiagnosticReport (.fhir.json)")
     ] = False,
-    trusted_keys: TrustedKeysOption = None,
-    bundle_sha256: BundleSha256Option = None,
+    trusted_keys: TrustedKeys = None,
+    bundle_sha256: BundleSha256 = None,
 ) -> None:
     """DICOM Storage SCP: answers C-ECHO, classifies each image received by C-STORE and writes
     <SOPInstanceUID>.json and <SOPInstanceUID>.sr.dcm to --out. Stop with Ctrl-C."""
     import logging
 
-    from medclf.serve.dicom_node import run_dicom_node
+    from medclf import api
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    run_dicom_node(
+    api.dicom_node(
         bundle,
         out,
         port=port,
@@ -1069,7 +794,7 @@ def dicom_node(
 
 @app.command()
 def explain(
-    bundle: Annotated[Path, typer.Argument(help="Model bundle (folder or .zip)")],
+    bundle: BundleArgument,
     image: Annotated[Path, typer.Argument(help="One image file (DICOM, NIfTI, PNG, JPEG, TIFF)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write: the input with the heatmap")] = Path(
         "heatmap.png"
@@ -1080,10 +805,9 @@ def explain(
     target: Annotated[str | None, typer.Option(help="Class to explain (default: the predicted one)")] = None,
 ) -> None:
     """Heatmap of what drove the prediction, drawn over the preprocessed input, with the predicted class."""
-    from medclf.explain import explain_image
-    from medclf.predictor import Predictor
+    from medclf import api
 
-    e = explain_image(Predictor.load(bundle), image, method=method, target=target, out=out)
+    e = api.explain_image(api.load_bundle(bundle), image, method=method, target=target, out=out)
     print(json.dumps({"path": str(image), **e.to_dict(), "heatmap": str(out)}, indent=2))
     if e.ood:
         err.print(f"[yellow]warning[/] {image}: {e.warning}", highlight=False)
@@ -1091,7 +815,7 @@ def explain(
 
 @app.command()
 def serve(
-    bundle: Annotated[Path, typer.Argument(help="Model bundle (folder or .zip)")],
+    bundle: BundleArgument,
     host: Annotated[
         str, typer.Option(help="Address to listen on; off loopback, --api-key-file is required")
     ] = "127.0.0.1",
@@ -1117,14 +841,10 @@ def serve(
         str, typer.Option(help="Heatmaps for ?explain=true: auto, gradcam, gradcampp, occlusion")
     ] = "auto",
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
-    engine: Annotated[
-        str, typer.Option(help="torch, onnx, onnx-fp32, onnx-int8 or auto (ONNX when the bundle has it)")
-    ] = "auto",
-    tta: Annotated[
-        bool, typer.Option("--tta", help="Test-time augmentation: average over flips and small shifts")
-    ] = False,
-    trusted_keys: TrustedKeysOption = None,
-    bundle_sha256: BundleSha256Option = None,
+    engine: Engine = "auto",
+    tta: Tta = False,
+    trusted_keys: TrustedKeys = None,
+    bundle_sha256: BundleSha256 = None,
     header_timeout: Annotated[
         float,
         typer.Option(help="Seconds a connection has to send a complete request head, else it is closed"),
@@ -1140,10 +860,14 @@ def serve(
     ] = 1000,
 ) -> None:
     """HTTP API (POST /v1/predict, GET /v1/model, /healthz, /readyz, /docs) and the web page at /."""
-    from medclf.serve.app import ServeSettings, run
-    from medclf.serve.http_guard import ConnectionLimits
+    from medclf import api
 
-    settings = ServeSettings(
+    api.serve(
+        bundle,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level,
         max_upload_mb=max_upload_mb,
         request_timeout_s=timeout,
         queue=queue,
@@ -1156,13 +880,10 @@ def serve(
         tta=tta,
         trusted_keys=str(trusted_keys) if trusted_keys else None,
         bundle_sha256=bundle_sha256,
-    )
-    limits = ConnectionLimits(
         header_timeout_s=header_timeout,
         max_client_connections=max_client_connections,
         max_connections=max_connections,
     )
-    run(bundle, host=host, port=port, workers=workers, settings=settings, log_level=log_level, limits=limits)
 
 
 serve_keys_app = typer.Typer(help="API keys for `medclf serve`: stored as sha256 hashes, shown once.")
@@ -1175,9 +896,9 @@ def serve_keys_add(
     key_id: Annotated[str | None, typer.Option("--id", help="A name for the key (default: random)")] = None,
 ) -> None:
     """Make a new API key, store only its hash, and print the key once."""
-    from medclf.serve.auth import add_key
+    from medclf import api
 
-    new_id, key = add_key(key_file, key_id)
+    new_id, key = api.add_api_key(key_file, key_id)
     err.print(f"Added key {new_id!r} to {key_file}. It is shown only now; store it safely:", highlight=False)
     print(key)
 
@@ -1185,9 +906,9 @@ def serve_keys_add(
 @serve_keys_app.command("list")
 def serve_keys_list(key_file: Annotated[Path, typer.Argument(help="Key file")]) -> None:
     """The key ids in a key file."""
-    from medclf.serve.auth import read_key_file
+    from medclf import api
 
-    for key_id in read_key_file(key_file):
+    for key_id in api.list_api_keys(key_file):
         print(key_id)
 
 
@@ -1197,9 +918,9 @@ def serve_keys_remove(
     key_id: Annotated[str, typer.Argument(help="Id of the key to revoke")],
 ) -> None:
     """Revoke a key (a running server notices the change at its next request)."""
-    from medclf.serve.auth import remove_key
+    from medclf import api
 
-    remove_key(key_file, key_id)
+    api.remove_api_key(key_file, key_id)
     err.print(f"Removed key {key_id!r} from {key_file}", highlight=False)
 
 
@@ -1214,14 +935,14 @@ def audit_log_show(
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table")] = False,
 ) -> None:
     """Print the newest requests: time, status, key id, result, latency, hashes, error reason."""
-    from medclf.serve.auditlog import format_rows, read_rows
+    from medclf import api
 
-    rows = read_rows(db, limit=limit)
+    rows = api.read_audit_log(db, limit=limit)
     if as_json:
         for row in rows:
             print(json.dumps(row))
     else:
-        print(format_rows(rows))
+        print(api.format_audit_log(rows))
 
 
 @app.command()
@@ -1239,9 +960,9 @@ def deid(
 ) -> None:
     """De-identify DICOM (PS3.15 Basic Application Level Confidentiality Profile). Exit code 2 if any
     DICOM file was refused (burned-in annotation, damaged file); non-DICOM files are listed as skipped."""
-    from medclf.privacy import deidentify
+    from medclf import api
 
-    result = deidentify(
+    result = api.deidentify(
         src,
         out,
         salt_file=salt_file,
@@ -1263,7 +984,7 @@ def deid(
 
 def _print_version(value: bool) -> None:
     if value:
-        from medclf._version import __version__
+        from medclf import __version__
 
         print(f"medclf {__version__}")
         raise typer.Exit(0)
@@ -1307,9 +1028,9 @@ def sign(
 ) -> None:
     """Sign a bundle's sha256 with an Ed25519 key (into its signatures.json; the sha256 does not change).
     Whoever runs it with --trusted-keys holding the matching .pub file then accepts it."""
-    from medclf.bundle import sign_bundle
+    from medclf import api
 
-    check = sign_bundle(bundle, key, signer=signer)
+    check = api.sign_bundle(bundle, key, signer=signer)
     err.print(
         f"{bundle}: signed as {check.signer!r} with key {check.key_id} at {check.signed_at}; "
         "its sha256 is unchanged",
@@ -1324,11 +1045,11 @@ def keygen(
 ) -> None:
     """Make an Ed25519 key pair for `medclf sign`: keep PREFIX.key secret, give PREFIX.pub to those who
     run your bundles (their --trusted-keys folder). $MEDCLF_KEY_PASSPHRASE, when set, encrypts the key."""
-    from medclf.signing import generate_key_pair, key_id, load_public_key
+    from medclf import api
 
-    private, public = generate_key_pair(prefix)
+    private, public = api.generate_key_pair(prefix)
     err.print(f"wrote {private} (private: keep it secret) and {public} (public)", highlight=False)
-    print(f"key {key_id(load_public_key(public))}")
+    print(f"key {api.public_key_id(public)}")
 
 
 def main(args: list[str] | None = None) -> None:
@@ -1336,7 +1057,8 @@ def main(args: list[str] | None = None) -> None:
     # A decoder plugin written in Rust (pylibjpeg-rle) panics on some malformed data before medclf turns
     # the failure into a refusal: keep its panic to one line, never a backtrace.
     os.environ["RUST_BACKTRACE"] = "0"
-    # Before torch is imported: GNU OpenMP reads its wait policy once (medclf.threads).
+    # Before torch is imported (medclf.api imports it): GNU OpenMP reads its wait policy once
+    # (medclf.threads). The one module below the API that the command line calls directly.
     from medclf.threads import configure_openmp_env
 
     configure_openmp_env(sys.argv[1:])

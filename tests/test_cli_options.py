@@ -1,0 +1,43 @@
+"""The command line's options are declared once (medclf.cli_options) and reach the API as given."""
+
+import json
+from dataclasses import fields
+from types import SimpleNamespace
+
+from medclf.cli_options import MANIFEST, PRETRAINING, TRAINING, manifest_options
+from medclf.data.sources import ManifestOptions
+from medclf.pretrain import PretrainConfig
+from medclf.training import TrainConfig
+
+from .inprocess import run_medclf
+
+
+def test_the_option_tables_name_the_settings_they_set():
+    assert {o.name for o in TRAINING} <= {f.name for f in fields(TrainConfig)}
+    assert {o.name for o in PRETRAINING} <= {f.name for f in fields(PretrainConfig)}
+    every_option = manifest_options({o.name: "x" for o in MANIFEST})
+    assert every_option is not None and set(every_option) == {f.name for f in fields(ManifestOptions)}
+
+
+def test_train_hands_over_only_the_options_given(monkeypatch, tmp_path):
+    """An option left alone keeps the config file's value (a flag's default included), one given overrides
+    it (--no-compile too), paths become strings and the manifest options one dict."""
+    import medclf.api
+
+    seen = {}
+
+    def fake_train(data, out, *, config, **_run):
+        seen["config"] = config
+        return SimpleNamespace(sanity=None)
+
+    monkeypatch.setattr(medclf.api, "train", fake_train)
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({"include_train_copies": True, "compile": True, "epochs": 3, "lr": 0.1}))
+    args = ["--config", config, "--no-compile", "--epochs", "5", "--init-from", tmp_path / "backbone"]
+    args += ["--split-file", tmp_path / "splits.csv", "--no-finding-label", "Normal"]
+    proc = run_medclf("train", tmp_path / "data", "--out", tmp_path / "model", *args)
+    assert proc.returncode == 0, proc.stderr
+    cfg = seen["config"]
+    assert cfg.include_train_copies is True and cfg.lr == 0.1
+    assert cfg.compile is False and cfg.epochs == 5 and cfg.init_from == str(tmp_path / "backbone")
+    assert cfg.manifest == {"split_file": str(tmp_path / "splits.csv"), "no_finding": "Normal"}
