@@ -76,7 +76,7 @@ class Reporter:
         clock: Literal["remaining", "elapsed"] = "remaining",
     ) -> Iterator[ProgressBar]:
         """A progress bar over ``total`` steps, ``completed`` of them done, while the block runs: ``label``
-        (rich markup), the bar, done/total, the text of ``info=True`` bars, and the time ``remaining`` or
+        (rich markup), done/total, the bar, the text of ``info=True`` bars, and the time ``remaining`` or
         ``elapsed``. A ``transient`` bar disappears when the block ends."""
         yield ProgressBar()
 
@@ -144,7 +144,7 @@ class ConsoleReporter(Reporter):
             TimeRemainingColumn,
         )
 
-        columns: list[ProgressColumn] = [TextColumn(label), BarColumn(), MofNCompleteColumn()]
+        columns: list[ProgressColumn] = [TextColumn(label), MofNCompleteColumn(), BarColumn()]
         if info:
             columns.append(TextColumn("{task.fields[info]}"))
         columns.append(TimeRemainingColumn() if clock == "remaining" else TimeElapsedColumn())
