@@ -129,8 +129,6 @@ def plain_loop(
 def medclf_loop(data: Path, size: int, epochs: int) -> dict:
     """``epochs`` real epochs of medclf's loop (the first with a timing breakdown), then the clean test
     accuracy of its EMA model."""
-    from rich.console import Console
-
     from medclf import training
     from medclf.data.cache import prepare
     from medclf.data.sources import load_source
@@ -141,7 +139,7 @@ def medclf_loop(data: Path, size: int, epochs: int) -> dict:
     samples = ensure_validation(load_source(data), fraction=0.15, seed=0)
     spec = PreprocessSpec(size=(size, size))
     t = time.perf_counter()
-    prepared = prepare(samples, spec, progress=False, console=Console(stderr=True))
+    prepared = prepare(samples, spec, progress=False)
     prepare_s = time.perf_counter() - t
     plan = Plan(
         arch="compact",
@@ -164,7 +162,7 @@ def medclf_loop(data: Path, size: int, epochs: int) -> dict:
     test_idx = np.flatnonzero(prepared.ok & (splits == "test") & ~prepared.train_copy)
     cfg = training.TrainConfig(seed=0)
     data = training.LoopData(samples, prepared, train_idx, val_idx)
-    loop = training.Loop(plan, data, cfg, console=Console(stderr=True))
+    loop = training.Loop(plan, data, cfg)
     phases = {k: 0.0 for k in ("data", "augment", "forward", "backward", "optimizer", "ema")}
     n = 0
     loop.model.train()
@@ -244,7 +242,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help="epochs each loop trains before it is scored")
     args = ap.parse_args()
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
-    ours = medclf_loop(args.data, args.size, epochs=args.epochs)
+    from medclf import reporting
+
+    with reporting.use(reporting.ConsoleReporter()):  # medclf's messages on stderr, as the CLI shows them
+        ours = medclf_loop(args.data, args.size, epochs=args.epochs)
     paths, labels = ours.pop("paths"), np.array(ours.pop("labels"))
     test_paths, test_labels = ours.pop("test_paths"), np.array(ours.pop("test_labels"))
     plain = plain_loop(

@@ -285,20 +285,21 @@ def test_onnx_export_without_data_checks_random_inputs(tiny_bundle, tmp_path):
 def test_a_step_with_non_finite_gradients_is_skipped_not_taken(tiny_bundle, sim_data):
     from rich.console import Console
 
+    from medclf import reporting
     from medclf.compress.data import load_training_data
     from medclf.compress.finetune import finetune, plan_from_manifest
 
     src = load_bundle(tiny_bundle)
     data = load_training_data(src, sim_data, progress=False)
     console = Console(record=True, width=200)
-    result = finetune(
-        plan_from_manifest(src.manifest),
-        data,
-        epochs=1,
-        lr=1e-3,
-        loss_hook=lambda x, logits, ce: ce * float("nan"),  # every gradient NaN
-        console=console,
-        progress=False,
-    )
+    with reporting.use(reporting.ConsoleReporter(console)):
+        result = finetune(
+            plan_from_manifest(src.manifest),
+            data,
+            epochs=1,
+            lr=1e-3,
+            loss_hook=lambda x, logits, ce: ce * float("nan"),  # every gradient NaN
+            progress=False,
+        )
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
     assert "had non-finite gradients and were skipped" in console.export_text()

@@ -128,6 +128,7 @@ def test_split_shift_runs_its_classifiers_on_one_thread_and_shows_progress(monke
     from threadpoolctl import threadpool_info
 
     import medclf.data.shift as shift
+    from medclf import reporting
 
     seen: list[int] = []
     original = shift.cross_val_predict
@@ -143,8 +144,7 @@ def test_split_shift_runs_its_classifiers_on_one_thread_and_shows_progress(monke
     labels = np.zeros(200, dtype=int)
     buf = StringIO()
     console = Console(file=buf, force_terminal=True, width=100)
-    found = shift.split_shift(
-        feats, splits, labels, np.ones(200, bool), ["a"], progress=True, console=console
-    )
+    with reporting.use(reporting.ConsoleReporter(console)):
+        found = shift.split_shift(feats, splits, labels, np.ones(200, bool), ["a"], progress=True)
     assert len(found) == 1 and seen and set(seen) == {1}
     assert "split shift check" in buf.getvalue()

@@ -17,12 +17,18 @@ The public API (imported lazily, so ``import medclf`` stays fast)::
     medclf.fetch_medmnist("breastmnist", size=128, out_dir="data") -> Path   # checksum-verified download
     medclf.recalibrate(bundle, site_data, out, positive=..., sensitivity=0.95) -> dict   # site operating point
     medclf.pretrain([data1, data2], out, time_budget="1h") -> PretrainResult   # SimCLR backbone bundle
+
+The API prints nothing; to see messages and progress as the CLI shows them::
+
+    with medclf.reporting.use(medclf.reporting.ConsoleReporter()):
+        medclf.train(data, out)
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from medclf import reporting as reporting  # light: no rich until something is shown
 from medclf._version import __version__ as __version__
 
 _API = {

@@ -992,12 +992,17 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _options(
+    ctx: typer.Context,
     version: Annotated[
         bool,
         typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit"),
     ] = False,
 ) -> None:
     """Deep-learning classification of medical images: audit, train, evaluate, predict."""
+    from medclf import reporting
+
+    # Every command reports on stderr (the Python API is silent by default); put back when the command ends.
+    ctx.with_resource(reporting.use(reporting.ConsoleReporter(err)))
 
 
 def _usage_error(exc: typer.TyperException) -> None:

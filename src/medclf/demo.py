@@ -14,14 +14,20 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image as PILImage
-from rich.console import Console
+from rich.rule import Rule
 from rich.table import Table
 
+from medclf import reporting
 from medclf.data.simulate import CLASSES, make_dataset
 
+if TYPE_CHECKING:
+    from rich.console import Console
 
+
+@reporting.console_argument
 def run_demo(
     out: str | Path,
     *,
@@ -32,10 +38,11 @@ def run_demo(
     difficulty: str = "moderate",
     console: Console | None = None,
 ) -> dict[str, object]:
-    """Run the demo into ``out`` and return the test metrics."""
+    """Run the demo into ``out`` and return the test metrics. It shows its steps through the active reporter
+    (:mod:`medclf.reporting`; ``console``: see :func:`medclf.reporting.console_argument`)."""
     from medclf.api import audit, evaluate, load_bundle, train
 
-    console = console or Console(stderr=True, soft_wrap=True)
+    rep = reporting.current()
     out = Path(out)
     t0 = time.perf_counter()
     data = out / "data"
@@ -43,7 +50,7 @@ def run_demo(
     for p in (data, new_cases):
         if p.exists():
             shutil.rmtree(p)
-    console.rule("[bold]1. Simulated brain MRI[/]")
+    rep.print(Rule("[bold]1. Simulated brain MRI[/]"))
     make_dataset(
         data,
         n_per_class=n_per_class,
@@ -57,23 +64,23 @@ def run_demo(
         new_cases, n_per_class=2, dims=2, size=size, seed=seed + 1000, splits=None, difficulty=difficulty
     )
     planted = _plant_leakage(data)
-    console.print(
+    rep.print(
         f"{3 * n_per_class} cases in {data} ({', '.join(CLASSES)}); planted {len(planted)} test "
         f"copies of training images: {', '.join(p.name for p in planted)}"
     )
 
-    console.rule("[bold]2. Audit[/]")
+    rep.print(Rule("[bold]2. Audit[/]"))
     report = audit(data, progress=False)
-    report.render(console)
+    report.render(rep.console)  # the audit report still renders on a console
     report.write_json(out / "audit.json")
 
-    console.rule("[bold]3. Train[/]")
-    result = train(data, out / "model", time_budget=time_budget, seed=seed, console=console)
+    rep.print(Rule("[bold]3. Train[/]"))
+    result = train(data, out / "model", time_budget=time_budget, seed=seed)
 
-    console.rule("[bold]4. Evaluate (test split minus copies of training images)[/]")
-    metrics = evaluate(result.bundle, data, out / "eval", console=console, progress=False)
+    rep.print(Rule("[bold]4. Evaluate (test split minus copies of training images)[/]"))
+    metrics = evaluate(result.bundle, data, out / "eval", console=rep.console, progress=False)
 
-    console.rule("[bold]5. Predict new cases[/]")
+    rep.print(Rule("[bold]5. Predict new cases[/]"))
     bundle = load_bundle(result.bundle)
     table = Table("file", "predicted", "confidence", "true class")
     for r in bundle.predict(new_cases):
@@ -84,9 +91,9 @@ def run_demo(
             f"{r.get('confidence', 0):.3f}",
             truth,
         )
-    console.print(table)
-    console.rule()
-    console.print(
+    rep.print(table)
+    rep.print(Rule())
+    rep.print(
         f"[bold green]Done in {time.perf_counter() - t0:.0f} s.[/] Report: {out / 'eval' / 'report.html'}  "
         f"Bundle: {result.bundle}"
     )

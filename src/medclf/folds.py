@@ -32,12 +32,11 @@ import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from rich.console import Console
 
-from medclf import fusion, sanity
+from medclf import fusion, reporting, sanity
 from medclf.budget import MIN_RUN_S, Budget, member_seconds
 from medclf.bundle import WEIGHTS, Bundle, load_bundle, save_bundle, update_bundle
 from medclf.data.sources import load_source
@@ -50,6 +49,9 @@ from medclf.training.config import TrainConfig, TrainResult
 from medclf.training.loop import EpochCallback
 from medclf.training.run import check_one_model, train_one
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
 __all__ = ["FOLDS_SUFFIX", "train", "train_folds", "train_members"]
 
 
@@ -58,6 +60,7 @@ FOLDS_SUFFIX = ".folds"
 MAX_LEFTOVER_MEMBERS = 5
 
 
+@reporting.console_argument
 def train(
     data: str | Path,
     out: str | Path,
@@ -76,19 +79,19 @@ def train(
     left in the budget trains more members with other seeds, and ``out`` becomes their mean ensemble
     (``members=1`` turns this off; ``medclf.train_members`` asks for K members outright). Everything else
     is :func:`medclf.training.train_one`'s. The sanity gate's verdict (:mod:`medclf.sanity`) is
-    printed at the end and returned in ``TrainResult.sanity``.
+    reported at the end and returned in ``TrainResult.sanity``. Messages and progress go to the active
+    reporter (:mod:`medclf.reporting`; ``console``: to that rich console, for callers not yet moved to
+    :func:`medclf.reporting.use`), here and in :func:`train_folds` and :func:`train_members`.
     """
     cfg = (config or TrainConfig()).updated(settings)
     budget = Budget(cfg.time_budget)
     check_one_model(cfg)
-    console = console or Console(stderr=True, soft_wrap=True)
     first = train_one(
         data,
         out,
         config=cfg,
         resume=resume,
         progress=progress,
-        console=console,
         epoch_callback=epoch_callback,
         val_fold=val_fold,
         budget=budget,
@@ -101,12 +104,13 @@ def train(
         and int(os.environ.get("WORLD_SIZE", "1")) == 1
         and first.stop_reason == "early_stop"
     )
-    result = use_leftover_budget(first, data, Path(out), cfg, budget, progress, console) if auto else first
+    result = use_leftover_budget(first, data, Path(out), cfg, budget, progress) if auto else first
     if result.sanity is not None:
-        sanity.render(result.sanity, console)
+        sanity.render(result.sanity)
     return result
 
 
+@reporting.console_argument
 def train_folds(
     data: str | Path,
     out: str | Path,
@@ -134,18 +138,11 @@ def train_folds(
             "validation split of its own, so K-fold members share none: use --fusion mean"
         )
     return _train_bag(
-        data,
-        out,
-        n=folds,
-        mode="folds",
-        method=method,
-        cfg=cfg,
-        resume=resume,
-        progress=progress,
-        console=console,
+        data, out, n=folds, mode="folds", method=method, cfg=cfg, resume=resume, progress=progress
     )
 
 
+@reporting.console_argument
 def train_members(
     data: str | Path,
     out: str | Path,
@@ -164,15 +161,7 @@ def train_members(
     if members < 2:
         raise ConfigError(f"--members must be at least 2, got {members}")
     return _train_bag(
-        data,
-        out,
-        n=members,
-        mode="seeds",
-        method=method,
-        cfg=cfg,
-        resume=resume,
-        progress=progress,
-        console=console,
+        data, out, n=members, mode="seeds", method=method, cfg=cfg, resume=resume, progress=progress
     )
 
 
@@ -186,14 +175,13 @@ def _train_bag(
     cfg: TrainConfig,
     resume: bool,
     progress: bool,
-    console: Console | None,
 ) -> EnsembleResult:
     budget = Budget(cfg.time_budget)
     budget.reserve_bag_fusion()
-    console = console or Console(stderr=True, soft_wrap=True)
+    rep = reporting.current()
     if method not in METHODS:
         raise ConfigError(f"unknown fusion method {method!r}; choose one of {', '.join(METHODS)}")
-    bag = Bag(data, out, cfg, budget, progress=progress, console=console)
+    bag = Bag(data, out, cfg, budget, progress=progress)
     noun = "Fold" if mode == "folds" else "Member"
     pinned: dict[str, Any] = {}
     members: list[Path] = []
@@ -202,7 +190,7 @@ def _train_bag(
         member = bag.work / (f"fold-{k}" if mode == "folds" else f"member-{k}")
         finished = _finished(member) if resume else None
         if finished is not None:
-            console.print(f"[bold]{noun} {k + 1}/{n}[/]: reusing the finished member {member}")
+            rep.print(f"[bold]{noun} {k + 1}/{n}[/]: reusing the finished member {member}")
             pinned = pinned or _pin(cfg, finished.manifest.get("recipe", {}), finished.spec)
             members.append(member)
             continue
@@ -212,14 +200,13 @@ def _train_bag(
                 f"the time budget ({cfg.time_budget:.0f} s) ran out after {k} of {n} runs; give a larger "
                 f"--time-budget or fewer --{mode if mode == 'folds' else 'members'}"
             )
-        console.print(f"[bold]{noun} {k + 1}/{n}[/] (time budget {share:.0f} s)")
+        rep.print(f"[bold]{noun} {k + 1}/{n}[/] (time budget {share:.0f} s)")
         result = train(
             data,
             member,
             config=bag.member_config(k, share, seeds=mode == "seeds", pinned=pinned),
             resume=resume and checkpoint_dir(member).exists(),
             progress=progress,
-            console=console,
             val_fold=(k, n) if mode == "folds" else None,
         )
         pinned = pinned or _pin(cfg, result.plan.to_dict(), result.plan.spec)
@@ -281,10 +268,9 @@ class Bag:
         budget: Budget,
         *,
         progress: bool,
-        console: Console,
     ) -> None:
         self.data, self.out, self.cfg, self.budget = data, Path(out), cfg, budget
-        self.progress, self.console = progress, console
+        self.progress = progress
         self.work = self.out.with_name(self.out.name + FOLDS_SUFFIX)  # the members, until they are fused
 
     def member_config(
@@ -308,7 +294,7 @@ class Bag:
             cache_dir=self.cfg.cache_dir,
             workers=self.cfg.workers,
             progress=self.progress,
-            console=self.console,
+            console=reporting.current().console,  # fusion still takes a console (not yet on medclf.reporting)
             seed=self.cfg.seed,
             recipe=recipe,
         )
@@ -326,7 +312,6 @@ def use_leftover_budget(
     cfg: TrainConfig,
     budget: Budget,
     progress: bool,
-    console: Console,
 ) -> TrainResult:
     """When training stopped early, spend the rest of the time budget on more members (other seeds, the
     same validation split and plan) and fuse them by their mean: small datasets converge in a fraction of
@@ -335,19 +320,19 @@ def use_leftover_budget(
     This never costs the first model: ``out`` keeps its bundle until the fused one replaces it (atomically),
     every extra member trains on the first member's plan (same preprocessing, dimensions and channels), and
     when a member or the fusion fails for any reason the best single member becomes the bundle and the
-    failure is reported (console, ``bundle.json`` ``leftover``, ``TrainResult.leftover_failure``)."""
+    failure is reported (:mod:`medclf.reporting`, ``bundle.json`` ``leftover``, ``TrainResult.leftover_failure``)."""
     left = budget.left()
     per_member = leftover_member_seconds(first.history, first.best_epoch)
     budget.reserve_leftover_fusion()
     n_more = min(MAX_LEFTOVER_MEMBERS - 1, int(budget.available() // per_member))
     if n_more < 1:
         return first
-    bag = Bag(data, out, cfg, budget, progress=progress, console=console)
+    bag = Bag(data, out, cfg, budget, progress=progress)
     shutil.rmtree(bag.work, ignore_errors=True)
     bag.work.mkdir(parents=True)
     members = [bag.work / "member-0"]
     shutil.copytree(out, members[0])
-    console.print(
+    reporting.current().print(
         f"[bold]Early stop left {left / 60:.1f} min of the budget[/]: training {n_more} more member(s) with "
         "other seeds on the same validation split, then fusing them by their mean (seed bagging)"
     )
@@ -367,7 +352,7 @@ def use_leftover_budget(
                 failure + "; " if failure else ""
             ) + f"fusing {len(members)} members failed: {_one_line(exc)}"
     if fused is None:
-        result = _keep_best_member(first, members, out, failure or "no extra member finished", console)
+        result = _keep_best_member(first, members, out, failure or "no extra member finished")
     else:
         result = _fused(first, fused, members, failure, out, cfg)
     bag.clean()
@@ -401,7 +386,6 @@ def _train_more(bag: Bag, first: TrainResult, n_more: int) -> tuple[list[Path], 
                 member,
                 config=bag.member_config(k, share, seeds=True),
                 progress=bag.progress,
-                console=bag.console,
                 budget=bag.budget.child(max(share, MIN_RUN_S)),
                 base_plan=base,
             )
@@ -442,9 +426,7 @@ def _fused(
     )
 
 
-def _keep_best_member(
-    first: TrainResult, members: list[Path], out: Path, failure: str, console: Console
-) -> TrainResult:
+def _keep_best_member(first: TrainResult, members: list[Path], out: Path, failure: str) -> TrainResult:
     """The fallback when the leftover members cannot be fused: the member with the best validation AUC
     (then accuracy) becomes the bundle at ``out``, which records why (``leftover``)."""
 
@@ -453,7 +435,7 @@ def _keep_best_member(
         return (val.get("auc") or -1.0, val.get("accuracy") or -1.0)
 
     best = max(members, key=score)
-    console.print(
+    reporting.current().print(
         f"[bold yellow]warning:[/] the leftover-budget ensemble was not made ({failure}); keeping the best "
         f"single member ({best.name}, of {len(members)}) as the bundle"
     )

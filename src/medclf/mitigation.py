@@ -23,9 +23,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from rich.console import Console
 from rich.markup import escape
 
+from medclf import reporting
 from medclf.data.acquisition import sample_cues
 from medclf.data.samples import SampleSet
 from medclf.data.scan import ScanResult
@@ -78,25 +78,24 @@ def shortcut_step(
     decide: bool,
     seed: int = 0,
     workers: int = 1,
-    console: Console | None = None,
 ) -> tuple[dict[str, Any], np.ndarray | None]:
     """Check the training split for shortcuts and (``decide``) set the plan's mitigation.
 
     Returns the bundle manifest's ``shortcuts`` section and the per-training-sample sampling weights
     (``None`` for plain shuffling). ``decide=False`` (a resumed run) keeps the plan's decision.
     """
-    console = console or Console(stderr=True, soft_wrap=True)
+    rep = reporting.current()
     cues = scan_result.cues
     if cues is None or len(cues) != len(samples):
         # A cache written before cues were recorded: header cues only (no pixel decoding).
         cues = sample_cues(samples, workers=workers)
     report = check_shortcuts(samples, cues, indices=train_idx, seed=seed)
     for text in report.warnings():
-        console.print(f"[bold yellow]![/] {escape(text)}")
+        rep.print(f"[bold yellow]![/] {escape(text)}")
     if decide:
         _decide(plan, report, mode)
         if plan.shortcut_mitigation == "on" or report.flagged:
-            console.print(f"  - {escape(plan.reasons[-1])}")
+            rep.print(f"  - {escape(plan.reasons[-1])}")
     weights = None
     if plan.balance_by:
         sub = samples.subset(train_idx)

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from medclf import reporting
 from medclf.data.stream import StreamedRows
 
 __all__ = ["SanityVerdict", "baselines", "judge"]
@@ -204,11 +205,13 @@ def judge(
     )
 
 
-def render(verdict: dict[str, Any], console: Any) -> None:
-    """Print the verdict: one line when it passed, a loud red panel when it did not."""
+def render(verdict: dict[str, Any]) -> None:
+    """Report the verdict (:mod:`medclf.reporting`): one line when it passed, a loud red panel when it did
+    not."""
+    rep = reporting.current()
     if verdict.get("passed"):
         base = verdict.get("baseline") or {}
-        console.print(
+        rep.print(
             f"Sanity check passed: validation accuracy {_f(verdict['model'].get('accuracy'))} vs "
             f"{_f(verdict['majority'].get('accuracy'))} (majority class), AUC {_f(verdict['model'].get('auc'))} "
             f"vs {_f(base.get('auc'))} (thumbnail logistic regression)"
@@ -217,16 +220,16 @@ def render(verdict: dict[str, Any], console: Any) -> None:
     from rich.markup import escape
 
     rule = "[bold red]" + "!" * 78 + "[/]"
-    console.print(rule)
-    console.print("[bold red]WARNING: the sanity check failed[/]", highlight=False)
+    rep.print(rule)
+    rep.print("[bold red]WARNING: the sanity check failed[/]", highlight=False)
     for w in verdict.get("warnings", []):
-        console.print(f"[red]  - {escape(w)}[/]", highlight=False)
-    console.print(
+        rep.print(f"[red]  - {escape(w)}[/]", highlight=False)
+    rep.print(
         f"  The bundle was written; check it before relying on it (`medclf train --strict` exits with code "
         f"{EXIT_CODE} here).",
         highlight=False,
     )
-    console.print(rule)
+    rep.print(rule)
 
 
 def _f(v: Any) -> str:

@@ -36,12 +36,14 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from rich.console import Console
-
+from medclf import reporting
 from medclf.errors import ConfigError
 from medclf.tracking_hook import ACTIVE
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 __all__ = ["DEFAULT_EXPERIMENT", "LOCAL_STORE", "Tracker", "TrackingError", "local_store_uri", "track"]
 
@@ -99,7 +101,9 @@ def track(
     the run of an interrupted training of ``out`` (``bagging``: a ``--folds``/``--members`` one). Raises
     :class:`TrackingError` before anything runs when the store cannot be used. Leaving the block normally
     finishes the run (bundle, metrics, registration); an exception marks it failed, or killed for an
-    interruption, and keeps its id for ``--resume``.
+    interruption, and keeps its id for ``--resume``. What it says goes to the active reporter
+    (:mod:`medclf.reporting`); ``console``: report to that rich console for the block, for callers not yet
+    moved to :func:`medclf.reporting.use`.
     """
     if job not in JOBS:
         raise ConfigError(f"unknown tracked job {job!r}; choose one of {', '.join(JOBS)}")
@@ -111,21 +115,21 @@ def track(
         registered_model=registered_model,
         bundle=Path(bundle) if bundle is not None else None,
         bagging=bagging,
-        console=console or Console(stderr=True, soft_wrap=True),
     )
-    # Under torchrun only rank 0 writes (as it alone writes the bundle).
-    if int(os.environ.get("RANK", "0")) == 0:
-        tracker._start(params or {}, resume=resume)
-    token = ACTIVE.set(tracker)
-    try:
-        yield tracker
-    except BaseException as exc:
-        tracker._abort(exc)
-        raise
-    else:
-        tracker.finish()
-    finally:
-        ACTIVE.reset(token)
+    with reporting.use_console(console):
+        # Under torchrun only rank 0 writes (as it alone writes the bundle).
+        if int(os.environ.get("RANK", "0")) == 0:
+            tracker._start(params or {}, resume=resume)
+        token = ACTIVE.set(tracker)
+        try:
+            yield tracker
+        except BaseException as exc:
+            tracker._abort(exc)
+            raise
+        else:
+            tracker.finish()
+        finally:
+            ACTIVE.reset(token)
 
 
 class _Run:
@@ -198,11 +202,10 @@ class Tracker:
         registered_model: str | None,
         bundle: Path | None,
         bagging: bool,
-        console: Console,
     ) -> None:
         self.job, self.out, self.bundle, self.bagging = job, out, bundle, bagging
         self.uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or local_store_uri()
-        self.experiment, self.registered_model, self.console = experiment, registered_model, console
+        self.experiment, self.registered_model = experiment, registered_model
         self.client: Any = None
         self.experiment_id: str | None = None
         self.run: _Run | None = None
@@ -241,7 +244,7 @@ class Tracker:
                 self.run.log_params(params, "settings.")
                 self.run.log_params(system_info(), "system.")
         self._remember(self.run.id, self._run_file())
-        self.console.print(
+        reporting.current().print(
             f"MLflow: {'continuing' if self.resumed else 'logging to'} run {self.run.id} "
             f"(experiment {self.experiment!r}, {self.uri})",
             highlight=False,
@@ -316,7 +319,7 @@ class Tracker:
             return fn(*args, **kwargs)
         except Exception as exc:
             self.failed = _one_line(exc)
-            self.console.print(
+            reporting.current().print(
                 f"[bold yellow]warning:[/] MLflow tracking stopped ({self.failed}); the job goes on",
                 highlight=False,
             )
@@ -425,7 +428,7 @@ class Tracker:
         run.end("FINISHED")
         self._forget()
         note = f"; registered model {self.registered_name()!r} version {self.model_version}"
-        self.console.print(
+        reporting.current().print(
             f"MLflow: run {run.id} finished{note if self.model_version else ''}"
             + (" (incompletely: see the warning above)" if self.failed else ""),
             highlight=False,

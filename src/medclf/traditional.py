@@ -67,6 +67,7 @@ import numpy as np
 from scipy import ndimage, stats
 from skimage.feature import graycomatrix, hog, local_binary_pattern
 
+from medclf import reporting  # light: no rich until something is shown
 from medclf.data.samples import DEFAULT_VAL_FRACTION  # light: no torch, no scikit-learn
 
 if TYPE_CHECKING:
@@ -191,7 +192,6 @@ def extract_features(
     *,
     workers: int = 1,
     progress: bool = False,
-    console: Console | None = None,
 ) -> np.ndarray:
     """Features of a stack of greyscale images ``(N, H, W)`` (or ``(N, 1, H, W)``) in [0, 1].
 
@@ -218,23 +218,10 @@ def extract_features(
 
         parallel = Parallel(n_jobs=workers, backend="loky", return_as="generator")
         results = iter(parallel(delayed(_chunk_features)(c) for c in chunks))
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    con = console or Console(stderr=True)
-    with Progress(
-        TextColumn("[bold]baseline[/] features"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=con,
-        disable=not (progress and con.is_terminal),
-        transient=True,
-    ) as bar:
-        task = bar.add_task("features", total=n)
+    with reporting.progress("[bold]baseline[/] features", n, enabled=progress) as bar:
         for s, feats in zip(starts, results, strict=True):
             out[s : s + len(feats)] = feats
-            bar.advance(task, len(feats))
+            bar.advance(len(feats))
     return out
 
 
@@ -478,7 +465,6 @@ def select_model(
     methods: Sequence[str],
     seed: int = 0,
     workers: int = 1,
-    console: Console | None = None,
     multilabel: bool = False,
 ) -> tuple[Any, _Candidate, list[_Candidate]]:
     """Fit every candidate of ``methods`` on the training features, score it on the validation features
@@ -518,12 +504,11 @@ def select_model(
                 note=note,
             )
             table.append(cand)
-            if console is not None:
-                auc = "n/a" if cand.val_auc is None else f"{cand.val_auc:.4f}"
-                console.print(
-                    f"  {method:7s} {_params_text(params):24s} val AUC {auc}  "
-                    f"accuracy {cand.val_accuracy:.4f}  ({seconds:.1f} s)"
-                )
+            auc = "n/a" if cand.val_auc is None else f"{cand.val_auc:.4f}"
+            reporting.current().print(
+                f"  {method:7s} {_params_text(params):24s} val AUC {auc}  "
+                f"accuracy {cand.val_accuracy:.4f}  ({seconds:.1f} s)"
+            )
             if best is None or cand.key() > best.key():
                 best, best_model = cand, model
     assert best is not None and best_model is not None
@@ -567,6 +552,7 @@ def feature_spec(samples: SampleSet, *, size: int | None, seed: int) -> Preproce
     return PreprocessSpec(**kw)
 
 
+@reporting.console_argument
 def run_baseline(
     data: str | Path,
     out: str | Path,
@@ -585,33 +571,28 @@ def run_baseline(
     to ``out`` and returns the test metrics with a ``baseline`` key (selection table, features, times).
     Multi-label findings: each classifier one-vs-rest (one binary classifier per finding), each finding's
     threshold chosen on validation, scored as ``evaluate`` scores a multi-label bundle. ``manifest``: how to
-    read a CSV manifest (:class:`medclf.data.sources.ManifestOptions`)."""
-    from rich.console import Console
-
+    read a CSV manifest (:class:`medclf.data.sources.ManifestOptions`). Messages and progress go to the
+    active reporter (:mod:`medclf.reporting`; ``console``: see :func:`medclf.reporting.console_argument`)."""
     from medclf.data.cache import prepare
 
     t_start = time.perf_counter()
-    console = console or Console(stderr=True, soft_wrap=True)
+    rep = reporting.current()
     names = check_methods(methods)
     workers = workers or min(4, os.cpu_count() or 1)
     samples, given_train = _load_with_validation(data, val_fraction, seed, manifest)
     multilabel = samples.task == "multilabel"
     spec = feature_spec(samples, size=size, seed=seed)
-    console.print(
+    rep.print(
         f"[bold]Baseline[/] on {data}: {len(samples)} samples, greyscale {spec.size[0]} px, "
         f"methods {', '.join(names)}"
     )
     t0 = time.perf_counter()
-    prepared = prepare(
-        samples, spec, cache_dir=cache_dir, workers=workers, progress=progress, console=console
-    )
+    prepared = prepare(samples, spec, cache_dir=cache_dir, workers=workers, progress=progress)
     times = {"decode_seconds": time.perf_counter() - t0}
-    rows = _baseline_rows(samples, prepared, given_train, console)
-    (x_train, x_val, x_test), n_images, rate = _baseline_features(
-        prepared, rows, workers, progress, console, times
-    )
+    rows = _baseline_rows(samples, prepared, given_train)
+    (x_train, x_val, x_test), n_images, rate = _baseline_features(prepared, rows, workers, progress, times)
     k = len(samples.classes)
-    console.print("Model selection on the validation split:")
+    rep.print("Model selection on the validation split:")
     t0 = time.perf_counter()
     model, best, table = select_model(
         x_train,
@@ -622,11 +603,10 @@ def run_baseline(
         methods=names,
         seed=seed,
         workers=workers,
-        console=console,
         multilabel=multilabel,
     )
     times["fit_seconds"] = time.perf_counter() - t0
-    console.print(f"Selected [bold]{best.method}[/] ({_params_text(best.params)})")
+    rep.print(f"Selected [bold]{best.method}[/] ({_params_text(best.params)})")
     t0 = time.perf_counter()
     probs = np.full((len(samples), k), np.nan)
     probs[rows.test] = _full_probs(model, x_test, k)
@@ -639,7 +619,7 @@ def run_baseline(
     if prepared.errors:
         sections["Unreadable files (left out)"] = prepared.errors[:50]
     metrics = _write_report(
-        out, data, samples, prepared, rows, probs, model, x_val, best, sections, summary, seed, console
+        out, data, samples, prepared, rows, probs, model, x_val, best, sections, summary, seed
     )
     summary["times"]["total_seconds"] = round(time.perf_counter() - t_start, 3)
     summary["test"] = _test_summary(metrics)
@@ -653,7 +633,6 @@ def _baseline_features(
     rows: _Rows,
     workers: int,
     progress: bool,
-    console: Console,
     times: dict[str, float],
 ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], int, float]:
     """The hand-crafted features of the training, validation and test rows; the images read and their rate."""
@@ -663,11 +642,10 @@ def _baseline_features(
         prepared.tensors[needed, 0],  # float16 copy; each chunk becomes float32 in its worker
         workers=workers,
         progress=progress,
-        console=console,
     )
     times["features_seconds"] = time.perf_counter() - t0
     rate = len(needed) / max(times["features_seconds"], 1e-9)
-    console.print(
+    reporting.current().print(
         f"Features: {len(needed)} images x {N_FEATURES} in {times['features_seconds']:.1f} s ({rate:.0f} images/s)"
     )
     n_tr, n_va = len(rows.train), len(rows.val)
@@ -687,10 +665,11 @@ def _write_report(
     sections: dict[str, Any],
     summary: dict[str, Any],
     seed: int,
-    console: Console,
 ) -> dict[str, Any]:
     """The test split scored as ``evaluate`` scores a bundle (per finding for multi-label data)."""
     from medclf.evaluation.runner import write_evaluation
+
+    console = reporting.current().console  # the evaluation writers still take a console
 
     labels, k = samples.labels, len(samples.classes)
     train_copy = np.where(np.array(samples.splits) == "test", rows.test_copy, prepared.train_copy)
@@ -784,9 +763,7 @@ class _Rows:
     test_copy: np.ndarray  # per sample: a copy of the dataset's whole training split (carved validation too)
 
 
-def _baseline_rows(
-    samples: SampleSet, prepared: PreparedData, given_train: np.ndarray, console: Console
-) -> _Rows:
+def _baseline_rows(samples: SampleSet, prepared: PreparedData, given_train: np.ndarray) -> _Rows:
     from medclf.data.scan import train_copy_flags
     from medclf.errors import DataError
 
@@ -819,7 +796,7 @@ def _baseline_rows(
     elif len(np.unique(labels[train_idx])) < 2:
         raise DataError("the training split holds a single class: nothing to learn")
     if n_val_copies:
-        console.print(
+        reporting.current().print(
             f"{n_val_copies} validation sample(s) copy a training sample: left out of model selection"
         )
     return _Rows(train_idx, val_idx, test_idx, n_val_copies, test_copy)

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 
+from medclf import reporting
 from medclf.bundle import Bundle
 from medclf.data.cache import PreparedData, prepare
 from medclf.data.samples import SampleSet
@@ -61,11 +61,9 @@ def load_training_data(
     cache_dir: str | Path | None = None,
     workers: int | None = None,
     progress: bool = True,
-    console: Console | None = None,
 ) -> TrainingData:
     """Load ``data`` as training did for ``bundle``: the same validation split (the recipe's split seed and
     fraction, or its K-fold fold), the same spec, validation copies of training samples left out."""
-    console = console or Console(stderr=True, soft_wrap=True)
     # A CSV read with options at training (a split file, other column names) is read the same way here.
     options = bundle.manifest.get("data", {}).get("manifest_options")
     samples = load_source(data, default_split="train", manifest=options)
@@ -77,9 +75,7 @@ def load_training_data(
             "give the data the bundle was trained on"
         )
     samples = Manifest.from_dict(bundle.manifest).recipe.rebuild_splits(samples)
-    prepared = prepare(
-        samples, bundle.spec, cache_dir=cache_dir, workers=workers, progress=progress, console=console
-    )
+    prepared = prepare(samples, bundle.spec, cache_dir=cache_dir, workers=workers, progress=progress)
     splits = np.array(samples.splits)
     labelled = prepared.ok & samples.known
     train_idx = np.flatnonzero(labelled & (splits == "train"))
@@ -90,7 +86,7 @@ def load_training_data(
     # The fingerprint covers file paths as given: compare the class counts per split when it differs.
     same = prepared.fingerprint == recorded.get("fingerprint") or samples.summary() == recorded.get("counts")
     if not same:
-        console.print(
+        reporting.current().print(
             "[yellow]note:[/] this data (or its validation split) differs from what the bundle was trained on"
         )
     return TrainingData(samples, prepared, train_idx, val_idx, same)

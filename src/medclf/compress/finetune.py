@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
 from torch import nn
 
 from medclf.budget import Budget
@@ -77,14 +76,12 @@ def finetune(
     time_budget: float | None = None,
     loss_hook: LossHook | None = None,
     seed: int = 0,
-    console: Console | None = None,
     progress: bool = True,
     epoch_callback: EpochCallback | None = None,
 ) -> FinetuneResult:
     """Train ``plan``'s network (starting from ``init_state`` when given) for ``epochs`` on the training
     split; return the model selected on validation AUC. ``epoch_callback``: as in
     :func:`medclf.training.train`."""
-    console = console or Console(stderr=True, soft_wrap=True)
     t0 = time.perf_counter()
     budget = Budget(time_budget, start=t0) if time_budget else None
     plan.epochs, plan.lr = int(epochs), float(lr)
@@ -94,7 +91,6 @@ def finetune(
         plan,
         LoopData(data.samples, data.prepared, data.train_idx, data.val_idx),
         TrainConfig(seed=seed),
-        console=console,
         progress=progress,
         budget=budget,
         hooks=LoopHooks(loss=loss_hook, on_epoch=epoch_callback),

@@ -14,13 +14,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from rich.console import Console
 from torch import nn
 
+from medclf import reporting
 from medclf.budget import parse_duration
 from medclf.bundle import WEIGHTS, Bundle, save_bundle
 from medclf.compress.data import TrainingData, load_training_data, val_scores
@@ -42,6 +42,9 @@ from medclf.model_card import MODEL_CARD, model_card
 
 # The source bundle is run here (validation scores, its OOD guard), so it is held as a Predictor.
 from medclf.predictor import Predictor, as_predictor
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 # Files of the source bundle that stay true for the compressed one (the training data did not change).
 CARRIED_FILES = ("train_hashes.json", "train_signatures.safetensors")
@@ -93,7 +96,6 @@ class _Work:
     arch: str
     kwargs: dict[str, Any]
     temperature: float
-    console: Console
     task: str = "multiclass"
     thresholds: np.ndarray | None = None  # a multi-label bundle's per-finding operating points
     steps: list[dict[str, Any]] = field(default_factory=list)
@@ -108,6 +110,7 @@ class _Work:
         return self.scores(_torch_probs(model, self.val_x, temperature, self.task))
 
 
+@reporting.console_argument
 def export_bundle(
     bundle: str | Path | Predictor | Bundle,
     out: str | Path,
@@ -143,9 +146,10 @@ def export_bundle(
     ``student_kwargs`` over what the planner picks for it at this input size (e.g. ``{"width": 12}``).
     ``epochs``/``lr``/``time_budget`` set the fine-tune or distillation run (defaults: a quarter of the
     recipe's epochs at a quarter of its learning rate after pruning; 1.5x the recipe's epochs at its
-    rate for a fresh student: see ``FRESH_STUDENT_EPOCHS``).
+    rate for a fresh student: see ``FRESH_STUDENT_EPOCHS``). Messages and progress go to the active reporter
+    (:mod:`medclf.reporting`; ``console``: see :func:`medclf.reporting.console_argument`).
     """
-    console = console or Console(stderr=True, soft_wrap=True)
+    rep = reporting.current()
     t_start = time.perf_counter()
     src = as_predictor(bundle)
     distill = student is not None or distill_from is not None
@@ -157,11 +161,11 @@ def export_bundle(
         seed=seed,
         progress=progress,
     )
-    w = _start(src, data, cache_dir=cache_dir, workers=workers, progress=progress, console=console)
+    w = _start(src, data, cache_dir=cache_dir, workers=workers, progress=progress)
     before = w.scores(src.predict_tensors(w.val_x, engine="torch")) if w.val_x is not None else None
     if before is not None:
         acc, auc = before["accuracy"], _f(before["auc"])
-        console.print(f"[bold]Source[/] {src.arch}: validation accuracy {acc:.4f}, AUC {auc}")
+        rep.print(f"[bold]Source[/] {src.arch}: validation accuracy {acc:.4f}, AUC {auc}")
     if distill:
         teacher = as_predictor(distill_from) if distill_from is not None else src
         _distill(w, teacher, student, student_kwargs, tuning, kd_temperature, kd_weight)
@@ -181,7 +185,7 @@ def export_bundle(
         seed=seed,
         t_start=t_start,
     )
-    console.print(
+    rep.print(
         f"[bold green]Bundle written[/] to {path} "
         f"(default engine: {manifest['compression']['default_engine']})"
     )
@@ -195,13 +199,10 @@ def _start(
     cache_dir: str | Path | None,
     workers: int | None,
     progress: bool,
-    console: Console,
 ) -> _Work:
     """The work state at the source bundle, with its training data split as training split it."""
     td = (
-        load_training_data(
-            src, data, cache_dir=cache_dir, workers=workers, progress=progress, console=console
-        )
+        load_training_data(src, data, cache_dir=cache_dir, workers=workers, progress=progress)
         if data is not None
         else None
     )
@@ -215,7 +216,6 @@ def _start(
         arch=str(m["arch"]),
         kwargs=dict(m.get("kwargs", {})),
         temperature=src.temperature,
-        console=console,
         task=str(src.manifest.get("task", "multiclass")),
         thresholds=np.array([float(thresholds_of[c]) for c in src.classes]) if thresholds_of else None,
     )
@@ -311,7 +311,7 @@ def _distill(
     plan = plan_from_manifest(src.manifest, arch=s_arch, arch_kwargs=s_kwargs)
     run_epochs = tuning.epochs or default_epochs(src.manifest, plan.epochs, fresh=init is None)
     run_lr = tuning.lr or (plan.lr if init is None else plan.lr / 4)
-    w.console.print(
+    reporting.current().print(
         f"[bold]Distilling[/] {teacher.arch} -> {s_arch} {s_kwargs}: up to {run_epochs} epochs, "
         f"lr {run_lr:g}, T={kd_temperature:g}, KD weight {kd_weight:g}"
     )
@@ -332,7 +332,6 @@ def _distill(
         time_budget=tuning.budget,
         loss_hook=hook,
         seed=tuning.seed,
-        console=w.console,
         progress=tuning.progress,
     )
     teacher_x = (
@@ -352,7 +351,7 @@ def _distill(
             w, teacher, teacher_val, after, init is not None, ft, run_lr, kd_temperature, kd_weight
         )
     )
-    w.console.print(
+    reporting.current().print(
         f"  student {n_params(w.model):,} parameters ({w.steps[-1]['size_ratio']}x fewer than the teacher): "
         f"validation accuracy {after['accuracy']:.4f} (teacher {teacher_val['accuracy']:.4f})"
     )
@@ -417,7 +416,7 @@ def _prune(w: _Work, amount: float, tuning: _Tuning) -> None:
     plan = plan_from_manifest(src.manifest, arch=w.arch, arch_kwargs=pr.arch_kwargs)
     run_epochs = tuning.epochs or default_epochs(src.manifest, plan.epochs, fresh=False)
     run_lr = tuning.lr or plan.lr / 4
-    w.console.print(
+    reporting.current().print(
         f"[bold]Pruned[/] {amount:.0%} of the channels: {pr.params_before:,} -> {pr.params_after:,} "
         "parameters "
         f"(validation accuracy {right_after['accuracy']:.4f} before fine-tuning); "
@@ -431,7 +430,6 @@ def _prune(w: _Work, amount: float, tuning: _Tuning) -> None:
         lr=run_lr,
         time_budget=tuning.budget,
         seed=tuning.seed,
-        console=w.console,
         progress=tuning.progress,
     )
     w.model, w.kwargs, w.history = ft.model, pr.arch_kwargs, ft.history
@@ -457,7 +455,7 @@ def _prune(w: _Work, amount: float, tuning: _Tuning) -> None:
             "val_after": after,
         }
     )
-    w.console.print(
+    reporting.current().print(
         f"  after fine-tuning: validation accuracy {after['accuracy']:.4f}, AUC {_f(after['auc'])}"
     )
     w.temperature = 1.0
@@ -485,7 +483,7 @@ def _onnx(w: _Work, onnx_path: Path, parity_samples: int, seed: int) -> np.ndarr
             f"{parity['max_abs_prob_diff']:.2e} > {PARITY_TOLERANCE:g}; not writing the bundle"
         )
     step: dict[str, Any] = {"step": "onnx", **info, "parity": parity, "file_bytes": onnx_path.stat().st_size}
-    w.console.print(
+    reporting.current().print(
         f"[bold]ONNX[/] ({info['exporter']} exporter, opset {info['opset']}): "
         "max |p_onnx - p_torch| = "
         f"{parity['max_abs_prob_diff']:.1e} on {samples_note}"
@@ -536,7 +534,7 @@ def _int8(
         w.steps[-1]["agreement_per_finding_with_fp32"] = dict(
             zip(classes, map(float, same.mean(axis=0)), strict=True)
         )
-    w.console.print(
+    reporting.current().print(
         f"[bold]int8[/] ({qinfo['format']}, {qinfo['weights']}, calibrated on {len(calib)} training "
         f"samples): validation accuracy {fp32_val['accuracy']:.4f} -> {int8_val['accuracy']:.4f}, "
         f"file {size_ratio}x smaller"

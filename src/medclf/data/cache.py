@@ -19,18 +19,20 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from rich.console import Console
 
-from medclf import threads
+from medclf import reporting, threads
 from medclf.data.references import read_train_references
 from medclf.data.samples import SampleSet
 from medclf.data.scan import ScanResult, scan, train_copy_flags, train_copy_matches
 from medclf.data.signatures import NEAR_THRESHOLD
 from medclf.data.sources import fingerprint_files
 from medclf.preprocess import PreprocessSpec, preprocess
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 CACHE_VERSION = 1
 _LIST_FIELDS = ("reasons", "messages", "hashes", "formats", "modes")
@@ -87,6 +89,7 @@ def cache_key(samples: SampleSet, spec: PreprocessSpec) -> str:
     return h.hexdigest()[:24]
 
 
+@reporting.console_argument
 def prepare(
     samples: SampleSet,
     spec: PreprocessSpec,
@@ -99,16 +102,17 @@ def prepare(
     extra_train_hashes: set[str] | None = None,
     near_threshold: float = NEAR_THRESHOLD,
 ) -> PreparedData:
-    """Decode + preprocess every sample (or reuse the cache) and flag copies of training samples."""
-    console = console or Console(stderr=True, soft_wrap=True)
+    """Decode + preprocess every sample (or reuse the cache) and flag copies of training samples.
+    ``console``: see :func:`medclf.reporting.console_argument`."""
+    rep = reporting.current()
     workers = workers or threads.decode_workers()
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     key = cache_key(samples, spec)
     folder = root / key
     loaded = _load(folder, len(samples)) if use_cache else None
     if loaded is None:
-        console.print(f"Decoding and preprocessing {len(samples)} samples ({workers} workers)...")
-        writer = _TensorWriter.open(folder, len(samples), spec, console) if use_cache else None
+        rep.print(f"Decoding and preprocessing {len(samples)} samples ({workers} workers)...")
+        writer = _TensorWriter.open(folder, len(samples), spec) if use_cache else None
         sink: Callable[[int, Any], None]
         if writer is None:
             tensors = np.zeros((len(samples), *spec.input_shape), dtype=np.float16)
@@ -127,7 +131,7 @@ def prepare(
             if writer is not None:
                 writer.discard()
             raise
-        console.print(f"  done in {result.seconds:.1f} s; {int((~result.ok).sum())} unreadable")
+        rep.print(f"  done in {result.seconds:.1f} s; {int((~result.ok).sum())} unreadable")
         if writer is not None:
             try:
                 writer.finish(folder, result, samples, spec)
@@ -139,9 +143,7 @@ def prepare(
                     tensors = done[0]
                 else:
                     # The rows are only on disk: without a cache folder they must be read back into memory.
-                    console.print(
-                        f"[yellow]could not write the cache at {folder} ({exc}); continuing without[/]"
-                    )
+                    rep.print(f"[yellow]could not write the cache at {folder} ({exc}); continuing without[/]")
                     tensors = writer.read_back()
                     folder = None  # type: ignore[assignment]
         else:
@@ -172,6 +174,7 @@ class AgainstBundle:
     near_checked: bool  # False: the bundle carries no signatures (older bundles), only exact copies found
 
 
+@reporting.console_argument
 def prepare_for_bundle(
     samples: SampleSet,
     spec: PreprocessSpec,
@@ -185,7 +188,8 @@ def prepare_for_bundle(
 ) -> AgainstBundle:
     """Decode ``samples`` with a bundle's ``spec`` and find copies of its training images: what evaluation,
     recalibration and multi-label evaluation score a bundle on. ``bundle_dir``/``files``: where the bundle
-    is and its manifest's ``files`` (for :func:`medclf.data.references.read_train_references`)."""
+    is and its manifest's ``files`` (for :func:`medclf.data.references.read_train_references`). ``console``:
+    see :func:`medclf.reporting.console_argument`."""
     refs = read_train_references(bundle_dir, files)
     train_hashes = set(refs.hashes)
     # The whole dataset is decoded (not just the split scored): the cache key then matches training's, so
@@ -196,7 +200,6 @@ def prepare_for_bundle(
         cache_dir=cache_dir,
         workers=workers,
         progress=progress,
-        console=console,
         extra_train_hashes=train_hashes,
     )
     exact, near, _ = train_copy_matches(
@@ -225,13 +228,15 @@ class _TensorWriter:
         self.written = 0
 
     @classmethod
-    def open(cls, folder: Path, n: int, spec: PreprocessSpec, console: Console) -> _TensorWriter | None:
+    def open(cls, folder: Path, n: int, spec: PreprocessSpec) -> _TensorWriter | None:
         try:
             folder.parent.mkdir(parents=True, exist_ok=True)
             _remove_stale(folder)
             tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
         except OSError as exc:
-            console.print(f"[yellow]cannot write the cache at {folder} ({exc}); keeping tensors in memory[/]")
+            reporting.current().print(
+                f"[yellow]cannot write the cache at {folder} ({exc}); keeping tensors in memory[/]"
+            )
             return None
         return cls(tmp, n, spec)
 

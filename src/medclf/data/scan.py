@@ -18,9 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from medclf import reporting
 from medclf.data.acquisition import header_cues, image_cues_of
 from medclf.data.samples import SampleSet
 from medclf.data.shortcuts import pixel_cues
@@ -212,8 +211,6 @@ def scan(
     global _STATE
     n = len(samples)
     t0 = time.perf_counter()
-    console = Console(stderr=True)
-    show = progress and console.is_terminal and n > 0
     recs: list[_Record] = []
     _STATE = (samples, extra)
     try:
@@ -225,22 +222,13 @@ def scan(
                 # Chunks amortise IPC but stay small for a smooth progress bar and balanced workers.
                 chunk = int(max(1, min(32, n // (workers * 16))))
                 records = pool.imap(_scan_one, range(n), chunksize=chunk)
-            with Progress(
-                TextColumn("[bold]audit[/] decoding"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                console=console,
-                disable=not show,
-                transient=True,
-            ) as bar:
-                task = bar.add_task("scan", total=n)
+            with reporting.progress("[bold]audit[/] decoding", n, enabled=progress) as bar:
                 for i, rec in enumerate(records):
                     if sink is not None:
                         sink(i, rec.extra)
                         rec.extra = None
                     recs.append(rec)
-                    bar.advance(task)
+                    bar.advance()
     finally:
         _STATE = None
 

@@ -14,10 +14,8 @@ Copies of training samples are left out (the audit reports them separately), as 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 from sklearn.ensemble import HistGradientBoostingClassifier
@@ -25,6 +23,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from threadpoolctl import threadpool_limits
 
+from medclf import reporting
 from medclf.data.samples import SPLITS
 
 # Fewer images per side than this give an AUC too noisy to read (its null spread is about +-0.1).
@@ -124,13 +123,12 @@ def split_shift(
     seed: int = 0,
     min_per_side: int = MIN_PER_SIDE,
     progress: bool = False,
-    console: Any = None,
 ) -> list[SplitShift]:
     """One :class:`SplitShift` per (non-train split, class) with at least ``min_per_side`` usable images
     on both sides; ``usable`` marks the rows to compare (decoded, not constant, not a copy of train).
 
-    The classifiers run single-threaded (see :func:`domain_auc`); ``progress`` shows a bar (rich) over the
-    split/class pairs."""
+    The classifiers run single-threaded (see :func:`domain_auc`); ``progress`` shows a bar over the
+    split/class pairs (:mod:`medclf.reporting`)."""
     split_arr = np.asarray(splits)
     labels = np.asarray(labels)
     usable = np.asarray(usable, dtype=bool)
@@ -143,30 +141,11 @@ def split_shift(
             if min(int(train.sum()), int(other.sum())) >= min_per_side:
                 pairs.append((split, str(name), train, other))
     results = []
-    with _bar(len(pairs), progress, console) as advance:
+    with reporting.progress(
+        "split shift check", len(pairs), enabled=progress, info=True, clock="elapsed"
+    ) as bar:
         for split, name, train, other in pairs:
             auc, n = domain_auc(features[train], features[other], seed=seed)
             results.append(SplitShift(split=split, cls=name, auc=round(auc, 3), n_per_side=n))
-            advance(f"{split}/{name}")
+            bar.advance(info=f"{split}/{name}")
     return results
-
-
-@contextlib.contextmanager
-def _bar(total: int, enabled: bool, console: Any) -> Iterator[Callable[[str], None]]:
-    if not enabled or total == 0:
-        yield lambda _label: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn("split shift check"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[pair]}"),
-        TimeElapsedColumn(),
-        console=console or Console(stderr=True),
-        transient=True,
-    ) as bar:
-        task = bar.add_task("shift", total=total, pair="")
-        yield lambda label: bar.update(task, advance=1, pair=label)

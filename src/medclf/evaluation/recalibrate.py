@@ -24,12 +24,12 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from rich.console import Console
 from scipy.special import log_softmax, logsumexp
 
+from medclf import reporting
 from medclf.bundle import WEIGHTS, Bundle, save_bundle
 from medclf.data.cache import PreparedData, prepare_for_bundle
 from medclf.data.samples import SampleSet
@@ -48,6 +48,9 @@ from medclf.model_card import MODEL_CARD, model_card
 from medclf.operating_point import METHODS, OperatingPoint
 from medclf.predictor import Predictor, as_predictor
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
 __all__ = ["MIN_PER_SIDE", "fit_grouped_temperature", "recalibrate"]
 
 # Fewer positive or negative site samples than this cannot place a threshold usefully (one image moves
@@ -55,6 +58,7 @@ __all__ = ["MIN_PER_SIDE", "fit_grouped_temperature", "recalibrate"]
 MIN_PER_SIDE = 20
 
 
+@reporting.console_argument
 def recalibrate(
     bundle: str | Path | Bundle | Predictor,
     data: str | Path,
@@ -76,8 +80,9 @@ def recalibrate(
     ``positive``: the class, or the ``class_map`` group, a positive decision means (default: class 1 of a
     two-class model). ``sensitivity``: the target sensitivity (default: Youden's J). ``split``: use only that
     split of ``data`` (default: every labelled sample). ``engine``: what runs the model, as for ``predict``.
+    Messages go to the active reporter (:mod:`medclf.reporting`; ``console``: see
+    :func:`medclf.reporting.console_argument`).
     """
-    console = console or Console(stderr=True, soft_wrap=True)
     b = as_predictor(bundle)
     out = Path(out)
     _check_request(b, bundle, out, sensitivity)
@@ -86,9 +91,7 @@ def recalibrate(
     point_classes, negative = _positive_group(b.classes, cmap, positive)
     positive = positive or point_classes[0]
 
-    site = _read_site(
-        b, data, split, cmap, cache_dir=cache_dir, workers=workers, progress=progress, console=console
-    )
+    site = _read_site(b, data, split, cmap, cache_dir=cache_dir, workers=workers, progress=progress)
     raw = b.predict_tensors(
         np.asarray(site.prepared.tensors[site.rows]), batch_size=128, engine=engine, calibrated=False
     )
@@ -133,7 +136,7 @@ def recalibrate(
         "previous": b.manifest.get("calibration"),
     }
     path = _write_bundle(b, out, calibration, point, record)
-    _print_summary(console, path, point, figures, temp, temperature, b.temperature, record)
+    _print_summary(path, point, figures, temp, temperature, b.temperature, record)
     return point.to_manifest()
 
 
@@ -230,7 +233,6 @@ def _read_site(
     cache_dir: str | Path | None,
     workers: int | None,
     progress: bool,
-    console: Console,
 ) -> _Site:
     """Load and decode the site sample, map its labels onto the model's classes (or the class map's groups)
     and leave out unreadable files and copies of the bundle's training images."""
@@ -263,13 +265,14 @@ def _read_site(
         cache_dir=cache_dir,
         workers=workers,
         progress=progress,
-        console=console,
     )
     prepared, exact, near = found.prepared, found.exact, found.near
     readable = prepared.ok & (labels >= 0)
     copies = (exact | near) & readable
     if not found.near_checked:
-        console.print("[yellow]note:[/] the bundle carries no training signatures: only exact copies removed")
+        reporting.current().print(
+            "[yellow]note:[/] the bundle carries no training signatures: only exact copies removed"
+        )
     return _Site(
         samples=samples,
         labels=labels,
@@ -351,7 +354,6 @@ def _positive_group(
 
 
 def _print_summary(
-    console: Console,
     path: Path,
     point: OperatingPoint,
     figures: dict[str, Any],
@@ -361,26 +363,25 @@ def _print_summary(
     site: dict[str, Any],
 ) -> None:
     ci = figures["ci"]
+    rep = reporting.current()
 
     def f(key: str) -> str:
         v, iv = figures[key], ci[key]
         return "n/a" if v is None else f"{v:.3f} [{iv[0]:.3f}, {iv[1]:.3f}]"
 
-    console.print(
+    rep.print(
         f"Site sample: {site['n_used']} images used ({figures['n_positive']} {point.positive}, "
         f"{figures['n_negative']} {point.negative}); removed {site['n_removed_copies']} copies of training "
         f"images ({site['n_removed_exact']} exact, {site['n_removed_near']} near), {site['n_unreadable']} unreadable"
     )
-    console.print(
-        f"Temperature {previous:.4g} -> {temperature:.4g}" + (f" ({temp.note})" if temp.note else "")
-    )
-    console.print(f"Operating point: {point.rule}")
-    console.print(
+    rep.print(f"Temperature {previous:.4g} -> {temperature:.4g}" + (f" ({temp.note})" if temp.note else ""))
+    rep.print(f"Operating point: {point.rule}")
+    rep.print(
         f"  on the site sample: sensitivity {f('sensitivity')}, specificity {f('specificity')} (95% exact CIs)"
     )
     if point.target is not None and ci["sensitivity"] and ci["sensitivity"][0] < point.target:
-        console.print(
+        rep.print(
             f"  [yellow]note:[/] the interval's lower end {ci['sensitivity'][0]:.3f} is below the target "
             f"{point.target:g}: a larger site sample would pin the sensitivity down"
         )
-    console.print(f"[bold green]Bundle written[/] to {path}")
+    rep.print(f"[bold green]Bundle written[/] to {path}")

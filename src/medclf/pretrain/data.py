@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
 
 from medclf.data.cache import prepare
 from medclf.data.samples import SampleSet
@@ -106,7 +105,6 @@ def prepare_sources(
     cache_dir: str | None,
     workers: int | None,
     progress: bool,
-    console: Console,
     seed: int,
 ) -> PretrainData:
     """Decode every source through the cache and gather the images of ``splits`` (labels ignored)."""
@@ -115,9 +113,7 @@ def prepare_sources(
     rows, described, probe = [], [], None
     digest = hashlib.sha256(f"{spec.digest()}\0{','.join(splits)}".encode())
     for samples in sets:
-        prepared = prepare(
-            samples, spec, cache_dir=cache_dir, workers=workers, progress=progress, console=console
-        )
+        prepared = prepare(samples, spec, cache_dir=cache_dir, workers=workers, progress=progress)
         in_split = np.isin(np.array(samples.splits), list(splits))
         idx = np.flatnonzero(prepared.ok & in_split)
         described.append(

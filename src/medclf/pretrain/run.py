@@ -16,13 +16,13 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from rich.console import Console
 from safetensors.torch import load_file, save_file
 
+from medclf import reporting
 from medclf import threads as threads_mod
 from medclf.budget import Budget, epoch_pace, parse_duration
 from medclf.bundle import save_bundle
@@ -36,6 +36,9 @@ from medclf.pretrain.simclr import (
     contrastive_loss,
 )
 from medclf.schedule import Schedule
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 CHECKPOINT_SUFFIX = ".ckpt"
 LAST, STATE = "last.safetensors", "state.json"
@@ -102,6 +105,7 @@ def checkpoint_dir(out: Path) -> Path:
     return out.with_name(out.name + CHECKPOINT_SUFFIX)
 
 
+@reporting.console_argument
 def pretrain(
     data: str | Path | list[str | Path],
     out: str | Path,
@@ -114,10 +118,12 @@ def pretrain(
 ) -> PretrainResult:
     """Pretrain a backbone on the images of ``data`` (one source or several; labels ignored) with SimCLR
     and write it to ``out`` as a sealed backbone bundle (``kind: backbone``: the network without its output
-    layer) that ``medclf train --init-from`` fine-tunes. ``resume``: continue from ``<out>.ckpt``."""
+    layer) that ``medclf train --init-from`` fine-tunes. ``resume``: continue from ``<out>.ckpt``. Messages
+    go to the active reporter (:mod:`medclf.reporting`; ``console``: see
+    :func:`medclf.reporting.console_argument`)."""
     cfg = (config or PretrainConfig()).updated(settings)
     budget = Budget(cfg.time_budget)
-    console = console or Console(stderr=True, soft_wrap=True)
+    rep = reporting.current()
     out = Path(out)
     sources = [data] if isinstance(data, (str, Path)) else list(data)
     if not sources:
@@ -149,7 +155,6 @@ def pretrain(
         cache_dir=cfg.cache_dir,
         workers=cfg.workers,
         progress=progress,
-        console=console,
         seed=cfg.seed,
     )
     if state is not None and state["data_fingerprint"] != data_.fingerprint:
@@ -158,7 +163,7 @@ def pretrain(
     batch = int(state["batch_size"]) if state else _batch_size(cfg, n, device)
     if n < 4:
         raise ConfigError(f"{n} image(s) are too few to pretrain on (SimCLR contrasts images in a batch)")
-    run = _Run(cfg, data_, arch_kwargs, batch, device, console, budget)
+    run = _Run(cfg, data_, arch_kwargs, batch, device, budget)
     probe_source = data_.probe.source if data_.probe else None
     reasons.append(
         f"{n} images from {len(sets)} source(s); batch {batch} (x2 views), SimCLR on {cfg.arch}, "
@@ -168,10 +173,10 @@ def pretrain(
         f"k-NN probe: labels of {probe_source}" if probe_source else "k-NN probe: none (no labels)"
     )
     for line in reasons:
-        console.print(f"  {line}", highlight=False)
+        rep.print(f"  {line}", highlight=False)
     if state is not None:
         run.restore(ckpt, state)
-        console.print(f"[bold]Resuming[/] after epoch {state['epoch'] + 1} ({ckpt})")
+        rep.print(f"[bold]Resuming[/] after epoch {state['epoch'] + 1} ({ckpt})")
     # The k-NN probe's last pass and writing the bundle come after the last epoch: set them aside.
     probe_n = len(data_.probe.ref_y) + len(data_.probe.query_y) if data_.probe else 0
     budget.reserve_finishing(probe_n, None)
@@ -179,7 +184,7 @@ def pretrain(
     path = run.write_bundle(out, [str(s) for s in sources])
     if not cfg.keep_checkpoint:
         shutil.rmtree(ckpt, ignore_errors=True)
-    console.print(f"Backbone bundle written to {path} ({run.epochs_run} epochs, {budget.elapsed():.0f} s)")
+    rep.print(f"Backbone bundle written to {path} ({run.epochs_run} epochs, {budget.elapsed():.0f} s)")
     return PretrainResult(path, run.history, run.epochs_run, run.stop_reason, budget.elapsed(), data_.sources)
 
 
@@ -209,11 +214,10 @@ class _Run:
         arch_kwargs: dict[str, Any],
         batch: int,
         device: str,
-        console: Console,
         budget: Budget,
     ) -> None:
         self.cfg, self.data, self.arch_kwargs, self.batch = cfg, data, dict(arch_kwargs), batch
-        self.device, self.console, self.budget = device, console, budget
+        self.device, self.budget = device, budget
         self.net, self.omitted = build_net(cfg.arch, data.spec, self.arch_kwargs, cfg.projection_dim)
         self.net = self.net.to(device)
         self.augment = contrastive_augmentation(data.spec.spatial_dims)
@@ -292,7 +296,7 @@ class _Run:
                 loss.backward()
                 self.optimizer.step()
             else:
-                self.console.print(f"[yellow]warning:[/] a non-finite SSL loss at step {s + 1}: step skipped")
+                reporting.current().warn(f"a non-finite SSL loss at step {s + 1}: step skipped")
                 continue
             self.scheduler.step()
             total += float(loss.detach()) * len(x)
@@ -356,7 +360,7 @@ class _Run:
         left = (horizon - epoch) * row["seconds"]
         if deadline is not None:
             left = min(left, max(deadline - self.budget.clock(), 0.0))
-        self.console.print(
+        reporting.current().print(
             f"epoch {int(row['epoch'])}/{horizon}  SSL loss {row['loss']:.4f}{knn}  "
             f"lr {row['lr']:.2e}  left ~{left / 60:.1f} min  ({row['seconds']:.1f} s)",
             highlight=False,

@@ -8,8 +8,8 @@ resumes after a kill.
 
 Modules, in the order a run meets them: ``config`` (:class:`TrainConfig`, :class:`TrainResult`), ``setup``
 (everything before the first epoch; the plan from ``planning``), ``loop`` (:class:`Loop`, with ``rows``,
-``network``, ``selection``, ``checkpoint`` and ``progress``), ``finish`` (calibration, the OOD guard of
-``ood_guard``, the bundle) and ``run`` (:func:`train_one`, :func:`train`). Every time rule is
+``network``, ``optimisation``, ``selection``, ``checkpoint`` and ``progress``), ``finish`` (calibration, the
+OOD guard of ``ood_guard``, the bundle) and ``run`` (:func:`train_one`, :func:`train`). Every time rule is
 :mod:`medclf.budget`'s. One run makes one model: bagging (K folds, K seeds, and the time an early stop
 left, which ``medclf.train`` spends) is :mod:`medclf.folds`', a layer above, as it fuses members.
 """

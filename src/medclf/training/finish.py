@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from medclf import augment as augment_mod
-from medclf import sanity
+from medclf import reporting, sanity
 from medclf.bundle import save_bundle
 from medclf.data.references import TRAIN_SIGNATURES, aligned_signatures, pack_signatures
 from medclf.metrics.calibration import apply_temperature, fit_temperature_from_probs, log_probs
@@ -80,7 +80,7 @@ def _result(
 ) -> TrainResult:
     prepared = setup.prepared
     seconds = ctx.budget.elapsed()
-    ctx.console.print(
+    reporting.current().print(
         f"[bold green]Bundle written[/] to {bundle}  (val AUC {_fmt(val_metrics.get('auc'))}, "
         f"accuracy {_fmt(val_metrics.get('accuracy'))}, best epoch {best_epoch}, {seconds / 60:.1f} min)"
     )

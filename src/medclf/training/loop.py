@@ -18,28 +18,20 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from rich.console import Console
 from torch import nn
 
+from medclf import reporting
 from medclf import threads as threads_mod
 from medclf.budget import Budget, epoch_pace
 from medclf.data.stream import StreamedRows
 from medclf.distributed import DistContext
 from medclf.errors import ConfigError
-from medclf.models.tasks import multilabel_loss, positive_weights
 from medclf.planner import Plan
 from medclf.schedule import Schedule
-from medclf.training import checkpoint, probe
+from medclf.training import checkpoint
 from medclf.training.config import TrainConfig
-from medclf.training.network import (
-    build_network,
-    create_network,
-    memory_format,
-    plain_state,
-    to_device,
-    warmup_ema,
-)
+from medclf.training.network import build_network, create_network, memory_format, plain_state, to_device
+from medclf.training.optimisation import build_optimisation, finite_gradients
 from medclf.training.progress import ProgressDisplay
 from medclf.training.rows import LoopData, TrainingRows
 from medclf.training.selection import AUC_TIE, Selection, epoch_scores, multilabel_epoch_scores
@@ -79,7 +71,6 @@ class Loop:
         cfg: TrainConfig,
         *,
         device: str = "cpu",
-        console: Console | None = None,
         progress: bool = False,
         ckpt_dir: Path | None = None,
         dist: DistContext | None = None,
@@ -92,7 +83,6 @@ class Loop:
         self.samples, self.prepared = data.samples, data.prepared
         # Multi-label findings: a sigmoid per finding and a binary loss per finding (models.tasks).
         self.multilabel = data.samples.task == "multilabel"
-        self.console = console or Console(stderr=True, soft_wrap=True)
         self.progress, self.ckpt_dir, self.hooks = progress, ckpt_dir, hooks or LoopHooks()
         self.dist = dist or DistContext()
         self.clock = budget.clock if budget is not None else time.perf_counter
@@ -103,12 +93,24 @@ class Loop:
             device=device,
             dist=self.dist,
             compile=cfg.compile,
-            console=self.console,
         )
         steps_per_epoch = max(1, len(data.train_idx) // plan.batch_size)
         # Warm-up and cosine, the EMA's horizon and the patience (re-planned after epochs when clock-driven).
         self.schedule = Schedule(steps_per_epoch, plan.epochs, plan.patience, clock_driven=clock_driven)
-        self._build_optimisation()
+        # The loss, AdamW, the learning-rate schedule, the EMA and the frozen layers' phases.
+        self.objective = build_optimisation(
+            self.model,
+            self.frozen,
+            plan,
+            self.schedule,
+            data.samples.labels[data.train_idx],
+            len(data.samples.classes),
+            multilabel_loss=cfg.multilabel_loss if self.multilabel else None,
+            device=device,
+        )
+        self.optimizer, self.scheduler = self.objective.optimizer, self.objective.scheduler
+        self.ema, self.freeze_schedule = self.objective.ema, self.objective.freeze_schedule
+        self.class_weights = self.objective.class_weights
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.amp)
         dev_type = "cuda" if device.startswith("cuda") else "cpu"
@@ -116,42 +118,12 @@ class Loop:
         self.scaler = torch.amp.GradScaler(dev_type) if plan.amp == "fp16" else None
         self.pin = dev_type == "cuda"  # page-locked host batches: the copy to the GPU runs asynchronously
         self.epoch = 0
-        self.rows = TrainingRows(data, plan, cfg, self.dist, self.console, self.pin)
+        self.rows = TrainingRows(data, plan, cfg, self.dist, self.pin)
         self.best = Selection()
         self.stop_reason, self.epochs_run = "completed", 0
         # Another process's load, measured over each epoch.
         self.load_monitor = threads_mod.LoadMonitor() if follow_load else None
         self.t_start = budget.start if budget is not None else self.clock()
-
-    def _build_optimisation(self) -> None:
-        plan, schedule = self.plan, self.schedule
-        self.ema: torch.optim.swa_utils.AveragedModel | None = None
-        if plan.ema:
-            # Average over roughly the last tenth of training (at least 10 steps).
-            self.ema = torch.optim.swa_utils.AveragedModel(
-                self.model, multi_avg_fn=warmup_ema(schedule.ema_decay), use_buffers=True
-            )
-        trainable: Any = [p for p in self.model.parameters() if p.requires_grad]
-        if plan.linear_probe > 0:  # the output layer at the peak rate, the backbone lower (training.probe)
-            trainable = probe.param_groups(self.model, plan.lr, plan.backbone_lr)
-        self.freeze_schedule = probe.FreezeSchedule(self.model, plan.linear_probe, self.frozen)
-        self.optimizer = torch.optim.AdamW(trainable, lr=plan.lr, weight_decay=plan.weight_decay)
-
-        def lr_factor(step: int) -> float:  # a plain function: LambdaLR's state then holds only counters
-            return schedule.lr_factor(step)
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
-        n_classes = len(self.samples.classes)
-        labels = self.samples.labels[self.data.train_idx]
-        if self.multilabel:
-            pos_weight = positive_weights(labels)
-            self.pos_weight = torch.tensor(pos_weight, dtype=torch.float32, device=self.device)
-            self.class_weights = None
-            return
-        counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-        # Balanced class weights (n / (K n_c)), so a rare class counts as much as a common one.
-        weights = np.where(counts > 0, counts.sum() / (n_classes * np.maximum(counts, 1)), 0.0)
-        self.class_weights = torch.tensor(weights, dtype=torch.float32, device=self.device)
 
     def start_from(self, state: dict[str, torch.Tensor]) -> None:
         """Start from the weights ``state`` (the network and its average), instead of the plan's."""
@@ -180,13 +152,7 @@ class Loop:
                 x = x.contiguous(memory_format=self.fmt)
             with self.autocast():
                 logits = self.train_model(x)
-            if self.multilabel:
-                loss = multilabel_loss(self.cfg.multilabel_loss, logits, y, self.pos_weight)
-            else:
-                # Hard labels, or the soft targets of a mixed batch (the same weighted cross-entropy on both).
-                loss = F.cross_entropy(
-                    logits.float(), y, weight=self.class_weights, label_smoothing=self.plan.label_smoothing
-                )
+            loss = self.objective.loss(logits, y)
             if self.hooks.loss is not None:
                 loss = self.hooks.loss(x, logits.float(), loss)
             if self._step(loss):  # a skipped step advances neither the schedule nor the average
@@ -198,9 +164,8 @@ class Loop:
             total += loss.detach().double() * len(y)  # no .item(): a GPU step need not wait for the host
             count += len(y)
         if skipped:
-            self.console.print(
-                f"[yellow]warning:[/] {skipped} training step(s) of epoch {self.epoch + 1} had non-finite "
-                "gradients and were skipped"
+            reporting.current().warn(
+                f"{skipped} training step(s) of epoch {self.epoch + 1} had non-finite gradients and were skipped"
             )
         total, count = self.dist.sum([float(total), count])
         return total / max(count, 1)
@@ -218,14 +183,10 @@ class Loop:
         # CPU bf16 3D convolution backward, now and then, on finite inputs): skip such a step, as GradScaler
         # does for fp16. Only on the CPU, whose steps are synchronous anyway: on a GPU the check would make
         # every step wait for the host.
-        stepped = self.device.startswith("cuda") or self._finite_gradients()
+        stepped = self.device.startswith("cuda") or finite_gradients(self.model)
         if stepped:
             self.optimizer.step()
         return stepped
-
-    def _finite_gradients(self) -> bool:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor | StreamedRows, model: nn.Module) -> np.ndarray:
@@ -277,7 +238,7 @@ class Loop:
             history, start_epoch = state["history"], state["epoch"] + 1
             self.freeze_schedule.resume(history)
         epoch_times: list[float] = []
-        with ProgressDisplay(self.console, self.plan.epochs, start_epoch, enabled=self.progress) as bar:
+        with ProgressDisplay(self.plan.epochs, start_epoch, enabled=self.progress) as bar:
             for epoch in range(start_epoch, self.plan.epochs):
                 history.append(self._epoch(epoch, epoch_times))
                 self._replan(epoch + 1, epoch_times, deadline)
@@ -292,7 +253,7 @@ class Loop:
                     break
                 # With measured threads: follow other processes' load between epochs (medclf.threads).
                 if self.load_monitor is not None and (change := threads_mod.follow_load(self.load_monitor)):
-                    self.console.print(change)
+                    reporting.current().print(change)
         self.epochs_run = len(history)
         if self.best.state is None:
             # Resumed after the last epoch had already run: rebuild the best model from its checkpoint.
@@ -341,7 +302,7 @@ class Loop:
         patience = self.schedule.patience()
         if epoch + 1 - self.best.epoch >= patience:
             self.stop_reason = "early_stop"
-            self.console.print(
+            reporting.current().print(
                 f"Early stop: validation AUC has not come within {AUC_TIE} of its best for {patience} epochs"
             )
             return True
@@ -351,7 +312,7 @@ class Loop:
             if epoch + 1 < self.plan.epochs:
                 self.stop_reason = "time_budget"
                 annealed = self.schedule.completed(self.scheduler.last_epoch)
-                self.console.print(
+                reporting.current().print(
                     f"Time budget reached after {epoch + 1} of {self.plan.epochs} planned epochs: "
                     + (
                         "the schedule was fitted to end here"
@@ -364,7 +325,7 @@ class Loop:
         if self.dist.agree(deadline is not None and self.clock() + next_epoch > deadline):
             if epoch + 1 < self.plan.epochs:
                 self.stop_reason = "time_budget"
-                self.console.print("Time budget reached: stopping with the best model so far")
+                reporting.current().print("Time budget reached: stopping with the best model so far")
             return True
         return False
 

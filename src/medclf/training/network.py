@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from rich.console import Console
 from torch import nn
 
 from medclf.distributed import DistContext
@@ -16,14 +15,14 @@ from medclf.planner import Plan
 
 
 def build_network(
-    plan: Plan, classes: list[str], *, device: str, dist: DistContext, compile: bool, console: Console
+    plan: Plan, classes: list[str], *, device: str, dist: DistContext, compile: bool
 ) -> tuple[nn.Module, list[nn.Module], nn.Module]:
     """The network ``plan`` describes, on ``device``; its frozen modules; and what the training step calls:
     DDP (gradients all-reduced) and/or ``torch.compile`` around it (checkpoints, EMA and the bundle always
     use the plain network)."""
     model = create_network(plan, len(classes))
     if plan.init_from:
-        load_transfer_weights(model, plan, classes, console)
+        load_transfer_weights(model, plan, classes)
     if dist.enabled and device.startswith("cuda"):
         # Per-GPU batches of images are small: batch-norm statistics over the global batch instead.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -54,12 +53,12 @@ def to_device(model: nn.Module, device: str, fmt: torch.memory_format | None) ->
     return model.to(memory_format=fmt) if fmt is not None else model  # type: ignore[call-overload]
 
 
-def load_transfer_weights(model: nn.Module, plan: Plan, classes: list[str], console: Console) -> None:
+def load_transfer_weights(model: nn.Module, plan: Plan, classes: list[str]) -> None:
     """Copy the ``--init-from`` source's weights into ``model`` (a bundle, a backbone or a state dict:
     :func:`medclf.training.transfer.load_weights`)."""
     from medclf.training.transfer import load_weights
 
-    load_weights(model, plan, classes, console)
+    load_weights(model, plan, classes)
 
 
 def freeze(model: nn.Module, groups: list[str]) -> list[nn.Module]:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
 
 from medclf import augment as augment_mod
+from medclf import reporting
 from medclf.data.cache import PreparedData
 from medclf.data.samples import SampleSet
 from medclf.data.stream import (
@@ -44,12 +44,10 @@ class LoopData:
 class TrainingRows:
     """The training and validation rows of one loop, and the batches of each epoch."""
 
-    def __init__(
-        self, data: LoopData, plan: Plan, cfg: TrainConfig, dist: DistContext, console: Console, pin: bool
-    ) -> None:
+    def __init__(self, data: LoopData, plan: Plan, cfg: TrainConfig, dist: DistContext, pin: bool) -> None:
         self.data, self.plan, self.cfg, self.dist, self.pin = data, plan, cfg, dist, pin
         self.aug = augment_mod.build_augmentation(plan.augment, plan.spec.spatial_dims)
-        self.streaming = self._decide_streaming(console)
+        self.streaming = self._decide_streaming()
         # Streaming means memory is tight: evaluate in training-sized batches (activations of 256 samples at
         # once can outweigh the data); otherwise in larger ones for speed.
         self.eval_batch: int | None = plan.batch_size if self.streaming else None
@@ -61,7 +59,7 @@ class TrainingRows:
         weights = data.sample_weights
         self.sample_weights = None if weights is None else torch.from_numpy(weights)
 
-    def _decide_streaming(self, console: Console) -> bool:
+    def _decide_streaming(self) -> bool:
         t = self.data.prepared.tensors
         row_bytes = int(np.prod(t.shape[1:])) * t.dtype.itemsize
         nbytes = row_bytes * (len(self.data.train_idx) + len(self.data.val_idx))
@@ -74,7 +72,7 @@ class TrainingRows:
         if stream and getattr(t, "filename", None) is None:
             stream, why = False, "no disk cache to stream from: rows held in memory"
         if stream or self.cfg.stream != "auto":
-            console.print(f"Training data: {why}")
+            reporting.current().print(f"Training data: {why}")
         if stream:
             return_freed_batches_to_os()
         return stream

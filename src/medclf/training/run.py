@@ -1,5 +1,6 @@
-"""One training run (:func:`train_one`, and :func:`train`, which also prints the sanity gate's verdict): data ->
-plan -> cached tensors -> the loop -> a verified bundle.
+"""One training run (:func:`train_one`, and :func:`train`, which also reports the sanity gate's verdict): data
+-> plan -> cached tensors -> the loop -> a verified bundle. What it shows goes to the active reporter
+(:mod:`medclf.reporting`).
 
 Its three stages live next to it: :mod:`~medclf.training.setup` (everything before the first epoch),
 :mod:`~medclf.training.loop` (the epochs) and :mod:`~medclf.training.finish` (calibration, the OOD guard
@@ -8,13 +9,13 @@ and the bundle).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 
-from medclf import sanity
+from medclf import reporting, sanity
 from medclf.budget import Budget
 from medclf.distributed import from_env
 from medclf.errors import ConfigError
@@ -33,32 +34,29 @@ def train(
     config: TrainConfig | None = None,
     resume: bool = False,
     progress: bool = True,
-    console: Console | None = None,
     epoch_callback: EpochCallback | None = None,
     val_fold: tuple[int, int] | None = None,
     **settings: Any,
 ) -> TrainResult:
-    """Train one classifier on ``data``, write its bundle to ``out`` (:func:`train_one`) and print the sanity
-    gate's verdict (:mod:`medclf.sanity`), also returned in ``TrainResult.sanity``.
+    """Train one classifier on ``data``, write its bundle to ``out`` (:func:`train_one`) and report the
+    sanity gate's verdict (:mod:`medclf.sanity`), also returned in ``TrainResult.sanity``.
 
     One model, always: ``medclf.train`` (:func:`medclf.folds.train`) is this plus, when the planner set the
     epochs and validation stopped the run early, more members from the time left, fused by their mean.
     """
     cfg = (config or TrainConfig()).updated(settings)
     check_one_model(cfg)
-    console = console or Console(stderr=True, soft_wrap=True)
     result = train_one(
         data,
         out,
         config=cfg,
         resume=resume,
         progress=progress,
-        console=console,
         epoch_callback=epoch_callback,
         val_fold=val_fold,
     )
     if result.sanity is not None:
-        sanity.render(result.sanity, console)
+        sanity.render(result.sanity)
     return result
 
 
@@ -78,7 +76,6 @@ def train_one(
     config: TrainConfig | None = None,
     resume: bool = False,
     progress: bool = True,
-    console: Console | None = None,
     epoch_callback: EpochCallback | None = None,
     val_fold: tuple[int, int] | None = None,
     budget: Budget | None = None,
@@ -103,13 +100,25 @@ def train_one(
     """
     cfg = (config or TrainConfig()).updated(settings)
     budget = budget or Budget(cfg.time_budget)
-    console = console or Console(stderr=True, soft_wrap=True)
-    # Under torchrun: join the process group; only rank 0 plans, prints and writes (medclf.distributed).
+    # Under torchrun: join the process group; only rank 0 plans, reports and writes (medclf.distributed).
     dist, device = from_env(resolve_device(cfg.device))
-    if not dist.is_main:
-        console, progress = Console(stderr=True, quiet=True), False
-    _seed_everything(cfg.seed)
-    ctx = RunContext(cfg, Path(out), budget, dist, device, console, progress, val_fold)
+    with contextlib.ExitStack() as scope:
+        if not dist.is_main:
+            scope.enter_context(reporting.use(reporting.SilentReporter()))
+        _seed_everything(cfg.seed)
+        ctx = RunContext(cfg, Path(out), budget, dist, device, progress and dist.is_main, val_fold)
+        return _run(ctx, data, resume, base_plan, epoch_callback)
+
+
+def _run(
+    ctx: RunContext,
+    data: str | Path,
+    resume: bool,
+    base_plan: Plan | None,
+    epoch_callback: EpochCallback | None,
+) -> TrainResult:
+    """The run :func:`train_one` set up the context of: set-up, epochs, bundle."""
+    cfg, budget, dist = ctx.cfg, ctx.budget, ctx.dist
     setup = set_up(ctx, data, resume=resume, base_plan=base_plan)
 
     # With a time budget and planner-chosen epochs the schedule follows the clock (medclf.schedule).
@@ -118,9 +127,8 @@ def train_one(
         setup.plan,
         setup.loop_data(),
         cfg,
-        device=device,
-        console=console,
-        progress=progress,
+        device=ctx.device,
+        progress=ctx.progress,
         ckpt_dir=ctx.ckpt_dir,
         dist=dist,
         budget=budget,

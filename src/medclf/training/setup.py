@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
 
+from medclf import reporting
 from medclf import threads as threads_mod
 from medclf.budget import Budget
 from medclf.data.cache import PreparedData, prepare
@@ -32,14 +32,14 @@ from medclf.training.rows import LoopData
 
 @dataclass
 class RunContext:
-    """What a run is told: its settings, output, clock, processes and device, and where it reports."""
+    """What a run is told: its settings, output, clock, processes and device, and whether it shows progress
+    (where it reports: :func:`medclf.reporting.current`)."""
 
     cfg: TrainConfig
     out: Path
     budget: Budget
     dist: DistContext
     device: str
-    console: Console
     progress: bool
     # Validate on fold k of K of the training split instead of a random fraction (K-fold bagging).
     val_fold: tuple[int, int] | None = None
@@ -77,7 +77,7 @@ class RunSetup:
 def set_up(ctx: RunContext, data: str | Path, *, resume: bool, base_plan: Plan | None) -> RunSetup:
     """Set the run up on ``data``: resume ``ctx.ckpt_dir`` (``resume``), take ``base_plan`` with the epochs
     that fit (a leftover-budget member), or plan anew."""
-    cfg, console = ctx.cfg, ctx.console
+    cfg = ctx.cfg
     samples = load_source(data, default_split="train", task=cfg.task, manifest=cfg.manifest)
     if not samples.has_split("train"):
         raise DataError(f"{data}: no training split found")
@@ -98,7 +98,7 @@ def set_up(ctx: RunContext, data: str | Path, *, resume: bool, base_plan: Plan |
     # Shortcut check on the training split (cues from the decoding pass); may switch the mitigation on.
     shortcuts, sample_weights = shortcut_step(
         plan, samples.label_set_view(), prepared.scan, train_idx, mode=cfg.shortcut_mitigation, decide=state is None,
-        seed=cfg.seed, workers=cfg.workers or 1, console=console if ctx.dist.is_main else Console(quiet=True),
+        seed=cfg.seed, workers=cfg.workers or 1,
     )  # fmt: skip
     setup = RunSetup(
         samples, state, policy, fp, plan, prepared, train_idx, val_idx, n_copies, shortcuts, sample_weights
@@ -122,7 +122,7 @@ def _plan(
     n_train = len(samples.indices("train"))
     if state is not None:
         plan = Plan.from_dict(state["plan"])
-        ctx.console.print(
+        reporting.current().print(
             f"[bold]Resuming[/] after epoch {state['epoch'] + 1} of {plan.epochs} ({ctx.ckpt_dir})"
         )
     elif base_plan is not None:
@@ -134,7 +134,7 @@ def _plan(
         _head_for_task(plan, samples)
     if dist.enabled:
         plan = Plan.from_dict(dist.broadcast_json(plan.to_dict()))
-    print_plan(ctx.console, plan, fp, samples, policy)
+    print_plan(plan, fp, samples, policy)
     return plan, fp
 
 
@@ -164,7 +164,7 @@ def _cache_pass(
 ) -> tuple[PreparedData, np.ndarray, np.ndarray, int]:
     """Decode into the cache; the training and validation rows, and how many validation samples copy a
     training sample (left out of model selection unless ``--include-train-copies``)."""
-    cfg, dist, console = ctx.cfg, ctx.dist, ctx.console
+    cfg, dist, rep = ctx.cfg, ctx.dist, reporting.current()
     # On each machine local rank 0 decodes into the disk cache while the others wait, then they open it.
     if dist.enabled and not dist.is_local_main:
         dist.barrier()
@@ -174,7 +174,6 @@ def _cache_pass(
         cache_dir=cfg.cache_dir,
         workers=cfg.workers,
         progress=ctx.progress,
-        console=console,
     )
     if dist.enabled and dist.is_local_main:
         dist.barrier()
@@ -185,10 +184,10 @@ def _cache_pass(
         val_mask &= ~prepared.train_copy
     val_idx = np.flatnonzero(val_mask)
     if prepared.errors:
-        console.print(f"[yellow]{len(prepared.errors)} unreadable file(s) left out[/] (see `medclf audit`)")
+        rep.print(f"[yellow]{len(prepared.errors)} unreadable file(s) left out[/] (see `medclf audit`)")
     if n_copies:
         verb = "kept in" if cfg.include_train_copies else "left out of"
-        console.print(f"{n_copies} validation sample(s) copy a training sample: {verb} model selection")
+        rep.print(f"{n_copies} validation sample(s) copy a training sample: {verb} model selection")
     if len(train_idx) == 0 or len(val_idx) == 0:
         raise DataError(
             "after removing unreadable files and copies, no training or validation samples remain"

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 from torch import nn
 
+from medclf import reporting
 from medclf.bundle import load_bundle, omitted_keys, sha256_file
 from medclf.errors import ConfigError
 from medclf.models import create_model
@@ -73,7 +73,7 @@ def check_state_dict(source: TransferSource, plan: Plan, n_outputs: int) -> None
     match_state(plan.arch, network, state).check(f"--init-from {source.path} ({plan.arch})")
 
 
-def load_weights(model: nn.Module, plan: Plan, classes: list[str], console: Console) -> None:
+def load_weights(model: nn.Module, plan: Plan, classes: list[str]) -> None:
     """Copy the ``--init-from`` source's weights (pinned by its sha256) into ``model``. A bundle's output
     rows follow the class names when it knows the same classes (in any order); a head of another shape, a
     backbone's missing head and a state dict's head start afresh."""
@@ -90,7 +90,7 @@ def load_weights(model: nn.Module, plan: Plan, classes: list[str], console: Cons
         model.load_state_dict(own)
         fresh = sorted(set(own) - set(match.tensors))
         if fresh:
-            console.print(f"  new (randomly initialised) weights: {', '.join(fresh)}")
+            reporting.current().print(f"  new (randomly initialised) weights: {', '.join(fresh)}")
         return
     source = load_bundle(path, expected_sha256=plan.init_from["sha256"])
     skip = set(omitted_keys(source.manifest))
@@ -110,7 +110,7 @@ def load_weights(model: nn.Module, plan: Plan, classes: list[str], console: Cons
         own[k] = w
     model.load_state_dict(own)
     if fresh:
-        console.print(f"  new (randomly initialised) weights: {', '.join(fresh)}")
+        reporting.current().print(f"  new (randomly initialised) weights: {', '.join(fresh)}")
 
 
 def _is_output_row_tensor(model: nn.Module, key: str) -> bool:
