@@ -25,6 +25,24 @@ def test_the_python_api_prints_nothing_by_default(sim_data: Path, tmp_path: Path
     assert out == "" and err == ""
 
 
+def test_evaluate_and_the_audit_print_nothing_unless_a_reporter_is_installed(
+    tiny_bundle: Path, sim_data: Path, tmp_path: Path, capsys
+) -> None:
+    metrics = medclf.evaluate(tiny_bundle, sim_data, tmp_path / "eval")
+    report = medclf.audit(sim_data, progress=False)
+    report.render()
+    assert metrics["n"] > 0
+    assert capsys.readouterr() == ("", "")
+    # The same calls under a reporter show their summaries there.
+    console = Console(record=True, width=200, file=io.StringIO())
+    with reporting.use(reporting.ConsoleReporter(console)):
+        medclf.evaluate(tiny_bundle, sim_data, tmp_path / "eval2", progress=False)
+        report.render()
+    shown = console.export_text()
+    assert f"Report: {tmp_path / 'eval2' / 'report.html'}" in shown and "Samples per class and split" in shown
+    assert capsys.readouterr() == ("", "")
+
+
 def test_the_cli_reports_on_stderr_and_puts_the_silent_reporter_back(sim_data: Path, tmp_path: Path) -> None:
     proc = run_medclf("train", sim_data, "--out", tmp_path / "m", *TINY)
     assert proc.returncode == 0, proc.stderr

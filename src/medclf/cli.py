@@ -83,7 +83,6 @@ def _trackable(
                 resume=bool(given.get("resume")),
                 bagging=given.get("folds") is not None or given.get("members") is not None,
                 bundle=given.get("bundle") if job == "evaluate" else None,
-                console=err,
             ) as tracker:
                 try:
                     command(**given)
@@ -208,7 +207,7 @@ def train(
         raise MedclfError("choose --folds or --members, not both")
     if strict and (folds is not None or members is not None):
         raise MedclfError("--strict gates single runs (and their automatic members), not --folds/--members")
-    run: dict[str, Any] = {"config": cfg, "resume": resume, "progress": progress, "console": err}
+    run: dict[str, Any] = {"config": cfg, "resume": resume, "progress": progress}
     if members is not None:
         api.train_members(data, out, members=members, method=fusion, **run)
     elif folds is not None:
@@ -235,7 +234,7 @@ def pretrain(
     of a k-NN probe on its validation images. Exit codes: 0 done, 2 bad input or settings."""
     from medclf import api
 
-    api.pretrain(data, out, resume=resume, progress=progress, console=err, **settings)
+    api.pretrain(data, out, resume=resume, progress=progress, **settings)
 
 
 @app.command()
@@ -297,7 +296,6 @@ def evaluate(
         split=split,
         include_train_copies=include_train_copies,
         **reading,
-        console=err,
         engine=engine,
         tta=tta,
         robustness=robustness,
@@ -429,7 +427,6 @@ def ensemble(
         method=method,
         calibrate=calibrate,
         **reading,
-        console=err,
     )
 
 
@@ -509,7 +506,6 @@ def export(
         calibration_samples=calibration_samples,
         seed=seed,
         **reading,
-        console=err,
     )
 
 
@@ -661,7 +657,6 @@ def recalibrate(
         split=split,
         engine=engine,
         **reading,
-        console=err,
     )
 
 
@@ -687,7 +682,7 @@ def demo(
     # The demo is itself a script over the API, a layer above it (pyproject.toml, [tool.importlinter]).
     from medclf.demo import run_demo
 
-    run_demo(out, n_per_class=n_per_class, time_budget=time_budget, seed=seed, console=err)
+    run_demo(out, n_per_class=n_per_class, time_budget=time_budget, seed=seed)
 
 
 @app.command()
@@ -721,7 +716,6 @@ def baseline(
         workers=workers,
         cache_dir=cache_dir,
         progress=progress,
-        console=err,
         manifest=manifest,
     )
 

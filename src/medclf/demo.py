@@ -71,14 +71,14 @@ def run_demo(
 
     rep.print(Rule("[bold]2. Audit[/]"))
     report = audit(data, progress=False)
-    report.render(rep.console)  # the audit report still renders on a console
+    report.render()
     report.write_json(out / "audit.json")
 
     rep.print(Rule("[bold]3. Train[/]"))
     result = train(data, out / "model", time_budget=time_budget, seed=seed)
 
     rep.print(Rule("[bold]4. Evaluate (test split minus copies of training images)[/]"))
-    metrics = evaluate(result.bundle, data, out / "eval", console=rep.console, progress=False)
+    metrics = evaluate(result.bundle, data, out / "eval", progress=False)
 
     rep.print(Rule("[bold]5. Predict new cases[/]"))
     bundle = load_bundle(result.bundle)

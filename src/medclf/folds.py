@@ -294,7 +294,6 @@ class Bag:
             cache_dir=self.cfg.cache_dir,
             workers=self.cfg.workers,
             progress=self.progress,
-            console=reporting.current().console,  # fusion still takes a console (not yet on medclf.reporting)
             seed=self.cfg.seed,
             recipe=recipe,
         )

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
 
+from medclf import reporting
 from medclf.bundle import Bundle, save_bundle
 from medclf.data.cache import PreparedData, prepare
 from medclf.data.references import TRAIN_SIGNATURES, aligned_signatures, pack_signatures
@@ -72,7 +72,6 @@ def ensemble(
     cache_dir: str | Path | None = None,
     workers: int | None = None,
     progress: bool = True,
-    console: Console | None = None,
     seed: int = 0,
     recipe: dict[str, Any] | None = None,
 ) -> EnsembleResult:
@@ -82,16 +81,13 @@ def ensemble(
     validation log-probabilities). ``calibrate``: fit the ensemble's temperature on the same samples.
     ``recipe`` adds entries to the bundle's recipe (``medclf train --folds`` records its runs there)."""
     t_start = time.perf_counter()
-    console = console or Console(stderr=True, soft_wrap=True)
     members = _members(bundles, method)
     base = max(members, key=lambda b: int(np.prod(b.spec.size)))
     classes = base.classes
     multilabel = _task(base) == "multilabel"
-    splits = _rebuild_splits(
-        members, base, data, cache_dir=cache_dir, workers=workers, progress=progress, console=console
-    )
+    splits = _rebuild_splits(members, base, data, cache_dir=cache_dir, workers=workers, progress=progress)
     model = _build(members, method)
-    fit = _fit_set(model, splits, method, console)
+    fit = _fit_set(model, splits, method)
     enough = _enough_to_fit(fit, method)
     with torch.no_grad():
         fitted = _FITTERS[method](model, fit.lp, fit.y, seed)
@@ -105,7 +101,7 @@ def ensemble(
     seconds = round(time.perf_counter() - t_start, 1)
     manifest = _manifest(members, base, splits, method, val, fusion, out_of_fold, seconds, recipe)
     path = _save(out, model, manifest, splits, fit, multilabel=multilabel, seed=seed)
-    _print_summary(console, path, val.member_metrics, own, val.metrics, weights, val.cal)
+    _print_summary(path, val.member_metrics, own, val.metrics, weights, val.cal)
     return EnsembleResult(
         bundle=path,
         method=method,
@@ -181,7 +177,6 @@ def _rebuild_splits(
     cache_dir: str | Path | None,
     workers: int | None,
     progress: bool,
-    console: Console,
 ) -> _Splits:
     """``data`` with every member's splits rebuilt, decoded with the ``base`` member's spec; refused unless
     each member's rebuilt training split holds exactly the files it trained on."""
@@ -205,7 +200,6 @@ def _rebuild_splits(
         cache_dir=cache_dir,
         workers=workers,
         progress=progress,
-        console=console,
         extra_train_hashes=set().union(*train_hashes),
     )
     readable = prepared.ok & samples.known
@@ -221,7 +215,7 @@ def _rebuild_splits(
     )
 
 
-def _fit_set(model: Ensemble, splits: _Splits, method: str, console: Console) -> _FitSet:
+def _fit_set(model: Ensemble, splits: _Splits, method: str) -> _FitSet:
     """The fitting set and each member's own validation rows, with the members' log-probabilities (through
     the ensemble's own input path) on them."""
     n_members = len(splits.member_splits)
@@ -234,7 +228,7 @@ def _fit_set(model: Ensemble, splits: _Splits, method: str, console: Console) ->
         & ~train_copy_flags(splits.samples.with_splits(splits.member_splits[j]), splits.prepared.scan)
         for j in range(n_members)
     ]
-    console.print(
+    reporting.current().print(
         f"Fusing {n_members} members ({method}) on {len(fit_idx)} validation samples shared by all members"
     )
     log_probs = {
@@ -730,7 +724,6 @@ def _resampling_note(members: list[Bundle], base: Bundle) -> str | None:
 
 
 def _print_summary(
-    console: Console,
     path: Path,
     member_metrics: list[dict[str, Any] | None],
     member_own: list[dict[str, Any] | None],
@@ -738,20 +731,21 @@ def _print_summary(
     weights: list[float] | None,
     cal: TemperatureFit,
 ) -> None:
+    rep = reporting.current()
     for j, (m, own) in enumerate(zip(member_metrics, member_own, strict=True)):
         shown = m or own
         where = "shared validation" if m else "its own validation"
         w = f"  weight {weights[j]:.3f}" if weights else ""
         if shown:
-            console.print(
+            rep.print(
                 f"  member {j}: AUC {_f(shown.get('auc'))}  accuracy {_f(shown.get('accuracy'))} ({where}){w}"
             )
     if val:
-        console.print(
+        rep.print(
             f"  ensemble: AUC {_f(val.get('auc'))}  accuracy {_f(val.get('accuracy'))}  "
             f"ECE {_f(val.get('ece_uncalibrated'))} -> {_f(val.get('ece'))} (T = {cal.temperature:.3g})"
         )
-    console.print(f"[bold green]Ensemble bundle written[/] to {path}")
+    rep.print(f"[bold green]Ensemble bundle written[/] to {path}")
 
 
 def _f(v: Any) -> str:

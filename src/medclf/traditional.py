@@ -669,8 +669,6 @@ def _write_report(
     """The test split scored as ``evaluate`` scores a bundle (per finding for multi-label data)."""
     from medclf.evaluation.runner import write_evaluation
 
-    console = reporting.current().console  # the evaluation writers still take a console
-
     labels, k = samples.labels, len(samples.classes)
     train_copy = np.where(np.array(samples.splits) == "test", rows.test_copy, prepared.train_copy)
     if samples.task == "multilabel":
@@ -694,7 +692,6 @@ def _write_report(
             title=f"medclf baseline: {Path(str(data)).name} / test ({best.method}, one vs rest)",
             sections=sections,
             extra={"model": f"baseline {best.method} one-vs-rest ({_params_text(best.params)})"},
-            console=console,
         )
     else:
         metrics = write_evaluation(
@@ -711,7 +708,6 @@ def _write_report(
             title=f"medclf baseline: {Path(str(data)).name} / test ({best.method})",
             sections=sections,
             extra={"model": f"baseline {best.method} ({_params_text(best.params)})"},
-            console=console,
         )
     return metrics
 

@@ -14,18 +14,21 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from medclf import reporting
 from medclf.data.samples import SPLITS, SampleSet
 from medclf.data.scan import STAT_NAMES, ScanResult, scan, train_copy_matches
 from medclf.data.shift import MIN_PER_SIDE, WARN_AUC, layout_features, split_shift
 from medclf.data.shortcuts import check_shortcuts
 from medclf.data.signatures import NEAR_THRESHOLD, DuplicateGroup, find_duplicates
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 # Thresholds for warnings: a ratio above which class imbalance deserves attention, and how much sizes
 # may vary before resizing to one input size distorts some images heavily.
@@ -56,16 +59,18 @@ class AuditReport:
         return p
 
     def render(self, console: Console | None = None, *, max_warnings: int = 12) -> None:
-        """Print the counts per class and split, an issues summary and the warnings."""
-        console = console or Console()
+        """Show the counts per class and split, an issues summary and the warnings: on ``console`` when given
+        (``medclf audit`` prints the report on stdout), else through the active reporter
+        (:mod:`medclf.reporting`; nothing, unless a caller installed one)."""
+        rep = reporting.current() if console is None else reporting.ConsoleReporter(console)
         d = self.data
-        console.print(_counts_table(d))
-        console.print(_issues_table(d))
-        _render_findings(console, d.get("findings"))
-        _render_content(console, d)
-        _render_shortcuts(console, d.get("shortcuts"))
-        console.print(f"[dim]scanned {d['n_samples']} samples in {d['scan_seconds']:.1f} s[/]")
-        _render_warnings(console, d["warnings"], max_warnings)
+        rep.print(_counts_table(d))
+        rep.print(_issues_table(d))
+        _render_findings(rep, d.get("findings"))
+        _render_content(rep, d)
+        _render_shortcuts(rep, d.get("shortcuts"))
+        rep.print(f"[dim]scanned {d['n_samples']} samples in {d['scan_seconds']:.1f} s[/]")
+        _render_warnings(rep, d["warnings"], max_warnings)
 
 
 def _counts_table(d: dict[str, Any]) -> Table:
@@ -131,15 +136,15 @@ def _issues_table(d: dict[str, Any]) -> Table:
     return it
 
 
-def _render_findings(console: Console, f: dict[str, Any] | None) -> None:
+def _render_findings(rep: reporting.Reporter, f: dict[str, Any] | None) -> None:
     """Multi-label data: images per number of findings and the most frequent pairs."""
     if f:
         by_n = ", ".join(f"{k}: {v}" for k, v in f["images_by_number_of_findings"].items())
         top = "; ".join(f"{escape(' + '.join(p['findings']))} {p['images']}" for p in f["top_pairs"][:5])
-        console.print(f"[bold]findings per image[/] {by_n}   [bold]most frequent pairs[/] {top or '-'}")
+        rep.print(f"[bold]findings per image[/] {by_n}   [bold]most frequent pairs[/] {top or '-'}")
 
 
-def _render_content(console: Console, d: dict[str, Any]) -> None:
+def _render_content(rep: reporting.Reporter, d: dict[str, Any]) -> None:
     """Sizes, channels, formats and modes, one line each."""
     sizes = "; ".join(
         f"{k}: per axis min {_fmt_size(v['min'])}, median {_fmt_size(v['median'])}, max "
@@ -147,8 +152,8 @@ def _render_content(console: Console, d: dict[str, Any]) -> None:
         f"({v['most_common'][0]['count']})"
         for k, v in d["sizes"].items()
     )
-    console.print(f"[bold]sizes[/] {sizes or '-'}")
-    console.print(
+    rep.print(f"[bold]sizes[/] {sizes or '-'}")
+    rep.print(
         "[bold]channels[/] "
         + escape(_fmt_counts(d["channels"]))
         + "   [bold]formats[/] "
@@ -158,18 +163,18 @@ def _render_content(console: Console, d: dict[str, Any]) -> None:
     )
 
 
-def _render_warnings(console: Console, warnings: list[str], max_warnings: int) -> None:
+def _render_warnings(rep: reporting.Reporter, warnings: list[str], max_warnings: int) -> None:
     if warnings:
-        console.print("[bold yellow]Warnings[/]")
+        rep.print("[bold yellow]Warnings[/]")
         for w in warnings[:max_warnings]:
-            console.print(f"  [yellow]![/] {escape(w)}")
+            rep.print(f"  [yellow]![/] {escape(w)}")
         if len(warnings) > max_warnings:
-            console.print(f"  ... and {len(warnings) - max_warnings} more (see the JSON report)")
+            rep.print(f"  ... and {len(warnings) - max_warnings} more (see the JSON report)")
     else:
-        console.print("[green]No warnings.[/]")
+        rep.print("[green]No warnings.[/]")
 
 
-def _render_shortcuts(console: Console, sc: dict[str, Any] | None) -> None:
+def _render_shortcuts(rep: reporting.Reporter, sc: dict[str, Any] | None) -> None:
     """The shortcut check as a table: per class, the cue-only AUC and the cues that carry it."""
     if not sc or not sc.get("checked") or not sc.get("per_class"):
         return
@@ -196,7 +201,7 @@ def _render_shortcuts(console: Console, sc: dict[str, Any] | None) -> None:
             "-" if c.get("style_auc") is None else f"{c['style_auc']:.2f}",
             escape(", ".join(f"{cue_words(k)} {c['cue_aucs'][k]:.2f}" for k in c["cues"][:3]) or "-"),
         )
-    console.print(t)
+    rep.print(t)
 
 
 def _n(count: int, word: str, plural: str | None = None) -> str:

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from rich.console import Console
 from sklearn.metrics import roc_curve
 
+from medclf import reporting
 from medclf.data.cache import prepare_for_bundle
 from medclf.data.samples import SampleSet
 from medclf.errors import DataError
@@ -72,7 +72,6 @@ def evaluate_findings(
     n_bootstrap: int,
     seed: int,
     progress: bool,
-    console: Console,
     engine: str,
     views: Any,
 ) -> dict[str, Any]:
@@ -91,7 +90,6 @@ def evaluate_findings(
         cache_dir=cache_dir,
         workers=workers,
         progress=progress,
-        console=console,
     )
     prepared = found.prepared
     copies = (found.exact | found.near) & in_split
@@ -125,7 +123,6 @@ def evaluate_findings(
         seed=seed,
         title=f"medclf evaluation: {Path(str(data)).name} / {split}",
         extra=extra,
-        console=console,
     )
 
 
@@ -146,13 +143,11 @@ def write_findings_evaluation(
     title: str = "medclf evaluation",
     sections: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
-    console: Console | None = None,
 ) -> dict[str, Any]:
     """Metrics (headline without copies of training samples, and ``all_samples``), predictions.csv, the
     per-finding figures and report.html for per-finding probabilities ``probs`` (N, K; NaN where unusable)
     against multi-hot ``labels`` (-1 rows unknown), each finding decided at its ``thresholds``. Shared by
     ``evaluate`` and the traditional baseline, so both are scored the same way."""
-    console = console or Console(stderr=True, soft_wrap=True)
     scorable = ok & (labels >= 0).all(axis=1)
     rows = split_rows(samples.splits, split, scorable, probs, train_copy, include_train_copies)
     metrics, all_metrics = (
@@ -179,7 +174,7 @@ def write_findings_evaluation(
             **(sections or {}),
         },
     )
-    _print_findings(console, metrics, split=split, n_removed=rows.n_removed, out=out)
+    _print_findings(metrics, split=split, n_removed=rows.n_removed, out=out)
     return metrics
 
 
@@ -191,22 +186,21 @@ def _figures(y: np.ndarray, probs: np.ndarray, findings: list[str], out: Path) -
     }
 
 
-def _print_findings(
-    console: Console, metrics: dict[str, Any], *, split: str, n_removed: int, out: Path
-) -> None:
-    """The summary on the console: the headline over findings, then each finding."""
+def _print_findings(metrics: dict[str, Any], *, split: str, n_removed: int, out: Path) -> None:
+    """The summary (to the active reporter): the headline over findings, then each finding."""
+    rep = reporting.current()
     ci = metrics["ci"]
-    console.print(
+    rep.print(
         f"[bold]{split}[/] n={metrics['n']} (removed {n_removed} copies of training samples)  macro AUC "
         f"{_f(metrics['macro_auc'])} {_pair(ci.get('macro_auc'))}  micro AUC {_f(metrics['micro_auc'])}  "
         f"mAP {_f(metrics['map'])} {_pair(ci.get('map'))}  (intervals resampled by {ci['unit']})"
     )
     for name, e in metrics["per_label"].items():
-        console.print(
+        rep.print(
             f"  {name}: n+ {e['n_positive']}  AUC {_f(e['auc'])} {_pair(e['ci']['auc'])}  AP {_f(e['ap'])}  "
             f"sens {_f(e['sensitivity'])} spec {_f(e['specificity'])} at {e['threshold']:.3f}"
         )
-    console.print(f"Report: {out / 'report.html'}")
+    rep.print(f"Report: {out / 'report.html'}")
 
 
 def _scored(

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from rich.console import Console
 
+from medclf import reporting
 from medclf.bundle import Bundle
 from medclf.data.cache import AgainstBundle, PreparedData, prepare_for_bundle
 from medclf.data.samples import SampleSet
@@ -49,7 +49,6 @@ def evaluate(
     n_bootstrap: int = 1000,
     seed: int = 0,
     progress: bool = True,
-    console: Console | None = None,
     engine: str = "auto",
     tta: bool | str | Sequence[str] | None = None,
     robustness: bool = False,
@@ -75,7 +74,6 @@ def evaluate(
     when it has one); the metrics record which one ran. ``tta``: test-time augmentation (see
     :mod:`medclf.tta`), recorded in the metrics. ``ece_uncalibrated`` is the ECE of the same predictions
     without the bundle's temperature."""
-    console = console or Console(stderr=True, soft_wrap=True)
     b = as_predictor(bundle)
     engine = b.engine(engine)
     views = b.tta_views(tta)
@@ -85,30 +83,30 @@ def evaluate(
 
         return evaluate_findings(
             b, samples, data, out, split=split, include_train_copies=include_train_copies, cache_dir=cache_dir,
-            workers=workers, n_bootstrap=n_bootstrap, seed=seed, progress=progress, console=console,
+            workers=workers, n_bootstrap=n_bootstrap, seed=seed, progress=progress,
             engine=engine, views=views,
         )  # fmt: skip
     target = _target(b, samples, data, class_map, robustness, operating_point)
     idx = np.flatnonzero(np.array([s == split for s in samples.splits]))
-    groups = _subgroup_labels(b, samples, idx, by, workers, console)
-    found = _decode(b, samples, cache_dir=cache_dir, workers=workers, progress=progress, console=console)
+    groups = _subgroup_labels(b, samples, idx, by, workers)
+    found = _decode(b, samples, cache_dir=cache_dir, workers=workers, progress=progress)
     prepared = found.prepared
     usable = idx[prepared.ok[idx] & (target.labels[idx] >= 0)]
     probs, uncalibrated = _predict(b, prepared, usable, len(samples), target.cmap, engine=engine, views=views)
-    extra = _provenance(b, found, samples, target.cmap, usable, engine, views, include_train_copies, console)
+    extra = _provenance(b, found, samples, target.cmap, usable, engine, views, include_train_copies)
     sections = _report_sections(b, prepared.errors, data, split)
     if target.cmap is not None:
         sections["Class map (external validation)"] = _class_map_section(target.cmap, extra)
     if robustness and len(usable):
         rows = usable if include_train_copies else usable[~prepared.train_copy[usable]]
-        extra["robustness"], sections[_ATTACKS] = _robustness(b, prepared, target.labels, rows, seed, console)
+        extra["robustness"], sections[_ATTACKS] = _robustness(b, prepared, target.labels, rows, seed)
     return write_evaluation(
         out, samples=samples, labels=target.labels, probs=probs, ok=prepared.ok,
         train_copy=prepared.train_copy, errors=[str(m or "unreadable") for m in prepared.scan.messages],
         split=split, classes=target.classes, include_train_copies=include_train_copies,
         n_bootstrap=n_bootstrap, seed=seed, title=f"medclf evaluation: {Path(str(data)).name} / {split}",
         subgroups=groups, patient_ids=samples.patient_ids, operating_point=target.point,
-        min_group_n=min_group_n, sections=sections, extra=extra, console=console,
+        min_group_n=min_group_n, sections=sections, extra=extra,
         uncalibrated_probs=uncalibrated, temperature=b.temperature, grades=_grading(b, samples, target.cmap),
         extra_figures=_augmentation_gallery(b, samples, prepared, Path(out)),
     )  # fmt: skip
@@ -168,7 +166,6 @@ def _decode(
     cache_dir: str | Path | None,
     workers: int | None,
     progress: bool,
-    console: Console,
 ) -> AgainstBundle:
     """The samples decoded with the bundle's spec, those that copy its training images marked ``train_copy``."""
     found = prepare_for_bundle(
@@ -179,13 +176,12 @@ def _decode(
         cache_dir=cache_dir,
         workers=workers,
         progress=progress,
-        console=console,
     )
     # Copies of the model's training images, by hash and by the signatures the bundle carries (a dataset
     # the model never saw has no train split of its own to compare against).
     found.prepared.train_copy = found.exact | found.near
     if not found.near_checked and not samples.has_split("train"):
-        console.print(
+        reporting.current().print(
             "[yellow]note:[/] this bundle carries no training signatures (made before they were stored): "
             "only exact copies of training images (same bytes) can be removed"
         )
@@ -228,7 +224,6 @@ def _provenance(
     engine: str,
     views: Any,
     include_train_copies: bool,
-    console: Console,
 ) -> dict[str, Any]:
     """What metrics.json records of the model, how it ran, the copies of its training images removed from
     the ``usable`` rows, and warnings from its training (also printed)."""
@@ -249,7 +244,7 @@ def _provenance(
         # The training run's sanity gate failed (medclf.sanity): the report shows why, at the top.
         extra["training_warnings"] = list(gate.get("warnings", []))
         for w in extra["training_warnings"]:
-            console.print(f"[bold red]warning:[/] this model's training: {w}", highlight=False)
+            reporting.current().print(f"[bold red]warning:[/] this model's training: {w}", highlight=False)
     return extra
 
 
@@ -265,12 +260,12 @@ def _class_map_section(cmap: ClassMap, extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def _robustness(
-    b: Predictor, prepared: PreparedData, labels: np.ndarray, rows: np.ndarray, seed: int, console: Console
+    b: Predictor, prepared: PreparedData, labels: np.ndarray, rows: np.ndarray, seed: int
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Accuracy under FGSM and PGD attacks on ``rows``: the record for metrics.json and the report's table."""
     from medclf.evaluation.robustness import robustness_report
 
-    console.print(f"Adversarial robustness (FGSM, PGD) on {min(len(rows), 512)} samples...")
+    reporting.current().print(f"Adversarial robustness (FGSM, PGD) on {min(len(rows), 512)} samples...")
     report = robustness_report(b.model, np.asarray(prepared.tensors[rows]), labels[rows], seed=seed)
     table = [
         {
@@ -321,7 +316,6 @@ def write_evaluation(
     title: str = "medclf evaluation",
     sections: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
-    console: Console | None = None,
     uncalibrated_probs: np.ndarray | None = None,
     temperature: float | None = None,
     extra_figures: dict[str, Path] | None = None,
@@ -346,7 +340,6 @@ def write_evaluation(
     scaling by ``temperature``) adds ``ece_uncalibrated`` and ``temperature`` to the metrics and a second
     curve to the reliability diagram.
     """
-    console = console or Console(stderr=True, soft_wrap=True)
     rows = split_rows(samples.splits, split, ok & (labels >= 0), probs, train_copy, include_train_copies)
     metrics, all_metrics = (
         _scored(labels, probs, classes, r, n_bootstrap, seed, uncalibrated_probs, temperature)
@@ -377,7 +370,7 @@ def write_evaluation(
     figures = _figures(labels, probs, uncalibrated_probs, rows.clean, classes, metrics, out, temperature)
     figures.update(extra_figures)
     write_report(out / "report.html", title=title, metrics=metrics, figures=figures, sections=sections)
-    _print_evaluation(console, metrics, all_metrics, split=split, n_removed=rows.n_removed, out=out)
+    _print_evaluation(metrics, all_metrics, split=split, n_removed=rows.n_removed, out=out)
     return metrics
 
 
@@ -479,7 +472,6 @@ def _figures(
 
 
 def _print_evaluation(
-    console: Console,
     metrics: dict[str, Any],
     all_metrics: dict[str, Any],
     *,
@@ -487,47 +479,50 @@ def _print_evaluation(
     n_removed: int,
     out: Path,
 ) -> None:
-    """The summary on the console: headline and whole-split figures, grades, subgroups, operating point."""
-    console.print(
+    """The summary (to the active reporter): headline and whole-split figures, grades, subgroups, operating
+    point."""
+    rep = reporting.current()
+    rep.print(
         f"[bold]{split}[/] n={metrics['n']} (removed {n_removed} copies of training samples)  "
         f"accuracy {metrics['accuracy']:.4f} {_ci(metrics, 'accuracy')}  AUC {_f(metrics['auc'])} {_ci(metrics, 'auc')}"
     )
-    console.print(
+    rep.print(
         f"  all samples (n={all_metrics['n']}): accuracy {all_metrics['accuracy']:.4f}  AUC {_f(all_metrics['auc'])}"
     )
     if "ordinal" in metrics:
         g = metrics["ordinal"]
-        console.print(
+        rep.print(
             f"  grades ({g['decision_rule']}): accuracy {g['accuracy']:.4f}  MAE {g['mae']:.3f} "
             f"{_ci_pair(g['ci']['mae'])}  QWK {_f(g['qwk'])} {_ci_pair(g['ci']['qwk'])}  within one grade "
             f"{g['within_one_accuracy']:.4f}"
         )
-    _print_subgroups(console, metrics.get("subgroups", {}))
+    _print_subgroups(metrics.get("subgroups", {}))
     if "operating_point" in metrics:
         op = metrics["operating_point"]
         e = op["evaluated"]
-        console.print(f"Operating point: {op['rule']}")
-        console.print(
+        rep.print(f"Operating point: {op['rule']}")
+        rep.print(
             f"  sensitivity {_f(e['sensitivity'])} {_ci_pair(e['ci']['sensitivity'])}  "
             f"specificity {_f(e['specificity'])} {_ci_pair(e['ci']['specificity'])}  "
             f"(n={e['n_positive']} {op['positive']}, {e['n_negative']} {op['negative']})"
         )
-    console.print(f"Report: {out / 'report.html'}")
+    rep.print(f"Report: {out / 'report.html'}")
 
 
-def _print_subgroups(console: Console, analyses: dict[str, Any]) -> None:
+def _print_subgroups(analyses: dict[str, Any]) -> None:
+    rep = reporting.current()
     for key, analysis in analyses.items():
         gap = analysis.get("largest_gap")
         groups_text = ", ".join(f"{g['group']} (n={g['n']})" for g in analysis["groups"])
-        console.print(f"Subgroups by {key}: {groups_text}")
+        rep.print(f"Subgroups by {key}: {groups_text}")
         if gap:
             what = gap["metric"] if gap["class"] is None else f"{gap['metric']} of {gap['class']}"
-            console.print(
+            rep.print(
                 f"  largest gap: {what} {gap['best']:.3f} ({gap['best_group']}) vs {gap['worst']:.3f} "
                 f"({gap['worst_group']}), {gap['gap']:.3f}"
             )
         for w in analysis["warnings"]:
-            console.print(f"  [yellow]warning:[/] {w}", highlight=False)
+            rep.print(f"  [yellow]warning:[/] {w}", highlight=False)
 
 
 def _grading(b: Predictor, samples: SampleSet, cmap: ClassMap | None) -> str | None:
@@ -692,7 +687,6 @@ def _subgroup_labels(
     idx: np.ndarray,
     by: str | Sequence[str] | None,
     workers: int | None,
-    console: Console,
 ) -> dict[str, list[str]]:
     """key -> the group of every sample (read for the evaluated split only; "" elsewhere)."""
     from medclf.data.acquisition import GROUP_KEYS, check_key, sample_cues, sample_groups
@@ -705,7 +699,7 @@ def _subgroup_labels(
         except ConfigError:
             if asked:
                 raise
-            console.print(
+            reporting.current().print(
                 f"[yellow]note:[/] the shortcut audit flagged {key!r}, which this dataset lacks: not analysed"
             )
             continue
@@ -713,7 +707,9 @@ def _subgroup_labels(
     if not usable:
         return {}
     if not asked:
-        console.print(f"Subgroups: the keys the bundle's shortcut audit flagged: {', '.join(usable)}")
+        reporting.current().print(
+            f"Subgroups: the keys the bundle's shortcut audit flagged: {', '.join(usable)}"
+        )
     part = samples.subset(idx)
     procs = workers or min(4, os.cpu_count() or 1)  # header reads, in as many processes as decoding uses
     cues = (
