@@ -75,7 +75,6 @@ def test_console_reporter_prints_markup_and_plain_warnings(capsys) -> None:
     silent = reporting.SilentReporter()
     silent.print("[bold]Plan[/]")
     silent.warn("x")
-    silent.console.print("nothing")  # the console handed to code not yet on reporting is quiet
     assert capsys.readouterr() == ("", "")
 
 
@@ -94,18 +93,3 @@ def test_progress_bars_are_drawn_on_a_terminal_only() -> None:
     assert "checking" in drawn(True)
     assert drawn(False) == ""
     assert drawn(True, enabled=False) == ""
-
-
-def test_console_argument_reports_to_the_console_given_for_the_call() -> None:
-    @reporting.console_argument
-    def job(console: Console | None = None) -> reporting.Reporter:
-        assert console is None  # taken by the decorator
-        reporting.current().print("from the job")
-        return reporting.current()
-
-    console = Console(record=True, file=io.StringIO())
-    seen = job(console=console)
-    assert isinstance(seen, reporting.ConsoleReporter) and seen.console is console
-    assert console.export_text() == "from the job\n"
-    assert isinstance(job(), reporting.SilentReporter)
-    assert isinstance(reporting.current(), reporting.SilentReporter)

@@ -32,8 +32,6 @@ from medclf.training import TrainConfig, TrainResult
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
-    from rich.console import Console
-
     from medclf.compress import ExportResult
     from medclf.explain import Explanation
     from medclf.fusion import EnsembleResult
@@ -211,7 +209,6 @@ def baseline(
     workers: int | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
-    console: Console | None = None,
     manifest: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Traditional-ML baseline: hand-crafted features (intensity, GLCM, LBP, HOG) and classical classifiers
@@ -231,7 +228,6 @@ def baseline(
         workers=workers,
         cache_dir=cache_dir,
         progress=progress,
-        console=console,
         manifest=manifest,
     )
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from PIL import Image as PILImage
 from rich.rule import Rule
@@ -23,11 +22,7 @@ from rich.table import Table
 from medclf import reporting
 from medclf.data.simulate import CLASSES, make_dataset
 
-if TYPE_CHECKING:
-    from rich.console import Console
 
-
-@reporting.console_argument
 def run_demo(
     out: str | Path,
     *,
@@ -36,10 +31,9 @@ def run_demo(
     size: int = 96,
     seed: int = 0,
     difficulty: str = "moderate",
-    console: Console | None = None,
 ) -> dict[str, object]:
     """Run the demo into ``out`` and return the test metrics. It shows its steps through the active reporter
-    (:mod:`medclf.reporting`; ``console``: see :func:`medclf.reporting.console_argument`)."""
+    (:mod:`medclf.reporting`)."""
     from medclf.api import audit, evaluate, load_bundle, train
 
     rep = reporting.current()

@@ -32,7 +32,7 @@ import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -49,9 +49,6 @@ from medclf.training.config import TrainConfig, TrainResult
 from medclf.training.loop import EpochCallback
 from medclf.training.run import check_one_model, train_one
 
-if TYPE_CHECKING:
-    from rich.console import Console
-
 __all__ = ["FOLDS_SUFFIX", "train", "train_folds", "train_members"]
 
 
@@ -60,7 +57,6 @@ FOLDS_SUFFIX = ".folds"
 MAX_LEFTOVER_MEMBERS = 5
 
 
-@reporting.console_argument
 def train(
     data: str | Path,
     out: str | Path,
@@ -68,7 +64,6 @@ def train(
     config: TrainConfig | None = None,
     resume: bool = False,
     progress: bool = True,
-    console: Console | None = None,
     epoch_callback: EpochCallback | None = None,
     val_fold: tuple[int, int] | None = None,
     **settings: Any,
@@ -80,8 +75,7 @@ def train(
     (``members=1`` turns this off; ``medclf.train_members`` asks for K members outright). Everything else
     is :func:`medclf.training.train_one`'s. The sanity gate's verdict (:mod:`medclf.sanity`) is
     reported at the end and returned in ``TrainResult.sanity``. Messages and progress go to the active
-    reporter (:mod:`medclf.reporting`; ``console``: to that rich console, for callers not yet moved to
-    :func:`medclf.reporting.use`), here and in :func:`train_folds` and :func:`train_members`.
+    reporter (:mod:`medclf.reporting`), here and in :func:`train_folds` and :func:`train_members`.
     """
     cfg = (config or TrainConfig()).updated(settings)
     budget = Budget(cfg.time_budget)
@@ -110,7 +104,6 @@ def train(
     return result
 
 
-@reporting.console_argument
 def train_folds(
     data: str | Path,
     out: str | Path,
@@ -120,7 +113,6 @@ def train_folds(
     config: TrainConfig | None = None,
     resume: bool = False,
     progress: bool = True,
-    console: Console | None = None,
     **settings: Any,
 ) -> EnsembleResult:
     """Train ``folds`` members on complementary folds of ``data`` and fuse them into a bundle at ``out``.
@@ -142,7 +134,6 @@ def train_folds(
     )
 
 
-@reporting.console_argument
 def train_members(
     data: str | Path,
     out: str | Path,
@@ -152,7 +143,6 @@ def train_members(
     config: TrainConfig | None = None,
     resume: bool = False,
     progress: bool = True,
-    console: Console | None = None,
     **settings: Any,
 ) -> EnsembleResult:
     """Seed bagging: ``members`` runs on the whole training split with training seeds ``seed``,

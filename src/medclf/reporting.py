@@ -20,16 +20,12 @@ exit (exception or not), and a new thread starts with the silent one (run it in
 from __future__ import annotations
 
 import contextlib
-import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:  # rich is imported when a console is made: `import medclf` stays fast
     from rich.console import Console
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 __all__ = ["ConsoleReporter", "ProgressBar", "Reporter", "SilentReporter", "current", "progress", "use"]
 
@@ -80,14 +76,6 @@ class Reporter:
         ``elapsed``. A ``transient`` bar disappears when the block ends."""
         yield ProgressBar()
 
-    @property
-    def console(self) -> Console:
-        """A rich console that writes where this reporter does (this one: nowhere), for code that still
-        takes a ``console`` argument."""
-        from rich.console import Console
-
-        return Console(stderr=True, quiet=True)
-
 
 class SilentReporter(Reporter):
     """Shows nothing: the reporter of the Python API unless a caller installs another one."""
@@ -107,10 +95,6 @@ class ConsoleReporter(Reporter):
     @property
     def live(self) -> bool:
         return self._console.is_terminal
-
-    @property
-    def console(self) -> Console:
-        return self._console
 
     def print(self, *objects: Any, highlight: bool | None = None, markup: bool | None = None) -> None:
         self._console.print(*objects, highlight=highlight, markup=markup)
@@ -201,23 +185,3 @@ def progress(
     if not enabled:
         return contextlib.nullcontext(ProgressBar())
     return current().progress(label, total, completed=completed, info=info, transient=transient, clock=clock)
-
-
-# Transitional: for the callers that still hand a rich console over (see console_argument).
-def use_console(console: Console | None) -> contextlib.AbstractContextManager[Reporter]:
-    """Report to ``console`` inside the block (nothing changes when it is None)."""
-    if console is None:
-        return contextlib.nullcontext(current())
-    return use(ConsoleReporter(console))
-
-
-def console_argument(fn: Callable[P, R]) -> Callable[P, R]:
-    """For the entry points that still accept ``console=`` (a rich console) from callers not yet moved to
-    :func:`use`: the call reports to that console (:func:`use_console`). ``fn`` never sees the argument."""
-
-    @functools.wraps(fn)
-    def call(*args: P.args, **kwargs: P.kwargs) -> R:
-        with use_console(cast("Console | None", kwargs.pop("console", None))):
-            return fn(*args, **kwargs)
-
-    return call

@@ -36,14 +36,11 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from medclf import reporting
 from medclf.errors import ConfigError
 from medclf.tracking_hook import ACTIVE
-
-if TYPE_CHECKING:
-    from rich.console import Console
 
 __all__ = ["DEFAULT_EXPERIMENT", "LOCAL_STORE", "Tracker", "TrackingError", "local_store_uri", "track"]
 
@@ -85,7 +82,6 @@ def track(
     resume: bool = False,
     bagging: bool = False,
     bundle: str | Path | None = None,
-    console: Console | None = None,
 ) -> Iterator[Tracker]:
     """Track one job as an MLflow run, from entering to leaving the ``with`` block::
 
@@ -102,8 +98,7 @@ def track(
     :class:`TrackingError` before anything runs when the store cannot be used. Leaving the block normally
     finishes the run (bundle, metrics, registration); an exception marks it failed, or killed for an
     interruption, and keeps its id for ``--resume``. What it says goes to the active reporter
-    (:mod:`medclf.reporting`); ``console``: report to that rich console for the block, for callers not yet
-    moved to :func:`medclf.reporting.use`.
+    (:mod:`medclf.reporting`).
     """
     if job not in JOBS:
         raise ConfigError(f"unknown tracked job {job!r}; choose one of {', '.join(JOBS)}")
@@ -116,20 +111,19 @@ def track(
         bundle=Path(bundle) if bundle is not None else None,
         bagging=bagging,
     )
-    with reporting.use_console(console):
-        # Under torchrun only rank 0 writes (as it alone writes the bundle).
-        if int(os.environ.get("RANK", "0")) == 0:
-            tracker._start(params or {}, resume=resume)
-        token = ACTIVE.set(tracker)
-        try:
-            yield tracker
-        except BaseException as exc:
-            tracker._abort(exc)
-            raise
-        else:
-            tracker.finish()
-        finally:
-            ACTIVE.reset(token)
+    # Under torchrun only rank 0 writes (as it alone writes the bundle).
+    if int(os.environ.get("RANK", "0")) == 0:
+        tracker._start(params or {}, resume=resume)
+    token = ACTIVE.set(tracker)
+    try:
+        yield tracker
+    except BaseException as exc:
+        tracker._abort(exc)
+        raise
+    else:
+        tracker.finish()
+    finally:
+        ACTIVE.reset(token)
 
 
 class _Run:

@@ -71,8 +71,6 @@ from medclf import reporting  # light: no rich until something is shown
 from medclf.data.samples import DEFAULT_VAL_FRACTION  # light: no torch, no scikit-learn
 
 if TYPE_CHECKING:
-    from rich.console import Console
-
     from medclf.data.cache import PreparedData
     from medclf.data.samples import SampleSet
     from medclf.preprocess import PreprocessSpec
@@ -552,7 +550,6 @@ def feature_spec(samples: SampleSet, *, size: int | None, seed: int) -> Preproce
     return PreprocessSpec(**kw)
 
 
-@reporting.console_argument
 def run_baseline(
     data: str | Path,
     out: str | Path,
@@ -563,7 +560,6 @@ def run_baseline(
     workers: int | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
-    console: Console | None = None,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     manifest: dict[str, str] | None = None,
 ) -> dict[str, Any]:
@@ -572,7 +568,7 @@ def run_baseline(
     Multi-label findings: each classifier one-vs-rest (one binary classifier per finding), each finding's
     threshold chosen on validation, scored as ``evaluate`` scores a multi-label bundle. ``manifest``: how to
     read a CSV manifest (:class:`medclf.data.sources.ManifestOptions`). Messages and progress go to the
-    active reporter (:mod:`medclf.reporting`; ``console``: see :func:`medclf.reporting.console_argument`)."""
+    active reporter (:mod:`medclf.reporting`)."""
     from medclf.data.cache import prepare
 
     t_start = time.perf_counter()

@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,9 +42,6 @@ from medclf.model_card import MODEL_CARD, model_card
 
 # The source bundle is run here (validation scores, its OOD guard), so it is held as a Predictor.
 from medclf.predictor import Predictor, as_predictor
-
-if TYPE_CHECKING:
-    from rich.console import Console
 
 # Files of the source bundle that stay true for the compressed one (the training data did not change).
 CARRIED_FILES = ("train_hashes.json", "train_signatures.safetensors")
@@ -110,7 +107,6 @@ class _Work:
         return self.scores(_torch_probs(model, self.val_x, temperature, self.task))
 
 
-@reporting.console_argument
 def export_bundle(
     bundle: str | Path | Predictor | Bundle,
     out: str | Path,
@@ -134,7 +130,6 @@ def export_bundle(
     cache_dir: str | Path | None = None,
     workers: int | None = None,
     progress: bool = True,
-    console: Console | None = None,
 ) -> ExportResult:
     """Compress ``bundle`` into a new bundle at ``out``; see the module docstring for the steps.
 
@@ -147,7 +142,7 @@ def export_bundle(
     ``epochs``/``lr``/``time_budget`` set the fine-tune or distillation run (defaults: a quarter of the
     recipe's epochs at a quarter of its learning rate after pruning; 1.5x the recipe's epochs at its
     rate for a fresh student: see ``FRESH_STUDENT_EPOCHS``). Messages and progress go to the active reporter
-    (:mod:`medclf.reporting`; ``console``: see :func:`medclf.reporting.console_argument`).
+    (:mod:`medclf.reporting`).
     """
     rep = reporting.current()
     t_start = time.perf_counter()

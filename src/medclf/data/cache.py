@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -30,9 +30,6 @@ from medclf.data.scan import ScanResult, scan, train_copy_flags, train_copy_matc
 from medclf.data.signatures import NEAR_THRESHOLD
 from medclf.data.sources import fingerprint_files
 from medclf.preprocess import PreprocessSpec, preprocess
-
-if TYPE_CHECKING:
-    from rich.console import Console
 
 CACHE_VERSION = 1
 _LIST_FIELDS = ("reasons", "messages", "hashes", "formats", "modes")
@@ -89,7 +86,6 @@ def cache_key(samples: SampleSet, spec: PreprocessSpec) -> str:
     return h.hexdigest()[:24]
 
 
-@reporting.console_argument
 def prepare(
     samples: SampleSet,
     spec: PreprocessSpec,
@@ -97,13 +93,12 @@ def prepare(
     cache_dir: str | Path | None = None,
     workers: int | None = None,
     progress: bool = True,
-    console: Console | None = None,
     use_cache: bool = True,
     extra_train_hashes: set[str] | None = None,
     near_threshold: float = NEAR_THRESHOLD,
 ) -> PreparedData:
     """Decode + preprocess every sample (or reuse the cache) and flag copies of training samples.
-    ``console``: see :func:`medclf.reporting.console_argument`."""
+    Messages and progress go to the active reporter (:mod:`medclf.reporting`)."""
     rep = reporting.current()
     workers = workers or threads.decode_workers()
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -174,7 +169,6 @@ class AgainstBundle:
     near_checked: bool  # False: the bundle carries no signatures (older bundles), only exact copies found
 
 
-@reporting.console_argument
 def prepare_for_bundle(
     samples: SampleSet,
     spec: PreprocessSpec,
@@ -184,12 +178,10 @@ def prepare_for_bundle(
     cache_dir: str | Path | None = None,
     workers: int | None = None,
     progress: bool = True,
-    console: Console | None = None,
 ) -> AgainstBundle:
     """Decode ``samples`` with a bundle's ``spec`` and find copies of its training images: what evaluation,
     recalibration and multi-label evaluation score a bundle on. ``bundle_dir``/``files``: where the bundle
-    is and its manifest's ``files`` (for :func:`medclf.data.references.read_train_references`). ``console``:
-    see :func:`medclf.reporting.console_argument`."""
+    is and its manifest's ``files`` (for :func:`medclf.data.references.read_train_references`)."""
     refs = read_train_references(bundle_dir, files)
     train_hashes = set(refs.hashes)
     # The whole dataset is decoded (not just the split scored): the cache key then matches training's, so

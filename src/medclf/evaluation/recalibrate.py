@@ -24,7 +24,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from scipy.special import log_softmax, logsumexp
@@ -48,9 +48,6 @@ from medclf.model_card import MODEL_CARD, model_card
 from medclf.operating_point import METHODS, OperatingPoint
 from medclf.predictor import Predictor, as_predictor
 
-if TYPE_CHECKING:
-    from rich.console import Console
-
 __all__ = ["MIN_PER_SIDE", "fit_grouped_temperature", "recalibrate"]
 
 # Fewer positive or negative site samples than this cannot place a threshold usefully (one image moves
@@ -58,7 +55,6 @@ __all__ = ["MIN_PER_SIDE", "fit_grouped_temperature", "recalibrate"]
 MIN_PER_SIDE = 20
 
 
-@reporting.console_argument
 def recalibrate(
     bundle: str | Path | Bundle | Predictor,
     data: str | Path,
@@ -72,7 +68,6 @@ def recalibrate(
     workers: int | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
-    console: Console | None = None,
 ) -> dict[str, Any]:
     """Fit the temperature and an operating point of ``bundle`` on the labelled site sample ``data`` and
     write a new bundle to ``out``. Returns the ``operating_point`` record written.
@@ -80,8 +75,7 @@ def recalibrate(
     ``positive``: the class, or the ``class_map`` group, a positive decision means (default: class 1 of a
     two-class model). ``sensitivity``: the target sensitivity (default: Youden's J). ``split``: use only that
     split of ``data`` (default: every labelled sample). ``engine``: what runs the model, as for ``predict``.
-    Messages go to the active reporter (:mod:`medclf.reporting`; ``console``: see
-    :func:`medclf.reporting.console_argument`).
+    Messages go to the active reporter (:mod:`medclf.reporting`).
     """
     b = as_predictor(bundle)
     out = Path(out)

@@ -16,7 +16,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,9 +36,6 @@ from medclf.pretrain.simclr import (
     contrastive_loss,
 )
 from medclf.schedule import Schedule
-
-if TYPE_CHECKING:
-    from rich.console import Console
 
 CHECKPOINT_SUFFIX = ".ckpt"
 LAST, STATE = "last.safetensors", "state.json"
@@ -105,7 +102,6 @@ def checkpoint_dir(out: Path) -> Path:
     return out.with_name(out.name + CHECKPOINT_SUFFIX)
 
 
-@reporting.console_argument
 def pretrain(
     data: str | Path | list[str | Path],
     out: str | Path,
@@ -113,14 +109,12 @@ def pretrain(
     config: PretrainConfig | None = None,
     resume: bool = False,
     progress: bool = True,
-    console: Console | None = None,
     **settings: Any,
 ) -> PretrainResult:
     """Pretrain a backbone on the images of ``data`` (one source or several; labels ignored) with SimCLR
     and write it to ``out`` as a sealed backbone bundle (``kind: backbone``: the network without its output
     layer) that ``medclf train --init-from`` fine-tunes. ``resume``: continue from ``<out>.ckpt``. Messages
-    go to the active reporter (:mod:`medclf.reporting`; ``console``: see
-    :func:`medclf.reporting.console_argument`)."""
+    go to the active reporter (:mod:`medclf.reporting`)."""
     cfg = (config or PretrainConfig()).updated(settings)
     budget = Budget(cfg.time_budget)
     rep = reporting.current()
