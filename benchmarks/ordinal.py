@@ -44,6 +44,9 @@ DATASETS: dict[str, dict[str, Any]] = {
 }
 
 
+HEADS = {"ordinal": "`medclf train --task ordinal` (CORN head)", "multiclass": "`--task multiclass`"}
+
+
 def run(cmd: list[str], log: Path) -> float:
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -104,8 +107,9 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         f"## Ordinal grades: {cfg['title']}",
         "",
-        f"`benchmarks/ordinal.py`: `medclf train --task ordinal` (CORN head) vs `--task multiclass`, "
-        f"`--time-budget {result['budget']}`, seed {result['seed']}, then `medclf evaluate`. Test split "
+        "`benchmarks/ordinal.py`: "
+        + " vs ".join(HEADS.get(r["task"], f"`--task {r['task']}`") for r in result["runs"])
+        + f", `--time-budget {result['budget']}`, seed {result['seed']}, then `medclf evaluate`. Test split "
         f"(copies of training images removed). CPU: {c['model']}, {c['allowed']} of {c['cores']} cores; flags: "
         f"{', '.join(c['flags']) or 'none of AVX-512, AVX-VNNI, AMX'}.",
         "",
