@@ -208,36 +208,44 @@ def merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """Re-running some datasets or sections replaces those and keeps the rest, which keep their own date and
     command (a training row carries its own; earlier files held one date for everything)."""
     out = {**old, **{k: v for k, v in new.items() if k != "training"}}
-    # A section re-run now carries the run's own date: drop the date it had from an earlier run.
+    # A section re-run now carries the run's own date and CPU: drop those it had from an earlier run.
     out["section_dates"] = {k: v for k, v in old.get("section_dates", {}).items() if k not in new}
+    out["section_cpus"] = {k: v for k, v in old.get("section_cpus", {}).items() if k not in new}
     for section in ("audit", "short"):
         if section not in new and section in old:
             out[section] = old[section]
-            out.setdefault("section_dates", {})[section] = old.get("section_dates", {}).get(
+            out["section_dates"][section] = old.get("section_dates", {}).get(
                 section, f"{old['date']}: `{old['command']}`"
             )
+            out["section_cpus"][section] = old.get("section_cpus", {}).get(section, old["cpu"])
+    # Rows from an earlier run keep the date, command and CPU they were measured with.
+    earlier = {"date": old["date"], "command": old["command"], "cpu": old["cpu"]}
     if "training" in new:
         fresh = {row["dataset"] for row in new["training"]}
-        kept = [
-            {"date": old["date"], "command": old["command"], **row}
-            for row in old.get("training", [])
-            if row["dataset"] not in fresh
-        ]
+        kept = [{**earlier, **row} for row in old.get("training", []) if row["dataset"] not in fresh]
         out["training"] = kept + new["training"]
     elif "training" in old:
-        out["training"] = [{"date": old["date"], "command": old["command"], **r} for r in old["training"]]
+        out["training"] = [{**earlier, **r} for r in old["training"]]
     return out
+
+
+def _cpu_words(c: dict[str, Any]) -> str:
+    flags = ", ".join(c["flags"]) or "none of AVX-512, AVX-VNNI, AMX"
+    return f"{c['model']}, {c['allowed']} of {c['cores']} cores usable; flags: {flags}"
 
 
 def render(result: dict[str, Any]) -> str:
     c = result["cpu"]
-    flags = ", ".join(c["flags"]) or "none of AVX-512, AVX-VNNI, AMX"
+
+    def elsewhere(other: dict[str, Any] | None) -> str:  # a row measured on another CPU says which
+        return f" On another CPU: {_cpu_words(other)}." if other and other != c else ""
+
     lines = [
         "## Training on a busy machine (one competing CPU-bound process)",
         "",
         f"`benchmarks/contention.py`: each run as a user runs it (`python -m medclf train`, then `evaluate`), "
-        f"on the quiet machine and beside one single-threaded busy loop started before training. CPU: "
-        f"{c['model']}, {c['allowed']} of {c['cores']} cores usable; flags: {flags}.",
+        f"on the quiet machine and beside one single-threaded busy loop started before training. CPU of the "
+        f"last run (rows measured on another say so): {_cpu_words(c)}.",
         "",
     ]
     if result.get("training"):
@@ -269,6 +277,7 @@ def render(result: dict[str, Any]) -> str:
                 f"{'met' if met else 'NOT met'}; epoch-time slowdown {slow}x (limit {MAX_SLOWDOWN}x: "
                 f"{'met' if slow is not None and slow <= MAX_SLOWDOWN else 'NOT met'})."
                 + (f" Run {row['date']}: `{row['command']}`." if row.get("date") else "")
+                + elsewhere(row.get("cpu"))
             )
         lines.append("")
     if result.get("audit"):
@@ -302,7 +311,7 @@ def render(result: dict[str, Any]) -> str:
             "",
         ]
     for section, when in result.get("section_dates", {}).items():
-        lines.append(f"The {section} rows: {when}.")
+        lines.append(f"The {section} rows: {when}." + elsewhere(result.get("section_cpus", {}).get(section)))
     lines.append(
         f"Last run {result['date']}: `{result['command']}`"
         + (" (smoke settings)" if result.get("smoke") else "")
@@ -339,7 +348,7 @@ def main() -> None:
     if "training" in only:
         rows = run_training(args.datasets.split(","), args.budget, args.work, args.subset)
         for row in rows:
-            row.update(date=result["date"], command=result["command"])
+            row.update(date=result["date"], command=result["command"], cpu=result["cpu"])
         result["training"] = rows
     if "audit" in only:
         result["audit"] = run_audit(args.work, args.subset)

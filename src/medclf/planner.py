@@ -32,10 +32,10 @@ NARROWER = {"compact-l": "compact", "compact": "compact-s"}
 # Axial slabs of the automatic 2.5D fallback: ~1 cm each over a head, thin enough for a lesion to show.
 DEFAULT_SLABS = 16
 # New plans put the compact networks' stem max-pool before its batch norm and ReLU (fewer memory-bound
-# passes at full resolution; ``benchmarks/stem_order.py``). Off until its accuracy is measured on the three
-# shared benchmarks; ``MEDCLF_STEM_POOL_FIRST=1`` turns it on for that measurement. Bundles record the choice
+# passes at full resolution; ``benchmarks/stem_order.py``). It only applies where the stem pools (inputs
+# above 64 px); ``MEDCLF_STEM_POOL_FIRST=0`` restores the old order for comparisons. Bundles record the choice
 # in their architecture arguments, so flipping it never changes how an existing bundle is rebuilt.
-STEM_POOL_FIRST = os.environ.get("MEDCLF_STEM_POOL_FIRST", "0") == "1"
+STEM_POOL_FIRST = os.environ.get("MEDCLF_STEM_POOL_FIRST", "1") == "1"
 
 
 @dataclass
@@ -430,9 +430,9 @@ def _candidate_sizes(plan: Plan, fp: Fingerprint, overrides: dict[str, Any]) -> 
     dims = plan.spec.spatial_dims
     native = min(fp.median_shape[1:]) if plan.spec.slices_as_channels else min(fp.median_shape)
     pool = SIZES_2D if dims == 2 else SIZES_3D
-    # Upsampling tiny images up to 2x gives the network room (MedMNIST); never beyond the native size
-    # otherwise: that adds compute, not information.
-    cap = max(native * 2, 64) if native < 64 else native
+    # Upsampling tiny images up to 2x gives the network room (MedMNIST: 28 -> 48 px); never beyond the native
+    # size otherwise: that adds compute, not information.
+    cap = native * 2 if native < 64 else native
     cap = min(cap, 256 if dims == 2 else 96)
     return sorted({s for s in pool if s <= cap} | ({native} if native <= cap else set()), reverse=True)
 
