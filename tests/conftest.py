@@ -1,4 +1,5 @@
-"""Shared fixtures: a small simulated dataset, a quickly trained bundle, an isolated cache folder."""
+"""Shared fixtures: small simulated datasets (one class per image; findings), quickly trained bundles
+(multi-class, multi-label, ordinal), an isolated cache folder."""
 
 from __future__ import annotations
 
@@ -32,6 +33,34 @@ def tiny_bundle(sim_data, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("bundle") / "model"
     train(sim_data, out, epochs=2, size=32, batch_size=16, arch="compact-s", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def findings_data(tmp_path_factory) -> Path:
+    """60 simulated brain MRI at 32 px with co-occurring findings (multi-label), split 70/30 train/test."""
+    from medclf.data.simulate import make_multilabel_dataset
+
+    return make_multilabel_dataset(tmp_path_factory.mktemp("findings") / "data", n=60, size=32, seed=0)
+
+
+@pytest.fixture(scope="session")
+def findings_bundle(findings_data, tmp_path_factory) -> Path:
+    """A multi-label bundle trained for 2 epochs (seconds), with per-finding thresholds."""
+    from medclf.training import train
+
+    out = tmp_path_factory.mktemp("findings_bundle") / "model"
+    train(findings_data, out, epochs=2, size=32, batch_size=16, arch="compact-s", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ordinal_bundle(sim_data, tmp_path_factory) -> Path:
+    """An ordinal bundle (a CORN head over sim_data's three classes read as grades), trained for 2 epochs."""
+    from medclf.training import train
+
+    out = tmp_path_factory.mktemp("ordinal_bundle") / "model"
+    train(sim_data, out, epochs=2, size=32, batch_size=16, arch="compact-s", task="ordinal", progress=False)
     return out
 
 

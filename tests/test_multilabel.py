@@ -201,23 +201,7 @@ def test_the_audit_counts_findings_their_pairs_conflicts_and_patients_crossing_s
     assert any("patient leakage" in w for w in report["warnings"])
 
 
-# --- training, evaluation, prediction ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def findings_data(tmp_path_factory) -> Path:
-    from medclf.data.simulate import make_multilabel_dataset
-
-    return make_multilabel_dataset(tmp_path_factory.mktemp("findings") / "data", n=60, size=32, seed=0)
-
-
-@pytest.fixture(scope="module")
-def findings_bundle(findings_data, tmp_path_factory) -> Path:
-    from medclf.training import train
-
-    out = tmp_path_factory.mktemp("findings_bundle") / "model"
-    train(findings_data, out, epochs=2, size=32, batch_size=16, arch="compact-s", progress=False)
-    return out
+# --- training, evaluation, prediction (findings_data, findings_bundle: tests/conftest.py) -----------------
 
 
 def test_training_stores_per_finding_thresholds_next_to_the_task(findings_bundle):
@@ -517,3 +501,144 @@ def test_grad_cam_explains_any_finding_and_recalibrate_refuses_findings(
         assert e.explained_class == name and e.heatmap.shape[-2:] == tuple(b.spec.size)
     with pytest.raises(ConfigError, match="multi-label"):
         medclf.recalibrate(b, findings_data, tmp_path / "recal")
+
+
+# --- K-fold bagging -----------------------------------------------------------------------------------------
+
+
+def _paired_findings(root: Path) -> Path:
+    """Simulated findings with two images per patient (a pair shares its split), so that folds must keep
+    patients together."""
+    from medclf.data.simulate import make_multilabel_dataset
+
+    make_multilabel_dataset(root, n=60, size=32, seed=3)
+    with (root / "manifest.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    with (root / "manifest.csv").open("w", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["path", "label", "patient_id", "split"])
+        for k, row in enumerate(rows):
+            w.writerow([row["path"], row["label"], f"pair{k // 2}", rows[k - k % 2]["split"]])
+    return root
+
+
+def _fold_parts(samples, n_folds: int, seed: int = 0) -> list[set[int]]:
+    """The validation part of each fold, checked: a partition of the training split, patient-disjoint, and
+    every finding with at least ``n_folds`` training patients in every part."""
+    from medclf.data.splits import fold_split
+
+    train = set(samples.indices("train").tolist())
+    parts = [set(fold_split(samples, k, n_folds, seed=seed).indices("val").tolist()) for k in range(n_folds)]
+    assert set().union(*parts) == train and sum(map(len, parts)) == len(train)
+    patients = [{samples.patient_ids[i] for i in part} for part in parts]
+    assert sum(map(len, patients)) == len(set().union(*patients))  # no patient in two folds
+    for j, finding in enumerate(samples.classes):
+        if len({samples.patient_ids[i] for i in train if samples.labels[i, j] == 1}) >= n_folds:
+            assert all((samples.labels[sorted(part), j] == 1).any() for part in parts), (finding, n_folds)
+    return parts
+
+
+def test_multilabel_folds_keep_patients_together_and_every_finding_in_every_fold(tmp_path):
+    from dataclasses import replace
+
+    from medclf.data.samples import SampleSet
+    from medclf.data.splits import fold_split
+
+    samples = load_source(_paired_findings(tmp_path / "data"))
+    assert samples.task == "multilabel" and len(set(samples.patient_ids)) == 30
+    n_train = len(samples.indices("train"))
+    for n_folds in (2, 3, 5):
+        parts = _fold_parts(samples, n_folds)
+        assert min(map(len, parts)) >= 0.5 * n_train / n_folds  # no fold starved of images
+    assert (
+        _fold_parts(samples, 3, seed=0) == _fold_parts(samples, 3, seed=0) != _fold_parts(samples, 3, seed=1)
+    )
+    # The rarest finding, with exactly K patients, lands in every fold.
+    rng = np.random.default_rng(0)
+    n = 48
+    labels = np.zeros((n, 3), dtype=np.int64)
+    labels[:, 1] = rng.random(n) < 0.4
+    labels[:, 2] = rng.random(n) < 0.3
+    labels[[0, 1, 10, 11, 20, 21], 0] = 1  # patients p0, p5 and p10 have the rare finding
+    rare = SampleSet(
+        refs=[f"i{i}.png" for i in range(n)],
+        labels=labels,
+        splits=["train"] * n,
+        patient_ids=[f"p{i // 2}" for i in range(n)],
+        classes=["rare", "common", "other"],
+        source="memory",
+        kind="csv",
+        task="multilabel",
+    )
+    assert all(labels[sorted(part), 0].any() for part in _fold_parts(rare, 3))
+    # Unknown findings (rows of -1) are carried along, not counted.
+    unknown = labels.copy()
+    unknown[5] = -1
+    _fold_parts(replace(rare, labels=unknown), 3)
+    # More folds than patients: a one-line refusal.
+    four_each = replace(rare, patient_ids=[f"q{i // 4}" for i in range(n)])
+    with pytest.raises(DataError, match="only 12 patients: too few for 13 folds"):
+        fold_split(four_each, 0, 13)
+
+
+def test_k_fold_bagging_of_findings_fuses_the_mean_at_out_of_fold_thresholds(tmp_path):
+    import medclf
+    from medclf.data.cache import prepare
+    from medclf.folds import train_folds
+    from medclf.fusion import member_validation_splits
+    from medclf.metrics.multilabel import choose_thresholds
+
+    data = _paired_findings(tmp_path / "data")
+    out = tmp_path / "bagged"
+    result = train_folds(
+        data, out, folds=2, size=32, epochs=1, batch_size=16, arch="compact-s", keep_checkpoints=True,
+        progress=False,
+    )  # fmt: skip
+    b = medclf.load_bundle(result.bundle)
+    manifest = b.manifest
+    assert manifest["task"] == "multilabel" and manifest["ensemble"]["method"] == "mean"
+    assert [r["val_fold"] for r in manifest["ensemble"]["members"]] == [[0, 2], [1, 2]]
+    samples = load_source(data)
+    members = [medclf.load_bundle(out.with_name("bagged.folds") / f"fold-{k}") for k in range(2)]
+    val_rows = [np.flatnonzero(np.array(member_validation_splits(samples, m)) == "val") for m in members]
+    assert sorted(set(val_rows[0]) | set(val_rows[1])) == samples.indices("train").tolist()
+    patients = [{samples.patient_ids[i] for i in rows} for rows in val_rows]
+    assert not patients[0] & patients[1]
+    for rows in val_rows:
+        assert (samples.labels[rows].sum(axis=0) > 0).all()  # every finding in every fold
+    # Each finding's threshold: chosen (Youden) on the out-of-fold probabilities, each training image scored
+    # by the member that did not train on it.
+    # (On the decoded tensors the fusion scored, which the cache holds in float16.)
+    tensors = prepare(samples, b.spec, progress=False).tensors
+    y = np.concatenate([samples.labels[rows] for rows in val_rows])
+    p = np.concatenate(
+        [
+            m.predict_tensors(np.asarray(tensors[rows], dtype=np.float32), engine="torch")
+            for m, rows in zip(members, val_rows, strict=True)
+        ]
+    )
+    want, _ = choose_thresholds(y, p)
+    thresholds = manifest["thresholds"]
+    assert thresholds["fitted_on"].startswith("out-of-fold") and thresholds["rule"] == "youden"
+    assert list(thresholds["labels"].values()) == pytest.approx(want.tolist(), abs=1e-5)
+    oof = manifest["metrics"]["out_of_fold"]
+    assert oof["n"] == len(samples.indices("train")) and "thresholds were chosen on these" in oof["note"]
+    # The ensemble answers with the mean of its members' per-finding probabilities, at those thresholds.
+    tests = [samples.refs[i] for i in samples.indices("test")[:4]]
+    fused = b.predict(tests, engine="torch")
+    by_member = [m.predict(tests, engine="torch") for m in members]
+    for k, answer in enumerate(fused):
+        for name, f in answer["findings"].items():
+            mean = np.mean([answers[k]["probabilities"][name] for answers in by_member])
+            assert f["probability"] == pytest.approx(mean, abs=1e-5)
+            assert f["threshold"] == thresholds["labels"][name]
+
+
+def test_k_fold_refusals_for_findings_are_one_line_errors(findings_data, tmp_path, capsys):
+    msg = _cli_error(
+        capsys, "train", findings_data, "--out", tmp_path / "w", "--folds", 2, "--fusion", "weighted"
+    )
+    assert "multi-label members are fused by the mean" in msg and "--fusion mean" in msg
+    msg = _cli_error(capsys, "train", findings_data, "--out", tmp_path / "many", "--folds", 30)
+    assert "too few for 30 folds" in msg
+    assert not (tmp_path / "w.folds").exists() and not (tmp_path / "many.folds").exists()

@@ -4,12 +4,15 @@ the time left trains more members with other seeds, fused by their mean), K-fold
 folder, their settings and shares of one :class:`~medclf.budget.Budget`, their fusion and the clean-up.
 
 K-fold bagging (``medclf train DATA --folds K``): run ``k`` validates (model selection, early stopping,
-temperature) on fold ``k`` of the training split (stratified, grouped by patient when ids exist;
+temperature) on fold ``k`` of the training split (stratified by class, or for multi-label findings
+iteratively on every finding at once; grouped by patient when ids exist;
 :func:`medclf.data.splits.fold_split`) and trains on the other folds. A validation split the dataset already
 has stays out of every run's training, so it is shared by all members: fusion weights, a stacking
 meta-learner and the ensemble's temperature can be fitted there. Without one, the members share no
 validation samples and are fused by their mean (weighting them on their out-of-fold predictions would not be
-honest: every member has trained on the other folds).
+honest: every member has trained on the other folds). Multi-label members are always fused by the mean of
+their per-finding probabilities; each finding's threshold is chosen on the shared validation split, or
+without one on the out-of-fold probabilities (:func:`medclf.fusion.ensemble`).
 
 The time budget is split across the runs as they go (each gets an equal share of what is left). The first
 run's plan (architecture, input size, batch size, learning rate, augmentation, denoising) is kept for the
@@ -40,6 +43,7 @@ from medclf import fusion, reporting, sanity
 from medclf.budget import MIN_RUN_S, Budget, member_seconds
 from medclf.bundle import WEIGHTS, Bundle, load_bundle, save_bundle, update_bundle
 from medclf.data.sources import load_source
+from medclf.data.splits import fold_split
 from medclf.errors import ConfigError, MedclfError
 from medclf.fusion import METHODS, EnsembleResult
 from medclf.planner import Plan
@@ -124,11 +128,18 @@ def train_folds(
     cfg = (config or TrainConfig()).updated(settings)
     if folds < 2:
         raise ConfigError(f"--folds must be at least 2, got {folds}")
-    if method != "mean" and not load_source(data, default_split="train").has_split("val"):
+    # Read once here, so that what the data cannot do is refused before any member trains.
+    samples = load_source(data, default_split="train", task=cfg.task, manifest=cfg.manifest)
+    if method != "mean" and samples.task == "multilabel":
+        raise ConfigError(
+            "multi-label members are fused by the mean of their per-finding probabilities: use --fusion mean"
+        )
+    if method != "mean" and not samples.has_split("val"):
         raise ConfigError(
             f"--fusion {method} is fitted on validation samples that no member trained on; {data} has no "
             "validation split of its own, so K-fold members share none: use --fusion mean"
         )
+    fold_split(samples, 0, folds, seed=cfg.seed if cfg.split_seed is None else cfg.split_seed)
     return _train_bag(
         data, out, n=folds, mode="folds", method=method, cfg=cfg, resume=resume, progress=progress
     )

@@ -11,6 +11,11 @@ checked against the content hashes of the files it trained on. Samples that copy
 sample are left out. Members trained on different carved validation splits (different seeds, or K-fold
 bagging without a dataset validation split) share no such samples: then only ``mean`` works, and the
 ensemble keeps temperature 1 (its members are each calibrated on their own validation split).
+
+Multi-label findings are fused by the mean of the members' per-finding probabilities, and each finding's
+threshold is chosen (Youden, as for one model) on the shared validation samples; K-fold members without
+any choose them on their out-of-fold predictions (every training sample scored by the member that did not
+train on it); other members without shared samples get the mean of the members' thresholds.
 """
 
 from __future__ import annotations
@@ -94,7 +99,10 @@ def ensemble(
     weights = model.weights.tolist() if method != "stacking" else None
     val = _score_on_fit_set(model, members, splits, fit, method, calibrate, enough, seed)
     own = [_metrics(splits.labels[v], fit.log_probs[j][v], classes, seed) for j, v in enumerate(fit.own_val)]
-    out_of_fold = _out_of_fold(members, fit.own_val, fit.log_probs, splits.labels, classes, seed)
+    oof = _out_of_fold_predictions(members, fit.own_val, fit.log_probs)
+    if multilabel and val.thresholds is None:  # too few shared validation samples to choose them
+        val.thresholds = _oof_thresholds(splits.labels, oof, classes) or _mean_thresholds(members, classes)
+    out_of_fold = _out_of_fold(oof, splits.labels, classes, seed, val.thresholds)
     fusion = _fusion_record(
         members, base, method, weights, fitted, len(fit.idx), val.member_metrics, own, out_of_fold
     )
@@ -263,7 +271,8 @@ def _score_on_fit_set(
     seed: int,
 ) -> _Validation:
     """The ensemble's temperature (fitted on the fitting set when asked for and possible), its validation
-    metrics and its members' there; multi-label: thresholds chosen there, else the mean of the members'."""
+    metrics and its members' there; multi-label: per-finding thresholds chosen there (None when too few:
+    :func:`ensemble` then chooses them out of fold)."""
     classes = members[0].classes  # the members share them (_check_compatible), as they share their task
     multilabel = _task(members[0]) == "multilabel"
     cal = TemperatureFit(1.0, 0, None, None, None, None, note="calibration not asked for: T = 1")
@@ -288,8 +297,6 @@ def _score_on_fit_set(
             f"{len(fit.idx)} validation samples shared by all members (need {MIN_FIT}, two classes): T = 1; "
             "each member is calibrated on its own validation split"
         )
-    if multilabel and val.thresholds is None:  # too few shared validation samples to choose them
-        val.thresholds = _mean_thresholds(members, classes)
     return val
 
 
@@ -675,41 +682,81 @@ def _mean_thresholds(members: list[Bundle], classes: list[str]) -> dict[str, Any
     }
 
 
-def _metrics(y: np.ndarray, log_probs: np.ndarray, classes: list[str], seed: int) -> dict[str, Any] | None:
+def _metrics(
+    y: np.ndarray,
+    log_probs: np.ndarray,
+    classes: list[str],
+    seed: int,
+    thresholds: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
     if len(y) == 0:
         return None
-    if y.ndim == 2:  # multi-label: per-finding sigmoids
+    if y.ndim == 2:  # multi-label: per-finding sigmoids, decided at ``thresholds`` (0.5 without)
         from medclf.metrics.multilabel import multilabel_metrics
 
-        m = multilabel_metrics(y, np.exp(log_probs), classes, n_bootstrap=200, seed=seed)
+        t = [thresholds["labels"][c] for c in classes] if thresholds else None
+        m = multilabel_metrics(y, np.exp(log_probs), classes, thresholds=t, n_bootstrap=200, seed=seed)
         return {"n": len(y), "auc": m["macro_auc"], "map": m["map"], "multilabel": m}
     return compute_metrics(y, np.exp(log_probs), classes, n_bootstrap=200, seed=seed)
 
 
-def _out_of_fold(
-    members: list[Bundle],
-    own_val: list[np.ndarray],
-    log_probs: dict[int, np.ndarray],
-    labels: np.ndarray,
-    classes: list[str],
-    seed: int,
-) -> dict[str, Any] | None:
-    """K-fold members: each training sample predicted by the member that did not train on it."""
+def _out_of_fold_predictions(
+    members: list[Bundle], own_val: list[np.ndarray], log_probs: dict[int, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """K-fold members: the rows that exactly one member validated on (each training sample of the folds),
+    and that member's log-probabilities there; None for other members or when there are no such rows."""
     folds = [b.manifest.get("recipe", {}).get("val_fold") for b in members]
     if not all(folds):
         return None
-    only_one = np.sum(own_val, axis=0) == 1
-    rows = np.flatnonzero(only_one)
+    rows = np.flatnonzero(np.sum(own_val, axis=0) == 1)
     if len(rows) == 0:
         return None
     owner = np.argmax(np.array(own_val)[:, rows], axis=0)
-    lp = np.stack([log_probs[int(j)][i] for i, j in zip(rows, owner, strict=True)])
-    m = _metrics(labels[rows], lp, classes, seed)
+    return rows, np.stack([log_probs[int(j)][i] for i, j in zip(rows, owner, strict=True)])
+
+
+def _oof_thresholds(
+    labels: np.ndarray, oof: tuple[np.ndarray, np.ndarray] | None, classes: list[str]
+) -> dict[str, Any] | None:
+    """Multi-label K-fold members without shared validation samples: each finding's threshold chosen on the
+    out-of-fold probabilities (Youden, as one model's on its validation split): every training sample scored
+    by the member that did not train on it, the closest to unseen data that K-fold bagging has."""
+    if oof is None:
+        return None
+    from medclf.metrics.multilabel import choose_thresholds
+
+    rows, lp = oof
+    t, notes = choose_thresholds(labels[rows], np.exp(lp))
+    record: dict[str, Any] = {
+        "rule": "youden",
+        "fitted_on": "out-of-fold predictions (each training sample scored by the member that did not train on it)",
+        "labels": dict(zip(classes, map(float, t), strict=True)),
+    }
+    if notes:
+        record["notes"] = notes
+    return record
+
+
+def _out_of_fold(
+    oof: tuple[np.ndarray, np.ndarray] | None,
+    labels: np.ndarray,
+    classes: list[str],
+    seed: int,
+    thresholds: dict[str, Any] | None,
+) -> dict[str, Any] | None:
+    """K-fold members: metrics of each training sample predicted by the member that did not train on it
+    (multi-label findings decided at the ensemble's thresholds)."""
+    if oof is None:
+        return None
+    rows, lp = oof
+    m = _metrics(labels[rows], lp, classes, seed, thresholds)
     if m is not None:
         m["note"] = (
             "out-of-fold: every training sample scored by the one member that validated on it; an estimate "
             "for a single member, not for the ensemble"
         )
+        if thresholds and str(thresholds.get("fitted_on", "")).startswith("out-of-fold"):
+            m["note"] += "; the per-finding thresholds were chosen on these same samples"
     return m
 
 

@@ -15,8 +15,12 @@ architecture and arguments of ``bundle.json``) and loads the safetensors weights
 (``CheckpointLoader``, ``torch.load``) unpickle, which medclf never does. Its transforms are medclf's guarded
 reader and medclf's preprocessing function with the bundle's spec (:class:`ReadImaged`,
 :class:`Preprocessd`), so a MONAI run sees exactly the tensors ``medclf predict`` sees, and its
-post-processing divides the logits by the bundle's temperature before MONAI's softmax: the probabilities
-match ``medclf predict`` (engine ``torch``) within float32 rounding. The MONAI bundle therefore needs
+post-processing divides the logits by the bundle's temperature before MONAI's softmax (an ordinal model's
+grade distribution: its CORN head outputs the grades' log-probabilities) or, for multi-label findings, a
+sigmoid per finding: the probabilities match ``medclf predict`` (engine ``torch``) within float32 rounding,
+and ``predictions.csv``'s ``predicted`` is medclf's answer (the median grade; the findings present at the
+bundle's thresholds, which ``metadata.json`` records under ``medclf_task`` with the decision rule and
+``inference.json`` under ``thresholds``). The MONAI bundle therefore needs
 medclf installed (``required_packages_version`` says which version). It runs the PyTorch network only: no
 out-of-distribution guard, no ONNX engine, no test-time augmentation.
 """
@@ -41,6 +45,8 @@ from monai.transforms import MapTransform
 from medclf._version import __version__
 from medclf.errors import ConfigError
 from medclf.io import read_image
+from medclf.manifest import Manifest
+from medclf.metrics.multilabel import DEFAULT_THRESHOLD
 from medclf.preprocess import PreprocessSpec, preprocess
 
 if TYPE_CHECKING:
@@ -244,7 +250,12 @@ class Preprocessd(MapTransform):
 class ClassificationEvaluator:
     """Runs the network over a data loader and writes ``predictions.csv`` (``path``, ``predicted``,
     ``prob_<class>`` ...) into ``output_dir``: the ``evaluator`` of ``inference.json``, MONAI's
-    ``SupervisedEvaluator`` without its ignite dependency."""
+    ``SupervisedEvaluator`` without its ignite dependency.
+
+    ``predicted`` is medclf's answer for the bundle's ``task`` (:func:`medclf.inference.class_answer`): the
+    most probable class; an ordinal model's median grade (plus ``expected_grade_index``, the mean of the
+    distribution); or the multi-label findings present at their ``thresholds`` (one per class, in order)
+    joined by ``|`` (``No Finding`` when none is; plus ``present_<finding>``, 1 or 0)."""
 
     def __init__(
         self,
@@ -255,6 +266,8 @@ class ClassificationEvaluator:
         classes: Sequence[str],
         output_dir: str | Path,
         device: torch.device | str = "cpu",
+        task: str = "multiclass",
+        thresholds: Sequence[float] | None = None,
     ) -> None:
         self.dataloader = dataloader
         self.network = network
@@ -263,6 +276,14 @@ class ClassificationEvaluator:
         self.classes = [str(c) for c in classes]
         self.output_dir = Path(output_dir)
         self.device = torch.device(device)
+        if task not in _TASKS:
+            raise ConfigError(f"unknown task {task!r}; choose from {', '.join(_TASKS)}")
+        if thresholds is not None and len(thresholds) != len(self.classes):
+            raise ConfigError(f"{len(thresholds)} thresholds for {len(self.classes)} findings")
+        self.task = task
+        self.thresholds = (
+            dict(zip(self.classes, map(float, thresholds), strict=True)) if thresholds is not None else None
+        )
 
     @torch.no_grad()
     def run(self) -> list[dict[str, Any]]:
@@ -272,22 +293,36 @@ class ClassificationEvaluator:
             logits = self.inferer(batch["image"].to(self.device), self.network)
             for path, pred in zip(batch["path"], decollate_batch(logits), strict=True):
                 probs = np.asarray(self.postprocessing(pred).detach().cpu(), dtype=np.float64)
-                rows.append(
-                    {
-                        "path": str(path),
-                        "predicted": self.classes[int(np.argmax(probs))],
-                        **{f"prob_{c}": float(p) for c, p in zip(self.classes, probs, strict=True)},
-                    }
-                )
+                rows.append({"path": str(path), **self._answer(probs)})
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with open(self.output_dir / "predictions.csv", "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(
-                fh, fieldnames=["path", "predicted", *[f"prob_{c}" for c in self.classes]]
-            )
+            writer = csv.DictWriter(fh, fieldnames=self._columns())
             writer.writeheader()
             for row in rows:
                 writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
         return rows
+
+    def _columns(self) -> list[str]:
+        extra = {
+            "ordinal": ["expected_grade_index"],
+            "multilabel": [f"present_{c}" for c in self.classes],
+        }.get(self.task, [])
+        return ["path", "predicted", *[f"prob_{c}" for c in self.classes], *extra]
+
+    def _answer(self, probs: np.ndarray) -> dict[str, Any]:
+        """One row's columns after ``path``: medclf's answer for the task."""
+        from medclf.inference import class_answer
+
+        answer = class_answer(self.classes, probs, self.task, self.thresholds)
+        row: dict[str, Any] = {
+            "predicted": answer["predicted"],
+            **{f"prob_{c}": float(p) for c, p in zip(self.classes, probs, strict=True)},
+        }
+        if "grade" in answer:
+            row["expected_grade_index"] = float(answer["grade"]["expected_index"])
+        for name, finding in (answer.get("findings") or {}).items():
+            row[f"present_{name}"] = int(finding["present"])
+        return row
 
 
 # -- the files -----------------------------------------------------------------------------------------------
@@ -295,6 +330,10 @@ class ClassificationEvaluator:
 
 def _inference_config(b: Bundle) -> dict[str, Any]:
     model = b.manifest["model"]
+    task = _task(b)
+    # A multi-label bundle's thresholds, one per finding in the order of the classes (a list: class names
+    # as keys could clash with the config parser's id separators).
+    thresholds = {"thresholds": _thresholds(b)} if task == "multilabel" else {}
     return {
         "imports": [
             "$import torch",
@@ -306,6 +345,8 @@ def _inference_config(b: Bundle) -> dict[str, Any]:
         "output_dir": "$@bundle_root + '/eval'",
         "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
         "classes": list(b.classes),
+        "task": task,
+        **thresholds,
         "temperature": b.temperature,
         "network_def": {
             "_target_": "medclf.models.create_model",
@@ -342,7 +383,7 @@ def _inference_config(b: Bundle) -> dict[str, Any]:
             "_target_": "Compose",
             "transforms": [
                 {"_target_": "Lambda", "func": "$lambda logits: logits.double() / @temperature"},
-                {"_target_": "Activations", "softmax": True},
+                {"_target_": "Activations", **_TASKS[task]["activation"]},
             ],
         },
         "evaluator": {
@@ -354,6 +395,8 @@ def _inference_config(b: Bundle) -> dict[str, Any]:
             "classes": "@classes",
             "output_dir": "@output_dir",
             "device": "@device",
+            "task": "@task",
+            **{key: f"@{key}" for key in thresholds},
         },
         "initialize": [
             "$@network.load_state_dict(load_file(@checkpoint, device=str(@device)))",
@@ -368,12 +411,10 @@ def _metadata(b: Bundle) -> dict[str, Any]:
     import safetensors
 
     m = b.manifest
-    classes = list(b.classes)
+    task = _task(b)
     stats = (m.get("data") or {}).get("fingerprint_stats") or {}
     formats = ", ".join(sorted((stats.get("formats") or {}).keys())) or "images"
     spec = b.spec
-    value_range = list((m.get("input") or {}).get("value_range") or [])
-    channel_def = {str(i): name for i, name in enumerate(classes)}
     return {
         "schema": METADATA_SCHEMA_URL,
         "version": "1.0.0",
@@ -383,12 +424,12 @@ def _metadata(b: Bundle) -> dict[str, Any]:
         "numpy_version": np.__version__,
         "required_packages_version": {"medclf": __version__, "safetensors": safetensors.__version__},
         "name": f"medclf {b.arch} classifier",
-        "task": f"Classification of {spec.spatial_dims}D medical images into {len(classes)} classes: "
-        + ", ".join(classes),
+        "task": _task_sentence(b, task),
         "description": (
             f"A {b.arch} network trained with medclf (bundle sha256 {b.sha256}). Inference reads each image "
             "with medclf's guarded reader and applies medclf's preprocessing with the bundle's spec, then "
-            f"divides the logits by the calibrated temperature ({b.temperature:.6g}) before the softmax. "
+            f"divides the logits by the calibrated temperature ({b.temperature:.6g}) before "
+            f"{_TASKS[task]['activation_text']}{_decision_clause(task)}. "
             "Requires the medclf package. See docs/README.md."
         ),
         "authors": "the model's trainer, with medclf",
@@ -397,50 +438,140 @@ def _metadata(b: Bundle) -> dict[str, Any]:
         "data_type": formats,
         "image_classes": f"{spec.channels} channel(s), {spec.spatial_dims}D, resized to {list(spec.size)} and "
         f"normalised by medclf ({spec.normalise})",
-        "pred_classes": ", ".join(f"{i}: {c}" for i, c in enumerate(classes)),
+        "pred_classes": _pred_classes(b, task),
         "eval_metrics": _metrics(m),
         "intended_use": "Research and education. Not validated for clinical use; a prediction is not a diagnosis.",
         "references": ["medclf bundle sha256 " + b.sha256],
-        "network_data_format": {
-            "inputs": {
-                "image": {
-                    "type": "image",
-                    "format": "magnitude",
-                    "modality": "any",
-                    "num_channels": spec.channels,
-                    "spatial_shape": list(spec.size),
-                    "dtype": "float32",
-                    "value_range": value_range,
-                    "is_patch_data": False,
-                    "channel_def": {str(i): "image" for i in range(spec.channels)},
-                }
-            },
-            "outputs": {
-                "pred": {
-                    "type": "logits",
-                    "format": "classes",
-                    "num_channels": len(classes),
-                    "spatial_shape": [1],
-                    "dtype": "float32",
-                    "value_range": [],
-                    "is_onehot": False,
-                    "channel_def": channel_def,
-                }
-            },
-            "post_processed_outputs": {
-                "pred": {
-                    "type": "probabilities",
-                    "format": "classes",
-                    "num_channels": len(classes),
-                    "spatial_shape": [1],
-                    "dtype": "float64",
-                    "value_range": [0, 1],
-                    "is_onehot": False,
-                    "channel_def": channel_def,
-                }
-            },
-        },
+        "network_data_format": _data_format(b, task),
+        # How the outputs become medclf's answer (MONAI's metadata has no field for a decision rule).
+        "medclf_task": _task_record(b, task),
     }
+
+
+def _data_format(b: Bundle, task: str) -> dict[str, Any]:
+    """MONAI's ``network_data_format``: the preprocessed image in; the logits out, one channel per class
+    (finding, grade), and after post-processing the probabilities."""
+    spec = b.spec
+
+    def output(kind: str, dtype: str, value_range: list[int]) -> dict[str, Any]:
+        return {
+            "type": kind,
+            "format": _TASKS[task]["format"],
+            "num_channels": len(b.classes),
+            "spatial_shape": [1],
+            "dtype": dtype,
+            "value_range": value_range,
+            "is_onehot": False,
+            "channel_def": {str(i): name for i, name in enumerate(b.classes)},
+        }
+
+    return {
+        "inputs": {
+            "image": {
+                "type": "image",
+                "format": "magnitude",
+                "modality": "any",
+                "num_channels": spec.channels,
+                "spatial_shape": list(spec.size),
+                "dtype": "float32",
+                "value_range": list((b.manifest.get("input") or {}).get("value_range") or []),
+                "is_patch_data": False,
+                "channel_def": {str(i): "image" for i in range(spec.channels)},
+            }
+        },
+        "outputs": {"pred": output("logits", "float32", [])},
+        "post_processed_outputs": {"pred": output("probabilities", "float64", [0, 1])},
+    }
+
+
+# How each task's logits become medclf's answer, which the exported bundle reproduces: MONAI's
+# ``Activations`` after the temperature, the outputs' ``format`` in the metadata, and in words.
+_TASKS: dict[str, dict[str, Any]] = {
+    "multiclass": {
+        "activation": {"softmax": True},
+        "format": "classes",
+        "activation_text": "the softmax",
+        "decision": "the prediction is the most probable class",
+    },
+    "ordinal": {
+        # An ordinal (CORN) head outputs the grades' log-probabilities, which the softmax returns as they are.
+        "activation": {"softmax": True},
+        "format": "ordinal",
+        "activation_text": "the softmax, which gives the distribution over the ordered grades",
+        "decision": "the predicted grade is the median of the grade distribution (the first grade whose cumulative "
+        "probability reaches one half), not its most probable grade",
+    },
+    "multilabel": {
+        "activation": {"sigmoid": True},
+        "format": "classes",
+        "activation_text": "an independent sigmoid per finding",
+        "decision": "a finding is present when its probability reaches its own threshold "
+        "(medclf_task.thresholds); several findings, or none, may be present",
+    },
+}
+
+
+def _task(b: Bundle) -> str:
+    task = Manifest.from_dict(b.manifest).task
+    if task not in _TASKS:
+        raise ConfigError(f"{b.path}: task {task!r} cannot be exported as a MONAI bundle")
+    return task
+
+
+def _thresholds(b: Bundle) -> list[float]:
+    """A multi-label bundle's threshold per finding, in the order of its classes (0.5 where it has none, as
+    ``medclf predict`` decides)."""
+    labels = (b.manifest.get("thresholds") or {}).get("labels") or {}
+    return [float(labels.get(c, DEFAULT_THRESHOLD)) for c in b.classes]
+
+
+def _task_sentence(b: Bundle, task: str) -> str:
+    dims, classes = b.spec.spatial_dims, list(b.classes)
+    if task == "multilabel":
+        findings = ", ".join(f"{c} (threshold {t:.4g})" for c, t in zip(classes, _thresholds(b), strict=True))
+        return (
+            f"Multi-label classification of {dims}D medical images: {len(classes)} findings, each present or "
+            f"absent on its own: {findings}"
+        )
+    if task == "ordinal":
+        return f"Ordinal grading of {dims}D medical images on {len(classes)} ordered grades: " + " < ".join(
+            classes
+        )
+    return f"Classification of {dims}D medical images into {len(classes)} classes: " + ", ".join(classes)
+
+
+def _decision_clause(task: str) -> str:
+    # One class per image goes without saying (and the single-label description stays as it was).
+    return "" if task == "multiclass" else f"; {_TASKS[task]['decision']}"
+
+
+def _pred_classes(b: Bundle, task: str) -> str:
+    if task == "multilabel":
+        return ", ".join(
+            f"{i}: {c} (present when p >= {t:.4g})"
+            for i, (c, t) in enumerate(zip(b.classes, _thresholds(b), strict=True))
+        )
+    listed = ", ".join(f"{i}: {c}" for i, c in enumerate(b.classes))
+    return f"ordered grades, {listed}" if task == "ordinal" else listed
+
+
+def _task_record(b: Bundle, task: str) -> dict[str, Any]:
+    """The ``medclf_task`` entry: the task, its activation and decision rule, and what the rule needs."""
+    record: dict[str, Any] = {
+        "type": task,
+        "temperature": b.temperature,
+        "activation": _TASKS[task]["activation_text"],
+        "decision": _TASKS[task]["decision"],
+    }
+    if task == "ordinal":
+        record["grades"] = list(b.classes)
+        record["head"] = b.manifest["model"].get("kwargs", {}).get("head")
+    if task == "multilabel":
+        recorded = b.manifest.get("thresholds") or {}
+        record["thresholds"] = dict(zip(b.classes, _thresholds(b), strict=True))
+        record["thresholds_rule"] = recorded.get("rule")
+        record["thresholds_fitted_on"] = recorded.get("fitted_on")
+    return record
 
 
 def _metrics(manifest: dict[str, Any]) -> dict[str, float]:
@@ -461,6 +592,17 @@ def _readme(b: Bundle) -> str:
         card = (b.path / "MODEL_CARD.md").read_text(encoding="utf-8").strip() + "\n\n"
     metrics = _metrics(m)
     figures = "\n".join(f"- {k}: {v:.4f}" for k, v in metrics.items()) or "- none recorded"
+    task = _task(b)
+    # The classes line and the extra columns of predictions.csv, by task (single-label as it always read).
+    kind, extra = {
+        "multiclass": ("Classes", ""),
+        "ordinal": ("Grades, in order", ", `expected_grade_index`"),
+        "multilabel": (
+            "Findings (thresholds: `medclf_task` in `configs/metadata.json`)",
+            ", `present_<finding>`",
+        ),
+    }[task]
+    outputs = f"{_TASKS[task]['activation_text']}{_decision_clause(task)}"
     return f"""# medclf {b.arch} classifier (MONAI bundle)
 
 Exported by `medclf export --monai-bundle` from the medclf bundle with sha256 `{b.sha256}`.
@@ -468,9 +610,9 @@ Research and education only: not validated for clinical use; a prediction is not
 
 {card}## What it does
 
-- Classes: {", ".join(b.classes)}
+- {kind}: {", ".join(b.classes)}
 - Input: {b.spec.channels} channel(s), {b.spec.spatial_dims}D, {list(b.spec.size)} after medclf's preprocessing
-- Calibration: the logits are divided by the temperature {b.temperature:.6g} before the softmax
+- Calibration: the logits are divided by the temperature {b.temperature:.6g} before {outputs}
 - Metrics recorded in the medclf bundle:
 {figures}
 
@@ -488,7 +630,7 @@ python -m monai.bundle run --config_file configs/inference.json --bundle_root . 
     --dataset_dir /path/to/images --output_dir /path/to/out
 ```
 
-writes `/path/to/out/predictions.csv` (`path`, `predicted`, `prob_<class>`): the same probabilities as
+writes `/path/to/out/predictions.csv` (`path`, `predicted`, `prob_<class>`{extra}): the same probabilities as
 `medclf predict` with `--engine torch` (within 1e-4). Not included: medclf's out-of-distribution guard,
 its ONNX engines and test-time augmentation.
 

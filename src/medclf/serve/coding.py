@@ -9,6 +9,10 @@ a class probability                 DCM 122157 "Probability", unit UCUM ``1`` (n
 a class the model predicted         the class's concept = SCT 52101004 "Present"
 the operating point's decision      the group's concept = SCT 52101004 "Present" / 272519000 "Absent"
 its threshold                       DCM 122411 "Threshold Value"
+a multi-label finding's decision    the finding's concept = SCT "Present" / "Absent", at its threshold
+an ordinal grade                    DCM 121071 "Finding" = the grade's concept; its index on the scale
+                                    and the distribution's mean (FHIR only): ``99MEDCLF`` GRADEINDEX,
+                                    EXPECTEDGRADE
 the out-of-distribution check       DCM 111017 "CAD Processing and Findings Summary" =
                                     DCM 111242 "All algorithms succeeded; with findings", or
                                     DCM 111245 "No algorithms succeeded; without findings"
@@ -37,6 +41,8 @@ from pydicom.sr.coding import Code
 __all__ = [
     "ABSENT",
     "CHECK_SUMMARY",
+    "EXPECTED_GRADE",
+    "GRADE_INDEX",
     "IN_DISTRIBUTION",
     "OOD_SCORE",
     "OUT_OF_DISTRIBUTION",
@@ -68,7 +74,11 @@ CHECK_SUMMARY = codes.DCM.CADProcessingAndFindingsSummary
 IN_DISTRIBUTION = codes.DCM.AllAlgorithmsSucceededWithFindings
 OUT_OF_DISTRIBUTION = codes.DCM.NoAlgorithmsSucceededWithoutFindings
 OOD_SCORE = Code("OODSCORE", SCHEME, "Out-of-distribution score (Mahalanobis distance)")
-_RESERVED = {OOD_SCORE.value}
+# An ordinal model's grade as a position on its scale, and the mean of its grade distribution: no standard
+# concept says either of a model's own grades.
+GRADE_INDEX = Code("GRADEINDEX", SCHEME, "Grade index on the model's ordinal scale (0 = lowest grade)")
+EXPECTED_GRADE = Code("EXPECTEDGRADE", SCHEME, "Expected grade index (mean of the grade distribution)")
+_RESERVED = {OOD_SCORE.value, GRADE_INDEX.value, EXPECTED_GRADE.value}
 
 # FHIR code system URIs of the DICOM coding scheme designators used here (HL7 terminology).
 _FHIR_SYSTEMS = {

@@ -17,6 +17,14 @@ What the report holds (codes as in the DICOM SR, see :mod:`medclf.serve.coding`)
 - one ``Observation`` per class: code = the class concept (``text`` = the class name), ``valueQuantity`` =
   its probability (UCUM ``1``); and a "Finding" (DCM 121071) ``Observation`` whose value is the predicted
   class, with the class observations as members; the predicted class is also the ``conclusionCode``;
+- an ordinal model's grade: the same, the class observations being the grade distribution, and the
+  "Finding" also says how the grade was chosen (``method``: the median of the distribution) and holds the
+  grade's index on the scale (``valueInteger``) and the distribution's mean (the expected index) as
+  components (``99MEDCLF`` GRADEINDEX, EXPECTEDGRADE);
+- multi-label findings instead: one ``Observation`` per finding, code = the finding's concept, value SCT
+  Present/Absent at the model's threshold for that finding, components probability and threshold,
+  ``method`` = how the bundle's thresholds were chosen; the findings present are the ``conclusionCode``\\ s
+  (none when no finding is present), and no observation picks one class;
 - the operating point's decision when the bundle has one: code = the positive group, value SCT
   Present/Absent, components probability and threshold;
 - the out-of-distribution check when the bundle has a guard: DCM 111017 = "All algorithms succeeded; with
@@ -44,6 +52,8 @@ from medclf._version import __version__
 from medclf.serve.coding import (
     ABSENT,
     CHECK_SUMMARY,
+    EXPECTED_GRADE,
+    GRADE_INDEX,
     IN_DISTRIBUTION,
     OOD_SCORE,
     OUT_OF_DISTRIBUTION,
@@ -129,32 +139,9 @@ def diagnostic_report(
         "device": device_ref,
     }
     observations: list[dict[str, Any]] = []
-    outside = bool(prediction.get("ood"))
-    conclusion_codes = []
-    if not outside:
-        members = []
-        for n, (name, p) in enumerate(prediction["probabilities"].items(), start=1):
-            obs_id = f"p{n}"
-            members.append({"reference": f"#{obs_id}", "display": f"probability of {name}"})
-            observations.append(
-                {
-                    **common,
-                    "id": obs_id,
-                    "code": _concept(class_code(str(name)), str(name)),
-                    "valueQuantity": _quantity(float(p)),
-                }
-            )
-        predicted = str(prediction["predicted"])
-        conclusion_codes = [_concept(class_code(predicted), predicted)]
-        observations.append(
-            {
-                **common,
-                "id": "finding",
-                "code": _concept(codes.DCM.Finding),
-                "valueCodeableConcept": _concept(class_code(predicted), predicted),
-                "hasMember": members,
-            }
-        )
+    conclusion_codes: list[dict[str, Any]] = []
+    if not prediction.get("ood"):
+        observations, conclusion_codes = _results(prediction, bundle, common)
         if prediction.get("decision"):
             observations.append(_decision(prediction["decision"], common))
     if "ood" in prediction:
@@ -229,6 +216,95 @@ def _device(bundle: Predictor) -> dict[str, Any]:
     }
 
 
+def _results(
+    prediction: dict[str, Any], bundle: Predictor, common: dict[str, Any]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The observations and conclusion codes of the model's answer, by what the answer holds (as the SR
+    reads it): multi-label ``findings``, or one class per image (an ordinal ``grade`` included)."""
+    if prediction.get("findings"):
+        return _finding_results(prediction["findings"], bundle, common)
+    return _class_results(prediction, common)
+
+
+def _class_results(
+    prediction: dict[str, Any], common: dict[str, Any]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One class per image: an observation per class (its probability; for an ordinal model the grade
+    distribution), and the "Finding" observation whose value is the predicted class with the class
+    observations as its members. An ordinal grade's finding also says how the grade was chosen and holds
+    its index on the scale and the distribution's mean (its expected index) as components."""
+    observations: list[dict[str, Any]] = []
+    members = []
+    for n, (name, p) in enumerate(prediction["probabilities"].items(), start=1):
+        obs_id = f"p{n}"
+        members.append({"reference": f"#{obs_id}", "display": f"probability of {name}"})
+        observations.append(
+            {
+                **common,
+                "id": obs_id,
+                "code": _concept(class_code(str(name)), str(name)),
+                "valueQuantity": _quantity(float(p)),
+            }
+        )
+    predicted = str(prediction["predicted"])
+    finding: dict[str, Any] = {
+        **common,
+        "id": "finding",
+        "code": _concept(codes.DCM.Finding),
+        "valueCodeableConcept": _concept(class_code(predicted), predicted),
+        "hasMember": members,
+    }
+    grade = prediction.get("grade")
+    if grade:
+        finding["method"] = {"text": f"ordinal grade: the {grade['rule']}"}
+        finding["component"] = [
+            {"code": _concept(GRADE_INDEX), "valueInteger": int(grade["index"])},
+            _component(EXPECTED_GRADE, float(grade["expected_index"])),
+        ]
+    observations.append(finding)
+    return observations, [_concept(class_code(predicted), predicted)]
+
+
+def _finding_results(
+    findings: dict[str, dict[str, Any]], bundle: Predictor, common: dict[str, Any]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Multi-label findings: one observation per finding, ``Present`` or ``Absent`` at the model's threshold
+    for it, with its probability and that threshold as components (a finding is not a class of the image,
+    so no "Finding" observation picks one); the findings present are the conclusion codes."""
+    method = {"text": _threshold_rule(bundle)}
+    observations: list[dict[str, Any]] = []
+    present: list[dict[str, Any]] = []
+    for n, (name, f) in enumerate(findings.items(), start=1):
+        concept = _concept(class_code(str(name)), str(name))
+        observations.append(
+            {
+                **common,
+                "id": f"finding{n}",
+                "code": concept,
+                "valueCodeableConcept": _concept(PRESENT if f["present"] else ABSENT),
+                "method": method,
+                "component": [
+                    _component(PROBABILITY, float(f["probability"])),
+                    _component(THRESHOLD, float(f["threshold"])),
+                ],
+            }
+        )
+        if f["present"]:
+            present.append(concept)
+    return observations, present
+
+
+def _threshold_rule(bundle: Predictor) -> str:
+    """How the bundle's per-finding thresholds were chosen, for each finding's ``method``."""
+    recorded = (getattr(bundle, "manifest", None) or {}).get("thresholds") or {}
+    if not recorded.get("labels"):
+        return "present when its probability reaches 0.5 (the bundle holds no per-finding thresholds)"
+    return (
+        "present when its probability reaches the finding's threshold "
+        f"({recorded.get('rule', 'unrecorded')} rule, chosen on {recorded.get('fitted_on', 'unrecorded data')})"
+    )
+
+
 def _decision(decision: dict[str, Any], common: dict[str, Any]) -> dict[str, Any]:
     group = str(decision.get("group") or decision.get("label"))
     return {
@@ -272,15 +348,40 @@ def _conclusion(prediction: dict[str, Any], bundle: Predictor) -> str:
             f"The input is outside the training distribution of {model}: the model gives no valid result for "
             f"it, so none is reported. {prediction.get('warning', '')}".strip()
         )
+    elif prediction.get("findings"):
+        text = _findings_sentence(model, prediction["findings"])
+    elif prediction.get("grade"):
+        grade = prediction["grade"]
+        text = (
+            f"{model} grades the image '{grade['grade']}' (the {grade['rule']}; expected grade index "
+            f"{float(grade['expected_index']):.2f} on a scale of 0 to {len(prediction['probabilities']) - 1}); "
+            f"probability of that grade {float(prediction['confidence']):.3f}."
+        )
     else:
         text = f"{model} predicts '{prediction['predicted']}' with probability {float(prediction['confidence']):.3f}."
-        decision = prediction.get("decision")
-        if decision:
-            text += (
-                f" Decision at the operating point: {decision.get('label')} (P({decision.get('group')}) "
-                f"{float(decision['score']):.3f}, threshold {float(decision['threshold']):.4g})."
-            )
+    decision = prediction.get("decision")
+    if decision and not prediction.get("ood"):
+        text += (
+            f" Decision at the operating point: {decision.get('label')} (P({decision.get('group')}) "
+            f"{float(decision['score']):.3f}, threshold {float(decision['threshold']):.4g})."
+        )
     return f"{text} {_DISCLAIMER}"
+
+
+def _findings_sentence(model: str, findings: dict[str, dict[str, Any]]) -> str:
+    """Which findings the model finds present at their thresholds, and which absent, with the figures."""
+
+    def figures(f: dict[str, Any]) -> str:
+        sign = ">=" if f["present"] else "<"
+        return f"probability {float(f['probability']):.3f} {sign} threshold {float(f['threshold']):.4g}"
+
+    present = [f"{name} ({figures(f)})" for name, f in findings.items() if f["present"]]
+    absent = [f"{name} ({figures(f)})" for name, f in findings.items() if not f["present"]]
+    if present:
+        text = f"{model} finds present: {'; '.join(present)}."
+    else:
+        text = f"{model} finds none of its {len(findings)} findings present at their thresholds."
+    return text + (f" Absent: {'; '.join(absent)}." if absent else "")
 
 
 def http_report(answer: dict[str, Any], bundle: Predictor, request_id: str) -> str:
