@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from medclf.errors import ConfigError
 
-__all__ = ["Budget", "member_seconds", "parse_duration"]
+__all__ = ["Budget", "inference_seconds", "member_seconds", "parse_duration"]
 
 # --- Headroom rules: each margin, and why it is there ---
 # The planner's timing probe gets this share of the budget, at least this many seconds: planning is overhead.
@@ -60,6 +60,12 @@ def decode_seconds(probe_s: float, n_files: int, workers: int) -> float:
 def epoch_pace(epoch_seconds: float) -> float:
     """The time to expect for the next epoch from a recent one's ``epoch_seconds``."""
     return epoch_seconds * EPOCH_PACE_SLACK
+
+
+def inference_seconds(n_inferred: int, throughput: float | None) -> float:
+    """Forward passes over ``n_inferred`` samples, at :data:`INFERENCE_SPEEDUP` times the training
+    ``throughput`` (images per second; :data:`FALLBACK_THROUGHPUT` when none was measured)."""
+    return n_inferred / (INFERENCE_SPEEDUP * (throughput or FALLBACK_THROUGHPUT))
 
 
 def member_seconds(seconds_to_best: float) -> float:
@@ -146,11 +152,15 @@ class Budget:
         available, less the headroom for per-epoch validation."""
         return self.available() * REFIT_EPOCHS_SHARE - REFIT_EPOCHS_MARGIN_S
 
+    def needed_for_epochs(self, seconds: float) -> float:
+        """The whole budget under which :meth:`epoch_seconds` would be ``seconds``, with what was spent so
+        far and the reservation as they are (the inverse of :meth:`epoch_seconds`)."""
+        return self.elapsed() + self.reserved + (seconds + REFIT_EPOCHS_MARGIN_S) / REFIT_EPOCHS_SHARE
+
     def reserve_finishing(self, n_inferred: int, throughput: float | None) -> None:
         """Set aside the work after the last epoch: a fixed part, and forward passes over ``n_inferred``
         samples at :data:`INFERENCE_SPEEDUP` times the training ``throughput`` (images per second)."""
-        rate = INFERENCE_SPEEDUP * (throughput or FALLBACK_THROUGHPUT)
-        self.reserve(FINISH_FIXED_S + n_inferred / rate)
+        self.reserve(FINISH_FIXED_S + inference_seconds(n_inferred, throughput))
 
     def reserve_bag_fusion(self) -> None:
         """Set aside the fusion of K-fold or seed-bag members (:data:`BAG_FUSION_SHARE`)."""

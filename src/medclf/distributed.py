@@ -19,6 +19,8 @@ How the loop uses it (see :mod:`medclf.training.loop`):
 - losses are summed and validation probabilities gathered across ranks, and rank 0's decisions (best
   epoch, early stop, out of time) are broadcast so that no rank leaves the loop alone;
 - only rank 0 writes checkpoints and the bundle and prints.
+
+``torchrun ... -m medclf pretrain`` uses the same pieces (:mod:`medclf.pretrain.loop`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import datetime as _dt
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -126,6 +129,16 @@ def shard(batch: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return batch[ctx.rank :: ctx.world_size] if ctx.enabled else batch
 
 
+def log_shards(ctx: DistContext, epoch: int, shards: list[np.ndarray]) -> None:
+    """With ``MEDCLF_DEBUG_SHARDS=<folder>``, append the sample indices this rank trains on in ``epoch`` to
+    ``<folder>/shards-rank<r>.jsonl`` (tests check that ranks see disjoint shards)."""
+    folder = os.environ["MEDCLF_DEBUG_SHARDS"]
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    line = json.dumps({"rank": ctx.rank, "epoch": epoch, "batches": [s.tolist() for s in shards]})
+    with open(Path(folder) / f"shards-rank{ctx.rank}.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+
+
 def epoch_seed(seed: int, epoch: int, rank: int | None = None, stream: int = 0) -> int:
     """A seed for one epoch (and, when ``rank`` is given, one rank): the same on every rank for the shared
     permutation, different per rank for augmentation and dropout (``stream`` tells those apart).
@@ -185,4 +198,4 @@ def from_env(device: str) -> tuple[DistContext, str]:
     return ctx, device
 
 
-__all__ = ["DistContext", "epoch_seed", "from_env", "shard"]
+__all__ = ["DistContext", "epoch_seed", "from_env", "log_shards", "shard"]

@@ -86,6 +86,17 @@ def cache_key(samples: SampleSet, spec: PreprocessSpec) -> str:
     return h.hexdigest()[:24]
 
 
+def is_cached(samples: SampleSet, spec: PreprocessSpec, cache_dir: str | Path | None = None) -> bool:
+    """Whether :func:`prepare` would find ``samples`` already decoded at ``spec`` in the cache (nothing is
+    decoded: a time budget need not count the decoding of such a source)."""
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    try:
+        meta = json.loads((root / cache_key(samples, spec) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(meta.get("version") == CACHE_VERSION and meta.get("n") == len(samples))
+
+
 def prepare(
     samples: SampleSet,
     spec: PreprocessSpec,

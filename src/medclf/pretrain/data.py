@@ -82,9 +82,10 @@ def _image_files(folder: Path) -> list[Path]:
 
 def plan_input(
     first: SampleSet, *, arch: str, size: int | None, seed: int
-) -> tuple[PreprocessSpec, dict[str, Any], list[str]]:
+) -> tuple[PreprocessSpec, dict[str, Any], list[str], int]:
     """The preprocessing spec (as ``medclf train`` would plan it for the first source, at its native size up
-    to :data:`MAX_DEFAULT_SIZE` unless ``size``) and the architecture's arguments at that size."""
+    to :data:`MAX_DEFAULT_SIZE` unless ``size``), the architecture's arguments at that size, the reasons,
+    and how many files the fingerprint decoded (its time prices decoding)."""
     fp = fingerprint(first, seed=seed)
     plan = initial_plan(fp, len(first.indices("train")), {"arch": arch})
     native = int(plan.spec.size[0])
@@ -94,7 +95,7 @@ def plan_input(
     spec = PreprocessSpec.from_dict({**plan.spec.to_dict(), "size": [chosen] * plan.spec.spatial_dims})
     why = "--size" if size else f"the first source's native size {native}, at most {MAX_DEFAULT_SIZE}"
     reasons = [f"input {list(spec.input_shape)} ({why}), preprocessing as planned for {first.source}"]
-    return spec, arch_kwargs_for(arch, chosen, spec.spatial_dims), reasons
+    return spec, arch_kwargs_for(arch, chosen, spec.spatial_dims), reasons, fp.n_probed
 
 
 def prepare_sources(

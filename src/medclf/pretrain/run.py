@@ -1,91 +1,52 @@
 """One pretraining run (:func:`pretrain`): sources -> cached tensors -> SimCLR epochs on the clock -> a sealed
 backbone bundle.
 
-Like ``medclf train``: the time budget is :class:`medclf.budget.Budget`'s (the work after the last epoch is
-reserved first), the learning-rate schedule is :class:`medclf.schedule.Schedule`'s and, without ``--epochs``,
-follows the clock (re-planned after every epoch so the cosine ends at the last epoch that fits), and a
-checkpoint (safetensors + JSON, written atomically) after every epoch lets ``--resume`` continue a killed
-run exactly where it stopped.
+Like ``medclf train``, the time budget is :class:`medclf.budget.Budget`'s and counts everything from the
+call on: reading the sources, decoding, timing a step, the epochs, and the work after the last epoch (the
+last k-NN probe and writing the bundle), which is set aside first. :mod:`medclf.pretrain.pace` refuses a
+budget that cannot hold decoding and a minimal run, and plans the epochs (or the steps of one partial
+epoch) that fit. The learning-rate schedule is :class:`medclf.schedule.Schedule`'s and, without
+``--epochs``, follows the clock; the run stops at the step the deadline allows (:mod:`medclf.pretrain.loop`).
+``--epochs N`` runs N epochs whatever the clock says, as in train. A checkpoint (safetensors + JSON, written
+atomically) after every epoch lets ``--resume`` continue a killed run exactly where it stopped.
+
+Under torchrun (``torchrun --nproc_per_node N -m medclf pretrain ...``, :mod:`medclf.distributed`): rank 0
+plans and tells the others, local rank 0 decodes into the cache while the others wait, every process trains
+on its shard of each global batch (:mod:`medclf.pretrain.loop`), and rank 0 alone prints and writes
+checkpoints and the bundle.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from medclf import reporting
 from medclf import threads as threads_mod
-from medclf.budget import Budget, epoch_pace, parse_duration
+from medclf.budget import Budget, decode_seconds, inference_seconds
 from medclf.bundle import save_bundle
-from medclf.errors import ConfigError
-from medclf.pretrain.data import PretrainData, ProbeSet, load_unlabelled, plan_input, prepare_sources
-from medclf.pretrain.simclr import (
-    PROJECTION_DIM,
-    TEMPERATURE,
-    build_net,
-    contrastive_augmentation,
-    contrastive_loss,
-)
-from medclf.schedule import Schedule
+from medclf.data.cache import is_cached
+from medclf.data.samples import SampleSet
+from medclf.distributed import DistContext, from_env
+from medclf.errors import ConfigError, MedclfError
+from medclf.preprocess import PreprocessSpec
+from medclf.pretrain.config import PretrainConfig
+from medclf.pretrain.data import PretrainData, load_unlabelled, plan_input, prepare_sources
+from medclf.pretrain.loop import KNN_K, PretrainLoop, load_state
+from medclf.pretrain.pace import StepPlan, check_decoding, plan_steps, time_step
+from medclf.pretrain.simclr import SimclrStep, build_net
+
+__all__ = ["PretrainConfig", "PretrainResult", "checkpoint_dir", "pretrain"]
 
 CHECKPOINT_SUFFIX = ".ckpt"
-LAST, STATE = "last.safetensors", "state.json"
 # Without --epochs the clock decides; the schedule is laid out over at most this many epochs.
 MAX_EPOCHS = 1000
-KNN_K = 10
-
-
-@dataclass
-class PretrainConfig:
-    """Settings of a pretraining run; ``None`` means: decide from the data and the machine."""
-
-    arch: str = "compact"
-    size: int | None = None
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    temperature: float = TEMPERATURE
-    projection_dim: int = PROJECTION_DIM
-    seed: int = 0
-    time_budget: float = 3600.0
-    splits: tuple[str, ...] = ("train",)
-    workers: int | None = None
-    cache_dir: str | None = None
-    device: str = "auto"
-    threads: int | None = None
-    keep_checkpoint: bool = False
-    amp: str = "auto"  # mixed precision as in train: auto (bf16 where the hardware runs it), bf16, fp16, off
-
-    def updated(self, changes: dict[str, Any]) -> PretrainConfig:
-        known = set(asdict(self))
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise ConfigError(f"unknown pretraining settings: {', '.join(unknown)}")
-        kw = {**asdict(self), **{k: v for k, v in changes.items() if v is not None}}
-        kw["time_budget"] = parse_duration(kw["time_budget"])
-        if isinstance(kw["splits"], str):
-            kw["splits"] = tuple(s.strip() for s in kw["splits"].split(",") if s.strip())
-        kw["splits"] = tuple(kw["splits"])
-        if not kw["splits"] or not set(kw["splits"]) <= {"train", "val"}:
-            raise ConfigError("--splits takes train and/or val (a test split is never read for pretraining)")
-        for name in ("epochs", "batch_size"):
-            if kw[name] is not None and int(kw[name]) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-        if kw["amp"] not in ("auto", "bf16", "fp16", "off"):
-            raise ConfigError(f"--amp must be one of auto, bf16, fp16, off, not {kw['amp']!r}")
-        if not 0 < float(kw["temperature"]) <= 1:
-            raise ConfigError("--temperature must be in (0, 1]")
-        return PretrainConfig(**kw)
 
 
 @dataclass
@@ -102,6 +63,21 @@ def checkpoint_dir(out: Path) -> Path:
     return out.with_name(out.name + CHECKPOINT_SUFFIX)
 
 
+@dataclass
+class _Job:
+    """What one call was asked, and where it runs."""
+
+    cfg: PretrainConfig
+    sources: list[str | Path]
+    out: Path
+    ckpt: Path
+    state: dict[str, Any] | None  # the checkpoint resumed from (None: a new run)
+    budget: Budget
+    dist: DistContext
+    device: str
+    progress: bool
+
+
 def pretrain(
     data: str | Path | list[str | Path],
     out: str | Path,
@@ -109,77 +85,195 @@ def pretrain(
     config: PretrainConfig | None = None,
     resume: bool = False,
     progress: bool = True,
+    budget: Budget | None = None,
     **settings: Any,
 ) -> PretrainResult:
     """Pretrain a backbone on the images of ``data`` (one source or several; labels ignored) with SimCLR
     and write it to ``out`` as a sealed backbone bundle (``kind: backbone``: the network without its output
-    layer) that ``medclf train --init-from`` fine-tunes. ``resume``: continue from ``<out>.ckpt``. Messages
-    go to the active reporter (:mod:`medclf.reporting`)."""
+    layer) that ``medclf train --init-from`` fine-tunes. ``resume``: continue from ``<out>.ckpt``.
+    ``budget``: the clock everything draws on (default: ``time_budget`` from now; tests pass one on a fake
+    clock). Messages go to the active reporter (:mod:`medclf.reporting`)."""
     cfg = (config or PretrainConfig()).updated(settings)
-    budget = Budget(cfg.time_budget)
-    rep = reporting.current()
+    budget = budget or Budget(cfg.time_budget)
     out = Path(out)
     sources = [data] if isinstance(data, (str, Path)) else list(data)
     if not sources:
         raise ConfigError("pretrain needs at least one data source")
     ckpt = checkpoint_dir(out)
-    state = _load_state(ckpt) if resume else None
+    state = load_state(ckpt) if resume else None
     if resume and state is None:
         raise ConfigError(f"--resume: no checkpoint at {ckpt} (nothing to resume)")
     if state is not None:  # the run's own settings, except those that cannot change its weights
         local = ("time_budget", "workers", "cache_dir", "keep_checkpoint")
         cfg = PretrainConfig().updated({**state["config"], **{k: getattr(cfg, k) for k in local}})
+    # Under torchrun: join the process group; only rank 0 plans, reports and writes (medclf.distributed).
+    dist, device = from_env(_device(cfg.device))
+    with contextlib.ExitStack() as scope:
+        scope.callback(dist.close)
+        if not dist.is_main:
+            scope.enter_context(reporting.use(reporting.SilentReporter()))
+        job = _Job(cfg, sources, out, ckpt, state, budget, dist, device, progress and dist.is_main)
+        return _run(job)
+
+
+def _run(job: _Job) -> PretrainResult:
+    cfg, budget, dist, state = job.cfg, job.budget, job.dist, job.state
+    rep = reporting.current()
     threads_mod.apply(cfg.threads)
-    device = _device(cfg.device)
     torch.manual_seed(cfg.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
-
-    sets = [load_unlabelled(s) for s in sources]
+    sets = [load_unlabelled(s) for s in job.sources]
+    inputs = _on_main(dist, lambda: _plan_input(job, sets))
+    data_ = _decode(job, sets, PreprocessSpec.from_dict(inputs["spec"]))
+    if state is not None and state["data_fingerprint"] != data_.fingerprint:
+        raise ConfigError("--resume: the data changed since the checkpoint was written; start a new run")
+    loop, reasons = _build_loop(job, data_, inputs["arch_kwargs"], len(sets))
+    for line in [*inputs["reasons"], *reasons]:
+        rep.print(f"  {line}", highlight=False)
     if state is not None:
-        from medclf.preprocess import PreprocessSpec
+        loop.restore(job.ckpt, state)
+        rep.print(f"[bold]Resuming[/] after epoch {state['epoch'] + 1} ({job.ckpt})")
+    loop.epochs(job.ckpt, deadline=budget.work_deadline() if not cfg.epochs else None)
+    path = job.out
+    if dist.is_main:
+        path = write_backbone(loop, job.out, [str(s) for s in job.sources])
+        if not cfg.keep_checkpoint:
+            shutil.rmtree(job.ckpt, ignore_errors=True)
+        rep.print(f"Backbone bundle written to {path} ({loop.epochs_run} epochs, {budget.elapsed():.0f} s)")
+    dist.barrier()  # the other processes return once the bundle is there
+    return PretrainResult(
+        path, loop.history, loop.epochs_run, loop.stop_reason, budget.elapsed(), data_.sources
+    )
 
-        reasons: list[str] = []
-        spec, arch_kwargs = PreprocessSpec.from_dict(state["spec"]), state["arch_kwargs"]
+
+def _on_main(dist: DistContext, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``fn()`` on rank 0 and its result (JSON) on every rank; a refusal there is raised on every rank, so
+    that no process waits for the others alone."""
+    if not dist.enabled:
+        return fn()
+    message: dict[str, Any] = {}
+    error: MedclfError | None = None
+    if dist.is_main:
+        try:
+            message = {"value": fn()}
+        except MedclfError as exc:
+            error, message = exc, {"error": str(exc)}
+    message = dist.broadcast_json(message)
+    if error is not None:
+        raise error
+    if "error" in message:
+        raise ConfigError(message["error"])
+    value: dict[str, Any] = message["value"]
+    return value
+
+
+def _plan_input(job: _Job, sets: list[SampleSet]) -> dict[str, Any]:
+    """The preprocessing and the network's arguments (the checkpoint's when resuming); with a clock, the
+    refusal of a budget that decoding would spend (:func:`medclf.pretrain.pace.check_decoding`)."""
+    cfg, budget, state = job.cfg, job.budget, job.state
+    reasons: list[str] = []
+    if state is not None:  # decoded before: the cache holds it unless it was cleared
+        spec, kwargs, per_file = PreprocessSpec.from_dict(state["spec"]), state["arch_kwargs"], 0.0
     else:
-        spec, arch_kwargs, reasons = plan_input(sets[0], arch=cfg.arch, size=cfg.size, seed=cfg.seed)
+        t0 = budget.clock()
+        spec, kwargs, reasons, probed = plan_input(sets[0], arch=cfg.arch, size=cfg.size, seed=cfg.seed)
+        per_file = (budget.clock() - t0) / max(probed, 1)  # the fingerprint decodes files: it prices decoding
+    if not cfg.epochs:
+        todo = sum(len(s) for s in sets if not is_cached(s, spec, cfg.cache_dir))
+        decode_s = decode_seconds(per_file, todo, cfg.workers or threads_mod.decode_workers())
+        budget.reserve_finishing(0, None)  # writing the bundle at least; the k-NN probe is priced later
+        check_decoding(budget, decode_s)
+    return {"spec": spec.to_dict(), "arch_kwargs": kwargs, "reasons": reasons}
+
+
+def _decode(job: _Job, sets: list[SampleSet], spec: PreprocessSpec) -> PretrainData:
+    """Every source through the cache; on each machine local rank 0 decodes while the others wait, then
+    they open what it wrote."""
+    cfg, dist = job.cfg, job.dist
+    if dist.enabled and not dist.is_local_main:
+        dist.barrier()
     data_ = prepare_sources(
         sets,
         spec,
         splits=cfg.splits,
         cache_dir=cfg.cache_dir,
         workers=cfg.workers,
-        progress=progress,
+        progress=job.progress,
         seed=cfg.seed,
     )
-    if state is not None and state["data_fingerprint"] != data_.fingerprint:
-        raise ConfigError("--resume: the data changed since the checkpoint was written; start a new run")
+    if dist.enabled and dist.is_local_main:
+        dist.barrier()
+    return data_
+
+
+def _build_loop(
+    job: _Job, data_: PretrainData, arch_kwargs: dict[str, Any], n_sources: int
+) -> tuple[PretrainLoop, list[str]]:
+    """The loop over ``data_``, with the steps the budget holds (or ``--epochs``); the reasons to print."""
+    cfg, budget, dist, state = job.cfg, job.budget, job.dist, job.state
     n = len(data_.rows)
-    batch = int(state["batch_size"]) if state else _batch_size(cfg, n, device)
     if n < 4:
         raise ConfigError(f"{n} image(s) are too few to pretrain on (SimCLR contrasts images in a batch)")
-    run = _Run(cfg, data_, arch_kwargs, batch, device, budget)
-    probe_source = data_.probe.source if data_.probe else None
-    reasons.append(
-        f"{n} images from {len(sets)} source(s); batch {batch} (x2 views), SimCLR on {cfg.arch}, "
-        f"temperature {cfg.temperature:g}, projection {cfg.projection_dim}"
-    )
-    reasons.append(
-        f"k-NN probe: labels of {probe_source}" if probe_source else "k-NN probe: none (no labels)"
-    )
-    for line in reasons:
-        rep.print(f"  {line}", highlight=False)
-    if state is not None:
-        run.restore(ckpt, state)
-        rep.print(f"[bold]Resuming[/] after epoch {state['epoch'] + 1} ({ckpt})")
+    batch = int(state["batch_size"]) if state else _batch_size(cfg, n, job.device, dist.world_size)
+    if batch > n:
+        raise ConfigError(f"{n} images are too few for a batch of {batch} over {dist.world_size} processes")
     # The k-NN probe's last pass and writing the bundle come after the last epoch: set them aside.
     probe_n = len(data_.probe.ref_y) + len(data_.probe.query_y) if data_.probe else 0
     budget.reserve_finishing(probe_n, None)
-    run.epochs(ckpt, deadline=budget.work_deadline() if not cfg.epochs else None)
-    path = run.write_bundle(out, [str(s) for s in sources])
-    if not cfg.keep_checkpoint:
-        shutil.rmtree(ckpt, ignore_errors=True)
-    rep.print(f"Backbone bundle written to {path} ({run.epochs_run} epochs, {budget.elapsed():.0f} s)")
-    return PretrainResult(path, run.history, run.epochs_run, run.stop_reason, budget.elapsed(), data_.sources)
+    stepper = SimclrStep(
+        data_.spec, temperature=cfg.temperature, device=job.device, amp=cfg.amp, world_size=dist.world_size
+    )
+    full_steps = max(1, n // batch)
+    epochs = cfg.epochs or (int(state.get("planned_epochs", MAX_EPOCHS)) if state else MAX_EPOCHS)
+    steps = int(state.get("steps_per_epoch", full_steps)) if state else full_steps
+    probe_source = data_.probe.source if data_.probe else None
+    reasons = [
+        f"{n} images from {n_sources} source(s); batch {batch} (x2 views)"
+        + (f" over {dist.world_size} processes" if dist.enabled else "")
+        + f", SimCLR on {cfg.arch}, temperature {cfg.temperature:g}, projection {cfg.projection_dim}",
+        f"k-NN probe: labels of {probe_source}" if probe_source else "k-NN probe: none (no labels)",
+    ]
+    step_s = None
+    if not cfg.epochs:
+        plan = StepPlan(
+            **_on_main(dist, lambda: _plan_steps(job, data_, arch_kwargs, stepper, batch, steps, probe_n))
+        )
+        step_s = plan.step_seconds
+        if state is None:  # a resumed run keeps its schedule; the clock only tells it when to stop
+            epochs, steps = plan.epochs, plan.steps_per_epoch
+        reasons.append(f"time budget: {plan.reason}")
+    loop = PretrainLoop(
+        cfg, data_, arch_kwargs, batch=batch, stepper=stepper, budget=budget, dist=dist,
+        steps_per_epoch=steps, planned_epochs=epochs, step_seconds=step_s,
+    )  # fmt: skip
+    return loop, reasons
+
+
+def _plan_steps(
+    job: _Job,
+    data_: PretrainData,
+    arch_kwargs: dict[str, Any],
+    stepper: SimclrStep,
+    batch: int,
+    full_steps: int,
+    probe_n: int,
+) -> dict[str, Any]:
+    """Time a step of this process's share of a batch on a throwaway network, price the k-NN probe from
+    it, and plan the steps that fit (rank 0's, for every process)."""
+    cfg, budget = job.cfg, job.budget
+    local = batch // job.dist.world_size
+
+    def make_net() -> torch.nn.Module:
+        net, _ = build_net(cfg.arch, data_.spec, arch_kwargs, cfg.projection_dim)
+        return net.to(job.device)
+
+    step_s = time_step(stepper, make_net, data_.rows[:local].float(), budget, budget.planning_seconds())
+    views_per_s = 2 * local / max(step_s, 1e-9)  # training throughput: each image is two views
+    budget.reserve_finishing(probe_n, views_per_s)
+    knn_s = inference_seconds(probe_n, views_per_s)
+    return plan_steps(
+        budget, step_s=step_s, knn_s=knn_s, full_steps=full_steps, max_epochs=MAX_EPOCHS
+    ).to_dict()
 
 
 def _device(device: str) -> str:
@@ -190,281 +284,69 @@ def _device(device: str) -> str:
     return device
 
 
-def _batch_size(cfg: PretrainConfig, n: int, device: str) -> int:
+def _batch_size(cfg: PretrainConfig, n: int, device: str, world_size: int = 1) -> int:
     """``--batch-size``, else 256 images (512 views) on a GPU and 128 on a CPU (SimCLR wants many negatives,
-    a CPU few images per step), at most a quarter of the images so an epoch has several steps."""
+    a CPU few images per step), at most a quarter of the images so an epoch has several steps. Under
+    torchrun it is the global batch, whatever the number of processes (the loss is the global batch's),
+    rounded down to split evenly across them."""
     if cfg.batch_size:
-        return int(min(cfg.batch_size, max(2, n // 2)))
-    return int(max(2, min(256 if device.startswith("cuda") else 128, n // 4)))
+        batch = int(min(cfg.batch_size, max(2, n // 2)))
+    else:
+        batch = int(max(2, min(256 if device.startswith("cuda") else 128, n // 4)))
+    if world_size > 1:
+        batch = max(batch - batch % world_size, world_size)
+    return batch
 
 
-class _Run:
-    """The network, optimiser, schedule and history of one run, epoch by epoch."""
-
-    def __init__(
-        self,
-        cfg: PretrainConfig,
-        data: PretrainData,
-        arch_kwargs: dict[str, Any],
-        batch: int,
-        device: str,
-        budget: Budget,
-    ) -> None:
-        self.cfg, self.data, self.arch_kwargs, self.batch = cfg, data, dict(arch_kwargs), batch
-        self.device, self.budget = device, budget
-        self.net, self.omitted = build_net(cfg.arch, data.spec, self.arch_kwargs, cfg.projection_dim)
-        self.net = self.net.to(device)
-        self.augment = contrastive_augmentation(data.spec.spatial_dims)
-        self.loss_fn = contrastive_loss(cfg.temperature)
-        self.steps_per_epoch = max(1, len(data.rows) // batch)
-        self.schedule = Schedule(
-            self.steps_per_epoch, cfg.epochs or MAX_EPOCHS, patience_epochs=10**6, clock_driven=not cfg.epochs
-        )
-        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        schedule = self.schedule
-
-        def lr_factor(step: int) -> float:
-            return schedule.lr_factor(step)
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
-        self.gen = torch.Generator().manual_seed(cfg.seed + 1)
-        from medclf.planner import resolve_amp
-
-        # Mixed precision as train resolves it; the loss is computed in float32 either way.
-        self.amp = resolve_amp(cfg.amp, device)
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
-        self.scaler = (
-            torch.amp.GradScaler("cuda") if self.amp == "fp16" and device.startswith("cuda") else None
-        )
-        self.history: list[dict[str, float]] = []
-        self.start_epoch, self.epochs_run, self.stop_reason = 0, 0, "completed"
-
-    # -- the epochs ------------------------------------------------------------------------------------
-    def epochs(self, ckpt: Path, deadline: float | None) -> None:
-        clock, times = self.budget.clock, []
-        planned = self.cfg.epochs or MAX_EPOCHS
-        for epoch in range(self.start_epoch, planned):
-            if self.schedule.clock_driven and epoch >= self.schedule.horizon_epochs:
-                break
-            t0 = clock()
-            loss = self._train_epoch()
-            knn = self.knn_accuracy()
-            times.append(clock() - t0)
-            row = {
-                "epoch": epoch + 1,
-                "loss": loss,
-                "lr": self.optimizer.param_groups[0]["lr"],
-                "seconds": times[-1],
-                "wall_s": self.budget.elapsed(),
-            }
-            if knn is not None:
-                row["knn_acc"] = knn
-            self.history.append(row)
-            self._replan(epoch + 1, times, deadline)
-            self._save(ckpt, epoch)
-            last = epoch + 1 >= planned or (
-                deadline is not None and self._out_of_time(epoch, times, deadline)
-            )
-            self._report(row, last, deadline)
-            if last:
-                break
-        self.epochs_run = len(self.history)
-
-    def _train_epoch(self) -> float:
-        self.net.train()
-        rows = self.data.rows
-        order = torch.randperm(len(rows), generator=self.gen)
-        total, count = 0.0, 0
-        for s in range(self.steps_per_epoch):
-            x = rows[order[s * self.batch : (s + 1) * self.batch]].float()
-            views = torch.cat([self.augment(x, self.gen), self.augment(x, self.gen)]).to(self.device)
-            with self._autocast():
-                z = self.net(views).float()
-            loss = self.loss_fn(z[: len(x)], z[len(x) :])
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            elif torch.isfinite(loss):  # a non-finite loss would make every weight NaN: skip the step
-                loss.backward()
-                self.optimizer.step()
-            else:
-                reporting.current().warn(f"a non-finite SSL loss at step {s + 1}: step skipped")
-                continue
-            self.scheduler.step()
-            total += float(loss.detach()) * len(x)
-            count += len(x)
-        return total / max(count, 1)
-
-    def _autocast(self) -> Any:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast("cuda" if self.device.startswith("cuda") else "cpu", dtype=self.amp_dtype)
-
-    @torch.no_grad()
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Backbone features of ``x`` (no projection head, as SimCLR evaluates), L2-normalised."""
-        self.net.eval()
-        out = [
-            self.net.backbone(x[i : i + 256].float().to(self.device)).float().cpu()
-            for i in range(0, len(x), 256)
-        ]
-        return torch.nn.functional.normalize(torch.cat(out), dim=1)
-
-    def knn_accuracy(self) -> float | None:
-        """Accuracy of a k-nearest-neighbour classifier (cosine) on the backbone's features, from the probe
-        source's labels: a pretraining run learns without them; this only shows whether it learns."""
-        probe: ProbeSet | None = self.data.probe
-        if probe is None:
-            return None
-        from sklearn.neighbors import KNeighborsClassifier
-
-        k = min(KNN_K, len(probe.ref_y))
-        knn = KNeighborsClassifier(n_neighbors=k, metric="cosine").fit(
-            self.embed(probe.ref_x).numpy(), probe.ref_y
-        )
-        return float(np.mean(knn.predict(self.embed(probe.query_x).numpy()) == probe.query_y))
-
-    def _replan(self, epochs_done: int, times: list[float], deadline: float | None) -> None:
-        """Fit the cosine's horizon to the epochs that still fit before ``deadline`` (as training does)."""
-        if not self.schedule.clock_driven or deadline is None:
-            return
-        recent = times[1:][-3:] if len(times) > 1 else times
-        pace = epoch_pace(max(times[-1], float(np.mean(recent))))
-        self.schedule.replan(self.scheduler.last_epoch, epochs_done, deadline - self.budget.clock(), pace)
-        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
-            group["lr"] = base * self.schedule.lr_factor(self.scheduler.last_epoch)
-
-    def _out_of_time(self, epoch: int, times: list[float], deadline: float) -> bool:
-        """Whether no further epoch fits: the clock's horizon is reached, or (when the schedule could not
-        shrink below the epochs done) the next epoch at the recent pace would end after ``deadline``."""
-        next_end = self.budget.clock() + epoch_pace(float(np.mean(times[-3:])))
-        done = next_end > deadline or (
-            self.schedule.clock_driven and epoch + 1 >= self.schedule.horizon_epochs
-        )
-        if done:
-            self.stop_reason = "time_budget"
-        return done
-
-    def _report(self, row: dict[str, float], last: bool, deadline: float | None) -> None:
-        epoch = int(row["epoch"])
-        horizon = epoch if last else self.schedule.horizon_epochs
-        knn = f"  k-NN acc {row['knn_acc']:.3f}" if "knn_acc" in row else ""
-        left = (horizon - epoch) * row["seconds"]
-        if deadline is not None:
-            left = min(left, max(deadline - self.budget.clock(), 0.0))
-        reporting.current().print(
-            f"epoch {int(row['epoch'])}/{horizon}  SSL loss {row['loss']:.4f}{knn}  "
-            f"lr {row['lr']:.2e}  left ~{left / 60:.1f} min  ({row['seconds']:.1f} s)",
-            highlight=False,
-        )
-
-    # -- checkpoints -------------------------------------------------------------------------------------
-    def _save(self, ckpt: Path, epoch: int) -> None:
-        ckpt.mkdir(parents=True, exist_ok=True)
-        tensors = {f"net.{k}": v for k, v in self.net.state_dict().items()}
-        opt = self.optimizer.state_dict()
-        for pid, st in opt["state"].items():
-            for k, v in st.items():
-                tensors[f"optim.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-        tensors["rng.torch"] = torch.get_rng_state()
-        tensors["rng.gen"] = self.gen.get_state()
-        tmp = ckpt / (LAST + ".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, ckpt / LAST)
-        meta = {
-            "epoch": epoch,
-            "history": self.history,
-            "config": {**asdict(self.cfg), "splits": list(self.cfg.splits)},
-            "spec": self.data.spec.to_dict(),
-            "arch_kwargs": self.arch_kwargs,
-            "batch_size": self.batch,
-            "scheduler": self.scheduler.state_dict(),
-            "schedule": self.schedule.state_dict(),
-            "optim_param_groups": opt["param_groups"],
-            "data_fingerprint": self.data.fingerprint,
-        }
-        tmp = ckpt / (STATE + ".tmp")
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, ckpt / STATE)
-
-    def restore(self, ckpt: Path, state: dict[str, Any]) -> None:
-        tensors = load_file(str(ckpt / LAST))
-        self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
-        opt: dict[str, Any] = {"state": {}, "param_groups": state["optim_param_groups"]}
-        for k, v in tensors.items():
-            if k.startswith("optim."):
-                _, pid, name = k.split(".", 2)
-                opt["state"].setdefault(int(pid), {})[name] = v
-        self.optimizer.load_state_dict(opt)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.schedule.load_state_dict(state["schedule"])
-        torch.set_rng_state(tensors["rng.torch"])
-        self.gen.set_state(tensors["rng.gen"])
-        self.history = list(state["history"])
-        self.start_epoch = int(state["epoch"]) + 1
-
-    # -- the bundle --------------------------------------------------------------------------------------
-    def write_bundle(self, out: Path, sources: list[str]) -> Path:
-        backbone = self.net.backbone.cpu().eval()
-        spec = self.data.spec
-        manifest = {
-            "kind": "backbone",
-            "model": {
-                "arch": self.cfg.arch,
-                "in_channels": spec.channels,
-                "n_classes": 2,  # the output layer's size when the network is built; its weights are omitted
-                "spatial_dims": spec.spatial_dims,
-                "kwargs": self.arch_kwargs,
-                "omitted": self.omitted,
-            },
-            "classes": [],
-            "preprocess": spec.to_dict(),
-            "pretraining": {
-                "method": "simclr",
-                "loss": "monai.losses.ContrastiveLoss (NT-Xent)",
-                "temperature": self.cfg.temperature,
-                "projection_dim": self.cfg.projection_dim,
-                "augmentation": "medclf.pretrain.simclr.contrastive_augmentation",
-                "batch_size": self.batch,
-                "amp": self.amp,
-                "lr": self.cfg.lr,
-                "weight_decay": self.cfg.weight_decay,
-                "seed": self.cfg.seed,
-                "splits": list(self.cfg.splits),
-                "sources": self.data.sources,
-                "images": len(self.data.rows),
-                "epochs": len(self.history),
-                "stop_reason": self.stop_reason,
-                "schedule": self.schedule.record(
-                    int(self.scheduler.last_epoch), len(self.history), self.stop_reason
-                ),
-                "loss_curve": [round(float(r["loss"]), 5) for r in self.history],
-                "knn_probe": (
-                    {
-                        "source": self.data.probe.source,
-                        "k": min(KNN_K, len(self.data.probe.ref_y)),
-                        "accuracy_curve": [
-                            round(float(r["knn_acc"]), 4) for r in self.history if "knn_acc" in r
-                        ],
-                    }
-                    if self.data.probe
-                    else None
-                ),
-                "history": self.history,
-                "seconds": round(self.budget.elapsed(), 1),
-                "command_sources": sources,
-            },
-        }
-        return save_bundle(out, model=backbone, manifest=manifest)
-
-
-def _load_state(ckpt: Path) -> dict[str, Any] | None:
-    p = ckpt / STATE
-    if not p.exists() or not (ckpt / LAST).exists():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{p}: the checkpoint state is damaged ({exc}); start a new run") from exc
+def write_backbone(loop: PretrainLoop, out: Path, sources: list[str]) -> Path:
+    """The backbone of ``loop`` as a sealed bundle at ``out``, with what its pretraining was."""
+    backbone = loop.net.backbone.cpu().eval()
+    spec, cfg, probe = loop.data.spec, loop.cfg, loop.data.probe
+    step = int(loop.scheduler.last_epoch)
+    manifest = {
+        "kind": "backbone",
+        "model": {
+            "arch": cfg.arch,
+            "in_channels": spec.channels,
+            "n_classes": 2,  # the output layer's size when the network is built; its weights are omitted
+            "spatial_dims": spec.spatial_dims,
+            "kwargs": loop.arch_kwargs,
+            "omitted": loop.omitted,
+        },
+        "classes": [],
+        "preprocess": spec.to_dict(),
+        "pretraining": {
+            "method": "simclr",
+            "loss": "monai.losses.ContrastiveLoss (NT-Xent)",
+            "temperature": cfg.temperature,
+            "projection_dim": cfg.projection_dim,
+            "augmentation": "medclf.pretrain.simclr.contrastive_augmentation",
+            "batch_size": loop.batch,
+            "world_size": loop.dist.world_size,
+            "steps_per_epoch": loop.steps_per_epoch,
+            "amp": loop.amp,
+            "lr": cfg.lr,
+            "weight_decay": cfg.weight_decay,
+            "seed": cfg.seed,
+            "splits": list(cfg.splits),
+            "sources": loop.data.sources,
+            "images": len(loop.data.rows),
+            "epochs": len(loop.history),
+            "stop_reason": loop.stop_reason,
+            "schedule": loop.schedule.record(step, len(loop.history), loop.stop_reason),
+            "loss_curve": [round(float(r["loss"]), 5) for r in loop.history],
+            "knn_probe": (
+                {
+                    "source": probe.source,
+                    "k": min(KNN_K, len(probe.ref_y)),
+                    "accuracy_curve": [round(float(r["knn_acc"]), 4) for r in loop.history if "knn_acc" in r],
+                }
+                if probe
+                else None
+            ),
+            "history": loop.history,
+            "seconds": round(loop.budget.elapsed(), 1),
+            "command_sources": sources,
+        },
+    }
+    return save_bundle(out, model=backbone, manifest=manifest)

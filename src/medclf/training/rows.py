@@ -3,11 +3,9 @@ each epoch's shuffled, augmented and mixed training batches."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +22,7 @@ from medclf.data.stream import (
     return_freed_batches_to_os,
     should_stream,
 )
-from medclf.distributed import DistContext, epoch_seed, shard
+from medclf.distributed import DistContext, epoch_seed, log_shards, shard
 from medclf.planner import Plan
 from medclf.training.config import TrainConfig
 
@@ -100,7 +98,7 @@ class TrainingRows:
         starts = range(0, n - bs + 1 if n >= bs else 1, bs)
         shards = [shard(perm[start : start + bs], self.dist) for start in starts]
         if os.environ.get("MEDCLF_DEBUG_SHARDS"):
-            _log_shards(self.dist, epoch, [self.data.train_idx[s.numpy()] for s in shards])
+            log_shards(self.dist, epoch, [self.data.train_idx[s.numpy()] for s in shards])
         n_classes = len(self.data.samples.classes)
         for idx, x in prefetched(self.train_x.__getitem__, shards, depth=2 if self.streaming else 0):
             x, y = self.aug(x.float(), gen), self.train_y[idx]
@@ -113,16 +111,6 @@ class TrainingRows:
 def _rows(tensors: np.ndarray, idx: np.ndarray, streaming: bool) -> torch.Tensor | StreamedRows:
     """Rows ``idx`` of the cache, indexable like a tensor: read from disk per batch, or held in memory."""
     return StreamedRows(tensors, idx) if streaming else _materialise(tensors, idx)
-
-
-def _log_shards(dist: DistContext, epoch: int, shards: list[np.ndarray]) -> None:
-    """With ``MEDCLF_DEBUG_SHARDS=<folder>``, append the sample indices this rank trains on in ``epoch`` to
-    ``<folder>/shards-rank<r>.jsonl`` (tests check that ranks see disjoint shards)."""
-    folder = os.environ["MEDCLF_DEBUG_SHARDS"]
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    line = json.dumps({"rank": dist.rank, "epoch": epoch, "batches": [s.tolist() for s in shards]})
-    with open(Path(folder) / f"shards-rank{dist.rank}.jsonl", "a", encoding="utf-8") as fh:
-        fh.write(line + "\n")
 
 
 def _materialise(tensors: np.ndarray, idx: np.ndarray) -> torch.Tensor:
