@@ -18,7 +18,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import UID, Comprehensive3DSRStorage
 
 from medclf.serve import coding
-from medclf.serve.sr import CHECK_TRACKING_ID, algorithm_name, model_observer_uid
+from medclf.serve.sr import CHECK_TRACKING_ID, GRADE_TRACKING_ID, algorithm_name, model_observer_uid
 
 # Comprehensive 3D SR IOD (PS3.3 A.35.13): type 1 attributes must hold a value, type 2 must be present.
 _SR_TYPE1 = [
@@ -87,8 +87,8 @@ def check_sr(sr_path: Path, src: Dataset, result: dict[str, Any], bundle: Any) -
     for keyword in _SR_TYPE2:
         assert keyword in sr, f"type 2 attribute {keyword} missing"
     # dciodvfy: no errors; its only complaint about codes is the one private scheme, declared in the SR,
-    # and that scheme holds only what has no standard code (classes that name no SNOMED CT concept, and
-    # the out-of-distribution score).
+    # and that scheme holds only what has no standard code (classes that name no SNOMED CT concept, the
+    # out-of-distribution score, an ordinal grade's index and expected index).
     findings = dciodvfy(sr_path)
     if findings is not None:
         assert not [f for f in findings if f.startswith("Error")], findings
@@ -99,7 +99,8 @@ def check_sr(sr_path: Path, src: Dataset, result: dict[str, Any], bundle: Any) -
     assert declared == ([coding.SCHEME] if private else [])
     for code in _codes_in(sr):
         if code.CodingSchemeDesignator == coding.SCHEME:
-            assert code.CodeValue == coding.OOD_SCORE.value or (
+            own = (coding.OOD_SCORE.value, coding.GRADE_INDEX.value, coding.EXPECTED_GRADE.value)
+            assert code.CodeValue in own or (
                 code.CodeMeaning in bundle.classes
                 and coding.class_code(code.CodeMeaning).scheme_designator == coding.SCHEME
             ), f"private code {code.CodeValue} ({code.CodeMeaning}) where a standard one exists"
@@ -152,6 +153,19 @@ def check_sr(sr_path: Path, src: Dataset, result: dict[str, Any], bundle: Any) -
         group = groups.pop(key)
         (answer,) = group.get_qualitative_evaluations()
         assert answer.value == (coding.PRESENT if result["decision"]["positive"] else coding.ABSENT)
+    # An ordinal grade: the grade's concept as the finding (CODE), its index and expected index (NUM);
+    # no other answer has one.
+    assert (GRADE_TRACKING_ID in groups) is bool(result.get("grade"))
+    if result.get("grade"):
+        grade = groups.pop(GRADE_TRACKING_ID)
+        assert grade.finding_type == coding.class_code(result["grade"]["grade"])
+        assert len(grade.get_measurements()) == 2
+        (index,) = grade.get_measurements(name=coding.GRADE_INDEX)
+        (expected,) = grade.get_measurements(name=coding.EXPECTED_GRADE)
+        assert index.unit == expected.unit == coding.UNITLESS
+        assert index.value == result["grade"]["index"]
+        assert expected.value == pytest.approx(result["grade"]["expected_index"], abs=1e-6)
+        assert not grade.get_qualitative_evaluations()
     # One group per class: the class as finding, its probability; the predicted class "Present".
     assert set(groups) == set(bundle.classes)
     for name, group in groups.items():

@@ -33,7 +33,7 @@ from medclf.signing import SignatureCheck, TrustedKeys
 from medclf.tta import predict_with_tta
 from medclf.tta import resolve as resolve_tta
 
-__all__ = ["Predictor", "as_bundle", "as_predictor"]
+__all__ = ["Predictor", "as_bundle", "as_predictor", "prediction_fields"]
 
 
 class Predictor:
@@ -278,6 +278,13 @@ class Predictor:
         for r in results:
             r.pop("preprocess_ms", None)
         return results
+
+
+def prediction_fields(entry: dict[str, Any]) -> dict[str, Any]:
+    """The prediction in one entry of :meth:`Predictor.predict`, as ``medclf predict``'s JSON gives it, less
+    the input's ``path``: what the HTTP API and the DICOM node return. One function for all of them, so that
+    a field the prediction gains (``findings``, ``positive``, ``grade``, ...) reaches every output."""
+    return {key: value for key, value in entry.items() if key != "path"}
 
 
 def as_predictor(

@@ -61,7 +61,7 @@ from medclf.engines import resolve_engine, tune_allocator
 from medclf.errors import ConfigError, InputRejected, MedclfError
 from medclf.explain import Explainer
 from medclf.io import ReadLimits, read_image
-from medclf.predictor import Predictor, as_predictor
+from medclf.predictor import Predictor, as_predictor, prediction_fields
 from medclf.preprocess import preprocess
 from medclf.serve.auditlog import AuditLog, AuditRecord
 from medclf.serve.auth import KeyStore
@@ -309,7 +309,7 @@ class Service:
             if "error" in result:
                 raise InputRejected(result["error"], reason=result.get("reason", "invalid"))
             # The prediction as `predict` gives it (with any out-of-distribution flag), minus the temp path.
-            out: dict[str, Any] = {k: v for k, v in result.items() if k != "path"}
+            out = prediction_fields(result)
             out.update(
                 {
                     "input": {

@@ -11,8 +11,8 @@ the operating point's decision      the group's concept = SCT 52101004 "Present"
 its threshold                       DCM 122411 "Threshold Value"
 a multi-label finding's decision    the finding's concept = SCT "Present" / "Absent", at its threshold
 an ordinal grade                    DCM 121071 "Finding" = the grade's concept; its index on the scale
-                                    and the distribution's mean (FHIR only): ``99MEDCLF`` GRADEINDEX,
-                                    EXPECTEDGRADE
+                                    and the distribution's mean: ``99MEDCLF`` GRADEINDEX,
+                                    EXPECTEDGRADE, unit UCUM ``1`` (a position on the scale)
 the out-of-distribution check       DCM 111017 "CAD Processing and Findings Summary" =
                                     DCM 111242 "All algorithms succeeded; with findings", or
                                     DCM 111245 "No algorithms succeeded; without findings"

@@ -29,15 +29,18 @@ never over an earlier result (see :meth:`DicomNode._handle_store` for what a sec
 SOP Instance UID gets):
 
 ``<SOPInstanceUID>.json``
-    the predicted class, the probabilities, the out-of-distribution flag, score and warning, the model's
-    sha256, the source Study/Series/SOP Instance UIDs, the time. It holds **no patient identifiers** (no
-    name, id, birth date): it is meant for logs, dashboards and audit, which must not become a second copy
-    of the patient record.
+    the prediction as ``medclf predict`` gives it (the predicted class, the probabilities, a multi-label
+    bundle's ``findings`` and ``positive``, an ordinal bundle's ``grade``, the operating point's
+    ``decision``, the out-of-distribution flag, score and warning), the model's sha256, the source
+    Study/Series/SOP Instance UIDs, the time. It holds **no patient identifiers** (no name, id, birth
+    date): it is meant for logs, dashboards and audit, which must not become a second copy of the patient
+    record.
 ``<SOPInstanceUID>.sr.dcm``
     a Comprehensive 3D SR (TID 1500 measurement report, built with highdicom by
     :func:`medclf.serve.sr.build_sr`: see there) with new SOP Instance and Series UIDs, referencing the
-    source instance, holding one measurement group per class (its probability; the predicted class
-    "Present"), the operating point's decision when the bundle has one, and the out-of-distribution check.
+    source instance, holding one measurement group per class (its probability; the predicted class, or each
+    finding present, "Present"), an ordinal bundle's grade (its code, index and expected index), the
+    operating point's decision when the bundle has one, and the out-of-distribution check.
     For an input outside the training distribution the SR holds **no finding and no probabilities**, only
     the check saying the model gives no valid result for it. The SR **does** copy the Patient module
     (name, id, birth date, sex) and the General Study module from the source: a PACS files an SR by
@@ -76,7 +79,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from medclf.errors import ConfigError, InputRejected
 from medclf.io import ReadLimits, read_image
-from medclf.predictor import Predictor, as_predictor
+from medclf.predictor import Predictor, as_predictor, prediction_fields
 from medclf.serve.sr import build_sr
 
 if TYPE_CHECKING:
@@ -616,11 +619,9 @@ class DicomNode:
             "study_instance_uid": source.study,
             "sop_class_uid": source.sop_class,
             "modality": source.modality,
-            "predicted": prediction["predicted"],
-            "confidence": prediction["confidence"],
-            "probabilities": prediction["probabilities"],
-            **{key: prediction[key] for key in ("ood", "ood_score", "warning") if key in prediction},
-            **({"decision": prediction["decision"]} if "decision" in prediction else {}),
+            # Every field of `medclf predict`'s answer (findings, grade, decision, OOD check...), by the
+            # same function as the HTTP API, so that no output drops one.
+            **prediction_fields(prediction),
             "model": {"sha256": self.bundle.sha256, "arch": self.bundle.arch, "classes": self.bundle.classes},
             "received_at": now.isoformat(timespec="milliseconds"),
             "calling_ae": calling,

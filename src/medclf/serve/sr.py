@@ -13,6 +13,11 @@
   "Probability", UCUM ``1``), and, for the class the model predicts, the qualitative evaluation
   ``<class> = Present``; a multi-label bundle's group also holds the finding's threshold (DCM 122411), and
   every finding present at its threshold is ``<finding> = Present``;
+- **an ordinal bundle's grade**: a group (tracking identifier ``ordinal grade``) whose "Finding" (CODE,
+  DCM 121071) is the grade's concept, coded as the classes are, with the grade's index on the scale
+  (``99MEDCLF`` GRADEINDEX, 0 = the lowest grade) and the distribution's mean, the expected index
+  (EXPECTEDGRADE), as NUM items (UCUM ``1``), and the rule that chose the grade among its algorithm's
+  parameters; the class groups above are the distribution over grades;
 - **the operating point's decision** when the bundle has one (``medclf recalibrate``): a group for its
   positive group of classes with their summed probability, the threshold (DCM 122411) and
   ``<group> = Present`` or ``Absent``;
@@ -54,6 +59,8 @@ from medclf.errors import ConfigError, InputRejected
 from medclf.serve.coding import (
     ABSENT,
     CHECK_SUMMARY,
+    EXPECTED_GRADE,
+    GRADE_INDEX,
     IN_DISTRIBUTION,
     OOD_SCORE,
     OUT_OF_DISTRIBUTION,
@@ -71,6 +78,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHECK_TRACKING_ID",
+    "GRADE_TRACKING_ID",
     "SR_SERIES_NUMBER",
     "algorithm_name",
     "build_sr",
@@ -81,6 +89,7 @@ __all__ = [
 SR_SERIES_NUMBER = 990
 CHECK_TRACKING_ID = "out-of-distribution check"
 DECISION_TRACKING_PREFIX = "operating point: "
+GRADE_TRACKING_ID = "ordinal grade"
 _UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "medclf:dicom-node")
 _PATIENT_STUDY = (
     "PatientName",
@@ -153,6 +162,8 @@ def build_sr(
     groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
     if not prediction.get("ood"):
         groups += _class_groups(prediction, bundle, image)
+        if prediction.get("grade"):
+            groups.append(_grade_group(prediction["grade"], bundle, image))
         if prediction.get("decision"):
             groups.append(_decision_group(prediction["decision"], bundle, image))
     if "ood" in prediction:
@@ -263,6 +274,25 @@ def _class_groups(
             )
         )
     return groups
+
+
+def _grade_group(
+    grade: dict[str, Any], bundle: Predictor, image: hd.sr.SourceImageForMeasurementGroup
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """An ordinal grade (``grade`` as :func:`medclf.inference.class_answer` makes it) as one CODE and two
+    NUM items: a PACS rule or a reader gets the grade itself, not only a class marked present among the
+    grades, and its index and the distribution's mean as numbers to compare or to threshold."""
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=f"{algorithm_name(bundle)} ordinal grade",
+        version=bundle.sha256,
+        manufacturer="medclf",
+        parameters=[*_parameters(bundle), f"grade: the {grade['rule']}"],
+    )
+    measurements = [
+        _measurement(GRADE_INDEX, float(grade["index"])),
+        _measurement(EXPECTED_GRADE, float(grade["expected_index"])),
+    ]
+    return _group(GRADE_TRACKING_ID, class_code(str(grade["grade"])), algorithm, image, measurements, [])
 
 
 def _model_observer(bundle: Predictor, observer_name: str) -> hd.sr.ObserverContext:
