@@ -15,7 +15,6 @@ import contextlib
 import io
 import logging
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +125,7 @@ def check_parity(
     onnx_path: str | Path,
     x: np.ndarray,
     *,
-    temperature: float | Sequence[float] = 1.0,
+    temperature: float | tuple[float, ...] | list[float] = 1.0,
     batch_size: int = 32,
     task: str = "multiclass",
 ) -> dict[str, Any]:
@@ -159,7 +158,7 @@ def check_parity(
     }
 
 
-def _temperature_record(temperature: float | Sequence[float]) -> float | list[float]:
+def _temperature_record(temperature: float | tuple[float, ...] | list[float]) -> float | list[float]:
     """The temperature as ``bundle.json`` records it: one number, or one per finding."""
     t = np.asarray(temperature, dtype=np.float64)
     return float(t) if t.ndim == 0 else [float(v) for v in t]
