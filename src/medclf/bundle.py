@@ -179,6 +179,16 @@ class Bundle:
     def temperature(self) -> float:
         return Manifest.from_dict(self.manifest).temperature
 
+    @property
+    def finding_temperatures(self) -> tuple[float, ...] | None:
+        """See :attr:`medclf.manifest.Manifest.finding_temperatures`."""
+        return Manifest.from_dict(self.manifest).finding_temperatures
+
+    @property
+    def output_temperature(self) -> float | tuple[float, ...]:
+        """What divides the logits before the softmax or sigmoid (one, or one per finding)."""
+        return Manifest.from_dict(self.manifest).output_temperature
+
     def file(self, name: str) -> Path:
         if name not in self.manifest.get("files", {}):
             raise BundleError(f"{self.path}: the bundle has no file {name!r}")

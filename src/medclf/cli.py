@@ -581,7 +581,14 @@ def _print_classifier(b: Predictor) -> None:
 
     m = b.manifest
     val = m.get("metrics", {}).get("val", {})
-    print(f"calibration temperature {b.temperature:.4g}")
+    per = b.finding_temperatures
+    if per is None:
+        print(f"calibration temperature {b.temperature:.4g}")
+    else:  # multi-label: one per finding
+        print(
+            "calibration temperatures "
+            + ", ".join(f"{c} {t:.4g}" for c, t in zip(b.classes, per, strict=True))
+        )
     print(f"classes     {', '.join(b.classes)}")
     print(f"created     {m.get('created')}  medclf {m.get('versions', {}).get('medclf')}")
     print(f"validation  n={val.get('n')} accuracy={val.get('accuracy')} auc={val.get('auc')}")

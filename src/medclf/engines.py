@@ -8,9 +8,10 @@
 ``auto``       the default: ``onnx`` when the bundle holds an ONNX model, else ``torch``
 =============  ===========================================================================================
 
-Every engine returns logits; :func:`probabilities` then applies the bundle's temperature and the softmax,
-so calibration is identical whichever engine runs. :class:`medclf.predictor.Predictor` picks, builds and
-keeps the runners. The preprocessing is the bundle's, for all of them.
+Every engine returns logits; :func:`probabilities` then applies the bundle's temperature (a multi-label
+bundle's: one per finding) and the softmax (the sigmoids), so calibration is identical whichever engine runs.
+:class:`medclf.predictor.Predictor` picks, builds and keeps the runners. The preprocessing is the bundle's, for
+all of them.
 ONNX models are read into memory and checked against the sha256 in ``bundle.json`` before a session is
 built from those very bytes, so a file swapped after the bundle was loaded is refused too.
 """
@@ -21,7 +22,7 @@ import ctypes
 import hashlib
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -105,10 +106,25 @@ def build_runner(bundle: Bundle, engine: str) -> Runner:
     return _ENGINES[engine].build(bundle)
 
 
-def probabilities(logits: np.ndarray, temperature: float = 1.0, task: str = "multiclass") -> np.ndarray:
+def probabilities(
+    logits: np.ndarray,
+    temperature: float | Sequence[float] | np.ndarray = 1.0,
+    task: str = "multiclass",
+) -> np.ndarray:
     """Temperature-scaled softmax in float64: the one place every engine's logits become probabilities.
-    Multi-label findings (``task="multilabel"``): an independent sigmoid per finding instead."""
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    Multi-label findings (``task="multilabel"``): an independent sigmoid per finding instead, each finding's
+    logit divided by its own temperature when ``temperature`` holds one per finding (column)."""
+    t = np.asarray(temperature, dtype=np.float64)
+    if t.ndim == 0:
+        z = np.asarray(logits, dtype=np.float64) / float(t)
+    else:
+        z = np.asarray(logits, dtype=np.float64)
+        if task != "multilabel" or t.shape != (z.shape[-1],):
+            raise ValueError(
+                f"one temperature per output is for multi-label findings with one logit each; got {t.shape[0]} "
+                f"temperatures for {task} logits of shape {z.shape}"
+            )
+        z = z / t
     if task == "multilabel":
         from scipy.special import expit  # no overflow warning for large negative logits
 

@@ -174,7 +174,7 @@ def _occlusion(explainer: Explainer, x: torch.Tensor, class_index: int) -> np.nd
     size = x.shape[2:]
     # About 8 windows per axis in 2D (4 in 3D), overlapping by half: detail without thousands of passes.
     mask = [max(2, s // (8 if len(size) == 2 else 4)) for s in size]
-    temperature = explainer.predictor.temperature
+    activate = _activation(explainer.predictor)
     occ = OcclusionSensitivity(
         explainer.predictor.model,
         mask_size=mask,
@@ -182,15 +182,25 @@ def _occlusion(explainer: Explainer, x: torch.Tensor, class_index: int) -> np.nd
         verbose=False,
         mode="mean_img",
         overlap=0.5,
-        activate=lambda logits: torch.softmax(logits / temperature, dim=1),
+        activate=activate,
     )
     with torch.no_grad(), warnings.catch_warnings():
         # MONAI 1.6 indexes with lists, which torch deprecates: not the user's concern.
         warnings.filterwarnings("ignore", message="Using a non-tuple sequence", category=UserWarning)
         occluded, _ = occ(x)
-        full = torch.softmax(explainer.predictor.model(x) / temperature, dim=1)[0, class_index]
+        full = activate(explainer.predictor.model(x))[0, class_index]
     drop = torch.clamp(full - occluded[0, class_index], min=0.0)
     return _minmax(drop).numpy()
+
+
+def _activation(predictor: Predictor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The bundle's probabilities from its logits, as :func:`medclf.engines.probabilities` computes them: the
+    softmax through its temperature, or for multi-label findings a sigmoid per finding through its own."""
+    if predictor.manifest.get("task") == "multilabel":
+        per = torch.tensor(predictor.output_temperature, dtype=torch.float32)
+        return lambda logits: torch.sigmoid(logits / per)
+    temperature = predictor.temperature
+    return lambda logits: torch.softmax(logits / temperature, dim=1)
 
 
 # ----------------------------------------------------------------------------------------------- explainer

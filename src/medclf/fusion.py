@@ -12,10 +12,12 @@ sample are left out. Members trained on different carved validation splits (diff
 bagging without a dataset validation split) share no such samples: then only ``mean`` works, and the
 ensemble keeps temperature 1 (its members are each calibrated on their own validation split).
 
-Multi-label findings are fused by the mean of the members' per-finding probabilities, and each finding's
-threshold is chosen (Youden, as for one model) on the shared validation samples; K-fold members without
-any choose them on their out-of-fold predictions (every training sample scored by the member that did not
-train on it); other members without shared samples get the mean of the members' thresholds.
+Multi-label findings are fused by the mean of the members' per-finding probabilities, each member's through
+its own temperatures per finding. With shared validation samples the ensemble fits its own temperatures (one
+per finding) on the fused logits and chooses each finding's threshold (Youden, as for one model) on the
+probabilities through them; K-fold members without any choose the thresholds on their out-of-fold predictions
+(every training sample scored by the member that did not train on it) and keep temperature 1; other members
+without shared samples get the mean of the members' thresholds.
 """
 
 from __future__ import annotations
@@ -37,9 +39,17 @@ from medclf.data.references import TRAIN_SIGNATURES, aligned_signatures, pack_si
 from medclf.data.samples import SampleSet
 from medclf.data.scan import train_copy_flags
 from medclf.data.sources import load_source
+from medclf.engines import probabilities
 from medclf.errors import BundleError, ConfigError, DataError
 from medclf.manifest import Manifest
-from medclf.metrics.calibration import MIN_SAMPLES, TemperatureFit, apply_temperature, fit_temperature
+from medclf.metrics.calibration import (
+    MIN_SAMPLES,
+    TemperatureFit,
+    apply_temperature,
+    finding_calibration_record,
+    fit_finding_temperatures,
+    fit_temperature,
+)
 from medclf.metrics.classification import compute_metrics, expected_calibration_error
 from medclf.model_card import MODEL_CARD, model_card
 from medclf.models.ensemble import LOG_FLOOR, METHODS, Ensemble
@@ -108,7 +118,7 @@ def ensemble(
     )
     seconds = round(time.perf_counter() - t_start, 1)
     manifest = _manifest(members, base, splits, method, val, fusion, out_of_fold, seconds, recipe)
-    path = _save(out, model, manifest, splits, fit, multilabel=multilabel, seed=seed)
+    path = _save(out, model, manifest, splits, fit, seed=seed)
     _print_summary(path, val.member_metrics, own, val.metrics, weights, val.cal)
     return EnsembleResult(
         bundle=path,
@@ -156,12 +166,13 @@ class _FitSet:
 @dataclass
 class _Validation:
     """The ensemble's temperature, its metrics and its members' on the fitting set (None where too small),
-    and the multi-label per-finding thresholds."""
+    and the multi-label per-finding thresholds and temperatures."""
 
     cal: TemperatureFit
     metrics: dict[str, Any] | None = None
     member_metrics: list[dict[str, Any] | None] = field(default_factory=list)
     thresholds: dict[str, Any] | None = None
+    finding_cal: dict[str, Any] | None = None  # the calibration section of a multi-label ensemble
 
 
 def _members(bundles: Sequence[str | Path | Bundle | Predictor], method: str) -> list[Bundle]:
@@ -278,13 +289,19 @@ def _score_on_fit_set(
     cal = TemperatureFit(1.0, 0, None, None, None, None, note="calibration not asked for: T = 1")
     val = _Validation(cal, member_metrics=[None] * len(members))
     if multilabel:
-        val.cal.note = "multi-label: the mean of the members' per-finding sigmoids, no temperature"
+        val.cal.note = (
+            "multi-label: the mean of the members' per-finding sigmoids (each through its own temperatures); "
+            + (
+                "no ensemble temperature: "
+                + ("too few shared validation samples" if calibrate else "not asked for")
+            )
+        )
     if fit.lp is not None and enough:
         with torch.no_grad():
             fused = model.fuse(torch.from_numpy(fit.lp).float()).double().numpy()
         if multilabel:
-            val.metrics, val.thresholds = _findings_metrics(
-                fit.y, 1.0 / (1.0 + np.exp(-fused)), classes, seed
+            val.metrics, val.thresholds, val.finding_cal = _findings_metrics(
+                fit.y, fused, classes, calibrate, seed
             )
         else:
             if calibrate:
@@ -351,6 +368,7 @@ def _fusion_record(
                 "kwargs": b.manifest["model"].get("kwargs", {}),
                 "size": list(b.spec.size),
                 "temperature": b.temperature,
+                **_finding_temperatures(b),
                 "seed": recipe_j.get("seed"),
                 "val_fold": recipe_j.get("val_fold"),
                 "val": fit_metrics[j],
@@ -416,7 +434,7 @@ def _manifest(
         "metrics": metrics,
         "ensemble": fusion,
         "history": [],
-        "calibration": val.cal.to_dict(),
+        "calibration": val.finding_cal if val.finding_cal is not None else val.cal.to_dict(),
     }
 
 
@@ -427,18 +445,17 @@ def _save(
     splits: _Splits,
     fit: _FitSet,
     *,
-    multilabel: bool,
     seed: int,
 ) -> Path:
     """Fit the ensemble's OOD guard on the last member's training and validation rows, then write the bundle
     with the union of the members' training hashes and signatures."""
     union_hashes = sorted(set().union(*splits.train_hashes))
     prepared = splits.prepared
-    ood_labels = (
-        np.zeros(len(splits.samples), dtype=np.int64) if multilabel else splits.labels
-    )  # one distribution
     train_rows = splits.is_train[-1] & splits.readable
-    detector = _fit_ood(model, prepared.tensors, train_rows, fit.own_val[-1], ood_labels, seed)
+    # Multi-label: (N, L) findings, whose class means are per set of findings (medclf.ood).
+    detector = _fit_ood(
+        model, prepared.tensors, train_rows, fit.own_val[-1], splits.labels, seed, splits.samples.classes
+    )
     manifest["ood"] = detector.manifest()
     union_rows = np.flatnonzero(splits.is_train.any(axis=0) & prepared.ok)
     signatures = aligned_signatures(union_hashes, prepared.hashes, prepared.scan.signatures, union_rows)
@@ -590,11 +607,19 @@ def _ensemble_kwargs(members: list[Bundle], method: str) -> dict[str, Any]:
                 "spatial_dims": b.manifest["model"]["spatial_dims"],
                 "size": list(b.spec.size),
                 "temperature": b.temperature,
+                **_finding_temperatures(b),
             }
             for b in members
         ],
         "method": method,
     }
+
+
+def _finding_temperatures(b: Bundle) -> dict[str, Any]:
+    """``temperatures`` of a multi-label member that has them (said only then: other members' records and
+    ensemble arguments are unchanged)."""
+    per = b.finding_temperatures
+    return {} if per is None else {"temperatures": list(per)}
 
 
 def _build(members: list[Bundle], method: str) -> Ensemble:
@@ -613,6 +638,7 @@ def _fit_ood(
     val_rows: np.ndarray,
     labels: np.ndarray,
     seed: int,
+    label_names: list[str],
 ) -> OODDetector:
     """The ensemble's out-of-distribution guard (:mod:`medclf.ood`), fitted like a single model's on the
     features its graph exposes (the last member's penultimate features; the stacked log-probabilities for
@@ -631,6 +657,7 @@ def _fit_ood(
         train_inputs=fit_x,
         val_inputs=val_x,
         seed=seed,
+        label_names=label_names,
     )
 
 
@@ -653,23 +680,40 @@ def _member_log_probs(model: Ensemble, j: int, tensors: np.ndarray, rows: np.nda
 
 
 def _findings_metrics(
-    y: np.ndarray, probs: np.ndarray, classes: list[str], seed: int
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Multi-label validation metrics of the fused probabilities at per-finding thresholds chosen on these
-    same samples (Youden), and those thresholds as the bundle records them."""
+    y: np.ndarray, fused: np.ndarray, classes: list[str], calibrate: bool, seed: int
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+    """Multi-label validation metrics of the fused logits through per-finding temperatures (``calibrate``)
+    fitted on these same samples, at per-finding thresholds chosen there too (Youden); those thresholds and
+    the calibration section as the bundle records them (None without ``calibrate``)."""
     from medclf.metrics.multilabel import choose_thresholds, multilabel_metrics
 
+    fits = fit_finding_temperatures(fused, y) if calibrate else None
+    probs = probabilities(fused, [f.temperature for f in fits] if fits else 1.0, "multilabel")
     t, notes = choose_thresholds(y, probs)
     m = multilabel_metrics(y, probs, classes, thresholds=t, n_bootstrap=200, seed=seed)
     m["notes"] = [*notes, *m["notes"]]
     val = {"n": len(y), "auc": m["macro_auc"], "macro_auc": m["macro_auc"], "map": m["map"], "multilabel": m}
-    val["note"] = "the per-finding thresholds were chosen on these same samples"
+    val["note"] = (
+        "the per-finding thresholds"
+        + (" and temperatures" if fits else "")
+        + " were chosen on these same samples"
+    )
+    calibration = None
+    if fits:
+        calibration = finding_calibration_record(classes, fits, fitted_on="validation shared by the members")
+        for name, fit in zip(classes, fits, strict=True):
+            m["per_label"][name].update(ece_uncalibrated=fit.ece_before, temperature=fit.temperature)
+        val.update(
+            ece=calibration["ece_after"],
+            ece_uncalibrated=calibration["ece_before"],
+            temperatures=calibration["temperatures"],
+        )
     record = {
         "rule": "youden",
         "fitted_on": "validation shared by the members",
         "labels": dict(zip(classes, map(float, t), strict=True)),
     }
-    return val, record
+    return val, record, calibration
 
 
 def _mean_thresholds(members: list[Bundle], classes: list[str]) -> dict[str, Any] | None:
@@ -788,9 +832,11 @@ def _print_summary(
                 f"  member {j}: AUC {_f(shown.get('auc'))}  accuracy {_f(shown.get('accuracy'))} ({where}){w}"
             )
     if val:
+        per = val.get("temperatures")  # multi-label: one per finding, the ECE a mean over findings
+        t = ", ".join(f"{k} {v:.3g}" for k, v in per.items()) if per else f"{cal.temperature:.3g}"
         rep.print(
             f"  ensemble: AUC {_f(val.get('auc'))}  accuracy {_f(val.get('accuracy'))}  "
-            f"ECE {_f(val.get('ece_uncalibrated'))} -> {_f(val.get('ece'))} (T = {cal.temperature:.3g})"
+            f"ECE {_f(val.get('ece_uncalibrated'))} -> {_f(val.get('ece'))} (T = {t})"
         )
     rep.print(f"[bold green]Ensemble bundle written[/] to {path}")
 

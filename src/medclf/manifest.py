@@ -138,7 +138,16 @@ SCHEMA: dict[str, Any] = _obj(
         ),
         "metrics": _obj({"val": _nullable(_OBJ)}),
         "history": {"type": "array", "items": _OBJ},
-        "calibration": _obj({"temperature": {"type": "number", "exclusiveMinimum": 0}}),
+        "calibration": _obj(
+            {
+                "temperature": {"type": "number", "exclusiveMinimum": 0},
+                # Multi-label: finding -> its temperature (every finding of ``classes``; check_manifest).
+                "temperatures": {
+                    "type": "object",
+                    "additionalProperties": {"type": "number", "exclusiveMinimum": 0},
+                },
+            }
+        ),
         "ood": _nullable(_obj({"file": _STR, "threshold": _NUM})),
         "operating_point": _nullable(
             _obj({"positive": _STR, "classes": {"type": "array", "items": _STR}, "threshold": _NUM})
@@ -168,6 +177,19 @@ def check_manifest(manifest: Any) -> None:
     error = best_match(_validator().iter_errors(manifest))
     if error is not None:
         raise ManifestInvalid(_describe(error))
+    # What a schema cannot say: per-finding temperatures name exactly the bundle's findings.
+    temperatures = manifest.get("calibration", {}).get("temperatures")
+    if temperatures is not None:
+        classes = manifest.get("classes") or []
+        if manifest.get("task") != "multilabel":
+            raise ManifestInvalid(
+                "calibration.temperatures is for multi-label bundles (task multilabel) only"
+            )
+        if set(temperatures) != set(classes):
+            odd = sorted(set(temperatures) ^ set(classes))
+            raise ManifestInvalid(
+                f"calibration.temperatures must name every finding of classes, exactly: {odd}"
+            )
 
 
 @lru_cache(maxsize=1)
@@ -347,8 +369,26 @@ class Manifest:
 
     @property
     def temperature(self) -> float:
-        """The calibration temperature (1: none fitted)."""
+        """The calibration temperature (1: none fitted; a multi-label bundle's are per finding:
+        :attr:`finding_temperatures`)."""
         return float(self.calibration.get("temperature", 1.0))
+
+    @property
+    def finding_temperatures(self) -> tuple[float, ...] | None:
+        """A multi-label bundle's temperature per finding, in the order of ``classes``; None when it has none
+        (single-label bundles, and multi-label ones written before they were fitted: their logits are not
+        scaled)."""
+        per = self.calibration.get("temperatures")
+        if self.task != "multilabel" or not isinstance(per, Mapping):
+            return None
+        return tuple(float(per[c]) for c in self.classes)
+
+    @property
+    def output_temperature(self) -> float | tuple[float, ...]:
+        """What every engine divides the network's logits by before the softmax or sigmoid
+        (:func:`medclf.engines.probabilities`): the per-finding temperatures when there are, else the one."""
+        per = self.finding_temperatures
+        return per if per is not None else self.temperature
 
     def section(self, name: str) -> Mapping[str, Any]:
         """Any optional section (``ood``, ``operating_point``, ``compression``, ``ensemble``, ...), or an

@@ -73,7 +73,13 @@ def _model(m: dict[str, Any]) -> list[str]:
             f"input {shape}"
         )
     cal = m.get("calibration") or {}
-    if cal.get("temperature") is not None:
+    per = cal.get("temperatures")
+    if isinstance(per, dict) and per:  # multi-label: one per finding
+        shown = ", ".join(f"{name} {_f(t, 3)}" for name, t in per.items())
+        lines.append(
+            f"- Calibration: temperature per finding {shown} ({cal.get('fitted_on', 'validation split')})"
+        )
+    elif cal.get("temperature") is not None:
         lines.append(
             f"- Calibration: temperature {_f(cal['temperature'], 4)} ({cal.get('fitted_on', 'validation split')})"
         )

@@ -18,6 +18,9 @@ the guard's score is the larger of the two: an input is unusual if either its fe
 The threshold is a high quantile (default 99 %) of the validation scores, so about 1 % of
 in-distribution inputs are flagged. Predictions above it carry ``ood: true`` and a warning.
 
+Multi-label bundles (a 0/1 row of findings per image) take their class means per set of findings
+(:func:`finding_set_groups`, which says why).
+
 The penultimate features are the input of the network's last ``nn.Linear`` layer, captured with a
 forward hook (an exported ONNX graph outputs them as ``features``); the input statistics are computed
 in NumPy from the preprocessed tensor, so every engine and ensembles get the same guard. The fitted
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,12 +55,26 @@ _SCALE_QUANTILE = 0.95
 
 __all__ = [
     "DETECTOR_VERSION",
+    "MIN_SET_SAMPLES",
     "OOD_FILE",
     "OODDetector",
+    "finding_set_groups",
     "fit_detector",
     "input_statistics",
     "penultimate_features",
 ]
+
+# Multi-label training rows have no one class. Their class means are taken per distinct *set* of findings
+# ("no finding", "effusion", "effusion + atelectasis", ...) seen at least this many times, the rarer sets
+# pooled into one more group. Why sets rather than one mean per finding's positives: the sets partition the
+# rows, so each row is centred on exactly one mean and the shared covariance is the within-group scatter of
+# Lee et al.'s model; per-finding positives overlap (an image with two findings would sit in two groups) and
+# leave the images without findings, often the largest group, with no mean. One mean over every row (what the
+# guard did before) moves the differences between findings into the covariance, which then barely sees those
+# directions: an input unlike every set of findings but near their average passes. Rarer sets are pooled, not
+# dropped, so that a combination seen in training is not unusual in itself and every row still enters the
+# covariance; a mean of fewer rows than this would be mostly noise.
+MIN_SET_SAMPLES = 10
 
 
 def _last_linear(model: nn.Module) -> nn.Linear:
@@ -244,6 +262,8 @@ class OODDetector:
     stats_precision: np.ndarray | None = None
     # score name -> (median, scale) on the validation split
     calibration: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Multi-label: what each of ``means`` is the mean of (:func:`finding_set_groups`); None: the classes.
+    groups: list[dict[str, Any]] | None = None
 
     def component_scores(
         self,
@@ -307,6 +327,16 @@ class OODDetector:
         save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in tensors.items()}, str(path))
 
     def manifest(self) -> dict[str, Any]:
+        info = self._manifest()
+        if self.groups is not None:
+            info["class_means"] = {
+                "over": f"sets of findings seen at least {MIN_SET_SAMPLES} times in the fitting rows, and "
+                "the rarer sets pooled",
+                "groups": self.groups,
+            }
+        return info
+
+    def _manifest(self) -> dict[str, Any]:
         if self.version < 2:
             return {
                 "method": "mahalanobis-penultimate (Lee et al. 2018), Ledoit-Wolf shared covariance",
@@ -370,6 +400,32 @@ def _scale(scores: np.ndarray) -> tuple[float, float]:
     return centre, spread
 
 
+def finding_set_groups(
+    labels: np.ndarray, names: Sequence[str] | None = None, *, min_samples: int = MIN_SET_SAMPLES
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """The class-mean group of each multi-label row of ``labels`` (N, L) (:data:`MIN_SET_SAMPLES` says
+    why): one group per set of findings with at least ``min_samples`` rows, the most frequent first, then one
+    group for all rarer sets; and what each group holds (its findings by ``names``, or how many sets were
+    pooled, and its rows)."""
+    y = np.asarray(labels) > 0
+    if y.ndim != 2:
+        raise ValueError(f"multi-label rows must be (N, L), got shape {y.shape}")
+    if len(y) == 0:
+        return np.zeros(0, dtype=np.int64), []
+    sets, inverse, counts = np.unique(y, axis=0, return_inverse=True, return_counts=True)
+    frequent = [int(k) for k in np.argsort(-counts, kind="stable") if counts[k] >= min_samples]
+    group_of = np.full(len(sets), len(frequent), dtype=np.int64)  # rarer sets: the last group
+    group_of[frequent] = np.arange(len(frequent))
+    label = list(names) if names is not None else [str(j) for j in range(y.shape[1])]
+    groups: list[dict[str, Any]] = [
+        {"findings": [label[j] for j in np.flatnonzero(sets[k])], "n": int(counts[k])} for k in frequent
+    ]
+    rare = counts < min_samples
+    if rare.any():
+        groups.append({"pooled_sets": int(rare.sum()), "n": int(counts[rare].sum())})
+    return group_of[np.asarray(inverse).reshape(-1)], groups
+
+
 def fit_detector(
     train_features: np.ndarray,
     train_labels: np.ndarray,
@@ -379,9 +435,12 @@ def fit_detector(
     val_inputs: np.ndarray | None = None,
     quantile: float = DEFAULT_QUANTILE,
     seed: int = 0,
+    label_names: Sequence[str] | None = None,
 ) -> OODDetector:
     """Fit the guard on training rows; scale the scores and set the threshold on validation rows.
 
+    ``train_labels``: a class per row, or (multi-label) a 0/1 row of findings (N, L), named by
+    ``label_names``, whose class means are per set of findings (:func:`finding_set_groups`).
     With ``train_inputs`` / ``val_inputs`` (the preprocessed tensors of the same rows, or their
     :func:`input_statistics`), the detector also scores the inputs themselves (version 2); without, it is
     the feature score alone (version 1). Without validation rows the training rows stand in."""
@@ -396,12 +455,17 @@ def fit_detector(
         else slice(None)
     )
     f, y = f[keep], y[keep]
+    groups = None
+    if y.ndim == 2:
+        y, groups = finding_set_groups(y, label_names)
     classes = np.unique(y)
     means = np.stack([f[y == c].mean(axis=0) for c in classes])
     centred = f - means[np.searchsorted(classes, y)]
     precision = LedoitWolf(assume_centered=True).fit(centred).precision_
     has_val = len(val_features) > 0
-    detector = OODDetector(means=means, precision=precision, threshold=np.inf, quantile=quantile)
+    detector = OODDetector(
+        means=means, precision=precision, threshold=np.inf, quantile=quantile, groups=groups
+    )
     if train_inputs is None:
         ref = val_features if has_val else f
         detector.threshold = float(np.quantile(detector.score(ref), quantile))

@@ -110,6 +110,14 @@ class Predictor:
     def temperature(self) -> float:
         return self.bundle.temperature
 
+    @property
+    def finding_temperatures(self) -> tuple[float, ...] | None:
+        return self.bundle.finding_temperatures
+
+    @property
+    def output_temperature(self) -> float | tuple[float, ...]:
+        return self.bundle.output_temperature
+
     def file(self, name: str) -> Path:
         return self.bundle.file(name)
 
@@ -194,8 +202,8 @@ class Predictor:
     ) -> np.ndarray:
         """Class probabilities (float64) for already preprocessed inputs ``(N, C, *size)``.
 
-        The bundle's temperature is applied to the logits of whichever engine runs (``calibrated=False``:
-        not, for reporting calibration before scaling). ``tta``: test-time augmentation, ``True`` for the
+        The bundle's temperature (a multi-label bundle's: one per finding) is applied to the logits of
+        whichever engine runs (``calibrated=False``: not, for reporting calibration before scaling). ``tta``: test-time augmentation, ``True`` for the
         default views or a list of view names (see :mod:`medclf.tta`); the probabilities are averaged."""
         views = self.tta_views(tta)
         if views:
@@ -205,7 +213,7 @@ class Predictor:
 
             return predict_with_tta(plain, x, views)
         _, run = self.runner(engine)
-        temperature = self.temperature if calibrated else 1.0
+        temperature = self.output_temperature if calibrated else 1.0
         task = self.manifest.get("task", "multiclass")
         out = [
             probabilities(run(x[start : start + batch_size]), temperature, task)

@@ -125,12 +125,13 @@ def check_parity(
     onnx_path: str | Path,
     x: np.ndarray,
     *,
-    temperature: float = 1.0,
+    temperature: float | tuple[float, ...] | list[float] = 1.0,
     batch_size: int = 32,
     task: str = "multiclass",
 ) -> dict[str, Any]:
     """Probabilities of the PyTorch model and of the ONNX model on the same inputs ``x``, in batches and one
-    by one (the batch axis is dynamic), through the bundle's temperature. Returns the differences."""
+    by one (the batch axis is dynamic), through the bundle's temperature (multi-label: one per finding).
+    Returns the differences."""
     torch_run, onnx_run = TorchRunner(model), OnnxRunner(onnx_path)
     l_torch, l_onnx = [], []
     for start in range(0, len(x), batch_size):
@@ -153,5 +154,11 @@ def check_parity(
             else (p_torch.argmax(1) == p_onnx.argmax(1)).all()
         ),
         "tolerance": PARITY_TOLERANCE,
-        "temperature": float(temperature),
+        "temperature": _temperature_record(temperature),
     }
+
+
+def _temperature_record(temperature: float | tuple[float, ...] | list[float]) -> float | list[float]:
+    """The temperature as ``bundle.json`` records it: one number, or one per finding."""
+    t = np.asarray(temperature, dtype=np.float64)
+    return float(t) if t.ndim == 0 else [float(v) for v in t]

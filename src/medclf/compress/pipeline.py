@@ -92,7 +92,7 @@ class _Work:
     model: nn.Module
     arch: str
     kwargs: dict[str, Any]
-    temperature: float
+    temperature: float | tuple[float, ...]  # a multi-label bundle's: one per finding
     task: str = "multiclass"
     thresholds: np.ndarray | None = None  # a multi-label bundle's per-finding operating points
     steps: list[dict[str, Any]] = field(default_factory=list)
@@ -102,7 +102,7 @@ class _Work:
         assert self.td is not None
         return val_scores(self.td.val_y, probs, self.src.classes, self.thresholds)
 
-    def val_scores_of(self, model: nn.Module, temperature: float = 1.0) -> dict[str, Any]:
+    def val_scores_of(self, model: nn.Module, temperature: float | tuple[float, ...] = 1.0) -> dict[str, Any]:
         assert self.val_x is not None
         return self.scores(_torch_probs(model, self.val_x, temperature, self.task))
 
@@ -210,7 +210,7 @@ def _start(
         model=src.model,
         arch=str(m["arch"]),
         kwargs=dict(m.get("kwargs", {})),
-        temperature=src.temperature,
+        temperature=src.output_temperature,
         task=str(src.manifest.get("task", "multiclass")),
         thresholds=np.array([float(thresholds_of[c]) for c in src.classes]) if thresholds_of else None,
     )
@@ -580,7 +580,7 @@ def _manifest(
     changed: bool,
     history: list[dict[str, float]] | None,
     td: TrainingData | None,
-    temperature: float,
+    temperature: float | tuple[float, ...],
 ) -> dict[str, Any]:
     manifest = {
         k: v for k, v in src.manifest.items() if k not in ("files", "self_sha256", "created", "versions")
@@ -671,7 +671,9 @@ def _batched(run: Any, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
     return np.concatenate([run(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def _torch_probs(model: nn.Module, x: np.ndarray, temperature: float, task: str = "multiclass") -> np.ndarray:
+def _torch_probs(
+    model: nn.Module, x: np.ndarray, temperature: float | tuple[float, ...], task: str = "multiclass"
+) -> np.ndarray:
     return probabilities(_batched(TorchRunner(model), x), temperature, task)
 
 

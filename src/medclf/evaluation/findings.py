@@ -26,7 +26,7 @@ from medclf.data.samples import SampleSet
 from medclf.errors import DataError
 from medclf.evaluation.protocol import output_folder, protocol_fields, split_rows, write_metrics
 from medclf.evaluation.report import write_report
-from medclf.metrics.multilabel import multilabel_metrics
+from medclf.metrics.multilabel import finding_ece, multilabel_metrics
 from medclf.predictor import Predictor
 from medclf.tta import describe as describe_tta
 
@@ -95,9 +95,16 @@ def evaluate_findings(
     copies = (found.exact | found.near) & in_split
     usable = idx[prepared.ok[idx] & samples.known[idx]]
     probs = np.full((len(samples), len(findings)), np.nan)
+    # With temperatures per finding, also the probabilities without them: each finding's ECE before scaling.
+    temperatures = b.finding_temperatures
+    uncalibrated = None if temperatures is None else probs.copy()
     if len(usable):
         x = np.asarray(prepared.tensors[usable])
         probs[usable] = b.predict_tensors(x, batch_size=128, engine=engine, tta=views)
+        if uncalibrated is not None:
+            uncalibrated[usable] = b.predict_tensors(
+                x, batch_size=128, engine=engine, tta=views, calibrated=False
+            )
     extra = {
         "bundle_sha256": b.sha256,
         "engine": engine,
@@ -123,6 +130,8 @@ def evaluate_findings(
         seed=seed,
         title=f"medclf evaluation: {Path(str(data)).name} / {split}",
         extra=extra,
+        uncalibrated_probs=uncalibrated,
+        temperatures=temperatures,
     )
 
 
@@ -143,11 +152,14 @@ def write_findings_evaluation(
     title: str = "medclf evaluation",
     sections: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    uncalibrated_probs: np.ndarray | None = None,
+    temperatures: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Metrics (headline without copies of training samples, and ``all_samples``), predictions.csv, the
     per-finding figures and report.html for per-finding probabilities ``probs`` (N, K; NaN where unusable)
     against multi-hot ``labels`` (-1 rows unknown), each finding decided at its ``thresholds``. Shared by
-    ``evaluate`` and the traditional baseline, so both are scored the same way."""
+    ``evaluate`` and the traditional baseline, so both are scored the same way. ``uncalibrated_probs`` (the
+    same rows before the per-finding ``temperatures``) add each finding's ECE before scaling."""
     scorable = ok & (labels >= 0).all(axis=1)
     rows = split_rows(samples.splits, split, scorable, probs, train_copy, include_train_copies)
     metrics, all_metrics = (
@@ -156,6 +168,15 @@ def write_findings_evaluation(
         )
         for r in (rows.clean, rows.usable)
     )
+    if uncalibrated_probs is not None and temperatures is not None:
+        for m, r in ((metrics, rows.clean), (all_metrics, rows.usable)):
+            for j, name in enumerate(findings):
+                m["per_label"][name].update(
+                    ece_uncalibrated=finding_ece(labels[r, j] == 1, uncalibrated_probs[r, j])
+                    if len(r)
+                    else None,
+                    temperature=float(temperatures[j]),
+                )
     record = protocol_fields(rows, ok, include_train_copies)
     metrics.update(split=split, **(extra or {}), **record, all_samples=all_metrics)
     out = output_folder(out)
@@ -252,6 +273,15 @@ def _findings_table(m: dict[str, Any]) -> list[dict[str, str]]:
                 "sensitivity": f"{_f(e['sensitivity'])} {_pair(ci['sensitivity'])}",
                 "specificity": f"{_f(e['specificity'])} {_pair(ci['specificity'])}",
                 "ECE": _f(e["ece"]),
+                # With temperatures per finding: the ECE without this finding's, and the temperature.
+                **(
+                    {
+                        "ECE before scaling": _f(e["ece_uncalibrated"]),
+                        "temperature": f"{e['temperature']:.3g}",
+                    }
+                    if "temperature" in e
+                    else {}
+                ),
             }
         )
     return rows

@@ -347,7 +347,7 @@ def _inference_config(b: Bundle) -> dict[str, Any]:
         "classes": list(b.classes),
         "task": task,
         **thresholds,
-        "temperature": b.temperature,
+        "temperature": _temperature(b),
         "network_def": {
             "_target_": "medclf.models.create_model",
             "name": model["arch"],
@@ -382,7 +382,12 @@ def _inference_config(b: Bundle) -> dict[str, Any]:
         "postprocessing": {
             "_target_": "Compose",
             "transforms": [
-                {"_target_": "Lambda", "func": "$lambda logits: logits.double() / @temperature"},
+                {
+                    "_target_": "Lambda",
+                    # One temperature, or one per finding (broadcast over the last axis).
+                    "func": "$lambda logits: logits.double() / torch.as_tensor(@temperature, dtype=torch.float64, "
+                    "device=logits.device)",
+                },
                 {"_target_": "Activations", **_TASKS[task]["activation"]},
             ],
         },
@@ -428,7 +433,7 @@ def _metadata(b: Bundle) -> dict[str, Any]:
         "description": (
             f"A {b.arch} network trained with medclf (bundle sha256 {b.sha256}). Inference reads each image "
             "with medclf's guarded reader and applies medclf's preprocessing with the bundle's spec, then "
-            f"divides the logits by the calibrated temperature ({b.temperature:.6g}) before "
+            f"divides the logits by {_temperature_text(b)} before "
             f"{_TASKS[task]['activation_text']}{_decision_clause(task)}. "
             "Requires the medclf package. See docs/README.md."
         ),
@@ -555,11 +560,25 @@ def _pred_classes(b: Bundle, task: str) -> str:
     return f"ordered grades, {listed}" if task == "ordinal" else listed
 
 
+def _temperature(b: Bundle) -> float | list[float]:
+    """What the logits are divided by: the one temperature, or one per finding in the classes' order."""
+    t = b.output_temperature
+    return [float(v) for v in t] if isinstance(t, tuple) else float(t)
+
+
+def _temperature_text(b: Bundle) -> str:
+    t = _temperature(b)
+    if isinstance(t, list):
+        each = ", ".join(f"{c} {v:.6g}" for c, v in zip(b.classes, t, strict=True))
+        return f"the calibrated temperature of each finding ({each})"
+    return f"the calibrated temperature ({t:.6g})"
+
+
 def _task_record(b: Bundle, task: str) -> dict[str, Any]:
     """The ``medclf_task`` entry: the task, its activation and decision rule, and what the rule needs."""
     record: dict[str, Any] = {
         "type": task,
-        "temperature": b.temperature,
+        "temperature": _temperature(b),
         "activation": _TASKS[task]["activation_text"],
         "decision": _TASKS[task]["decision"],
     }
@@ -612,7 +631,7 @@ Research and education only: not validated for clinical use; a prediction is not
 
 - {kind}: {", ".join(b.classes)}
 - Input: {b.spec.channels} channel(s), {b.spec.spatial_dims}D, {list(b.spec.size)} after medclf's preprocessing
-- Calibration: the logits are divided by the temperature {b.temperature:.6g} before {outputs}
+- Calibration: the logits are divided by {_temperature_text(b)} before {outputs}
 - Metrics recorded in the medclf bundle:
 {figures}
 

@@ -6,24 +6,33 @@ negative log-likelihood. Accuracy never changes (the argmax is the same), only t
 Log-probabilities serve as well as logits: ``log_softmax(z) = z - logsumexp(z)`` differs from ``z`` by a
 constant per row, which the softmax of ``(z - c) / T`` cancels. So a model's softmax outputs are enough to
 fit and apply a temperature.
+
+Multi-label findings (:func:`fit_finding_temperatures`): each finding is its own binary problem, so each gets
+its own ``T_j``, dividing its logit before its sigmoid and fitted by minimising that finding's binary NLL (Platt
+scaling without its bias term; like the softmax case it never reorders a finding's images, so its AUC and the
+ranking behind its threshold stay as they were). The sigmoid's saturation loses the logit, unlike
+``log_softmax``: these temperatures are fitted on the logits themselves.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax, softmax
+from scipy.special import expit, log_softmax, softmax
 
 from medclf.metrics.classification import expected_calibration_error
 
 __all__ = [
+    "FINDING_METHOD",
     "TemperatureFit",
     "apply_temperature",
+    "finding_calibration_record",
+    "fit_finding_temperatures",
     "fit_temperature",
     "fit_temperature_from_probs",
     "log_probs",
@@ -146,3 +155,85 @@ def fit_temperature_by(
 def fit_temperature_from_probs(probs: np.ndarray, labels: np.ndarray) -> TemperatureFit:
     """:func:`fit_temperature` on the log of softmax outputs (equivalent to fitting on the logits)."""
     return fit_temperature(log_probs(probs), labels)
+
+
+FINDING_METHOD = "temperature scaling per finding (minimum validation binary NLL)"
+
+
+def _binary_nll(z: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    """Mean ``-log sigmoid(+-z / T)`` (the sign of the label), without overflow."""
+    return float(np.logaddexp(0.0, np.where(y == 1, -z, z) / temperature).mean())
+
+
+def _binary_probs(z: np.ndarray, temperature: float) -> np.ndarray:
+    """(N, 2) rows ``[1 - p, p]`` with ``p = sigmoid(z / T)``: a finding as a two-class prediction, scored by
+    the same ECE as the multi-class path (and as :mod:`medclf.metrics.multilabel`'s per-finding ECE)."""
+    p = expit(z / temperature)
+    return np.stack([1.0 - p, p], axis=1)
+
+
+def _fit_finding(z: np.ndarray, y: np.ndarray) -> TemperatureFit:
+    n, n_pos = len(y), int(y.sum())
+    if n == 0:
+        return TemperatureFit(
+            1.0, 0, None, None, None, None, FINDING_METHOD, "no validation samples: T left at 1"
+        )
+    if n_pos in (0, n):
+        # One class only: the NLL would reward pushing every probability towards it, which says nothing
+        # about the finding's images of the other class.
+        nll, ece = _binary_nll(z, y, 1.0), expected_calibration_error(y, _binary_probs(z, 1.0))
+        missing = "positives" if n_pos == 0 else "negatives"
+        return TemperatureFit(
+            1.0, n, nll, nll, ece, ece, FINDING_METHOD, f"no {missing} in validation: T left at 1"
+        )
+    return fit_temperature_by(
+        y,
+        lambda t: _binary_nll(z, y, t),
+        lambda t: _binary_probs(z, t),
+        samples="validation samples",
+        no_errors="no validation errors at 0.5",
+        method=FINDING_METHOD,
+    )
+
+
+def fit_finding_temperatures(logits: np.ndarray, labels: np.ndarray) -> list[TemperatureFit]:
+    """One temperature per finding (column) of multi-label ``logits`` (N, L) against 0/1 ``labels`` (N, L):
+    the ``T_j`` minimising the binary NLL of ``sigmoid(logits[:, j] / T_j)``, with the search, bounds and
+    degenerate cases of :func:`fit_temperature_by`. A finding without positives or without negatives keeps
+    ``T = 1`` with a note."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels)
+    if z.ndim != 2 or z.shape != y.shape:
+        raise ValueError(f"logits and labels must be (N, L) alike, got {z.shape} and {y.shape}")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("multi-label targets must be 0 or 1")
+    y = y.astype(np.int64)
+    return [_fit_finding(z[:, j], y[:, j]) for j in range(z.shape[1])]
+
+
+def finding_calibration_record(
+    findings: Sequence[str], fits: Sequence[TemperatureFit], *, fitted_on: str = "validation split"
+) -> dict[str, Any]:
+    """The ``calibration`` section of a multi-label bundle: ``temperatures`` (finding -> T, what every
+    engine divides that finding's logit by; :attr:`medclf.manifest.Manifest.finding_temperatures`), each
+    fit's details, and the mean per-finding ECE before and after. No scalar ``temperature``: there is none."""
+    if len(findings) != len(fits):
+        raise ValueError(f"{len(fits)} temperature fits for {len(findings)} findings")
+    before = [f.ece_before for f in fits if f.ece_before is not None]
+    after = [f.ece_after for f in fits if f.ece_after is not None]
+    return {
+        "method": FINDING_METHOD,
+        "fitted_on": fitted_on,
+        "temperatures": {c: float(f.temperature) for c, f in zip(findings, fits, strict=True)},
+        "n": max((f.n for f in fits), default=0),
+        "ece_before": float(np.mean(before)) if before else None,
+        "ece_after": float(np.mean(after)) if after else None,
+        "per_finding": {
+            c: {k: v for k, v in f.to_dict().items() if k != "method"}
+            for c, f in zip(findings, fits, strict=True)
+        },
+        "note": "each finding's logit is divided by its own temperature before its sigmoid; ece_before/after "
+        "are means over the findings of each finding's ECE. A finding without positives or without negatives "
+        f"in validation, with fewer than {MIN_SAMPLES} samples or without errors keeps T = 1 (its own note says "
+        "which)",
+    }

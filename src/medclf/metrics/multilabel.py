@@ -26,7 +26,7 @@ from medclf.metrics.resample import (
     weighted_average_precision,
 )
 
-__all__ = ["THRESHOLD_RULES", "choose_thresholds", "multilabel_metrics"]
+__all__ = ["THRESHOLD_RULES", "choose_thresholds", "finding_ece", "multilabel_metrics"]
 
 THRESHOLD_RULES = ("youden", "sensitivity")
 DEFAULT_THRESHOLD = 0.5
@@ -161,10 +161,16 @@ def _per_label(
             "threshold": float(t[j]),
             "sensitivity": float(pred[pos, j].mean()) if pos.any() else None,
             "specificity": float((~pred[~pos, j]).mean()) if (~pos).any() else None,
-            # Calibration of this finding's probability as a binary prediction.
-            "ece": expected_calibration_error(pos.astype(int), np.stack([1 - p[:, j], p[:, j]], axis=1)),
+            "ece": finding_ece(pos, p[:, j]),
         }
     return per_label
+
+
+def finding_ece(positive: np.ndarray, p: np.ndarray) -> float:
+    """The ECE of one finding's probabilities ``p`` as a binary prediction (rows ``[1 - p, p]``) against
+    ``positive`` (bool or 0/1)."""
+    p = np.asarray(p, dtype=np.float64)
+    return expected_calibration_error(np.asarray(positive).astype(int), np.stack([1 - p, p], axis=1))
 
 
 def _summary(

@@ -10,8 +10,9 @@ is a vector of logits whose softmax is the fused class probability:
   log-probabilities.
 
 Multi-label findings (``multilabel=True``, ``mean`` / ``weighted`` only): each member's per-finding sigmoid
-``p_i``; the output is the logit of ``sum_i w_i p_i`` per finding, so that the sigmoid every engine applies
-returns the mean of the members' per-finding probabilities.
+``p_i`` (through the member's temperature per finding, ``temperatures``, when it has them); the output is the
+logit of ``sum_i w_i p_i`` per finding, so that the sigmoid every engine applies returns the mean of the
+members' per-finding probabilities.
 
 Members may take different input sizes: the ensemble's input has the largest, and each smaller member
 gets a resample of it: a separable Gaussian low-pass (sigma = (factor - 1) / 2, as skimage's resize) then
@@ -41,7 +42,8 @@ LOG_FLOOR = math.log(1e-8)
 
 class Ensemble(nn.Module):
     """Fused members; see the module docstring. ``members``: one dict per member with ``arch``,
-    ``kwargs``, ``in_channels``, ``n_classes``, ``spatial_dims``, ``size`` and ``temperature``."""
+    ``kwargs``, ``in_channels``, ``n_classes``, ``spatial_dims``, ``size`` and ``temperature`` (multi-label
+    members may have ``temperatures`` instead: one per finding)."""
 
     weights: torch.Tensor  # a registered buffer (methods other than stacking)
 
@@ -82,6 +84,17 @@ class Ensemble(nn.Module):
         largest = tuple(max(s[a] for s in self.sizes) for a in range(spatial_dims))
         self.resamplers = nn.ModuleList(Resample(largest, size, in_channels) for size in self.sizes)
         self.temperatures = [float(m.get("temperature", 1.0)) for m in members]
+        for j, m in enumerate(members):
+            per = m.get("temperatures")
+            if per is None:
+                continue
+            if not multilabel or len(per) != n_classes:
+                raise ConfigError(
+                    f"ensemble member {j}: one temperature per finding is for multi-label members, "
+                    f"{n_classes} of them; got {len(per)}"
+                )
+            # A fixed, non-persistent buffer: part of the graph (and of an ONNX export), not of the weights.
+            self.register_buffer(f"finding_temperatures{j}", torch.tensor(per, dtype=torch.float32), False)
         self.spatial_dims, self.n_classes = spatial_dims, n_classes
         k, n = n_classes, len(members)
         if method == "stacking":
@@ -92,7 +105,8 @@ class Ensemble(nn.Module):
     def member_log_prob(self, j: int, x: torch.Tensor) -> torch.Tensor:
         """Member ``j``'s calibrated log-probabilities ``(N, K)`` for ensemble inputs ``x``."""
         xi = x if tuple(x.shape[2:]) == self.sizes[j] else self.resamplers[j](x)
-        z = self.members[j](xi).float() / self.temperatures[j]
+        per: torch.Tensor | None = getattr(self, f"finding_temperatures{j}", None)
+        z = self.members[j](xi).float() / (self.temperatures[j] if per is None else per)
         # Multi-label: log of each finding's own probability (a sigmoid), not a distribution over findings.
         return F.logsigmoid(z) if self.multilabel else F.log_softmax(z, dim=1)
 

@@ -406,9 +406,12 @@ def _check_group(
 
 
 def _parameters(bundle: Predictor) -> list[str]:
+    per = bundle.finding_temperatures  # multi-label: one per finding
     return [
         f"architecture: {bundle.arch}",
-        f"temperature: {bundle.temperature:.6g}",
+        f"temperature: {bundle.temperature:.6g}"
+        if per is None
+        else "temperatures: " + ", ".join(f"{c} {t:.6g}" for c, t in zip(bundle.classes, per, strict=True)),
         f"classes: {', '.join(bundle.classes)}",
         f"medclf {__version__}; {_DISCLAIMER}",
     ]

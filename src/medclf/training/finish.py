@@ -14,7 +14,15 @@ from medclf import augment as augment_mod
 from medclf import reporting, sanity
 from medclf.bundle import save_bundle
 from medclf.data.references import TRAIN_SIGNATURES, aligned_signatures, pack_signatures
-from medclf.metrics.calibration import apply_temperature, fit_temperature_from_probs, log_probs
+from medclf.engines import probabilities
+from medclf.metrics.calibration import (
+    TemperatureFit,
+    apply_temperature,
+    finding_calibration_record,
+    fit_finding_temperatures,
+    fit_temperature_from_probs,
+    log_probs,
+)
 from medclf.metrics.classification import compute_metrics
 from medclf.metrics.multilabel import choose_thresholds, multilabel_metrics
 from medclf.metrics.ordinal import ordinal_metrics
@@ -38,8 +46,8 @@ def finish(
     cfg, samples, prepared = ctx.cfg, setup.samples, setup.prepared
     schedule = loop.schedule_record()
     val_y = samples.labels[setup.val_idx]
-    if samples.task == "multilabel":
-        return _finish_multilabel(ctx, setup, loop, history, best_epoch, val_probs, schedule)
+    if samples.task == "multilabel":  # calibrated on the selected model's logits, not on these sigmoids
+        return _finish_multilabel(ctx, setup, loop, history, best_epoch, schedule)
     calibration = fit_temperature_from_probs(val_probs, val_y)
     val_probs = apply_temperature(log_probs(val_probs), calibration.temperature)
     val_metrics = compute_metrics(val_y, val_probs, samples.classes, n_bootstrap=200, seed=cfg.seed)
@@ -106,15 +114,15 @@ def _finish_multilabel(
     loop: Loop,
     history: list[dict[str, float]],
     best_epoch: int,
-    val_probs: np.ndarray,
     schedule: dict[str, Any],
 ) -> TrainResult:
-    """Multi-label findings: each finding's operating threshold chosen on validation (Youden's J), the
-    validation metrics at those thresholds (per finding, macro/micro AUC, mAP, patient-resampled intervals),
-    and the bundle with the thresholds next to its task. No temperature: the findings' sigmoids are kept as
-    the network gives them."""
+    """Multi-label findings: a temperature per finding (:func:`_calibrate_findings`), each finding's operating
+    threshold chosen on the calibrated validation probabilities (Youden's J), the validation metrics at those
+    thresholds (per finding with its ECE before and after scaling, macro/micro AUC, mAP, patient-resampled
+    intervals), and the bundle with the thresholds next to its task."""
     cfg, samples = ctx.cfg, setup.samples
     val_y = samples.labels[setup.val_idx]
+    fits, val_probs = _calibrate_findings(loop, val_y, samples.classes)
     thresholds, notes = choose_thresholds(val_y, val_probs)
     pids = [samples.patient_ids[i] for i in setup.val_idx]
     detail = multilabel_metrics(
@@ -127,12 +135,20 @@ def _finish_multilabel(
         seed=cfg.seed,
     )
     detail["notes"] = [*notes, *detail["notes"]]
+    calibration = finding_calibration_record(samples.classes, fits)
+    for name, fit in zip(samples.classes, fits, strict=True):
+        detail["per_label"][name].update(ece_uncalibrated=fit.ece_before, temperature=fit.temperature)
     val_metrics: dict[str, Any] = {
         "n": len(val_y),
         "auc": detail["macro_auc"],
         "macro_auc": detail["macro_auc"],
         "micro_auc": detail["micro_auc"],
         "map": detail["map"],
+        # As the multi-class path reports them: the ECE (here the mean of the findings') after and before
+        # the temperatures.
+        "ece": calibration["ece_after"],
+        "ece_uncalibrated": calibration["ece_before"],
+        "temperatures": calibration["temperatures"],
         "multilabel": detail,
         "n_removed_duplicates": setup.n_copies if not cfg.include_train_copies else 0,
     }
@@ -159,12 +175,30 @@ def _finish_multilabel(
     manifest.update(
         metrics={"val": val_metrics},
         history=history,
-        calibration={"temperature": 1.0, "note": "multi-label: per-finding sigmoids, no temperature fitted"},
+        calibration=calibration,
         sanity=verdict,
         shortcuts=setup.shortcuts,
     )
     bundle = _write(ctx, setup, loop, manifest, train_hashes)
     return _result(ctx, setup, loop, history, best_epoch, bundle, val_metrics, verdict, references, schedule)
+
+
+def _calibrate_findings(
+    loop: Loop, val_y: np.ndarray, findings: list[str]
+) -> tuple[list[TemperatureFit], np.ndarray]:
+    """A temperature per finding, fitted on the selected model's validation logits, and the validation
+    probabilities through them (computed as every engine computes them); the fits are reported."""
+    logits = loop.val_logits()
+    fits = fit_finding_temperatures(logits, val_y)
+    probs = probabilities(logits, [f.temperature for f in fits], "multilabel")
+    reporting.current().print(
+        "Temperature per finding (validation ECE before -> after): "
+        + ", ".join(
+            f"{name} {fit.temperature:.3g} ({_fmt(fit.ece_before)} -> {_fmt(fit.ece_after)})"
+            for name, fit in zip(findings, fits, strict=True)
+        )
+    )
+    return fits, probs
 
 
 def _manifest(
@@ -233,10 +267,10 @@ def _write(
         prepared.tensors,
         train_idx,
         setup.val_idx,
-        # Multi-label: one training distribution (no class means over sets of findings).
-        np.zeros(len(samples), dtype=np.int64) if samples.task == "multilabel" else samples.labels,
+        samples.labels,  # multi-label: (N, L) findings, whose class means are per set of findings
         ctx.cfg.seed,
         loop.rows.eval_batch,
+        label_names=samples.classes,
     )
     manifest["ood"] = detector.manifest()
     bundle = save_bundle(

@@ -189,7 +189,11 @@ class Loop:
         return stepped
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor | StreamedRows, model: nn.Module) -> np.ndarray:
+    def predict(
+        self, x: torch.Tensor | StreamedRows, model: nn.Module, *, raw: bool = False, amp: bool = True
+    ) -> np.ndarray:
+        """Probabilities of ``model`` for ``x`` (``raw``: its logits; ``amp=False``: in fp32 even where the
+        plan trains in mixed precision)."""
         model.eval()
         out = []
         step = self.rows.eval_batch or 256
@@ -198,9 +202,11 @@ class Loop:
             xb = (xb.pin_memory() if self.pin else xb).to(self.device, non_blocking=True)
             if self.fmt is not None:
                 xb = xb.contiguous(memory_format=self.fmt)
-            with self.autocast():
+            with self.autocast() if amp else contextlib.nullcontext():
                 logits = model(xb).float()
-            out.append((torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)).cpu())
+            if not raw:
+                logits = torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
+            out.append(logits.cpu())
         return torch.cat(out).numpy().astype(np.float64)
 
     def predict_val(self, model: nn.Module) -> np.ndarray:
@@ -213,6 +219,13 @@ class Loop:
         k = len(self.samples.classes)
         local = self.predict(val_x[mine], model) if len(mine) else np.zeros((0, k))
         return self.dist.gather_strided(local, n)
+
+    def val_logits(self) -> np.ndarray:
+        """The selected model's logits on every validation row (rank 0 alone, after the epochs), in fp32 as the
+        bundle runs: per-finding temperatures are fitted on logits, which a saturated float32 sigmoid no
+        longer tells, and thresholds on what the bundle will answer."""
+        model = to_device(self.best_model(), self.device, self.fmt)
+        return self.predict(self.rows.val_x, model, raw=True, amp=False)
 
     def eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.model

@@ -20,14 +20,25 @@ def fit_ood(
     labels: np.ndarray,
     seed: int,
     batch_size: int | None = None,
+    *,
+    label_names: list[str] | None = None,
 ) -> OODDetector:
     """The out-of-distribution guard for this model: penultimate features and input statistics of (up to) a
-    few thousand un-augmented training samples and of the validation samples (:mod:`medclf.ood`)."""
+    few thousand un-augmented training samples and of the validation samples (:mod:`medclf.ood`). ``labels``:
+    one class per sample, or (multi-label) a 0/1 row of findings, named by ``label_names``."""
     rng = np.random.default_rng(seed)
     fit_idx = np.sort(rng.choice(train_idx, size=min(len(train_idx), OOD_FIT_SAMPLES), replace=False))
     train_f, train_s = _features(model, tensors, fit_idx, batch_size)
     val_f, val_s = _features(model, tensors, np.sort(val_idx), batch_size)
-    return fit_detector(train_f, labels[fit_idx], val_f, train_inputs=train_s, val_inputs=val_s, seed=seed)
+    return fit_detector(
+        train_f,
+        labels[fit_idx],
+        val_f,
+        train_inputs=train_s,
+        val_inputs=val_s,
+        seed=seed,
+        label_names=label_names,
+    )
 
 
 def _features(

@@ -206,9 +206,13 @@ def _cache_pass(
 def _fit_epochs(ctx: RunContext, setup: RunSetup) -> None:
     """Reserve the work after the last epoch, then fit the plan's epochs to the time really left."""
     plan, budget = setup.plan, ctx.budget
-    # What follows the last epoch must fit the budget too: features for the OOD guard, the temperature,
-    # the sanity gate's baseline and writing the bundle (medclf.budget prices it).
-    budget.reserve_finishing(min(len(setup.train_idx), OOD_FIT_SAMPLES) + len(setup.val_idx), plan.throughput)
+    # What follows the last epoch must fit the budget too: features for the OOD guard, the temperature
+    # (multi-label: one more validation pass, for the logits), the sanity gate's baseline and writing the
+    # bundle (medclf.budget prices it).
+    passes = 2 if setup.samples.task == "multilabel" else 1
+    budget.reserve_finishing(
+        min(len(setup.train_idx), OOD_FIT_SAMPLES) + passes * len(setup.val_idx), plan.throughput
+    )
     # Re-fit the epoch count to the time that is really left (decoding may have been faster or cached).
     if setup.state is None and not ctx.cfg.epochs and plan.epoch_seconds:
         fit = int(budget.epoch_seconds() // plan.epoch_seconds)
