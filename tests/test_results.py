@@ -120,7 +120,13 @@ def test_dciodvfy_sees_no_private_code_when_every_class_has_a_standard_one(tmp_p
     has nothing to say about coding schemes (nor any error)."""
     classes = ["normal", "benign", "malignant"]
     fake = SimpleNamespace(
-        arch="compact", sha256="ab" * 32, temperature=1.3, classes=classes, ood=None, manifest={}
+        arch="compact",
+        sha256="ab" * 32,
+        temperature=1.3,
+        finding_temperatures=None,
+        classes=classes,
+        ood=None,
+        manifest={},
     )
     prediction = {
         "predicted": "benign",
