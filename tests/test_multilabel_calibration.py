@@ -397,7 +397,9 @@ def test_the_monai_export_divides_each_finding_by_its_own_temperature(cal_bundle
     out = export_monai_bundle(cal_bundle, tmp_path / "monai")
     config = json.loads((out / "configs" / "inference.json").read_text(encoding="utf-8"))
     meta = json.loads((out / "configs" / "metadata.json").read_text(encoding="utf-8"))
-    assert config["temperature"] == pytest.approx(t) and meta["medclf_task"]["temperature"] == pytest.approx(t)
+    assert config["temperature"] == pytest.approx(t) and meta["medclf_task"]["temperature"] == pytest.approx(
+        t
+    )
     assert all(name in meta["description"] for name in b.classes)
     with open(cal_data / "manifest.csv", newline="") as fh:
         tests = [cal_data / r["path"] for r in csv.DictReader(fh) if r["split"] == "test"]
