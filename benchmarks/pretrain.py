@@ -192,7 +192,8 @@ def render(result: dict[str, Any]) -> str:
         + (f"; k-NN probe accuracy {knn[0]:.3f} -> {knn[-1]:.3f}" if knn else "")
         + f"). Then `medclf train` with `--time-budget {result['budget']}` per run, from scratch (same "
         f"architecture and size) or `--init-from` the backbone, seeds {result['seeds']}, and `medclf evaluate` "
-        f"on the test split. CPU: {c['model']}, {c['allowed']} of {c['cores']} cores.",
+        f"on the test split. CPU: {c['model']}, {c['allowed']} of {c['cores']} cores; flags: "
+        f"{', '.join(c['flags']) or 'none of AVX-512, AVX-VNNI, AMX'}.",
         "",
         "| dataset | start | seeds | test AUC mean (sd) | test accuracy mean (sd) |",
         "|---|---|---|---|---|",

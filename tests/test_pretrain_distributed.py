@@ -9,9 +9,6 @@ clock that the machine "slows down" on, so that the ranks must agree on the step
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from medclf.bundle import load_bundle
+from tests.test_distributed import _torchrun
 
 COMMON = [
     "--epochs", "3", "--size", "24", "--arch", "compact-s", "--batch-size", "12", "--seed", "0",
@@ -119,13 +117,6 @@ report = {
 with open(f"{out}/rank{ctx.rank}.json", "w") as fh:
     json.dump(report, fh)
 """
-
-
-def _torchrun(args: list[str], env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(env_extra or {})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
 @pytest.fixture(scope="module")

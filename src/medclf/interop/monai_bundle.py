@@ -328,6 +328,14 @@ class ClassificationEvaluator:
 # -- the files -----------------------------------------------------------------------------------------------
 
 
+# The logits over the temperature: one, or one per finding (broadcast over the last axis).
+_DIVIDE_BY_TEMPERATURE = {
+    "_target_": "Lambda",
+    "func": "$lambda logits: logits.double() / torch.as_tensor(@temperature, dtype=torch.float64, "
+    "device=logits.device)",
+}
+
+
 def _inference_config(b: Bundle) -> dict[str, Any]:
     model = b.manifest["model"]
     task = _task(b)
@@ -382,12 +390,7 @@ def _inference_config(b: Bundle) -> dict[str, Any]:
         "postprocessing": {
             "_target_": "Compose",
             "transforms": [
-                {
-                    "_target_": "Lambda",
-                    # One temperature, or one per finding (broadcast over the last axis).
-                    "func": "$lambda logits: logits.double() / torch.as_tensor(@temperature, dtype=torch.float64, "
-                    "device=logits.device)",
-                },
+                _DIVIDE_BY_TEMPERATURE,
                 {"_target_": "Activations", **_TASKS[task]["activation"]},
             ],
         },
