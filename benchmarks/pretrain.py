@@ -86,7 +86,8 @@ def starter_sources(work: Path) -> list[str]:
             w.writerow(["path", "label", "split"])
             for row in csv.DictReader(fh):
                 if row["split"].strip().lower() == "train":
-                    w.writerow([str((nih / "images" / row["Image Index"]).resolve()), "", "train"])
+                    # One placeholder class: pretraining ignores labels, but a manifest must name one.
+                    w.writerow([str((nih / "images" / row["Image Index"]).resolve()), "unlabelled", "train"])
         found.append(str(manifest))
     return found
 
