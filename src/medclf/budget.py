@@ -62,6 +62,14 @@ def epoch_pace(epoch_seconds: float) -> float:
     return epoch_seconds * EPOCH_PACE_SLACK
 
 
+def replan_pace(epoch_times: list[float]) -> float:
+    """The epoch time a clock-driven schedule re-plans with: the slower of the last epoch and the mean of the
+    last three. The first epoch pays one-off costs (kernel creation, compilation): it is left out once others
+    ran."""
+    recent = epoch_times[1:][-3:] if len(epoch_times) > 1 else epoch_times
+    return epoch_pace(max(epoch_times[-1], sum(recent) / len(recent)))
+
+
 def inference_seconds(n_inferred: int, throughput: float | None) -> float:
     """Forward passes over ``n_inferred`` samples, at :data:`INFERENCE_SPEEDUP` times the training
     ``throughput`` (images per second; :data:`FALLBACK_THROUGHPUT` when none was measured)."""

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medclf import reporting
-from medclf.budget import Budget, epoch_pace
+from medclf.budget import Budget, epoch_pace, replan_pace
 from medclf.distributed import DistContext, epoch_seed, log_shards, shard
 from medclf.errors import ConfigError
 from medclf.pretrain.config import PretrainConfig
@@ -195,8 +195,7 @@ class PretrainLoop:
         """Fit the cosine's horizon to the epochs that still fit before ``deadline`` (rank 0 decides)."""
         if not self.schedule.clock_driven or deadline is None:
             return
-        recent = times[1:][-3:] if len(times) > 1 else times
-        pace = epoch_pace(max(times[-1], float(np.mean(recent))))
+        pace = replan_pace(times)
         if self.dist.is_main:
             self.schedule.replan(self.scheduler.last_epoch, epochs_done, deadline - self.budget.clock(), pace)
         self.schedule.load_state_dict(self.dist.broadcast_json(self.schedule.state_dict()))

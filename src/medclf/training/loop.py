@@ -22,7 +22,7 @@ from torch import nn
 
 from medclf import reporting
 from medclf import threads as threads_mod
-from medclf.budget import Budget, epoch_pace
+from medclf.budget import Budget, epoch_pace, replan_pace
 from medclf.data.stream import StreamedRows
 from medclf.distributed import DistContext
 from medclf.errors import ConfigError
@@ -346,9 +346,7 @@ class Loop:
         """Clock-driven schedule: fit the horizon to the epochs that still fit (rank 0 decides for all)."""
         if not self.schedule.clock_driven or deadline is None:
             return
-        # The first epoch pays one-off costs (kernel creation, compilation): leave it out once others ran.
-        recent = epoch_times[1:][-3:] if len(epoch_times) > 1 else epoch_times
-        pace = epoch_pace(max(epoch_times[-1], float(np.mean(recent))))
+        pace = replan_pace(epoch_times)
         if self.dist.is_main:
             self.schedule.replan(self.scheduler.last_epoch, epochs_done, deadline - self.clock(), pace)
         self.schedule.load_state_dict(self.dist.broadcast_json(self.schedule.state_dict()))
