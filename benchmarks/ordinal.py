@@ -72,7 +72,7 @@ def knee_manifest(root: Path, out: Path) -> Path:
     return out
 
 
-def one(dataset: str, task: str, budget: str, seed: int, work: Path) -> dict[str, Any]:
+def one(dataset: str, task: str, budget: str, seed: int, work: Path, extra: list[str]) -> dict[str, Any]:
     data = DATASETS[dataset]["data"]
     if dataset == "knee":
         data = knee_manifest(data, work / "knee-manifest.csv")
@@ -81,20 +81,27 @@ def one(dataset: str, task: str, budget: str, seed: int, work: Path) -> dict[str
     py = [sys.executable, "-m", "medclf"]
     train_s = run(
         [*py, "train", str(data), "--out", str(out / "model"), "--time-budget", budget, "--task", task,
-         "--seed", str(seed)],
+         "--seed", str(seed), *extra],
         out / "train.log",
     )  # fmt: skip
     run([*py, "evaluate", str(out / "model"), str(data), "--out", str(out / "eval")], out / "evaluate.log")
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     grades = metrics["ordinal"]
     manifest = json.loads((out / "model" / "bundle.json").read_text())
+    recipe = manifest["recipe"]
     return {
         "task": task,
         "train_wall_s": round(train_s, 1),
         "plan": f"{manifest['model']['arch']} {manifest['input']['shape']}"
-        + (f", {manifest['recipe']['members']} members" if manifest["recipe"].get("members") else ""),
-        "epochs_run": manifest["recipe"].get("epochs_run"),  # None for an ensemble (leftover members)
+        + (f", {recipe['folds']} folds" if recipe.get("folds") else "")
+        + (f", {recipe['members']} members" if recipe.get("members") else ""),
+        "epochs_run": recipe.get("epochs_run"),  # None for an ensemble (leftover members)
+        "train_args": extra,
         "n_test": grades["n"],
+        # Every test image, copies of training images included, as MedMNIST's published table scored them.
+        "all_samples": {k: metrics["all_samples"][k] for k in ("n", "auc", "accuracy")}
+        if metrics.get("all_samples")
+        else None,
         **{k: grades[k] for k in ("auc", "argmax_accuracy", "accuracy", "mae", "qwk", "within_one_accuracy")},
         "ci": {k: grades["ci"].get(k) for k in ("auc", "accuracy", "mae", "qwk", "within_one_accuracy")},
         "decision_rule": grades["decision_rule"],
@@ -109,13 +116,15 @@ def render(result: dict[str, Any]) -> str:
         "",
         "`benchmarks/ordinal.py`: "
         + " vs ".join(HEADS.get(r["task"], f"`--task {r['task']}`") for r in result["runs"])
-        + f", `--time-budget {result['budget']}`, seed {result['seed']}, then `medclf evaluate`. Test split "
+        + f", `--time-budget {result['budget']}`"
+        + (f" `{' '.join(result['train_args'])}`" if result.get("train_args") else "")
+        + f", seed {result['seed']}, then `medclf evaluate`. Test split "
         f"(copies of training images removed). CPU: {c['model']}, {c['allowed']} of {c['cores']} cores; flags: "
         f"{', '.join(c['flags']) or 'none of AVX-512, AVX-VNNI, AMX'}.",
         "",
         "| head | plan | epochs | n test | AUC (MedMNIST) | ACC argmax (MedMNIST) | accuracy (decision) | MAE "
-        "| QWK | within one |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| QWK | within one | AUC / ACC, every test image |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def f(v: Any, ci: Any = None) -> str:
@@ -123,21 +132,31 @@ def render(result: dict[str, Any]) -> str:
             return "n/a"
         return f"{v:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
 
+    def every(r: dict[str, Any]) -> str:
+        a = r.get("all_samples")
+        return f"{a['auc']:.3f} / {a['accuracy']:.3f} (n {a['n']})" if a else "n/a"
+
     for r in result["runs"]:
         ci = r["ci"]
         lines.append(
             f"| {r['task']} | {r['plan']} | {r['epochs_run'] or 'n/a'} | {r['n_test']} | {f(r['auc'], ci['auc'])} "
             f"| {f(r['argmax_accuracy'])} | {f(r['accuracy'], ci['accuracy'])} | {f(r['mae'], ci['mae'])} "
-            f"| {f(r['qwk'], ci['qwk'])} | {f(r['within_one_accuracy'], ci['within_one_accuracy'])} |"
+            f"| {f(r['qwk'], ci['qwk'])} | {f(r['within_one_accuracy'], ci['within_one_accuracy'])} | {every(r)} |"
         )
     lines += ["", "Published: " + "; ".join(f"{name} {a} / {b}" for name, a, b in cfg["published"]) + "."]
     floor = cfg["floor"]
     if floor:
         ordinal = next(r for r in result["runs"] if r["task"] == "ordinal")
         met = all((ordinal[k] or 0) >= v for k, v in floor.items())
+        every_image = ordinal.get("all_samples") or {}
+        met_every = bool(every_image) and (
+            every_image["auc"] >= floor["auc"] and every_image["accuracy"] >= floor["argmax_accuracy"]
+        )
+        verdict = "met" if met else "NOT met"
+        if not met and met_every:
+            verdict += f" on the clean test split; met on every test image (n {every_image['n']}), as MedMNIST scored"
         lines.append(
-            f"Floor (ordinal head): AUC >= {floor['auc']} and ACC >= {floor['argmax_accuracy']}: "
-            f"{'met' if met else 'NOT met'}."
+            f"Floor (ordinal head): AUC >= {floor['auc']} and ACC >= {floor['argmax_accuracy']}: {verdict}."
         )
     lines += ["", f"{result['date']}: `{result['command']}`", ""]
     return "\n".join(lines)
@@ -150,7 +169,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tasks", default="ordinal,multiclass")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "ordinal")
+    ap.add_argument(
+        "--train-args", default="", help="more `medclf train` options for both heads, e.g. '--folds 5'"
+    )
     args = ap.parse_args()
+    extra = args.train_args.split()
     if not DATASETS[args.dataset]["data"].exists():
         raise SystemExit(f"{DATASETS[args.dataset]['data']} is absent (see ../shared/datasets/README.md)")
     result = {
@@ -160,7 +183,10 @@ def main() -> None:
         "cpu": cpu(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "python benchmarks/ordinal.py " + " ".join(sys.argv[1:]),
-        "runs": [one(args.dataset, t, args.budget, args.seed, args.work) for t in args.tasks.split(",")],
+        "train_args": extra,
+        "runs": [
+            one(args.dataset, t, args.budget, args.seed, args.work, extra) for t in args.tasks.split(",")
+        ],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"ordinal-{args.dataset}.json").write_text(json.dumps(result, indent=2))

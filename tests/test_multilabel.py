@@ -639,6 +639,12 @@ def test_k_fold_refusals_for_findings_are_one_line_errors(findings_data, tmp_pat
         capsys, "train", findings_data, "--out", tmp_path / "w", "--folds", 2, "--fusion", "weighted"
     )
     assert "multi-label members are fused by the mean" in msg and "--fusion mean" in msg
+    msg = _cli_error(
+        capsys, "train", findings_data, "--out", tmp_path / "s", "--members", 2, "--fusion", "weighted"
+    )
+    assert "multi-label members are fused by the mean" in msg and not (tmp_path / "s.folds").exists()
     msg = _cli_error(capsys, "train", findings_data, "--out", tmp_path / "many", "--folds", 30)
     assert "too few for 30 folds" in msg
     assert not (tmp_path / "w.folds").exists() and not (tmp_path / "many.folds").exists()
+    msg = _cli_error(capsys, "train", findings_data, "--out", tmp_path / "cw", "--class-weights", "none")
+    assert "--class-weights is for one class or grade per image" in msg and not (tmp_path / "cw").exists()

@@ -96,3 +96,21 @@ def test_strict_training_exits_3_with_a_bundle_and_every_report_says_why(tmp_pat
     assert metrics["training_warnings"] == manifest["sanity"]["warnings"]
     report = (tmp_path / "ev" / "report.html").read_text()
     assert "failed its training sanity check" in report and "Sanity gate (validation)" in report
+
+
+def test_a_passed_gate_without_references_says_what_it_checked():
+    from medclf import reporting
+
+    class Lines(reporting.Reporter):
+        def __init__(self):
+            self.lines = []
+
+        def print(self, *objects, highlight=None, markup=None):
+            self.lines += [str(o) for o in objects]
+
+    findings = {"passed": True, "model": {"auc": 0.9}, "majority": {}, "baseline": {"error": "2-D labels"}}
+    with reporting.use(Lines()) as rep:
+        sanity.render(findings)
+        sanity.render({"passed": True, "model": {"accuracy": 0.9, "auc": 0.93}, **REFS})
+    assert "the schedule ran as planned" in rep.lines[0] and "n/a" not in rep.lines[0]
+    assert "accuracy 0.900 vs 0.700 (majority class), AUC 0.930 vs 0.800" in rep.lines[1]

@@ -342,6 +342,7 @@ def test_training_on_grades_writes_an_ordinal_bundle_whose_predictions_are_grade
     b = load_bundle(result.bundle)
     assert b.manifest["task"] == "ordinal" and b.manifest["model"]["kwargs"]["head"] == "corn"
     assert any("CORN head" in reason for reason in result.plan.reasons)
+    assert result.plan.class_weights == "none", "grades are learnt at the training prior by default"
     grades = result.val_metrics["ordinal"]
     assert grades["decision_rule"].startswith("median") and 0 <= grades["mae"] <= 2
     x = torch.rand(4, *b.manifest["input"]["shape"])
@@ -361,7 +362,7 @@ def test_training_on_grades_writes_an_ordinal_bundle_whose_predictions_are_grade
     plain = train(
         sim_data, tmp_path / "plain", epochs=1, size=32, batch_size=16, arch="compact-s", progress=False
     )
-    assert load_bundle(plain.bundle).manifest["task"] == "multiclass"
+    assert load_bundle(plain.bundle).manifest["task"] == "multiclass" and plain.plan.class_weights == "balanced"
     # Ensembles keep the task (mean of the members' grade distributions), and refuse to mix tasks.
     from medclf.errors import ConfigError
     from medclf.fusion import ensemble

@@ -189,3 +189,32 @@ def test_time_left_after_an_early_stop_trains_more_members(sim_data, tmp_path):
     # members=1 keeps a single model, as does a fixed number of epochs.
     single = train_with_leftover(sim_data, tmp_path / "one", time_budget="45s", members=1, **kw)
     assert single.stop_reason == "early_stop" and load_bundle(single.bundle).arch == "compact-s"
+
+
+def test_class_weights_are_balanced_or_left_to_the_prior():
+    from medclf.models import create_model
+    from medclf.planner import Plan
+    from medclf.preprocess import PreprocessSpec
+    from medclf.schedule import Schedule
+    from medclf.training.optimisation import build_optimisation
+
+    labels = np.array([0] * 6 + [1] * 3 + [2])
+    plan = Plan(
+        arch="compact-s", arch_kwargs={}, spec=PreprocessSpec(size=(16, 16)), batch_size=4, epochs=1,
+        lr=1e-3, weight_decay=0.0, augment="none", amp="off", channels_last=False, ema=False, patience=0,
+        label_smoothing=0.0,
+    )  # fmt: skip
+    assert plan.class_weights == "balanced", "bundles made before the setting were balanced"
+
+    def weights(plan):
+        model = create_model("compact-s", 1, 3, 2)
+        opt = build_optimisation(model, [], plan, Schedule(3, 1, 1), labels, 3, multilabel_loss=None, device="cpu")
+        return opt.class_weights
+
+    assert weights(plan).tolist() == pytest.approx([10 / 18, 10 / 9, 10 / 3])  # n / (K n_c)
+    plan.class_weights = "none"
+    assert weights(plan) is None
+    assert Plan.from_dict(plan.to_dict()).class_weights == "none"
+    assert TrainConfig().updated({"class_weights": "none"}).overrides()["class_weights"] == "none"
+    with pytest.raises(ConfigError, match="--class-weights must be balanced or none"):
+        TrainConfig().updated({"class_weights": "inverse"})

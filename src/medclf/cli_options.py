@@ -189,6 +189,12 @@ TRAINING = (
         "(class folders named 0..K-1, RetinaMNIST: ordinal; '|'-joined labels, 2-D npz labels: multilabel)",
     ),
     opt(
+        "class_weights",
+        str | None,
+        "One class per image: balanced (each class weighs as much in the loss; default for classes) or none "
+        "(the training prior stands; default for ordinal grades)",
+    ),
+    opt(
         "multilabel_loss",
         str | None,
         "Multi-label findings: bce (binary cross-entropy, positives weighted by each finding's negatives per "

@@ -42,6 +42,7 @@ import numpy as np
 from medclf import fusion, reporting, sanity
 from medclf.budget import MIN_RUN_S, Budget, member_seconds
 from medclf.bundle import WEIGHTS, Bundle, load_bundle, save_bundle, update_bundle
+from medclf.data.samples import SampleSet
 from medclf.data.sources import load_source
 from medclf.data.splits import fold_split
 from medclf.errors import ConfigError, MedclfError
@@ -108,6 +109,17 @@ def train(
     return result
 
 
+def _fusable(data: str | Path, cfg: TrainConfig, method: str) -> SampleSet:
+    """``data``, read once before any member trains, so that a fusion the data cannot have is refused
+    first."""
+    samples = load_source(data, default_split="train", task=cfg.task, manifest=cfg.manifest)
+    if method != "mean" and samples.task == "multilabel":
+        raise ConfigError(
+            "multi-label members are fused by the mean of their per-finding probabilities: use --fusion mean"
+        )
+    return samples
+
+
 def train_folds(
     data: str | Path,
     out: str | Path,
@@ -128,12 +140,7 @@ def train_folds(
     cfg = (config or TrainConfig()).updated(settings)
     if folds < 2:
         raise ConfigError(f"--folds must be at least 2, got {folds}")
-    # Read once here, so that what the data cannot do is refused before any member trains.
-    samples = load_source(data, default_split="train", task=cfg.task, manifest=cfg.manifest)
-    if method != "mean" and samples.task == "multilabel":
-        raise ConfigError(
-            "multi-label members are fused by the mean of their per-finding probabilities: use --fusion mean"
-        )
+    samples = _fusable(data, cfg, method)
     if method != "mean" and not samples.has_split("val"):
         raise ConfigError(
             f"--fusion {method} is fitted on validation samples that no member trained on; {data} has no "
@@ -161,6 +168,7 @@ def train_members(
     cfg = (config or TrainConfig()).updated(settings)
     if members < 2:
         raise ConfigError(f"--members must be at least 2, got {members}")
+    _fusable(data, cfg, method)
     return _train_bag(
         data, out, n=members, mode="seeds", method=method, cfg=cfg, resume=resume, progress=progress
     )

@@ -94,6 +94,9 @@ class Plan:
     # are balanced over within each class. Bundles made before it: off, none.
     shortcut_mitigation: str = "off"
     balance_by: list[str] = field(default_factory=list)
+    # One class per image: "balanced" cross-entropy (each class weighs as much as the others) or "none" (the
+    # training prior stands). Bundles made before it: balanced.
+    class_weights: str = "balanced"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -210,6 +213,7 @@ def initial_plan(
         reasons=reasons,
         mix=mix,
         mix_alpha=check_mix(mix, overrides.get("mix_alpha")),
+        class_weights=overrides.get("class_weights") or "balanced",
     )
     if mix != "none":
         reasons.append(f"batch mixing '{mix}' with alpha {plan.mix_alpha:g}")

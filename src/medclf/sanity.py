@@ -211,6 +211,12 @@ def render(verdict: dict[str, Any]) -> None:
     rep = reporting.current()
     if verdict.get("passed"):
         base = verdict.get("baseline") or {}
+        majority = verdict.get("majority") or {}
+        if majority.get("accuracy") is None and base.get("auc") is None:  # multi-label findings: neither
+            rep.print(
+                "Sanity check passed: the schedule ran as planned (findings have no majority-class reference)"
+            )
+            return
         rep.print(
             f"Sanity check passed: validation accuracy {_f(verdict['model'].get('accuracy'))} vs "
             f"{_f(verdict['majority'].get('accuracy'))} (majority class), AUC {_f(verdict['model'].get('auc'))} "

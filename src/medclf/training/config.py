@@ -39,6 +39,9 @@ class TrainConfig:
     amp: str = "auto"
     ema: bool = True
     label_smoothing: float = 0.0
+    # One class per image: "balanced" (each class weighs as much as the others) or "none" (the training
+    # prior stands); None: the planner decides (planner.class_weighting).
+    class_weights: str | None = None
     # Batch mixing: none, mixup or cutmix (None: none); alpha None = the method's default.
     mix: str | None = None
     mix_alpha: float | None = None
@@ -109,6 +112,8 @@ class TrainConfig:
         augment_mod.check_mix(kw["mix"] or "none", kw["mix_alpha"])  # fail before any data is read
         if kw["multilabel_loss"] not in ("bce", "asymmetric"):  # models.tasks.MULTILABEL_LOSSES
             raise ConfigError(f"--multilabel-loss must be bce or asymmetric, not {kw['multilabel_loss']!r}")
+        if kw["class_weights"] not in (None, "balanced", "none"):
+            raise ConfigError(f"--class-weights must be balanced or none, not {kw['class_weights']!r}")
         if kw["threads"] is not None and int(kw["threads"]) < 1:
             raise ConfigError(f"--threads must be at least 1, not {kw['threads']}")
         check_mitigation_mode(kw["shortcut_mitigation"])
@@ -117,7 +122,7 @@ class TrainConfig:
     def overrides(self) -> dict[str, Any]:
         keys: tuple[str, ...]
         keys = ("arch", "size", "epochs", "batch_size", "lr", "augment", "denoise", "patience", "amp", "ema")
-        keys += ("slices_as_channels", "mix", "mix_alpha")
+        keys += ("slices_as_channels", "mix", "mix_alpha", "class_weights")
         d = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
         d["weight_decay"] = self.weight_decay
         d["label_smoothing"] = self.label_smoothing

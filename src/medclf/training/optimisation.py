@@ -74,7 +74,7 @@ def build_optimisation(
     class_weights = pos_weight = None
     if multilabel_loss is not None:
         pos_weight = torch.tensor(tasks.positive_weights(labels), dtype=torch.float32, device=device)
-    else:
+    elif plan.class_weights == "balanced":
         counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
         # Balanced class weights (n / (K n_c)), so a rare class counts as much as a common one.
         weights = np.where(counts > 0, counts.sum() / (n_classes * np.maximum(counts, 1)), 0.0)

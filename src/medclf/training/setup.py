@@ -131,26 +131,36 @@ def _plan(
         plan = new_plan(samples, fp, n_train, cfg, ctx.budget, probe_s, policy, dist, ctx.device)
     plan.threads = policy.torch_threads
     if state is None and base_plan is None:
-        _head_for_task(plan, samples)
+        _head_for_task(plan, samples, cfg.class_weights)
     if dist.enabled:
         plan = Plan.from_dict(dist.broadcast_json(plan.to_dict()))
     print_plan(plan, fp, samples, policy)
     return plan, fp
 
 
-def _head_for_task(plan: Plan, samples: SampleSet) -> None:
+def _head_for_task(plan: Plan, samples: SampleSet, class_weights: str | None) -> None:
     """Ordinal grades get the CORN head (:mod:`medclf.models.tasks`); the cross-entropy the loop computes on
-    its grade log-probabilities is then CORN's loss."""
+    its grade log-probabilities is then CORN's loss. Unless ``class_weights`` says otherwise, grades are
+    learnt at the training prior: a grade is judged by accuracy, MAE and kappa over the images as they come,
+    and balanced weights move every decision towards the rare extreme grades."""
     if samples.task == "ordinal":
         plan.arch_kwargs = {**plan.arch_kwargs, "head": "corn"}
         why = infer_task(samples)[1] if infer_task(samples)[0] == "ordinal" else "--task ordinal"
+        if class_weights is None:
+            plan.class_weights = "none"
         plan.reasons.append(
             f"ordinal grades ({why}): CORN head, {len(samples.classes) - 1} conditional outputs for "
-            f"{len(samples.classes)} grades"
+            f"{len(samples.classes)} grades, "
+            + ("at the training prior" if plan.class_weights == "none" else "grades weighted as balanced")
         )
     else:
         plan.arch_kwargs = {k: v for k, v in plan.arch_kwargs.items() if k != "head"}
     if samples.task == "multilabel":
+        if class_weights is not None:
+            raise ConfigError(
+                "--class-weights is for one class or grade per image; multi-label findings are weighted by "
+                "--multilabel-loss"
+            )
         plan.reasons.append(
             f"multi-label findings: {len(samples.classes)} sigmoid outputs; selection on validation macro AUC"
         )
