@@ -362,7 +362,9 @@ def test_training_on_grades_writes_an_ordinal_bundle_whose_predictions_are_grade
     plain = train(
         sim_data, tmp_path / "plain", epochs=1, size=32, batch_size=16, arch="compact-s", progress=False
     )
-    assert load_bundle(plain.bundle).manifest["task"] == "multiclass" and plain.plan.class_weights == "balanced"
+    assert (
+        load_bundle(plain.bundle).manifest["task"] == "multiclass" and plain.plan.class_weights == "balanced"
+    )
     # Ensembles keep the task (mean of the members' grade distributions), and refuse to mix tasks.
     from medclf.errors import ConfigError
     from medclf.fusion import ensemble

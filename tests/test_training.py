@@ -208,7 +208,9 @@ def test_class_weights_are_balanced_or_left_to_the_prior():
 
     def weights(plan):
         model = create_model("compact-s", 1, 3, 2)
-        opt = build_optimisation(model, [], plan, Schedule(3, 1, 1), labels, 3, multilabel_loss=None, device="cpu")
+        opt = build_optimisation(
+            model, [], plan, Schedule(3, 1, 1), labels, 3, multilabel_loss=None, device="cpu"
+        )
         return opt.class_weights
 
     assert weights(plan).tolist() == pytest.approx([10 / 18, 10 / 9, 10 / 3])  # n / (K n_c)
