@@ -1,12 +1,15 @@
 """Ordinal grades: medclf's ordinal head (CORN) against a plain multi-class head, same data, budget and seed.
 
     .venv/bin/python benchmarks/ordinal.py [--dataset retina] [--budget 10m] [--seed 0]
+        [--tasks ordinal,multiclass,ordinal-balanced] [--train-args "--folds 5"]
 
 Each run is what a user runs: ``python -m medclf train DATA --task ordinal|multiclass --time-budget B``, then
 ``python -m medclf evaluate``. The evaluation scores both models as graders (``metrics.json`` ``ordinal``):
 accuracy, MAE, quadratic weighted kappa and within-one accuracy with bootstrap intervals (the ordinal model
 decides by the median of its grade distribution, the multi-class model by its most probable class), and
-MedMNIST's own AUC (macro one-vs-rest) and ACC (argmax), next to the published table. Results:
+MedMNIST's own AUC (macro one-vs-rest) and ACC (argmax), next to the published table; ``ordinal-balanced``
+adds the ordinal head trained with balanced class weights (the default before grades were learnt at the
+training prior). ``--train-args`` go to every ``medclf train``. Results:
 ``benchmarks/results/ordinal-<dataset>.json``, rendered into BENCHMARKS.md by ``benchmarks/run.py``.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -44,7 +48,17 @@ DATASETS: dict[str, dict[str, Any]] = {
 }
 
 
-HEADS = {"ordinal": "`medclf train --task ordinal` (CORN head)", "multiclass": "`--task multiclass`"}
+HEADS = {
+    "ordinal": "`medclf train --task ordinal` (CORN head)",
+    "multiclass": "`--task multiclass`",
+    "ordinal-balanced": "`--task ordinal --class-weights balanced` (grades weighted as balanced)",
+}
+# What each run of --tasks adds to `medclf train`.
+TASK_ARGS = {
+    "ordinal": ["--task", "ordinal"],
+    "multiclass": ["--task", "multiclass"],
+    "ordinal-balanced": ["--task", "ordinal", "--class-weights", "balanced"],
+}
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -80,7 +94,7 @@ def one(dataset: str, task: str, budget: str, seed: int, work: Path, extra: list
     out.mkdir(parents=True, exist_ok=True)
     py = [sys.executable, "-m", "medclf"]
     train_s = run(
-        [*py, "train", str(data), "--out", str(out / "model"), "--time-budget", budget, "--task", task,
+        [*py, "train", str(data), "--out", str(out / "model"), "--time-budget", budget, *TASK_ARGS[task],
          "--seed", str(seed), *extra],
         out / "train.log",
     )  # fmt: skip
@@ -167,13 +181,16 @@ def main() -> None:
     ap.add_argument("--dataset", choices=list(DATASETS), default="retina")
     ap.add_argument("--budget", default="10m")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tasks", default="ordinal,multiclass")
+    ap.add_argument("--tasks", default="ordinal,multiclass", help=f"runs, of {', '.join(TASK_ARGS)}")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "ordinal")
     ap.add_argument(
         "--train-args", default="", help="more `medclf train` options for both heads, e.g. '--folds 5'"
     )
     args = ap.parse_args()
     extra = args.train_args.split()
+    unknown = [t for t in args.tasks.split(",") if t not in TASK_ARGS]
+    if unknown:
+        raise SystemExit(f"unknown --tasks {', '.join(unknown)} (known: {', '.join(TASK_ARGS)})")
     if not DATASETS[args.dataset]["data"].exists():
         raise SystemExit(f"{DATASETS[args.dataset]['data']} is absent (see ../shared/datasets/README.md)")
     result = {
@@ -182,7 +199,7 @@ def main() -> None:
         "seed": args.seed,
         "cpu": cpu(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": "python benchmarks/ordinal.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/ordinal.py " + shlex.join(sys.argv[1:]),
         "train_args": extra,
         "runs": [
             one(args.dataset, t, args.budget, args.seed, args.work, extra) for t in args.tasks.split(",")

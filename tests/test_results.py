@@ -231,6 +231,7 @@ def test_predict_answers_a_fhir_diagnostic_report_when_asked(tiny_bundle, sim_da
         check_fhir(document, plain, guarded)
         (form,) = document["presentedForm"]
         assert form["contentType"] == "image/png" and base64.b64decode(form["data"]).startswith(b"\x89PNG")
+        assert f"for '{plain['predicted']}'" in form["title"], "the heatmap names what it explains"
         assert document["identifier"][0]["value"].startswith("urn:uuid:")
         guarded.ood.threshold = -1.0  # every input now unlike the training data
         flagged = client.post("/v1/predict", files=files).json()

@@ -121,11 +121,13 @@ def diagnostic_report(
     issued: dt.datetime | None = None,
     identifiers: Sequence[dict[str, str]] = (),
     overlay_png: bytes | None = None,
+    overlay_target: str | None = None,
 ) -> DiagnosticReport:
     """The FHIR ``DiagnosticReport`` of one prediction (an entry of :meth:`Predictor.predict`), validated.
 
     ``identifiers``: FHIR ``Identifier`` objects of the report (``{"system": ..., "value": ...}``);
-    ``overlay_png``: a heatmap overlay to attach as the report's ``presentedForm``."""
+    ``overlay_png``: a heatmap overlay to attach as the report's ``presentedForm``, ``overlay_target`` the
+    class or finding it explains (a multi-label answer has several)."""
     from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 
     issued = issued or dt.datetime.now(dt.UTC)
@@ -165,7 +167,9 @@ def diagnostic_report(
             {
                 "contentType": "image/png",
                 "data": base64.b64encode(overlay_png).decode("ascii"),
-                "title": "Heatmap of the input (where the model looked; not a lesion outline)",
+                "title": "Heatmap of the input"
+                + (f" for '{overlay_target}'" if overlay_target else "")
+                + " (where the model looked; not a lesion outline)",
             }
         ]
     if not report["identifier"]:
@@ -388,12 +392,14 @@ def http_report(answer: dict[str, Any], bundle: Predictor, request_id: str) -> s
     """``POST /v1/predict`` answered as FHIR (``Accept: application/fhir+json``): the report of ``answer``
     (what the JSON answer would hold), identified by the request's id (the audit log's), with the
     heatmap overlay as its presented form when ``?explain=true``."""
-    overlay = (answer.get("explanation") or {}).get("overlay_png")
+    explanation = answer.get("explanation") or {}
+    overlay = explanation.get("overlay_png")
     report = diagnostic_report(
         answer,
         bundle,
         identifiers=[{"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{_uuid(request_id)}"}],
         overlay_png=base64.b64decode(overlay) if overlay else None,
+        overlay_target=explanation.get("explained_class"),
     )
     return report_json(report)
 
