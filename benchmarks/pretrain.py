@@ -60,9 +60,10 @@ DATASETS: dict[str, dict[str, Any]] = {
 }
 
 
-# scratch: the backbone's architecture and size from random weights; init-from: the backbone; default: what
-# the planner chooses for the dataset with no options (the user's from-scratch baseline; optional).
-ARMS = ("scratch", "init-from", "default")
+# scratch: the backbone's architecture and size from random weights; init-from: the backbone (the planner's
+# linear probe first on small data); init-from-ft: the backbone, every layer fine-tuned from the first epoch
+# (--linear-probe 0); default: what the planner chooses for the dataset with no options (optional).
+ARMS = ("scratch", "init-from", "init-from-ft", "default")
 
 
 def starter_sources(work: Path) -> list[str]:
@@ -141,8 +142,10 @@ def one(
     py = [sys.executable, "-m", "medclf"]
     cmd = [*py, "train", str(data), "--out", str(out / "model"), "--time-budget", budget, "--seed", str(seed)]
     cmd += ["--no-progress"]
-    if arm == "init-from":
-        cmd += ["--init-from", backbone["bundle"]]
+    if arm.startswith("init-from"):
+        cmd += ["--init-from", backbone["bundle"]] + (
+            ["--linear-probe", "0"] if arm == "init-from-ft" else []
+        )
     elif arm == "scratch":  # the backbone's network and input size: only the starting weights differ
         cmd += ["--arch", backbone["arch"], "--size", str(backbone["input"][-1])]
     wall = run(cmd, out / "train.log")
@@ -192,7 +195,8 @@ def render(result: dict[str, Any]) -> str:
         f"batch {b['batch_size']}, {b['wall_s']} s; SSL loss {b['loss_curve'][0]:.3f} -> {b['loss_curve'][-1]:.3f}"
         + (f"; k-NN probe accuracy {knn[0]:.3f} -> {knn[-1]:.3f}" if knn else "")
         + f"). Then `medclf train` with `--time-budget {result['budget']}` per run, from scratch (same "
-        f"architecture and size) or `--init-from` the backbone, seeds {result['seeds']}, and `medclf evaluate` "
+        f"architecture and size) or `--init-from` the backbone (init-from-ft: with `--linear-probe 0`), seeds "
+        f"{result['seeds']}, and `medclf evaluate` "
         f"on the test split. CPU: {c['model']}, {c['allowed']} of {c['cores']} cores; flags: "
         f"{', '.join(c['flags']) or 'none of AVX-512, AVX-VNNI, AMX'}.",
         "",
@@ -220,7 +224,8 @@ def render(result: dict[str, Any]) -> str:
             return "n/a" if r[k] is None else f"{r[k]:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
 
         lines.append(
-            f"| {r['dataset']} | {r['arm']} | {r['seed']} | {r['epochs_run']} | {g('auc')} | {g('accuracy')} |"
+            f"| {r['dataset']} | {r['arm']} | {r['seed']} | {r['epochs_run'] or 'n/a (ensemble)'} | {g('auc')} "
+            f"| {g('accuracy')} |"
         )
     for d in dict.fromkeys(r["dataset"] for r in result["runs"]):
         lines.append(f"\n{DATASETS[d]['title']}: {DATASETS[d]['published']}.")
