@@ -40,7 +40,7 @@ class TrainConfig:
     ema: bool = True
     label_smoothing: float = 0.0
     # One class per image: "balanced" (each class weighs as much as the others) or "none" (the training
-    # prior stands); None: the planner decides (planner.class_weighting).
+    # prior stands); None: none for ordinal grades, balanced for classes (training.setup._head_for_task).
     class_weights: str | None = None
     # Batch mixing: none, mixup or cutmix (None: none); alpha None = the method's default.
     mix: str | None = None
