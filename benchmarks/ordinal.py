@@ -126,7 +126,8 @@ def render(result: dict[str, Any]) -> str:
     cfg = DATASETS[result["dataset"]]
     c = result["cpu"]
     lines = [
-        f"## Ordinal grades: {cfg['title']}",
+        f"## Ordinal grades: {cfg['title']}"
+        + (f", `{' '.join(result['train_args'])}`" if result.get("train_args") else ""),
         "",
         "`benchmarks/ordinal.py`: "
         + " vs ".join(HEADS.get(r["task"], f"`--task {r['task']}`") for r in result["runs"])
@@ -186,6 +187,9 @@ def main() -> None:
     ap.add_argument(
         "--train-args", default="", help="more `medclf train` options for both heads, e.g. '--folds 5'"
     )
+    ap.add_argument(
+        "--out-name", default=None, help="result file in benchmarks/results (default ordinal-<dataset>.json)"
+    )
     args = ap.parse_args()
     extra = args.train_args.split()
     unknown = [t for t in args.tasks.split(",") if t not in TASK_ARGS]
@@ -206,7 +210,7 @@ def main() -> None:
         ],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"ordinal-{args.dataset}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / (args.out_name or f"ordinal-{args.dataset}.json")).write_text(json.dumps(result, indent=2))
     print(render(result))
 
 

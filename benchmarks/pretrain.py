@@ -11,8 +11,10 @@
 2. For each dataset and seed: ``medclf train`` from scratch (the backbone's architecture and input size, so
    only the initialisation differs) and ``medclf train --init-from BACKBONE``, each with ``--time-budget
    --budget``, then ``medclf evaluate`` on the official test split (copies of training images removed).
-   ``--arms scratch,init-from,default`` adds the planner's own choice with no options (another network or
-   size, perhaps: the from-scratch baseline a user gets).
+   ``--arms`` adds ``init-from-lp`` (``--linear-probe 0.3``), ``init-from-ft`` (``--linear-probe 0``) and
+   ``default``, the planner's own choice with no options (another network or size, perhaps: the from-scratch
+   baseline a user gets). Each fine-tuning run records the linear-probe share it used;
+   ``--refresh-probe-shares`` fills them in for a result file written before runs recorded them.
 
 Results: ``benchmarks/results/pretrain.json`` (the backbone's recipe, epochs, loss and k-NN curves; per run
 the test AUC and accuracy with bootstrap intervals; per arm the mean and spread over seeds), rendered by
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -60,10 +63,13 @@ DATASETS: dict[str, dict[str, Any]] = {
 }
 
 
-# scratch: the backbone's architecture and size from random weights; init-from: the backbone (the planner's
-# linear probe first on small data); init-from-ft: the backbone, every layer fine-tuned from the first epoch
-# (--linear-probe 0); default: what the planner chooses for the dataset with no options (optional).
-ARMS = ("scratch", "init-from", "init-from-ft", "default")
+# scratch: the backbone's architecture and size from random weights; init-from: the backbone as the planner
+# fine-tunes it (each run records its linear-probe share, which the tables show); init-from-lp: a linear probe
+# for the first 30 % of the epochs, then fine-tuning (--linear-probe 0.3); init-from-ft: every layer
+# fine-tuned from the first epoch (--linear-probe 0); default: what the planner chooses for the dataset with
+# no options (optional).
+ARMS = ("scratch", "init-from", "init-from-lp", "init-from-ft", "default")
+PROBE_ARGS = {"init-from-lp": ["--linear-probe", "0.3"], "init-from-ft": ["--linear-probe", "0"]}
 
 
 def starter_sources(work: Path) -> list[str]:
@@ -143,9 +149,7 @@ def one(
     cmd = [*py, "train", str(data), "--out", str(out / "model"), "--time-budget", budget, "--seed", str(seed)]
     cmd += ["--no-progress"]
     if arm.startswith("init-from"):
-        cmd += ["--init-from", backbone["bundle"]] + (
-            ["--linear-probe", "0"] if arm == "init-from-ft" else []
-        )
+        cmd += ["--init-from", backbone["bundle"], *PROBE_ARGS.get(arm, [])]
     elif arm == "scratch":  # the backbone's network and input size: only the starting weights differ
         cmd += ["--arch", backbone["arch"], "--size", str(backbone["input"][-1])]
     wall = run(cmd, out / "train.log")
@@ -159,13 +163,38 @@ def one(
         "seed": seed,
         "train_wall_s": round(wall, 1),
         "plan": f"{manifest['model']['arch']} {manifest['input']['shape']}",
-        "linear_probe": recipe.get("linear_probe"),
+        "linear_probe": probe_share(manifest, (out / "train.log").read_text()) if arm != "scratch" else None,
         "epochs_run": recipe.get("epochs_run"),
         "n_test": metrics.get("n"),
         "auc": metrics.get("auc"),
         "accuracy": metrics.get("accuracy"),
         "ci": {k: (metrics.get("ci") or {}).get(k) for k in ("auc", "accuracy")},
     }
+
+
+def probe_share(manifest: dict[str, Any], train_log: str) -> float | None:
+    """The linear-probe share a fine-tuning run used: its bundle's recipe (one model), the first member's
+    record (a leftover-budget ensemble), else the plan as ``medclf train`` printed it (bundles written before
+    ensembles recorded it)."""
+    recipe = manifest.get("recipe", {})
+    if "linear_probe" in recipe:
+        return float(recipe["linear_probe"])
+    first = (manifest.get("leftover") or {}).get("first_member") or {}
+    if "linear_probe" in first:
+        return float(first["linear_probe"])
+    if "fine-tuning from" not in train_log:
+        return None
+    said = re.search(r"linear probe \(output layer only\) for the first (\d+)% of the epochs", train_log)
+    return int(said.group(1)) / 100 if said else 0.0
+
+
+def refresh_probe_shares(result: dict[str, Any], work: Path) -> None:
+    """Fill in the probe shares a result file lacks from its runs' bundles and logs in ``work``."""
+    for r in result["runs"]:
+        run_dir = work / f"{r['dataset']}-{r['arm']}-seed{r['seed']}"
+        if r["arm"] != "scratch" and r.get("linear_probe") is None and (run_dir / "train.log").exists():
+            manifest = json.loads((run_dir / "model" / "bundle.json").read_text())
+            r["linear_probe"] = probe_share(manifest, (run_dir / "train.log").read_text())
 
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -176,12 +205,23 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if not mine:
                 continue
             row: dict[str, Any] = {"dataset": dataset, "arm": arm, "seeds": len(mine)}
+            row["linear_probe"] = (
+                list(dict.fromkeys(r.get("linear_probe") for r in mine)) if arm != "scratch" else []
+            )
             for k in ("auc", "accuracy"):
                 values = [r[k] for r in mine if r[k] is not None]
                 row[k] = statistics.mean(values) if values else None
                 row[f"{k}_sd"] = statistics.stdev(values) if len(values) > 1 else None
             rows.append(row)
     return rows
+
+
+def _probe(shares: list[float | None] | None) -> str:
+    """ " (probe 30 %)", " (no probe)" after an --init-from arm's name; nothing for scratch."""
+    if not shares:
+        return ""
+    said = {None: "probe share not recorded", 0.0: "no probe"}
+    return " (" + ", ".join(said.get(v) or f"probe {v:.0%}" for v in shares) + ")"
 
 
 def render(result: dict[str, Any]) -> str:
@@ -195,7 +235,8 @@ def render(result: dict[str, Any]) -> str:
         f"batch {b['batch_size']}, {b['wall_s']} s; SSL loss {b['loss_curve'][0]:.3f} -> {b['loss_curve'][-1]:.3f}"
         + (f"; k-NN probe accuracy {knn[0]:.3f} -> {knn[-1]:.3f}" if knn else "")
         + f"). Then `medclf train` with `--time-budget {result['budget']}` per run, from scratch (same "
-        f"architecture and size) or `--init-from` the backbone (init-from-ft: with `--linear-probe 0`), seeds "
+        f"architecture and size) or `--init-from` the backbone (the linear-probe share of the epochs as each "
+        f"run recorded it: 0 = every layer fine-tunes from the first epoch), seeds "
         f"{result['seeds']}, and `medclf evaluate` "
         f"on the test split. CPU: {c['model']}, {c['allowed']} of {c['cores']} cores; flags: "
         f"{', '.join(c['flags']) or 'none of AVX-512, AVX-VNNI, AMX'}.",
@@ -207,9 +248,9 @@ def render(result: dict[str, Any]) -> str:
     def f(v: Any, sd: Any) -> str:
         return "n/a" if v is None else f"{v:.3f}" + (f" ({sd:.3f})" if sd is not None else "")
 
-    for s in result["summary"]:
+    for s in summarise(result["runs"]):  # recomputed: older result files lack the probe shares
         lines.append(
-            f"| {s['dataset']} | {s['arm']} | {s['seeds']} | {f(s['auc'], s['auc_sd'])} "
+            f"| {s['dataset']} | {s['arm']}{_probe(s.get('linear_probe'))} | {s['seeds']} | {f(s['auc'], s['auc_sd'])} "
             f"| {f(s['accuracy'], s['accuracy_sd'])} |"
         )
     lines += [
@@ -224,7 +265,8 @@ def render(result: dict[str, Any]) -> str:
             return "n/a" if r[k] is None else f"{r[k]:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
 
         lines.append(
-            f"| {r['dataset']} | {r['arm']} | {r['seed']} | {r['epochs_run'] or 'n/a (ensemble)'} | {g('auc')} "
+            f"| {r['dataset']} | {r['arm']}{_probe([r.get('linear_probe')] if r['arm'] != 'scratch' else [])} "
+            f"| {r['seed']} | {r['epochs_run'] or 'n/a (ensemble)'} | {g('auc')} "
             f"| {g('accuracy')} |"
         )
     for d in dict.fromkeys(r["dataset"] for r in result["runs"]):
@@ -244,7 +286,19 @@ def main() -> None:
     ap.add_argument("--pretrain-args", default="", help="extra `medclf pretrain` options (e.g. --size 28)")
     ap.add_argument("--out-name", default="pretrain.json")
     ap.add_argument("--arms", default="scratch,init-from", help=f"comma-separated: {', '.join(ARMS)}")
+    ap.add_argument(
+        "--refresh-probe-shares",
+        action="store_true",
+        help="train nothing: fill in the linear-probe shares the result file lacks from the runs in --work",
+    )
     args = ap.parse_args()
+    if args.refresh_probe_shares:
+        path = RESULTS / args.out_name
+        result = json.loads(path.read_text())
+        refresh_probe_shares(result, args.work)
+        path.write_text(json.dumps(result, indent=2))
+        print(render(result))
+        return
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     for d in datasets:
         if d not in DATASETS or not DATASETS[d]["data"].exists():

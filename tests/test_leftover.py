@@ -55,6 +55,8 @@ def test_3d_data_whose_plan_fell_back_to_2_5d_ends_with_a_fused_bundle(tmp_path,
     assert b.arch == "ensemble" and len(b.manifest["ensemble"]["members"]) == 2
     assert b.spec.spatial_dims == 2 and b.spec.slices_as_channels  # 2.5D, as the first member
     assert "sanity" in b.manifest
+    # The fused bundle still says how its members were fine-tuned (here: from scratch, no probe).
+    assert b.manifest["leftover"]["first_member"]["linear_probe"] == 0.0
     vol = np.random.default_rng(1).integers(0, 255, (16, 16, 16), dtype=np.uint8)
     assert "predicted" in b.predict([vol])[0]
 

@@ -299,17 +299,24 @@ def test_linear_probe_freezes_the_backbone_then_fine_tunes_it(backbone, sim_data
     assert any("linear probe" in r for r in res.plan.reasons)
 
 
-def test_planner_chooses_the_probe_for_small_data_and_flag_turns_it_off(backbone, sim_data, tmp_path):
+def test_planner_probes_first_for_small_data_from_supervised_sources_only(backbone, sim_data, tmp_path):
     from medclf.errors import ConfigError
     from medclf.training import train
     from medclf.training.probe import plan_probe
 
-    assert plan_probe(None, 500)[0] == pytest.approx(0.3) and plan_probe(None, 5000)[0] == 0.0
+    # Small labelled data from a supervised source probes first; large data, or a self-supervised
+    # backbone, fine-tunes every layer from the start; an explicit share wins either way.
+    for kind in ("bundle", "state_dict"):
+        assert plan_probe(None, 500, kind)[:2] == (pytest.approx(0.3), pytest.approx(0.1))
+        assert plan_probe(None, 5000, kind)[0] == 0.0
+    assert plan_probe(None, 500, "backbone")[:2] == (0.0, 1.0)
+    assert plan_probe(0.3, 500, "backbone")[0] == pytest.approx(0.3)
     assert plan_probe(0, 500)[0] == 0.0
     with pytest.raises(ConfigError, match="linear-probe"):
         plan_probe(1.5, 500)
     res = train(sim_data, tmp_path / "auto", init_from=str(backbone), epochs=1, progress=False)
-    assert res.plan.linear_probe == pytest.approx(0.3)  # 51 labelled images: small
+    assert res.plan.linear_probe == 0.0 and res.plan.backbone_lr == 1.0  # 51 images, self-supervised source
+    assert any("self-supervised backbone" in r for r in res.plan.reasons)
     with pytest.raises(ConfigError, match="needs --init-from"):
         train(sim_data, tmp_path / "x", linear_probe=0.3, epochs=1, progress=False)
 

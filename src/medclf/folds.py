@@ -421,6 +421,9 @@ def _fused(
         "first_member": {
             "schedule": first.schedule,
             "epoch_seconds": [h["seconds"] for h in first.history],
+            # Every member's fine-tuning schedule (the members share the first one's plan).
+            "linear_probe": first.plan.linear_probe,
+            "backbone_lr": first.plan.backbone_lr,
         },
     }
     update_bundle(out, {"sanity": verdict.to_dict(), "leftover": leftover})

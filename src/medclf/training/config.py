@@ -52,7 +52,8 @@ class TrainConfig:
     init_from: str | None = None
     freeze: str | list[str] | None = None
     # With --init-from: the share of the epochs that train the output layer only before all layers
-    # fine-tune (medclf.training.probe); None: the planner decides (on for small data), 0: off.
+    # fine-tune (medclf.training.probe); None: the planner decides (on for small data from a supervised
+    # source), 0: off.
     linear_probe: float | None = None
     # Seed of the carved validation split (and K-fold folds); None = ``seed``. Seed bagging keeps it fixed.
     split_seed: int | None = None

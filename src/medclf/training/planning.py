@@ -139,7 +139,7 @@ def _apply_transfer(plan: Plan, source: Any, cfg: TrainConfig, n_outputs: int, n
     plan.freeze = names
     from medclf.training.probe import plan_probe
 
-    plan.linear_probe, plan.backbone_lr, why = plan_probe(cfg.linear_probe, n_train)
+    plan.linear_probe, plan.backbone_lr, why = plan_probe(cfg.linear_probe, n_train, source.kind)
     if why:
         plan.reasons.append(why)
     plan.reasons.append(

@@ -5,7 +5,10 @@ For the first ``plan.linear_probe`` share of the epochs only the output layer tr
 source's weights compute unchanged (the backbone's batch-norm statistics too); then every layer not in
 ``--freeze`` trains, the backbone at ``plan.backbone_lr`` times the head's learning rate, so a head that
 already fits does not send large gradients through the pretrained weights. The planner turns it on for small
-labelled data with ``--init-from`` (:data:`SMALL_DATA`); ``--linear-probe`` sets the share (0: off).
+labelled data (:data:`SMALL_DATA`) fine-tuned from a supervised bundle or a state dict, the setting LP-FT was
+shown in; not from a self-supervised backbone (``medclf pretrain``), whose features a linear layer separates
+poorly: there every layer trains from the first epoch (BENCHMARKS.md, "Pretraining": probing first cost
+BreastMNIST test AUC with the starter backbone on every seed). ``--linear-probe`` sets the share (0: off).
 """
 
 from __future__ import annotations
@@ -23,11 +26,23 @@ DEFAULT_SHARE, DEFAULT_BACKBONE_LR = 0.3, 0.1
 PROBE, FINETUNE = "probe", "finetune"
 
 
-def plan_probe(share: float | None, n_train: int) -> tuple[float, float, str | None]:
-    """The share of epochs that probe, the backbone's learning-rate factor, and why (None: off)."""
+def plan_probe(
+    share: float | None, n_train: int, source_kind: str = "bundle"
+) -> tuple[float, float, str | None]:
+    """The share of epochs that probe, the backbone's learning-rate factor, and why (None: off, nothing to
+    say). ``source_kind`` is the ``--init-from`` source's (``bundle``, ``backbone``, ``state_dict``)."""
     if share is None:
         if n_train >= SMALL_DATA:
             return 0.0, 1.0, None
+        if source_kind == "backbone":
+            return (
+                0.0,
+                1.0,
+                (
+                    f"{n_train} labelled training images, a self-supervised backbone: every layer fine-tunes from "
+                    "the first epoch (no linear probe; --linear-probe SHARE asks for one)"
+                ),
+            )
         share, why = DEFAULT_SHARE, f"{n_train} labelled training images (< {SMALL_DATA})"
     else:
         if not 0.0 <= float(share) < 1.0:
