@@ -228,7 +228,11 @@ def render(result: dict[str, Any]) -> str:
     b, c = result["backbone"], result["cpu"]
     knn = (b.get("knn_probe") or {}).get("accuracy_curve") or []
     lines = [
-        "## Self-supervised pretraining: the starter backbone, fine-tuned vs from scratch",
+        "## Self-supervised pretraining: the starter backbone, fine-tuned vs from scratch ("
+        + ", ".join(
+            DATASETS[d]["title"].split(" (")[0] for d in dict.fromkeys(r["dataset"] for r in result["runs"])
+        )
+        + ")",
         "",
         f"`benchmarks/pretrain.py`: `{b['command']}` ({b['images']} training images of {len(b['sources'])} "
         f"sources, no test or validation split; {b['arch']} at {b['input']}; {b['epochs']} epochs of SimCLR, "

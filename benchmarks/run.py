@@ -649,7 +649,14 @@ def _extra_sections() -> list[str]:
             f"{m['epochs']} epochs each, then scored on the same {m['n_test']} clean test images. "
             "Plain: a `Dataset` that decodes and resizes each JPEG on every access, `DataLoader` with one "
             "worker per core, fp32, contiguous tensors. medclf: tensors decoded once and cached, batched "
-            f"augmentation, {'fp32 (no autocast)' if m['amp'] == 'off' else m['amp'] + ' autocast'}, channels-last. CPU: {t.get('cpu', '?')}"
+            f"augmentation, {'fp32 (no autocast)' if m['amp'] == 'off' else m['amp'] + ' autocast'}, channels-last"
+            + (
+                ", freed memory kept for the next step (`medclf.allocator`; the plain loop runs in a process of "
+                "its own on the C library's defaults)"
+                if t.get("medclf_keeps_freed_memory")
+                else ""
+            )
+            + f". CPU: {t.get('cpu', '?')}"
             + (
                 f" (flags: {', '.join(t['cpu_flags']) or 'no AVX-512, AVX-VNNI or AMX'})"
                 if "cpu_flags" in t
@@ -868,11 +875,11 @@ def _ecosystem_sections() -> list[str]:
             "`python benchmarks/tracking.py`",
             "",
         ]
-    pre = _read("pretrain.json")  # issue 25: benchmarks/pretrain.py
-    if pre:
+    # issue 25: benchmarks/pretrain.py (pretrain.json, and pretrain-<name>.json from --out-name)
+    for path in sorted(RESULTS.glob("pretrain*.json")):
         from pretrain import render as render_pretrain
 
-        lines += [render_pretrain(pre), ""]
+        lines += [render_pretrain(json.loads(path.read_text())), ""]
     return lines
 
 

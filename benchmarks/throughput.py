@@ -9,7 +9,9 @@ size and batch size:
   ``DataLoader`` with one worker per core, fp32, contiguous tensors, per-sample flips — what most training
   scripts do;
 * **medclf**: the real training loop (``medclf.training.Loop``): preprocessed tensors cached once, batched
-  augmentation, bf16 autocast and channels-last where the CPU supports them, EMA.
+  augmentation, bf16 autocast and channels-last where the CPU supports them, EMA, freed C-heap memory kept
+  for the next step (``medclf.allocator``). The plain loop runs in a fresh process, on the C library's
+  defaults, as a plain script would.
 
 Both train for the same number of epochs (``--epochs``, default 3) and are then scored on the same test
 images (the clean test split: copies of training images removed), so the speed-up is shown not to cost
@@ -24,6 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -235,30 +240,56 @@ def medclf_loop(data: Path, size: int, epochs: int) -> dict:
     }
 
 
+def plain_in_fresh_process(job: dict) -> dict:
+    """The plain loop in a process of its own: medclf's loop changes how this process's C heap behaves
+    (``medclf.allocator``), and the plain loop must run as a plain script runs, on the C library's defaults."""
+    with tempfile.TemporaryDirectory() as tmp:
+        job_file = Path(tmp) / "job.json"
+        job_file.write_text(json.dumps(job))
+        proc = subprocess.run(
+            [sys.executable, __file__, "--plain-job", str(job_file)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise SystemExit(f"the plain loop failed:\n{proc.stderr[-2000:]}")
+        return json.loads((Path(tmp) / "plain.json").read_text())
+
+
+def run_plain_job(job_file: Path) -> None:
+    job = json.loads(job_file.read_text())
+    result = plain_loop(
+        job["paths"],
+        np.array(job["labels"]),
+        job["test_paths"],
+        np.array(job["test_labels"]),
+        job["size"],
+        job["batch"],
+        job["arch_kwargs"],
+        job["n_classes"],
+        job["epochs"],
+    )
+    (job_file.parent / "plain.json").write_text(json.dumps(result))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--plain-job", type=Path, help=argparse.SUPPRESS)  # internal: the plain loop's process
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "brain-tumor-mri")
     ap.add_argument("--size", type=int, default=96)
     ap.add_argument("--epochs", type=int, default=3, help="epochs each loop trains before it is scored")
     args = ap.parse_args()
+    if args.plain_job:
+        return run_plain_job(args.plain_job)
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
-    from medclf import reporting
+    from medclf import allocator, reporting
 
     with reporting.use(reporting.ConsoleReporter()):  # medclf's messages on stderr, as the CLI shows them
         ours = medclf_loop(args.data, args.size, epochs=args.epochs)
-    paths, labels = ours.pop("paths"), np.array(ours.pop("labels"))
-    test_paths, test_labels = ours.pop("test_paths"), np.array(ours.pop("test_labels"))
-    plain = plain_loop(
-        paths,
-        labels,
-        test_paths,
-        test_labels,
-        args.size,
-        64,
-        ours["arch_kwargs"],
-        ours.pop("n_classes"),
-        args.epochs,
-    )
+    job = {k: ours.pop(k) for k in ("paths", "labels", "test_paths", "test_labels", "n_classes")}
+    job.update(size=args.size, batch=64, arch_kwargs=ours["arch_kwargs"], epochs=args.epochs)
+    plain = plain_in_fresh_process(job)
     gflop = ours["train_flops_per_image"] / 1e9
     result = {
         "data": str(args.data),
@@ -270,6 +301,9 @@ def main() -> None:
         "command": f"python benchmarks/throughput.py --data {os.path.relpath(args.data, ROOT)} --size {args.size} "
         f"--epochs {args.epochs}",
         "threads": torch.get_num_threads(),
+        # medclf's loop keeps freed C-heap memory for the next step (medclf.allocator); the plain loop runs in
+        # a fresh process on the C library's defaults.
+        "medclf_keeps_freed_memory": allocator.keep_freed_memory(),
         "cpu_flags": cpu_flags(),
         "cpu": next(
             (

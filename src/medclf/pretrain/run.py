@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from medclf import reporting
+from medclf import allocator, reporting
 from medclf import threads as threads_mod
 from medclf.budget import Budget, decode_seconds, inference_seconds
 from medclf.bundle import save_bundle
@@ -120,6 +120,7 @@ def _run(job: _Job) -> PretrainResult:
     cfg, budget, dist, state = job.cfg, job.budget, job.dist, job.state
     rep = reporting.current()
     threads_mod.apply(cfg.threads)
+    allocator.keep_freed_memory()  # each step reuses the last step's buffers (medclf.allocator)
     torch.manual_seed(cfg.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     sets = [load_unlabelled(s) for s in job.sources]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medclf import reporting
+from medclf import allocator, reporting
 from medclf import threads as threads_mod
 from medclf.budget import Budget, epoch_pace, replan_pace
 from medclf.data.stream import StreamedRows
@@ -80,6 +80,7 @@ class Loop:
         hooks: LoopHooks | None = None,
     ) -> None:
         self.plan, self.data, self.cfg, self.device = plan, data, cfg, device
+        allocator.keep_freed_memory()  # each step reuses the last step's buffers (medclf.allocator)
         self.samples, self.prepared = data.samples, data.prepared
         # Multi-label findings: a sigmoid per finding and a binary loss per finding (models.tasks).
         self.multilabel = data.samples.task == "multilabel"
