@@ -5,8 +5,9 @@ trims the top of its heap back to the OS too. A CPU training step allocates and 
 activation and gradient buffers every step, so every step page-faults them in again (and the kernel zeroes
 every page first): that time is spent in the kernel, not in PyTorch. :func:`keep_freed_memory` turns both
 off for the process (``mallopt``: no ``mmap`` for allocations, a 1 GiB trim threshold), so the buffers of one
-step are reused by the next. The cost is memory that stays with the process until it exits (up to
-:data:`KEEP_BYTES` above what it uses), which is why only training and pretraining ask for it, never the
+step are reused by the next. The cost: memory freed during training stays with the process for reuse
+(only free space beyond :data:`KEEP_BYTES` at the top of the heap goes back to the OS), so its resident size
+stays near its peak until it exits; which is why only training and pretraining ask for it, never the
 long-running server. ``MEDCLF_MALLOC=system`` leaves the C library's behaviour alone; other C libraries
 (musl, macOS) are left alone as well. Effect on training throughput: BENCHMARKS.md, "Training throughput".
 """
