@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -127,7 +129,8 @@ def render(result: dict[str, Any]) -> str:
     c = result["cpu"]
     lines = [
         f"## Ordinal grades: {cfg['title']}"
-        + (f", `{' '.join(result['train_args'])}`" if result.get("train_args") else ""),
+        + (f", `{' '.join(result['train_args'])}`" if result.get("train_args") else "")
+        + f", seed {result['seed']}",
         "",
         "`benchmarks/ordinal.py`: "
         + " vs ".join(HEADS.get(r["task"], f"`--task {r['task']}`") for r in result["runs"])
@@ -174,6 +177,47 @@ def render(result: dict[str, Any]) -> str:
             f"Floor (ordinal head): AUC >= {floor['auc']} and ACC >= {floor['argmax_accuracy']}: {verdict}."
         )
     lines += ["", f"{result['date']}: `{result['command']}`", ""]
+    return "\n".join(lines)
+
+
+def render_spread(results: list[dict[str, Any]]) -> str:
+    """The ordinal head across the seeds of one configuration (dataset, budget, train args): each seed's
+    MedMNIST AUC and ACC, their mean and spread, and in how many seeds the floor holds. Empty unless at
+    least two seeds of a configuration with a floor were run."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        key = (r["dataset"], r["budget"], " ".join(r.get("train_args") or []))
+        groups.setdefault(key, []).append(r)
+    lines: list[str] = []
+    for (dataset, budget, train_args), rs in groups.items():
+        floor = DATASETS[dataset]["floor"]
+        rows = sorted(
+            ((r["seed"], next(x for x in r["runs"] if x["task"] == "ordinal"), r["date"]) for r in rs
+             if any(x["task"] == "ordinal" for x in r["runs"])),
+            key=lambda t: t[0],
+        )  # fmt: skip
+        if len({seed for seed, _, _ in rows}) < 2 or not floor:
+            continue
+        auc = np.array([o["auc"] for _, o, _ in rows])
+        acc = np.array([o["argmax_accuracy"] for _, o, _ in rows])
+        met = sum(a >= floor["auc"] and b >= floor["argmax_accuracy"] for a, b in zip(auc, acc, strict=True))
+        lines += [
+            f"## Ordinal grades across seeds: {DATASETS[dataset]['title']}, `--time-budget {budget}`"
+            + (f" `{train_args}`" if train_args else ""),
+            "",
+            "The ordinal head's test AUC and ACC (argmax) of every seed run with this configuration (one section "
+            "above each): the spread a user should expect from one run.",
+            "",
+            "| seed | AUC | ACC (argmax) | date |",
+            "|---|---|---|---|",
+            *(f"| {seed} | {o['auc']:.3f} | {o['argmax_accuracy']:.3f} | {date} |" for seed, o, date in rows),
+            f"| mean (sd) | {auc.mean():.3f} ({auc.std(ddof=1):.3f}) | {acc.mean():.3f} ({acc.std(ddof=1):.3f}) | |",
+            "",
+            f"Floor (AUC >= {floor['auc']} and ACC >= {floor['argmax_accuracy']}) met in {met} of {len(rows)} "
+            "seeds" + ("; met by the mean." if auc.mean() >= floor["auc"] and acc.mean() >= floor["argmax_accuracy"]
+                       else "; NOT met by the mean."),
+            "",
+        ]  # fmt: skip
     return "\n".join(lines)
 
 

@@ -847,10 +847,15 @@ def _external_lines(e: dict[str, Any]) -> list[str]:
 def _ecosystem_sections() -> list[str]:
     """Issue 22 (ordinal grades: benchmarks/ordinal.py) and issue 24 (MLflow tracking: benchmarks/tracking.py)."""
     lines: list[str] = []
-    for path in sorted(RESULTS.glob("ordinal-*.json")):
-        from ordinal import render as render_ordinal
+    from ordinal import render as render_ordinal
+    from ordinal import render_spread
 
-        lines += [render_ordinal(json.loads(path.read_text())), ""]
+    ordinal_results = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("ordinal-*.json"))]
+    for result in ordinal_results:
+        lines += [render_ordinal(result), ""]
+    spread = render_spread(ordinal_results)
+    if spread:
+        lines += [spread, ""]
     if (RESULTS / "multilabel-nih.json").exists():
         from multilabel import render as render_multilabel
 

@@ -18,7 +18,13 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import UID, Comprehensive3DSRStorage
 
 from medclf.serve import coding
-from medclf.serve.sr import CHECK_TRACKING_ID, GRADE_TRACKING_ID, algorithm_name, model_observer_uid
+from medclf.serve.sr import (
+    CHECK_TRACKING_ID,
+    GRADE_TRACKING_ID,
+    algorithm_name,
+    class_tracking_id,
+    model_observer_uid,
+)
 
 # Comprehensive 3D SR IOD (PS3.3 A.35.13): type 1 attributes must hold a value, type 2 must be present.
 _SR_TYPE1 = [
@@ -167,8 +173,10 @@ def check_sr(sr_path: Path, src: Dataset, result: dict[str, Any], bundle: Any) -
         assert expected.value == pytest.approx(result["grade"]["expected_index"], abs=1e-6)
         assert not grade.get_qualitative_evaluations()
     # One group per class: the class as finding, its probability; the predicted class "Present".
-    assert set(groups) == set(bundle.classes)
-    for name, group in groups.items():
+    class_of = {class_tracking_id(c): c for c in bundle.classes}
+    assert set(groups) == set(class_of)
+    for tracking, group in groups.items():
+        name = class_of[tracking]
         concept = coding.class_code(name)
         assert group.finding_type == concept
         (probability,) = group.get_measurements(name=coding.PROBABILITY)

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from medclf import allocator
+from medclf.errors import ConfigError
 
 BLOCK = 64 << 20  # above glibc's largest mmap threshold (32 MiB): served by mmap unless told otherwise
 
@@ -58,3 +59,11 @@ def test_system_malloc_can_be_kept(monkeypatch):
     monkeypatch.setattr(allocator, "_applied", None)
     monkeypatch.setenv("MEDCLF_MALLOC", "system")
     assert allocator.keep_freed_memory() is False
+
+
+def test_unknown_malloc_setting_is_refused(monkeypatch):
+    monkeypatch.setattr(allocator, "_applied", None)
+    monkeypatch.setenv("MEDCLF_MALLOC", "sytem")
+    with pytest.raises(ConfigError, match=r"MEDCLF_MALLOC must be 'keep'.*'system'.*not 'sytem'"):
+        allocator.keep_freed_memory()
+    assert allocator._applied is None  # refused, not recorded as off: fixing the variable takes effect

@@ -228,6 +228,12 @@ def test_seed_bagging_shares_one_validation_split(sim_data, tmp_path):
     assert b.arch == "ensemble" and len(fusion["members"]) == 2 and fusion["method"] == "mean"
     runs = b.manifest["recipe"]["runs"]
     assert [r["seed"] for r in runs] == [0, 1] and b.manifest["recipe"]["bagging"] == "seeds"
+    # Each member's run and fine-tuning schedule outlive the members' folder (from scratch: no probe).
+    for r, m in zip(runs, [out.with_name("seeds.folds") / f"member-{k}" for k in range(2)], strict=True):
+        member_recipe = load_bundle(m).manifest["recipe"]
+        assert r["epochs_run"] == len(load_bundle(m).manifest["history"]) >= 1
+        assert r["best_epoch"] <= r["epochs_run"] and r["stop_reason"] and r["linear_probe"] == 0
+        assert r["backbone_lr"] == member_recipe["backbone_lr"]
     member_dirs = [out.with_name("seeds.folds") / f"member-{k}" for k in range(2)]
     recipes = [load_bundle(m).manifest["recipe"] for m in member_dirs]
     assert [r["seed"] for r in recipes] == [0, 1] and {r["split_seed"] for r in recipes} == {0}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import highdicom as hd
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
@@ -13,7 +14,7 @@ from pydicom.data import get_testdata_file
 from medclf.api import load_bundle
 from medclf.predictor import prediction_fields
 from medclf.serve import coding
-from medclf.serve.sr import GRADE_TRACKING_ID, build_sr
+from medclf.serve.sr import CHECK_TRACKING_ID, GRADE_TRACKING_ID, build_sr, class_tracking_id
 
 from .sr_check import check_sr
 from .test_dicom_node import AE_TITLE, _mr_small_copy, _send
@@ -83,6 +84,35 @@ def test_an_ordinal_sr_of_an_out_of_distribution_input_holds_no_grade(ordinal_bu
     prediction.update(ood=True, ood_score=1e3, warning="unlike the training data")
     groups = _groups(_sr_of(b, prediction, tmp_path, "ood"))
     assert GRADE_TRACKING_ID not in groups and not set(groups) & set(b.classes)
+
+
+def test_a_class_named_like_medclfs_own_groups_gets_an_identifier_of_its_own(ordinal_bundle, tmp_path):
+    """A class called "ordinal grade" (or "out-of-distribution check", "operating point: ...") must not be
+    found by a reader looking for the grade, the check or a decision."""
+    assert class_tracking_id("grade2") == "grade2"
+    for own in (GRADE_TRACKING_ID, CHECK_TRACKING_ID, "operating point: tumour", "class: x"):
+        assert class_tracking_id(own) == f"class: {own}"
+    b = load_bundle(ordinal_bundle)
+    [prediction] = b.predict([MR_SMALL])
+    prediction.pop("ood", None)
+    first = b.classes[0]
+    prediction["probabilities"] = {
+        (GRADE_TRACKING_ID if k == first else k): v for k, v in prediction["probabilities"].items()
+    }
+    if prediction["predicted"] == first:
+        prediction["predicted"] = GRADE_TRACKING_ID
+    path = tmp_path / "named.sr.dcm"
+    build_sr(dcmread(MR_SMALL, stop_before_pixels=True), prediction, b).save_as(
+        path, enforce_file_format=True
+    )
+    groups = _groups(hd.sr.srread(path))
+    # The grade's group keeps its identifier and its NUM items; the class's group is "class: ordinal grade".
+    assert groups[GRADE_TRACKING_ID].get_measurements(name=coding.GRADE_INDEX)
+    renamed = groups[f"class: {GRADE_TRACKING_ID}"]
+    assert not renamed.get_measurements(name=coding.GRADE_INDEX)
+    (probability,) = renamed.get_measurements(name=coding.PROBABILITY)
+    assert probability.value == pytest.approx(prediction["probabilities"][GRADE_TRACKING_ID], abs=1e-6)
+    assert len(groups) == len(b.classes) + 1
 
 
 @pytest.mark.parametrize("fixture", ["tiny_bundle", "findings_bundle"])

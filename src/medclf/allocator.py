@@ -8,8 +8,9 @@ off for the process (``mallopt``: no ``mmap`` for allocations, a 1 GiB trim thre
 step are reused by the next. The cost: memory freed during training stays with the process for reuse
 (only free space beyond :data:`KEEP_BYTES` at the top of the heap goes back to the OS), so its resident size
 stays near its peak until it exits; which is why only training and pretraining ask for it, never the
-long-running server. ``MEDCLF_MALLOC=system`` leaves the C library's behaviour alone; other C libraries
-(musl, macOS) are left alone as well. Effect on training throughput: BENCHMARKS.md, "Training throughput".
+long-running server. ``MEDCLF_MALLOC=system`` leaves the C library's behaviour alone (``keep``, the default,
+asks for the above; any other value is refused, so a misspelt opt-out does not silently keep it on); other C
+libraries (musl, macOS) are left alone as well. Effect on training throughput: BENCHMARKS.md, "Training throughput".
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import ctypes
 import os
 import sys
 
+from medclf.errors import ConfigError
+
 __all__ = ["KEEP_BYTES", "keep_freed_memory"]
 
 # mallopt parameters (glibc's malloc.h)
@@ -25,12 +28,13 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 # Free memory at the top of the heap kept for reuse before any is returned to the OS.
 KEEP_BYTES = 1 << 30
 _applied: bool | None = None
+SETTINGS = ("keep", "system")
 
 
 def keep_freed_memory() -> bool:
     """Keep freed C-heap memory in the process for reuse (see the module's docstring). Idempotent; returns
     whether it is in effect (False with ``MEDCLF_MALLOC=system`` or a C library without glibc's
-    ``mallopt``)."""
+    ``mallopt``). Raises :class:`~medclf.errors.ConfigError` for a ``MEDCLF_MALLOC`` it does not know."""
     global _applied
     if _applied is None:
         _applied = _apply()
@@ -38,9 +42,13 @@ def keep_freed_memory() -> bool:
 
 
 def _apply() -> bool:
-    if os.environ.get("MEDCLF_MALLOC", "").strip().lower() == "system" or not sys.platform.startswith(
-        "linux"
-    ):
+    setting = os.environ.get("MEDCLF_MALLOC", "").strip().lower() or "keep"
+    if setting not in SETTINGS:
+        raise ConfigError(
+            f"MEDCLF_MALLOC must be 'keep' (reuse freed memory, the default) or 'system' (the C library's own "
+            f"behaviour), not {os.environ['MEDCLF_MALLOC']!r}"
+        )
+    if setting == "system" or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(None)  # the C library this process already runs on

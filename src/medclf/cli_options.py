@@ -143,6 +143,12 @@ TRAINING = (
     opt("mix", str | None, "Batch mixing: none, mixup, cutmix (default none)"),
     opt("mix_alpha", float | None, "Beta(alpha, alpha) of --mix (default: mixup 0.4, cutmix 1.0)"),
     opt("denoise", str | None, "Denoising: none, nlm, gaussian, median"),
+    opt(
+        "normalise",
+        str | None,
+        "Intensity scaling: auto (CT: HU window; 8-bit colour photographs: fixed 0..255; else each image's "
+        "0.5-99.5 percentiles), percentile, fixed (0..255, 8-bit images)",
+    ),
     Opt("workers", Workers),
     Opt("cache_dir", CacheDir),
     opt(

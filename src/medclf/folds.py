@@ -220,14 +220,7 @@ def _train_bag(
         )
         pinned = pinned or _pin(cfg, result.plan.to_dict(), result.plan.spec)
         members.append(result.bundle)
-        runs.append(
-            {
-                "fold" if mode == "folds" else "member": k,
-                "seed": cfg.seed + k if mode == "seeds" else cfg.seed,
-                "seconds": round(result.seconds, 1),
-                "best_epoch": result.best_epoch,
-            }
-        )
+        runs.append(_run_record(k, mode, cfg.seed, result))
     recipe = {
         "bagging": mode,
         "folds" if mode == "folds" else "members": n,
@@ -239,6 +232,21 @@ def _train_bag(
     fused = bag.fuse(members, method, recipe)
     bag.clean()
     return fused
+
+
+def _run_record(k: int, mode: str, seed: int, result: TrainResult) -> dict[str, Any]:
+    """What the ensemble's recipe keeps of one member's run: its seed, time and epochs, and the fine-tuning
+    schedule it followed (the members' own recipes are removed with their folder)."""
+    return {
+        "fold" if mode == "folds" else "member": k,
+        "seed": seed + k if mode == "seeds" else seed,
+        "seconds": round(result.seconds, 1),
+        "epochs_run": len(result.history),
+        "best_epoch": result.best_epoch,
+        "stop_reason": result.stop_reason,
+        "linear_probe": result.plan.linear_probe,
+        "backbone_lr": result.plan.backbone_lr,
+    }
 
 
 def _pin(cfg: TrainConfig, plan: dict[str, Any], spec: PreprocessSpec) -> dict[str, Any]:

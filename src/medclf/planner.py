@@ -25,6 +25,9 @@ from medclf.errors import ConfigError, DataError, InputRejected
 from medclf.models import create_model
 from medclf.preprocess import PreprocessSpec
 
+# How intensities reach 0..1: auto (CT: a fixed HU window; 8-bit colour photographs: fixed 0..255; else
+# each image's own 0.5/99.5 percentiles), percentile, or fixed (0..255, 8-bit images).
+NORMALISE_CHOICES = ("auto", "percentile", "fixed")
 SIZES_2D = (28, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 SIZES_3D = (28, 32, 48, 64, 96, 128)
 # The planner's fallback when even its smallest input size is too slow for the budget (2D).
@@ -52,6 +55,8 @@ class Fingerprint:
     modalities: dict[str, int]
     n_probed: int
     n_unreadable_probed: int
+    # Share of the probed images whose values are whole numbers in 0..255 (8-bit photographs, MedMNIST).
+    eight_bit_fraction: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,7 +122,8 @@ def fingerprint(samples: SampleSet, *, n_probe: int = 48, seed: int = 0) -> Fing
         raise DataError(f"{samples.source}: no training samples")
     rng = np.random.default_rng(seed)
     probe = rng.choice(train, size=min(n_probe, len(train)), replace=False)
-    shapes, channels, colour, formats, modalities = [], [], [], Counter[str](), Counter[str]()
+    shapes, channels, colour, eight_bit = [], [], [], []
+    formats, modalities = Counter[str](), Counter[str]()
     bad = 0
     for i in probe:
         try:
@@ -128,6 +134,7 @@ def fingerprint(samples: SampleSet, *, n_probe: int = 48, seed: int = 0) -> Fing
         shapes.append(img.spatial_shape)
         channels.append(img.channels)
         colour.append(img.channels >= 3 and _is_colourful(img.pixels))
+        eight_bit.append(_is_eight_bit(img.pixels))
         formats[img.format] += 1
         modalities[str(img.meta.get("modality") or "unknown")] += 1
     if not shapes:
@@ -149,6 +156,7 @@ def fingerprint(samples: SampleSet, *, n_probe: int = 48, seed: int = 0) -> Fing
         modalities=dict(modalities),
         n_probed=len(probe),
         n_unreadable_probed=bad,
+        eight_bit_fraction=float(np.mean(eight_bit)),
     )
 
 
@@ -156,6 +164,10 @@ def _is_colourful(px: np.ndarray) -> bool:
     # JPEG chroma noise makes "grey" RGB files differ by a few levels: call it colour only when it shows.
     rng = float(px.max() - px.min()) or 1.0
     return float(np.abs(px[0] - px[1]).mean() + np.abs(px[1] - px[2]).mean()) / rng > 0.02
+
+
+def _is_eight_bit(px: np.ndarray) -> bool:
+    return bool(px.min() >= 0 and px.max() <= 255 and np.array_equal(px, np.round(px)))
 
 
 def target_epochs(n_train: int) -> int:
@@ -232,9 +244,25 @@ def _spec_kwargs(fp: Fingerprint, overrides: dict[str, Any], reasons: list[str])
         "channels": fp.channels,
         "denoise": overrides.get("denoise") or "none",
     }
-    if is_ct:
+    normalise = overrides.get("normalise") or "auto"
+    if normalise not in NORMALISE_CHOICES:
+        raise ConfigError(f"--normalise must be one of {', '.join(NORMALISE_CHOICES)}, not {normalise!r}")
+    photographs = fp.channels == 3 and fp.eight_bit_fraction > 0.5
+    if normalise == "fixed" and fp.eight_bit_fraction <= 0.5:
+        raise ConfigError(
+            "--normalise fixed scales 0..255 to 0..1 and needs 8-bit images; most of these are not "
+            "(use percentile)"
+        )
+    if is_ct and normalise == "auto":
         spec_kw.update(normalise="window", window=(-1000.0, 1000.0))
         reasons.append("CT data: fixed window -1000..1000 HU")
+    elif normalise == "fixed" or (normalise == "auto" and photographs):
+        # A colour photograph's brightness and colour balance are part of what it shows (a fundus
+        # photograph's pigment and exposure, a lesion's redness): scaling each image to its own
+        # percentiles would remove them. BENCHMARKS.md, RetinaMNIST.
+        spec_kw.update(normalise="window", window=(0.0, 255.0))
+        why = "--normalise fixed" if normalise == "fixed" else "8-bit colour photographs"
+        reasons.append(f"{why}: intensities scaled by the fixed range 0..255, not per image")
     if min(fp.median_shape) <= 64:
         # Tiny images (MedMNIST) carry no empty border worth cropping, and cropping would change their scale.
         spec_kw["crop_foreground"] = False

@@ -7,7 +7,8 @@
   bundle's sha256, the node's AE title as its name, manufacturer ``medclf``, the architecture and the
   first 12 hex digits of the sha256 as the model name;
 - **image library**: the source image;
-- **one measurement group** (TID 1501) **per class**: tracking identifier (the class name) and UID, the
+- **one measurement group** (TID 1501) **per class**: tracking identifier (the class name, or
+  ``class: <name>`` for a name that is one of the identifiers below, :func:`class_tracking_id`) and UID, the
   class as its "Finding", the algorithm identification (TID 4019: name, version = the bundle's sha256,
   manufacturer ``medclf``, parameters), the source image, the class's probability (DCM 122157
   "Probability", UCUM ``1``), and, for the class the model predicts, the qualitative evaluation
@@ -82,6 +83,7 @@ __all__ = [
     "SR_SERIES_NUMBER",
     "algorithm_name",
     "build_sr",
+    "class_tracking_id",
     "model_observer_uid",
     "write_sr_files",
 ]
@@ -90,6 +92,7 @@ SR_SERIES_NUMBER = 990
 CHECK_TRACKING_ID = "out-of-distribution check"
 DECISION_TRACKING_PREFIX = "operating point: "
 GRADE_TRACKING_ID = "ordinal grade"
+CLASS_TRACKING_PREFIX = "class: "
 _UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "medclf:dicom-node")
 _PATIENT_STUDY = (
     "PatientName",
@@ -265,7 +268,7 @@ def _class_groups(
             measurements.append(_measurement(THRESHOLD, float(findings[name]["threshold"])))
         groups.append(
             _group(
-                str(name),
+                class_tracking_id(str(name)),
                 concept,
                 algorithm,
                 image,
@@ -274,6 +277,16 @@ def _class_groups(
             )
         )
     return groups
+
+
+def class_tracking_id(name: str) -> str:
+    """The tracking identifier of class ``name``'s group: the name itself, unless it is one that medclf gives
+    its own groups (the grade, the check, a decision, or this function's own prefix); then ``class: <name>``,
+    so that a reader finding groups by identifier never takes a class for the grade or the check."""
+    own = name in (CHECK_TRACKING_ID, GRADE_TRACKING_ID) or name.startswith(
+        (DECISION_TRACKING_PREFIX, CLASS_TRACKING_PREFIX)
+    )
+    return CLASS_TRACKING_PREFIX + name if own else name
 
 
 def _grade_group(

@@ -15,7 +15,7 @@ from medclf.budget import parse_duration
 from medclf.data.samples import DEFAULT_VAL_FRACTION
 from medclf.errors import ConfigError
 from medclf.mitigation import check_mode as check_mitigation_mode
-from medclf.planner import Plan
+from medclf.planner import NORMALISE_CHOICES, Plan
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
@@ -34,6 +34,8 @@ class TrainConfig:
     time_budget: float = 600.0
     augment: str | None = None
     denoise: str | None = None
+    # Intensity scaling: auto, percentile or fixed (planner.NORMALISE_CHOICES); None: auto.
+    normalise: str | None = None
     val_fraction: float = DEFAULT_VAL_FRACTION
     patience: int | None = None
     amp: str = "auto"
@@ -113,6 +115,10 @@ class TrainConfig:
         augment_mod.check_mix(kw["mix"] or "none", kw["mix_alpha"])  # fail before any data is read
         if kw["multilabel_loss"] not in ("bce", "asymmetric"):  # models.tasks.MULTILABEL_LOSSES
             raise ConfigError(f"--multilabel-loss must be bce or asymmetric, not {kw['multilabel_loss']!r}")
+        if kw["normalise"] not in (None, *NORMALISE_CHOICES):
+            raise ConfigError(
+                f"--normalise must be one of {', '.join(NORMALISE_CHOICES)}, not {kw['normalise']!r}"
+            )
         if kw["class_weights"] not in (None, "balanced", "none"):
             raise ConfigError(f"--class-weights must be balanced or none, not {kw['class_weights']!r}")
         if kw["threads"] is not None and int(kw["threads"]) < 1:
@@ -123,7 +129,7 @@ class TrainConfig:
     def overrides(self) -> dict[str, Any]:
         keys: tuple[str, ...]
         keys = ("arch", "size", "epochs", "batch_size", "lr", "augment", "denoise", "patience", "amp", "ema")
-        keys += ("slices_as_channels", "mix", "mix_alpha", "class_weights")
+        keys += ("slices_as_channels", "mix", "mix_alpha", "class_weights", "normalise")
         d = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
         d["weight_decay"] = self.weight_decay
         d["label_smoothing"] = self.label_smoothing
