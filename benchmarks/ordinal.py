@@ -176,6 +176,8 @@ def render(result: dict[str, Any]) -> str:
         lines.append(
             f"Floor (ordinal head): AUC >= {floor['auc']} and ACC >= {floor['argmax_accuracy']}: {verdict}."
         )
+    if result.get("note"):
+        lines += ["", f"Note: {result['note']}"]
     lines += ["", f"{result['date']}: `{result['command']}`", ""]
     return "\n".join(lines)
 
@@ -210,8 +212,8 @@ def render_spread(results: list[dict[str, Any]]) -> str:
             "",
             "| seed | AUC | ACC (argmax) | date |",
             "|---|---|---|---|",
-            *(f"| {seed} | {o['auc']:.3f} | {o['argmax_accuracy']:.3f} | {date} |" for seed, o, date in rows),
-            f"| mean (sd) | {auc.mean():.3f} ({auc.std(ddof=1):.3f}) | {acc.mean():.3f} ({acc.std(ddof=1):.3f}) | |",
+            *(f"| {seed} | {o['auc']:.4f} | {o['argmax_accuracy']:.4f} | {date} |" for seed, o, date in rows),
+            f"| mean (sd) | {auc.mean():.4f} ({auc.std(ddof=1):.4f}) | {acc.mean():.4f} ({acc.std(ddof=1):.4f}) | |",
             "",
             f"Floor (AUC >= {floor['auc']} and ACC >= {floor['argmax_accuracy']}) met in {met} of {len(rows)} "
             "seeds" + ("; met by the mean." if auc.mean() >= floor["auc"] and acc.mean() >= floor["argmax_accuracy"]
