@@ -10,6 +10,7 @@ import pytest
 
 from medclf import allocator
 from medclf.errors import ConfigError
+from medclf.training.config import TrainConfig
 
 BLOCK = 64 << 20  # above glibc's largest mmap threshold (32 MiB): served by mmap unless told otherwise
 
@@ -67,3 +68,7 @@ def test_unknown_malloc_setting_is_refused(monkeypatch):
     with pytest.raises(ConfigError, match=r"MEDCLF_MALLOC must be 'keep'.*'system'.*not 'sytem'"):
         allocator.keep_freed_memory()
     assert allocator._applied is None  # refused, not recorded as off: fixing the variable takes effect
+    with pytest.raises(ConfigError, match="MEDCLF_MALLOC"):  # training refuses it with its other settings
+        TrainConfig().updated({})
+    monkeypatch.setenv("MEDCLF_MALLOC", " System ")
+    assert allocator.check_setting() == "system"

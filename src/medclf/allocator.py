@@ -21,7 +21,7 @@ import sys
 
 from medclf.errors import ConfigError
 
-__all__ = ["KEEP_BYTES", "keep_freed_memory"]
+__all__ = ["KEEP_BYTES", "check_setting", "keep_freed_memory"]
 
 # mallopt parameters (glibc's malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
@@ -41,14 +41,20 @@ def keep_freed_memory() -> bool:
     return _applied
 
 
-def _apply() -> bool:
+def check_setting() -> str:
+    """``MEDCLF_MALLOC`` as it will apply (``keep`` or ``system``); :class:`~medclf.errors.ConfigError` for any
+    other value. Training checks it with its other settings, before any data is read."""
     setting = os.environ.get("MEDCLF_MALLOC", "").strip().lower() or "keep"
     if setting not in SETTINGS:
         raise ConfigError(
             f"MEDCLF_MALLOC must be 'keep' (reuse freed memory, the default) or 'system' (the C library's own "
             f"behaviour), not {os.environ['MEDCLF_MALLOC']!r}"
         )
-    if setting == "system" or not sys.platform.startswith("linux"):
+    return setting
+
+
+def _apply() -> bool:
+    if check_setting() == "system" or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(None)  # the C library this process already runs on

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from medclf import allocator
 from medclf.budget import parse_duration
 from medclf.errors import ConfigError
 from medclf.pretrain.simclr import PROJECTION_DIM, TEMPERATURE
@@ -51,4 +52,5 @@ class PretrainConfig:
             raise ConfigError(f"--amp must be one of auto, bf16, fp16, off, not {kw['amp']!r}")
         if not 0 < float(kw["temperature"]) <= 1:
             raise ConfigError("--temperature must be in (0, 1]")
+        allocator.check_setting()  # the environment's MEDCLF_MALLOC, refused before any data is read
         return PretrainConfig(**kw)

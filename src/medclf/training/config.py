@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from medclf import allocator
 from medclf import augment as augment_mod
 from medclf.budget import parse_duration
 from medclf.data.samples import DEFAULT_VAL_FRACTION
@@ -124,6 +125,7 @@ class TrainConfig:
         if kw["threads"] is not None and int(kw["threads"]) < 1:
             raise ConfigError(f"--threads must be at least 1, not {kw['threads']}")
         check_mitigation_mode(kw["shortcut_mitigation"])
+        allocator.check_setting()  # the environment's MEDCLF_MALLOC, refused before any data is read
         return TrainConfig(**kw)
 
     def overrides(self) -> dict[str, Any]:
