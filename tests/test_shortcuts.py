@@ -14,6 +14,7 @@ from medclf.data.samples import SampleSet
 from medclf.data.scan import scan
 from medclf.data.shortcuts import (
     FLAG_AUC,
+    ClassShortcut,
     _auc,
     _bootstrap_ci,
     _folds,
@@ -175,3 +176,14 @@ def test_audit_report_shows_and_stores_the_shortcut_warning(tmp_path):
     assert "Shortcut check" in text and "possible shortcut" in text
     saved = json.loads(rep.write_json(tmp_path / "audit.json").read_text())
     assert saved["shortcuts"]["per_class"]["tumour"]["flagged"]
+
+
+def test_every_named_cue_has_its_auc_in_the_record():
+    """Style cues rank above the acquisition cues but are never named: a named cue past the tenth best must
+    still have its AUC in ``cue_aucs`` (the audit's table reads it; RetinaMNIST crashed the render)."""
+    style = {**{f"hist_{k}": 0.9 for k in range(8)}, "border_mean": 0.9, "border_std": 0.9}
+    c = ClassShortcut("a", 50, 50, 0.7, (0.6, 0.8), 0.9, {**style, "pad_right": 0.64, "pad_top": 0.62}, False)
+    record = c.to_dict()
+    assert record["cues"] == ["pad_right", "pad_top"]
+    assert {k: record["cue_aucs"][k] for k in record["cues"]} == {"pad_right": 0.64, "pad_top": 0.62}
+    assert list(record["cue_aucs"])[:10] == list(style)  # the ten best still come first

@@ -315,6 +315,10 @@ class ClassShortcut:
         return named[:5]
 
     def to_dict(self) -> dict[str, Any]:
+        cues = self.top_cues
+        # The ten best cues, and every named cue even where ties or style cues pushed it past the tenth.
+        shown = [k for k, _ in sorted(self.cue_aucs.items(), key=lambda kv: -kv[1])[:10]]
+        shown += [k for k in cues if k not in shown]
         return {
             "auc": _r(self.auc),
             "ci": [_r(v) for v in self.ci] if self.ci else None,
@@ -322,8 +326,8 @@ class ClassShortcut:
             "n": self.n,
             "n_rest": self.n_rest,
             "flagged": self.flagged,
-            "cues": self.top_cues,
-            "cue_aucs": {k: _r(v) for k, v in sorted(self.cue_aucs.items(), key=lambda kv: -kv[1])[:10]},
+            "cues": cues,
+            "cue_aucs": {k: _r(self.cue_aucs[k]) for k in shown},
         }
 
 
