@@ -35,3 +35,8 @@ def test_freeze_needs_init_from_and_known_groups(tiny_bundle, sim_data, tmp_path
         )
     with pytest.raises(ConfigError, match="fixes --arch"):
         train(sim_data, tmp_path / "c", init_from=str(tiny_bundle), arch="resnet18", epochs=1, progress=False)
+    # The source's intensity scaling comes with its weights: another one is refused, not silently ignored.
+    with pytest.raises(ConfigError, match=r"keeps the source bundle's intensity scaling \(percentile\)"):
+        train(
+            sim_data, tmp_path / "d", init_from=str(tiny_bundle), normalise="fixed", epochs=1, progress=False
+        )

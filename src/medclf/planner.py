@@ -244,9 +244,7 @@ def _spec_kwargs(fp: Fingerprint, overrides: dict[str, Any], reasons: list[str])
         "channels": fp.channels,
         "denoise": overrides.get("denoise") or "none",
     }
-    normalise = overrides.get("normalise") or "auto"
-    if normalise not in NORMALISE_CHOICES:
-        raise ConfigError(f"--normalise must be one of {', '.join(NORMALISE_CHOICES)}, not {normalise!r}")
+    normalise = check_normalise(overrides.get("normalise"))
     photographs = fp.channels == 3 and fp.eight_bit_fraction > 0.5
     if normalise == "fixed" and fp.eight_bit_fraction <= 0.5:
         raise ConfigError(
@@ -267,6 +265,14 @@ def _spec_kwargs(fp: Fingerprint, overrides: dict[str, Any], reasons: list[str])
         # Tiny images (MedMNIST) carry no empty border worth cropping, and cropping would change their scale.
         spec_kw["crop_foreground"] = False
     return spec_kw
+
+
+def check_normalise(value: str | None) -> str:
+    """``--normalise`` as the planner reads it (None: ``auto``); :class:`ConfigError` for anything else."""
+    normalise = value or "auto"
+    if normalise not in NORMALISE_CHOICES:
+        raise ConfigError(f"--normalise must be one of {', '.join(NORMALISE_CHOICES)}, not {normalise!r}")
+    return normalise
 
 
 def _batch_and_lr(

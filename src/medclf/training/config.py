@@ -16,7 +16,7 @@ from medclf.budget import parse_duration
 from medclf.data.samples import DEFAULT_VAL_FRACTION
 from medclf.errors import ConfigError
 from medclf.mitigation import check_mode as check_mitigation_mode
-from medclf.planner import NORMALISE_CHOICES, Plan
+from medclf.planner import Plan, check_normalise
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
@@ -35,7 +35,7 @@ class TrainConfig:
     time_budget: float = 600.0
     augment: str | None = None
     denoise: str | None = None
-    # Intensity scaling: auto, percentile or fixed (planner.NORMALISE_CHOICES); None: auto.
+    # Intensity scaling: auto, percentile or fixed (planner.check_normalise); None: auto.
     normalise: str | None = None
     val_fraction: float = DEFAULT_VAL_FRACTION
     patience: int | None = None
@@ -116,10 +116,7 @@ class TrainConfig:
         augment_mod.check_mix(kw["mix"] or "none", kw["mix_alpha"])  # fail before any data is read
         if kw["multilabel_loss"] not in ("bce", "asymmetric"):  # models.tasks.MULTILABEL_LOSSES
             raise ConfigError(f"--multilabel-loss must be bce or asymmetric, not {kw['multilabel_loss']!r}")
-        if kw["normalise"] not in (None, *NORMALISE_CHOICES):
-            raise ConfigError(
-                f"--normalise must be one of {', '.join(NORMALISE_CHOICES)}, not {kw['normalise']!r}"
-            )
+        check_normalise(kw["normalise"])
         if kw["class_weights"] not in (None, "balanced", "none"):
             raise ConfigError(f"--class-weights must be balanced or none, not {kw['class_weights']!r}")
         if kw["threads"] is not None and int(kw["threads"]) < 1:

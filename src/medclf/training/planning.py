@@ -100,6 +100,12 @@ def _transfer_source(cfg: TrainConfig, overrides: dict[str, Any], fp: Fingerprin
         raise ConfigError(
             f"--init-from: the bundle takes {source.spec.spatial_dims}D input, the data is {fp.spatial_dims}D"
         )
+    if overrides.get("normalise") not in (None, "auto"):  # the weights were trained on the source's scaling
+        raise ConfigError(
+            "--init-from keeps the source bundle's intensity scaling "
+            f"({source.spec.normalise}{'' if source.spec.window is None else f' {list(source.spec.window)}'}); "
+            "leave --normalise out"
+        )
     pinned = {"arch": source.arch, "size": int(source.spec.size[0])}
     for key, value in pinned.items():
         if overrides.get(key) not in (None, value):
