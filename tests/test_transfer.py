@@ -40,3 +40,6 @@ def test_freeze_needs_init_from_and_known_groups(tiny_bundle, sim_data, tmp_path
         train(
             sim_data, tmp_path / "d", init_from=str(tiny_bundle), normalise="fixed", epochs=1, progress=False
         )
+    # So does its denoising (the tiny bundle was trained without any).
+    with pytest.raises(ConfigError, match=r"keeps the source bundle's denoising \(none\)"):
+        train(sim_data, tmp_path / "e", init_from=str(tiny_bundle), denoise="nlm", epochs=1, progress=False)

@@ -106,6 +106,11 @@ def _transfer_source(cfg: TrainConfig, overrides: dict[str, Any], fp: Fingerprin
             f"({source.spec.normalise}{'' if source.spec.window is None else f' {list(source.spec.window)}'}); "
             "leave --normalise out"
         )
+    denoise = overrides.get("denoise")
+    if denoise not in (None, source.spec.denoise):  # so were they on its denoising
+        raise ConfigError(
+            f"--init-from keeps the source bundle's denoising ({source.spec.denoise}); leave --denoise out"
+        )
     pinned = {"arch": source.arch, "size": int(source.spec.size[0])}
     for key, value in pinned.items():
         if overrides.get(key) not in (None, value):
