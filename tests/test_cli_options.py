@@ -41,3 +41,21 @@ def test_train_hands_over_only_the_options_given(monkeypatch, tmp_path):
     assert cfg.include_train_copies is True and cfg.lr == 0.1
     assert cfg.compile is False and cfg.epochs == 5 and cfg.init_from == str(tmp_path / "backbone")
     assert cfg.manifest == {"split_file": str(tmp_path / "splits.csv"), "no_finding": "Normal"}
+
+
+def test_out_of_range_numbers_are_refused_in_one_line_before_any_data_is_read(tmp_path):
+    """A negative or nan learning rate failed inside the optimiser (a traceback, after decoding)."""
+    data = tmp_path / "absent"  # never read: the settings are refused first
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({"label_smoothing": 1.0, "weight_decay": 0.01}))
+    for command, args, message in [
+        ("train", ["--lr", "-1"], "--lr must be a finite number > 0, not -1.0"),
+        ("train", ["--lr", "nan"], "--lr must be a finite number > 0"),
+        ("train", ["--config", config], "--label-smoothing must be a finite number >= 0 and < 1, not 1.0"),
+        ("pretrain", ["--lr", "0"], "--lr must be a finite number > 0"),
+        ("pretrain", ["--temperature", "nan"], "--temperature must be a finite number > 0"),
+    ]:
+        proc = run_medclf(command, data, "--out", tmp_path / "out", *args)
+        assert proc.returncode == 2, (command, args, proc.stdout, proc.stderr)
+        assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "out").exists()

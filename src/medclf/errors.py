@@ -6,6 +6,8 @@ surfaces as a traceback. Internal bugs stay ordinary exceptions.
 
 from __future__ import annotations
 
+import math
+
 
 class MedclfError(Exception):
     """Base class: an error whose message tells the user what to do."""
@@ -54,3 +56,34 @@ class ConfigError(MedclfError):
 
 class BundleError(MedclfError):
     """A model bundle is missing, incomplete, tampered with or incompatible."""
+
+
+def check_number(
+    option: str,
+    value: float | None,
+    *,
+    above: float | None = None,
+    at_least: float | None = None,
+    below: float | None = None,
+) -> None:
+    """Refuse (:class:`ConfigError`, one line) an option's number that is not finite or out of its range
+    (``None``: not given, nothing to check); an optimiser would otherwise fail deep in a run, or silently
+    train on ``nan``."""
+    if value is None:
+        return
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    ok = math.isfinite(v)
+    ok = ok and (above is None or v > above) and (at_least is None or v >= at_least)
+    ok = ok and (below is None or v < below)
+    if not ok:
+        bounds = [
+            f"> {above:g}" if above is not None else "",
+            f">= {at_least:g}" if at_least is not None else "",
+            f"< {below:g}" if below is not None else "",
+        ]
+        raise ConfigError(
+            f"{option} must be a finite number {' and '.join(b for b in bounds if b)}, not {value!r}"
+        )

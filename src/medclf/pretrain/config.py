@@ -7,7 +7,7 @@ from typing import Any
 
 from medclf import allocator
 from medclf.budget import parse_duration
-from medclf.errors import ConfigError
+from medclf.errors import ConfigError, check_number
 from medclf.pretrain.simclr import PROJECTION_DIM, TEMPERATURE
 
 
@@ -50,6 +50,9 @@ class PretrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if kw["amp"] not in ("auto", "bf16", "fp16", "off"):
             raise ConfigError(f"--amp must be one of auto, bf16, fp16, off, not {kw['amp']!r}")
+        check_number("--lr", kw["lr"], above=0)
+        check_number("--weight-decay", kw["weight_decay"], at_least=0)
+        check_number("--temperature", kw["temperature"], above=0)
         if not 0 < float(kw["temperature"]) <= 1:
             raise ConfigError("--temperature must be in (0, 1]")
         allocator.check_setting()  # the environment's MEDCLF_MALLOC, refused before any data is read

@@ -14,7 +14,7 @@ from medclf import allocator
 from medclf import augment as augment_mod
 from medclf.budget import parse_duration
 from medclf.data.samples import DEFAULT_VAL_FRACTION
-from medclf.errors import ConfigError
+from medclf.errors import ConfigError, check_number
 from medclf.mitigation import check_mode as check_mitigation_mode
 from medclf.planner import Plan, check_normalise
 
@@ -119,6 +119,9 @@ class TrainConfig:
         check_normalise(kw["normalise"])
         if kw["class_weights"] not in (None, "balanced", "none"):
             raise ConfigError(f"--class-weights must be balanced or none, not {kw['class_weights']!r}")
+        check_number("--lr", kw["lr"], above=0)
+        check_number("--weight-decay", kw["weight_decay"], at_least=0)
+        check_number("--label-smoothing", kw["label_smoothing"], at_least=0, below=1)
         if kw["threads"] is not None and int(kw["threads"]) < 1:
             raise ConfigError(f"--threads must be at least 1, not {kw['threads']}")
         check_mitigation_mode(kw["shortcut_mitigation"])
