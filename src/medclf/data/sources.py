@@ -158,16 +158,18 @@ def load_source(
     default_split: str = "train",
     task: str | None = None,
     manifest: ManifestOptions | dict[str, Any] | None = None,
+    labelled: bool = True,
 ) -> SampleSet:
     """Read a dataset description into a :class:`SampleSet` (no pixels are decoded).
 
     ``default_split`` is given to samples whose layout names no split: ``"train"`` when the data is for
     training, ``"test"`` when a plain class folder is handed to ``evaluate``. ``task``: ``multiclass``,
     ``ordinal`` or ``multilabel``; None infers it from the data (:func:`infer_task`). ``manifest``: how to
-    read a CSV manifest (:class:`ManifestOptions`).
+    read a CSV manifest (:class:`ManifestOptions`). ``labelled=False`` (pretraining): a CSV manifest may
+    leave out the label column; its images are then unlabelled.
     """
     options = manifest if isinstance(manifest, ManifestOptions) else ManifestOptions.from_dict(manifest)
-    samples = _load(path, default_split, options, task)
+    samples = _load(path, default_split, options, task, labelled)
     if task is None:
         task, _ = infer_task(samples)
     return with_task(samples, task)
@@ -220,7 +222,9 @@ def _integer_names(names: list[str]) -> list[int] | None:
         return None
 
 
-def _load(path: str | Path, default_split: str, options: ManifestOptions, task: str | None) -> SampleSet:
+def _load(
+    path: str | Path, default_split: str, options: ManifestOptions, task: str | None, labelled: bool = True
+) -> SampleSet:
     if default_split not in SPLITS:
         raise ValueError(f"default_split must be one of {SPLITS}")
     p = Path(path).expanduser()
@@ -239,10 +243,10 @@ def _load(path: str | Path, default_split: str, options: ManifestOptions, task: 
         if head[:2] == b"PK":
             return _from_npz(p)
         if p.suffix.lower() == ".csv" or _looks_like_csv(p):
-            return _from_csv(p, default_split, options, task)
+            return _from_csv(p, default_split, options, task, labelled)
         raise DataError(f"{p}: a dataset must be a folder, a CSV manifest or a MedMNIST .npz file")
     if (p / "manifest.csv").is_file():
-        return _from_csv(p / "manifest.csv", default_split, options, task)
+        return _from_csv(p / "manifest.csv", default_split, options, task, labelled)
     subdirs = sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
     split_dirs = [d for d in subdirs if d.name.lower() in SPLIT_ALIASES]
     if split_dirs:
@@ -321,7 +325,9 @@ def _from_split_folders(root: Path, split_dirs: list[Path]) -> SampleSet:
     return _from_class_folders(root, ordered, class_dirs)
 
 
-def _from_csv(path: Path, default_split: str, options: ManifestOptions, task: str | None) -> SampleSet:
+def _from_csv(
+    path: Path, default_split: str, options: ManifestOptions, task: str | None, labelled: bool = True
+) -> SampleSet:
     base = path.parent
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
@@ -337,12 +343,12 @@ def _from_csv(path: Path, default_split: str, options: ManifestOptions, task: st
     patient_col = _column(
         path, fields, options.patient_column, "patient_id", PATIENT_ALIASES, "--patient-column"
     )
-    if path_col is None or label_col is None:
+    if path_col is None or (label_col is None and labelled):
         raise DataError(f"{path}: a manifest needs the columns path,label[,patient_id][,split]")
     if not rows:
         raise DataError(f"{path}: the manifest has no rows")
-    raw = [r[label_col] for r in rows]
-    if not any(raw):
+    raw = [r[label_col] if label_col else "" for r in rows]
+    if labelled and not any(raw):
         raise DataError(f"{path}: the label column {label_col!r} is empty in every row")
     separator = _label_separator(path, raw, options.label_separator, task)
     split_of = _read_split_file(path, options.split_file, [r[path_col] for r in rows])

@@ -14,7 +14,7 @@ import torch
 
 from medclf.data.cache import prepare
 from medclf.data.samples import SampleSet
-from medclf.data.sources import NON_IMAGE_SUFFIXES, fingerprint_files, load_source
+from medclf.data.sources import NON_IMAGE_SUFFIXES, SPLIT_ALIASES, fingerprint_files, load_source
 from medclf.errors import ConfigError, DataError
 from medclf.planner import arch_kwargs_for, fingerprint, initial_plan
 from medclf.preprocess import PreprocessSpec
@@ -49,25 +49,31 @@ class PretrainData:
 
 
 def load_unlabelled(path: str | Path) -> SampleSet:
-    """A source as medclf reads it, or (pretraining only) a folder holding the images themselves: every
-    image in it and below, unlabelled, in the training split."""
+    """A source as medclf reads it (a CSV manifest may leave out its label column), or (pretraining only) a
+    folder holding the images themselves: every image in it and below, unlabelled, in the training split
+    unless its first sub-folder names a split (``train/``, ``test/``, ...: a test folder stays test)."""
     try:
-        return load_source(path, default_split="train")
+        return load_source(path, default_split="train", labelled=False)
     except DataError:
         p = Path(path).expanduser()
-        files = _image_files(p) if p.is_dir() else []
+        files = _image_files(p) if p.is_dir() and not (p / "manifest.csv").is_file() else []
         if not files:
             raise
     return SampleSet(
         refs=[str(f) for f in files],
         labels=np.full(len(files), -1),
-        splits=["train"] * len(files),
+        splits=[_folder_split(f.relative_to(p)) for f in files],
         patient_ids=[None] * len(files),
         classes=[],
         source=str(p),
         kind="folder",
         root=str(p),
     )
+
+
+def _folder_split(relative: Path) -> str:
+    first = relative.parts[0].lower() if len(relative.parts) > 1 else ""
+    return SPLIT_ALIASES.get(first, "train")
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -138,7 +144,10 @@ def prepare_sources(
 
 
 def _probe_set(samples: SampleSet, tensors: np.ndarray, ok: np.ndarray, seed: int) -> ProbeSet | None:
-    """The k-NN probe of a labelled source (None when it has fewer than two labelled classes)."""
+    """The k-NN probe of a labelled source (None when it has fewer than two labelled classes, or several
+    findings per image: a nearest-neighbour vote needs one class each)."""
+    if samples.labels.ndim != 1:
+        return None
     split = np.array(samples.splits)
     labelled = ok & (samples.labels >= 0)
     if len(np.unique(samples.labels[labelled])) < 2:
