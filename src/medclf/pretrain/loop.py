@@ -24,6 +24,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -37,6 +38,7 @@ from medclf.pretrain.simclr import ContrastiveNet, SimclrStep, build_net
 from medclf.schedule import Schedule
 
 LAST, STATE = "last.safetensors", "state.json"
+STATE_KEY = "medclf_pretraining_state"  # the metadata entry of LAST that holds the state
 KNN_K = 10
 # The pace of the next step: the median of this many recent steps (one slowed by another process does not
 # stop the run).
@@ -254,6 +256,9 @@ class PretrainLoop:
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def _save(self, ckpt: Path, epoch: int) -> None:
+        """The checkpoint after epoch ``epoch``: the tensors and, in the same file's metadata, the state that
+        goes with them, so one rename commits both (a kill at any moment leaves a consistent epoch).
+        ``state.json`` repeats the state for people and scripts to read."""
         ckpt.mkdir(parents=True, exist_ok=True)
         tensors = {f"net.{k}": v for k, v in self.net.state_dict().items()}
         opt = self.optimizer.state_dict()
@@ -262,30 +267,37 @@ class PretrainLoop:
                 tensors[f"optim.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
         tensors["rng.torch"] = torch.get_rng_state()
         tensors["rng.gen"] = self.gen.get_state()
+        meta = json.dumps(
+            {
+                "epoch": epoch,
+                "history": self.history,
+                "config": {**asdict(self.cfg), "splits": list(self.cfg.splits)},
+                "spec": self.data.spec.to_dict(),
+                "arch_kwargs": self.arch_kwargs,
+                "batch_size": self.batch,
+                "world_size": self.dist.world_size,
+                "steps_per_epoch": self.steps_per_epoch,
+                "planned_epochs": self.schedule.planned_epochs,
+                "scheduler": self.scheduler.state_dict(),
+                "schedule": self.schedule.state_dict(),
+                "optim_param_groups": opt["param_groups"],
+                "data_fingerprint": self.data.fingerprint,
+            }
+        )
         tmp = ckpt / (LAST + ".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        save_file(tensors, str(tmp), metadata={STATE_KEY: meta})
         os.replace(tmp, ckpt / LAST)
-        meta = {
-            "epoch": epoch,
-            "history": self.history,
-            "config": {**asdict(self.cfg), "splits": list(self.cfg.splits)},
-            "spec": self.data.spec.to_dict(),
-            "arch_kwargs": self.arch_kwargs,
-            "batch_size": self.batch,
-            "steps_per_epoch": self.steps_per_epoch,
-            "planned_epochs": self.schedule.planned_epochs,
-            "scheduler": self.scheduler.state_dict(),
-            "schedule": self.schedule.state_dict(),
-            "optim_param_groups": opt["param_groups"],
-            "data_fingerprint": self.data.fingerprint,
-        }
         tmp = ckpt / (STATE + ".tmp")
-        tmp.write_text(json.dumps(meta))
+        tmp.write_text(meta)
         os.replace(tmp, ckpt / STATE)
 
     def restore(self, ckpt: Path, state: dict[str, Any]) -> None:
         """Continue from the checkpoint ``state`` in ``ckpt`` (every process reads the same files)."""
-        tensors = load_file(str(ckpt / LAST))
+        try:
+            tensors = load_file(str(ckpt / LAST))
+        except (SafetensorError, OSError) as exc:
+            raise ConfigError(f"{ckpt}: the checkpoint is damaged ({exc}); start a new run") from exc
         self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         opt: dict[str, Any] = {"state": {}, "param_groups": state["optim_param_groups"]}
         for k, v in tensors.items():
@@ -302,12 +314,18 @@ class PretrainLoop:
 
 
 def load_state(ckpt: Path) -> dict[str, Any] | None:
-    """The checkpoint's state (None when there is no complete checkpoint)."""
-    p = ckpt / STATE
-    if not p.exists() or not (ckpt / LAST).exists():
+    """The checkpoint's state (None when there is no checkpoint): the one stored with its tensors, or, from a
+    checkpoint written before the two were one file, ``state.json``."""
+    if not (ckpt / LAST).exists():
         return None
     try:
-        state: dict[str, Any] = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{p}: the checkpoint state is damaged ({exc}); start a new run") from exc
+        with safe_open(str(ckpt / LAST), framework="pt") as fh:
+            stored = (fh.metadata() or {}).get(STATE_KEY)
+        if stored is None:
+            if not (ckpt / STATE).exists():
+                return None
+            stored = (ckpt / STATE).read_text()
+        state: dict[str, Any] = json.loads(stored)
+    except (SafetensorError, OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{ckpt}: the checkpoint is damaged ({exc}); start a new run") from exc
     return state

@@ -104,7 +104,7 @@ def pretrain(
     if resume and state is None:
         raise ConfigError(f"--resume: no checkpoint at {ckpt} (nothing to resume)")
     if state is not None:  # the run's own settings, except those that cannot change its weights
-        local = ("time_budget", "workers", "cache_dir", "keep_checkpoint")
+        local = ("time_budget", "workers", "cache_dir", "keep_checkpoint", "device", "threads")
         cfg = PretrainConfig().updated({**state["config"], **{k: getattr(cfg, k) for k in local}})
     # Under torchrun: join the process group; only rank 0 plans, reports and writes (medclf.distributed).
     dist, device = from_env(_device(cfg.device))
@@ -123,6 +123,12 @@ def _run(job: _Job) -> PretrainResult:
     allocator.keep_freed_memory()  # each step reuses the last step's buffers (medclf.allocator)
     torch.manual_seed(cfg.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    if state is not None and state.get("world_size", dist.world_size) != dist.world_size:
+        # Each process's shard of every global batch, and so the run's steps, depend on the process count.
+        raise ConfigError(
+            f"--resume: the checkpoint was written by {state['world_size']} process(es), this run has "
+            f"{dist.world_size}; resume with the same torchrun --nproc_per_node"
+        )
     sets = [load_unlabelled(s) for s in job.sources]
     inputs = _on_main(dist, lambda: _plan_input(job, sets))
     data_ = _decode(job, sets, PreprocessSpec.from_dict(inputs["spec"]))
