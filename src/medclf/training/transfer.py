@@ -65,12 +65,28 @@ def read_state_dict(path: Path, *, meta: bool = False) -> dict[str, torch.Tensor
 
 def check_state_dict(source: TransferSource, plan: Plan, n_outputs: int) -> None:
     """Refuse a state dict that does not fit the planned network (names after the key map, and shapes)."""
+    state = rename(plan.arch, read_state_dict(source.path, meta=True))
+    _fit_stem(plan, state)
     with torch.device("meta"):
         network = create_model(
             plan.arch, plan.spec.channels, n_outputs, plan.spec.spatial_dims, **plan.arch_kwargs
         )
-    state = rename(plan.arch, read_state_dict(source.path, meta=True))
     match_state(plan.arch, network, state).check(f"--init-from {source.path} ({plan.arch})")
+
+
+def _fit_stem(plan: Plan, state: dict[str, torch.Tensor]) -> None:
+    """A ResNet's stem is the state dict's: 7x7/2 with max-pooling as torchvision and timm train it on
+    ImageNet, or medclf's 3x3/1 for small inputs; the planner's choice by input size gives way to it."""
+    conv1 = state.get("conv1.weight")
+    if "small_input" not in plan.arch_kwargs or conv1 is None or conv1.ndim < 3:
+        return
+    small = int(conv1.shape[-1]) == 3
+    if small != bool(plan.arch_kwargs["small_input"]):
+        plan.arch_kwargs = {**plan.arch_kwargs, "small_input": small}
+        kernel = "x".join(str(int(k)) for k in conv1.shape[2:])
+        plan.reasons.append(
+            f"--init-from: the state dict's {kernel} stem ({'3x3/1' if small else '7x7/2, max-pool'})"
+        )
 
 
 def load_weights(model: nn.Module, plan: Plan, classes: list[str]) -> None:
