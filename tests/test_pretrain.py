@@ -135,6 +135,42 @@ def test_pretrain_killed_after_a_checkpoint_resumes(sim_data, tmp_path):
     assert not ckpt.exists()
 
 
+def test_checkpoint_state_is_committed_with_its_tensors(tmp_path):
+    """A kill between writing the tensors and ``state.json`` must not pair one epoch's weights with another's
+    history and schedule: the state is read from the tensors file itself. A damaged file: one line."""
+    from medclf.errors import ConfigError
+    from medclf.pretrain.loop import LAST, STATE, STATE_KEY, load_state
+
+    ckpt = tmp_path / "bb.ckpt"
+    ckpt.mkdir()
+    save_file({"net.w": torch.zeros(2)}, str(ckpt / LAST), metadata={STATE_KEY: json.dumps({"epoch": 4})})
+    (ckpt / STATE).write_text(json.dumps({"epoch": 3}))  # the previous epoch's: the kill came in between
+    assert load_state(ckpt) == {"epoch": 4}
+    save_file({"net.w": torch.zeros(2)}, str(ckpt / LAST))  # written before the state moved into the file
+    assert load_state(ckpt) == {"epoch": 3}
+    (ckpt / LAST).write_bytes(b"\x00" * 64)
+    with pytest.raises(ConfigError, match="the checkpoint is damaged"):
+        load_state(ckpt)
+
+
+def test_resume_with_another_process_count_is_refused(sim_data, tmp_path):
+    """Each process's shard of every global batch depends on the process count: a checkpoint of a 2-process
+    torchrun run is not resumed by one process (nor the other way round)."""
+    from dataclasses import asdict
+
+    from medclf.errors import ConfigError
+    from medclf.pretrain import PretrainConfig
+    from medclf.pretrain.loop import LAST, STATE_KEY
+
+    ckpt = tmp_path / "bb.ckpt"
+    ckpt.mkdir()
+    config = {**asdict(PretrainConfig()), "splits": ["train"]}
+    state = {"epoch": 0, "config": config, "world_size": 2}
+    save_file({"net.w": torch.zeros(2)}, str(ckpt / LAST), metadata={STATE_KEY: json.dumps(state)})
+    with pytest.raises(ConfigError, match=r"written by 2 process\(es\), this run has 1"):
+        pretrain(sim_data, tmp_path / "bb", resume=True, progress=False)
+
+
 def test_resume_without_checkpoint_is_refused(sim_data, tmp_path):
     from medclf.errors import ConfigError
 
@@ -158,6 +194,58 @@ def test_plain_image_folder_is_a_source(tmp_path):
     assert manifest["pretraining"]["knn_probe"] is None and manifest["pretraining"]["images"] == 16
 
 
+def _pngs(folder: Path, n: int) -> list[Path]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = [folder / f"{i}.png" for i in range(n)]
+    for p in paths:
+        Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8)).save(p)
+    return paths
+
+
+def test_plain_folder_keeps_a_test_folder_out_of_training(tmp_path):
+    """train/ and test/ folders without class sub-folders: the test images keep their split (pretraining reads
+    only train), not every image in the training split."""
+    from medclf.pretrain.data import load_unlabelled
+
+    _pngs(tmp_path / "data" / "train", 5)
+    _pngs(tmp_path / "data" / "Test", 3)
+    _pngs(tmp_path / "data" / "more", 2)  # not a split's name: training images
+    samples = load_unlabelled(tmp_path / "data")
+    assert sorted(samples.splits) == ["test"] * 3 + ["train"] * 7
+
+
+def test_a_manifest_without_labels_is_a_pretraining_source(tmp_path):
+    from medclf.data.sources import load_source
+    from medclf.errors import DataError
+    from medclf.pretrain.data import load_unlabelled
+
+    paths = _pngs(tmp_path / "img", 4)
+    csv = tmp_path / "unlabelled.csv"
+    csv.write_text(
+        "path,split\n" + "".join(f"{p},{'test' if i == 0 else 'train'}\n" for i, p in enumerate(paths))
+    )
+    samples = load_unlabelled(csv)
+    assert samples.splits == ["test", "train", "train", "train"] and (samples.labels == -1).all()
+    with pytest.raises(DataError, match="needs the columns path,label"):  # training still needs labels
+        load_source(csv)
+
+
+def test_multilabel_source_has_no_knn_probe():
+    """Multi-hot labels (ChestMNIST, an NIH manifest) give no nearest-neighbour vote; not a crash."""
+    from medclf.data.samples import SampleSet
+    from medclf.pretrain.data import _probe_set
+
+    samples = SampleSet(
+        refs=[f"{i}.png" for i in range(6)], labels=np.eye(3, dtype=np.int64)[[0, 1, 2, 0, 1, 2]],
+        splits=["train"] * 4 + ["val"] * 2, patient_ids=[None] * 6, classes=["a", "b", "c"], source="x",
+        kind="csv", root=".", task="multilabel",
+    )  # fmt: skip
+    assert _probe_set(samples, np.zeros((6, 1, 4, 4), np.float16), np.ones(6, bool), 0) is None
+
+
 # -- --init-from a backbone or a plain state dict ------------------------------------------------------------
 def test_init_from_backbone_gets_a_new_head(backbone, sim_data, tmp_path):
     from medclf.training import train
@@ -174,13 +262,14 @@ def test_init_from_backbone_gets_a_new_head(backbone, sim_data, tmp_path):
     assert new["head.3.weight"].shape[0] == 3  # the simulated data's classes: a new output layer
 
 
-def _torchvision_resnet_state(tmp_path: Path) -> Path:
+def _torchvision_resnet_state(tmp_path: Path, *, small_input: bool = True) -> Path:
     """A ResNet-18 state dict named as torchvision names it: MONAI's own network's weights, with the
-    downsampling convolutions' biases left out (torchvision has none) and DDP's ``module.`` prefix."""
+    downsampling convolutions' biases left out (torchvision has none) and DDP's ``module.`` prefix;
+    ``small_input=False``: ImageNet's 7x7/2 stem, as torchvision and timm train it."""
     from medclf.models import create_model
 
     torch.manual_seed(3)
-    net = create_model("resnet18", 1, 1000, 2, small_input=True)
+    net = create_model("resnet18", 1, 1000, 2, small_input=small_input)
     state = {
         f"module.{k}": v.clone()
         for k, v in net.state_dict().items()
@@ -205,6 +294,22 @@ def test_init_from_torchvision_named_resnet_state_dict(sim_data, tmp_path):
     assert torch.equal(new["conv1.weight"], foreign["module.conv1.weight"])
     assert torch.equal(new["layer1.0.conv2.weight"], foreign["module.layer1.0.conv2.weight"])
     assert new["fc.weight"].shape == (3, 512)  # 1000 ImageNet rows gave way to a new head
+
+
+def test_a_state_dicts_7x7_stem_is_kept_at_a_small_input_size(sim_data, tmp_path):
+    """At 32 px the planner would build the 3x3/1 stem; a state dict trained with ImageNet's 7x7/2 stem is
+    fine-tuned with its own stem instead of refused for conv1's shape."""
+    from medclf.training import train
+
+    path = _torchvision_resnet_state(tmp_path, small_input=False)
+    res = train(
+        sim_data, tmp_path / "tuned", init_from=str(path), arch="resnet18", size=32, freeze="conv1,bn1",
+        epochs=1, batch_size=16, progress=False,
+    )  # fmt: skip
+    assert res.plan.arch_kwargs["small_input"] is False
+    assert any("7x7 stem" in r for r in res.plan.reasons)
+    tuned = load_bundle(tmp_path / "tuned").model.state_dict()
+    assert torch.equal(tuned["conv1.weight"], load_file(str(path))["module.conv1.weight"])
 
 
 def test_densenet_key_map_renames_torchvision_and_timm_names():
