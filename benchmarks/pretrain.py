@@ -90,11 +90,10 @@ def starter_sources(work: Path) -> list[str]:
         manifest.parent.mkdir(parents=True, exist_ok=True)
         with (nih / "splits.csv").open(newline="") as fh, manifest.open("w", newline="") as out:
             w = csv.writer(out)
-            w.writerow(["path", "label", "split"])
+            w.writerow(["path", "split"])
             for row in csv.DictReader(fh):
-                if row["split"].strip().lower() == "train":
-                    # One placeholder class: pretraining ignores labels, but a manifest must name one.
-                    w.writerow([str((nih / "images" / row["Image Index"]).resolve()), "unlabelled", "train"])
+                if row["split"].strip().lower() == "train":  # no label column: pretraining ignores labels
+                    w.writerow([str((nih / "images" / row["Image Index"]).resolve()), "train"])
         found.append(str(manifest))
     return found
 
@@ -227,8 +226,10 @@ def _probe(shares: list[float | None] | None) -> str:
 def render(result: dict[str, Any]) -> str:
     b, c = result["backbone"], result["cpu"]
     knn = (b.get("knn_probe") or {}).get("accuracy_curve") or []
+    budget = re.search(r"--time-budget (\S+)", b["command"])
     lines = [
-        "## Self-supervised pretraining: the starter backbone, fine-tuned vs from scratch ("
+        f"## Self-supervised pretraining: the {budget.group(1) + ' ' if budget else ''}starter backbone, "
+        "fine-tuned vs from scratch ("
         + ", ".join(
             DATASETS[d]["title"].split(" (")[0] for d in dict.fromkeys(r["dataset"] for r in result["runs"])
         )
@@ -272,6 +273,11 @@ def render(result: dict[str, Any]) -> str:
             f"| {r['dataset']} | {r['arm']}{_probe([r.get('linear_probe')] if r['arm'] != 'scratch' else [])} "
             f"| {r['seed']} | {r['epochs_run'] or 'n/a (ensemble)'} | {g('auc')} "
             f"| {g('accuracy')} |"
+        )
+    if not any(r["arm"] == "scratch" for r in result["runs"]):
+        lines.append(
+            "\nNo scratch arm in this run: training from scratch does not depend on the backbone, so the "
+            "scratch rows of the same dataset, budget and seeds are those of the other backbone's section."
         )
     for d in dict.fromkeys(r["dataset"] for r in result["runs"]):
         lines.append(f"\n{DATASETS[d]['title']}: {DATASETS[d]['published']}.")
