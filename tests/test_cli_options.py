@@ -4,6 +4,8 @@ import json
 from dataclasses import fields
 from types import SimpleNamespace
 
+import numpy as np
+
 from medclf.cli_options import MANIFEST, PRETRAINING, TRAINING, manifest_options
 from medclf.data.sources import ManifestOptions
 from medclf.pretrain import PretrainConfig
@@ -59,3 +61,32 @@ def test_out_of_range_numbers_are_refused_in_one_line_before_any_data_is_read(tm
         assert proc.returncode == 2, (command, args, proc.stdout, proc.stderr)
         assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_out_in_the_data_or_unwritable_is_refused_before_any_work(tmp_path):
+    """A bundle (or its checkpoint) written into a data folder becomes part of the data (a checkpoint folder
+    turned into a class); a refusal only when the bundle is saved left the checkpoint there."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    for cls in ("a", "b"):
+        (data / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(data / cls / f"{i}.png")
+    (tmp_path / "afile").write_text("keep me")
+    before = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    for command in ("train", "pretrain"):
+        for out, message in [
+            (data / "out", "inside the data source"),
+            (data / "a", "exists and is not a bundle"),
+            (tmp_path / "afile", "exists and is not a bundle"),
+            (tmp_path / "afile" / "sub", "is a file, not a folder"),
+        ]:
+            proc = run_medclf(command, data, "--out", out, "--epochs", "1", "--seed", "0")
+            assert proc.returncode == 2 and message in proc.stderr, (command, out, proc.stderr)
+            assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == before
+    assert (tmp_path / "afile").read_text() == "keep me"
+    for command in ("train", "pretrain"):
+        proc = run_medclf(command, data, "--out", tmp_path / "o", "--seed", "-1")
+        assert proc.returncode == 2 and "--seed must be a finite number >= 0" in proc.stderr, proc.stderr

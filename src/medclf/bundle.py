@@ -855,6 +855,27 @@ def _fsync(p: Path) -> None:
 _RENAME_EXCHANGE = 2
 
 
+def check_out(out: str | Path, sources: list[str | Path] | tuple[str | Path, ...] = ()) -> None:
+    """Refuse, before any work, an output a bundle could not be written to, or one that would write into the
+    data: ``out`` must be a folder path whose parent is a folder, not a file or a non-bundle folder with
+    contents (what :func:`save_bundle` would refuse after the run), and neither ``out`` nor its checkpoint
+    (``<out>.ckpt``) may lie in a source folder or be a source file, where a later run would read them as
+    data (a checkpoint folder becomes a class)."""
+    p = Path(out).expanduser()
+    if p.parent.exists() and not p.parent.is_dir():
+        raise ConfigError(f"{p}: {p.parent} is a file, not a folder")
+    if p.exists() and (not p.is_dir() or ((p / MANIFEST).exists() is False and any(p.iterdir()))):
+        raise BundleError(f"{p}: exists and is not a bundle; refusing to overwrite it")
+    targets = [p.resolve(), p.with_name(p.name + ".ckpt").resolve()]
+    for source in sources:
+        if not isinstance(source, (str, Path)):  # samples already read: no folder of their own to protect
+            continue
+        src = Path(source).expanduser().resolve()
+        for t in targets:
+            if t == src or (src.is_dir() and t.is_relative_to(src)):
+                raise ConfigError(f"--out {p}: inside the data source {source}; write the bundle elsewhere")
+
+
 def _swap_into_place(tmp: Path, out: Path) -> None:
     """Atomically make ``tmp`` appear at ``out``; the previous ``out`` (if any) is removed afterwards."""
     if not out.exists():

@@ -50,6 +50,7 @@ class PretrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if kw["amp"] not in ("auto", "bf16", "fp16", "off"):
             raise ConfigError(f"--amp must be one of auto, bf16, fp16, off, not {kw['amp']!r}")
+        check_number("--seed", kw["seed"], at_least=0)
         check_number("--lr", kw["lr"], above=0)
         check_number("--weight-decay", kw["weight_decay"], at_least=0)
         check_number("--temperature", kw["temperature"], above=0)

@@ -249,10 +249,14 @@ class PretrainLoop:
         from sklearn.neighbors import KNeighborsClassifier
 
         k = min(KNN_K, len(probe.ref_y))
-        knn = KNeighborsClassifier(n_neighbors=k, metric="cosine").fit(
-            self.embed(probe.ref_x).numpy(), probe.ref_y
-        )
-        return float(np.mean(knn.predict(self.embed(probe.query_x).numpy()) == probe.query_y))
+        ref, query = self.embed(probe.ref_x), self.embed(probe.query_x)
+        if not (torch.isfinite(ref).all() and torch.isfinite(query).all()):
+            raise ConfigError(
+                "the backbone's features are no longer finite numbers (SimCLR diverged): lower --lr or "
+                "raise --temperature"
+            )
+        knn = KNeighborsClassifier(n_neighbors=k, metric="cosine").fit(ref.numpy(), probe.ref_y)
+        return float(np.mean(knn.predict(query.numpy()) == probe.query_y))
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def _save(self, ckpt: Path, epoch: int) -> None:

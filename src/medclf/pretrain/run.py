@@ -30,7 +30,7 @@ import torch
 from medclf import allocator, reporting
 from medclf import threads as threads_mod
 from medclf.budget import Budget, decode_seconds, inference_seconds
-from medclf.bundle import save_bundle
+from medclf.bundle import check_out, save_bundle
 from medclf.data.cache import is_cached
 from medclf.data.samples import SampleSet
 from medclf.distributed import DistContext, from_env
@@ -99,6 +99,7 @@ def pretrain(
     sources = [data] if isinstance(data, (str, Path)) else list(data)
     if not sources:
         raise ConfigError("pretrain needs at least one data source")
+    check_out(out, sources)  # before any work: a refusal after the run would leave its checkpoint behind
     ckpt = checkpoint_dir(out)
     state = load_state(ckpt) if resume else None
     if resume and state is None:

@@ -119,6 +119,7 @@ class TrainConfig:
         check_normalise(kw["normalise"])
         if kw["class_weights"] not in (None, "balanced", "none"):
             raise ConfigError(f"--class-weights must be balanced or none, not {kw['class_weights']!r}")
+        check_number("--seed", kw["seed"], at_least=0)
         check_number("--lr", kw["lr"], above=0)
         check_number("--weight-decay", kw["weight_decay"], at_least=0)
         check_number("--label-smoothing", kw["label_smoothing"], at_least=0, below=1)

@@ -17,6 +17,7 @@ import torch
 
 from medclf import reporting, sanity
 from medclf.budget import Budget
+from medclf.bundle import check_out
 from medclf.distributed import from_env
 from medclf.errors import ConfigError
 from medclf.planner import Plan
@@ -99,6 +100,7 @@ def train_one(
     the leftover-budget members use the first member's plan, so that they can be fused with it.
     """
     cfg = (config or TrainConfig()).updated(settings)
+    check_out(out, [data])  # before any work: a refusal after the run would leave its checkpoint behind
     budget = budget or Budget(cfg.time_budget)
     # Under torchrun: join the process group; only rank 0 plans, reports and writes (medclf.distributed).
     dist, device = from_env(resolve_device(cfg.device))
