@@ -462,3 +462,17 @@ def test_a_state_dict_needs_arch(sim_data, tmp_path):
     path = _torchvision_resnet_state(tmp_path)
     with pytest.raises(ConfigError, match="needs --arch"):
         train(sim_data, tmp_path / "m", init_from=str(path), epochs=1, progress=False)
+
+
+def test_settings_that_cannot_pretrain_are_refused_in_one_line(sim_data, tmp_path):
+    """A batch of one image has no negative pair; --size 0 is not the default size; a temperature so small that
+    every step's loss is not finite stops the run instead of writing an untrained backbone."""
+    from medclf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--batch-size must be at least 2"):
+        pretrain(sim_data, tmp_path / "a", **{**TINY, "batch_size": 1}, epochs=1)
+    with pytest.raises(ConfigError, match="--size must be at least 4"):
+        pretrain(sim_data, tmp_path / "b", **{**TINY, "size": 0}, epochs=1, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ConfigError, match="had a non-finite loss"):
+        pretrain(sim_data, tmp_path / "d", **TINY, epochs=1, temperature=1e-30, cache_dir=str(tmp_path / "c"))
+    assert not (tmp_path / "d").exists()

@@ -50,6 +50,8 @@ class PretrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if kw["amp"] not in ("auto", "bf16", "fp16", "off"):
             raise ConfigError(f"--amp must be one of auto, bf16, fp16, off, not {kw['amp']!r}")
+        if kw["batch_size"] is not None and int(kw["batch_size"]) < 2:  # no other image: no negative pair
+            raise ConfigError("--batch-size must be at least 2: SimCLR contrasts each image with the others")
         check_number("--seed", kw["seed"], at_least=0)
         check_number("--lr", kw["lr"], above=0)
         check_number("--weight-decay", kw["weight_decay"], at_least=0)

@@ -95,11 +95,15 @@ def plan_input(
     fp = fingerprint(first, seed=seed)
     plan = initial_plan(fp, len(first.indices("train")), {"arch": arch})
     native = int(plan.spec.size[0])
-    chosen = int(size) if size else min(native, MAX_DEFAULT_SIZE)
+    chosen = int(size) if size is not None else min(native, MAX_DEFAULT_SIZE)
     if chosen < 4:
         raise ConfigError("--size must be at least 4")
     spec = PreprocessSpec.from_dict({**plan.spec.to_dict(), "size": [chosen] * plan.spec.spatial_dims})
-    why = "--size" if size else f"the first source's native size {native}, at most {MAX_DEFAULT_SIZE}"
+    why = (
+        "--size"
+        if size is not None
+        else f"the first source's native size {native}, at most {MAX_DEFAULT_SIZE}"
+    )
     reasons = [f"input {list(spec.input_shape)} ({why}), preprocessing as planned for {first.source}"]
     return spec, arch_kwargs_for(arch, chosen, spec.spatial_dims), reasons, fp.n_probed
 

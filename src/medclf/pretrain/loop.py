@@ -184,6 +184,10 @@ class PretrainLoop:
             self.scheduler.step()
             total += loss * len(x)
             count += len(x)
+        if steps and not count:
+            raise ConfigError(
+                f"every SimCLR step of epoch {epoch + 1} had a non-finite loss: lower --lr or raise --temperature"
+            )
         return total / max(count, 1), steps
 
     def _no_time_for_a_step(self, deadline: float) -> bool:
