@@ -5,6 +5,7 @@ from dataclasses import fields
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from medclf.cli_options import MANIFEST, PRETRAINING, TRAINING, manifest_options
 from medclf.data.sources import ManifestOptions
@@ -90,3 +91,16 @@ def test_an_out_in_the_data_or_unwritable_is_refused_before_any_work(tmp_path):
     for command in ("train", "pretrain"):
         proc = run_medclf(command, data, "--out", tmp_path / "o", "--seed", "-1")
         assert proc.returncode == 2 and "--seed must be a finite number >= 0" in proc.stderr, proc.stderr
+
+
+def test_an_out_beside_a_manifest_is_not_in_the_data(tmp_path):
+    """A folder holding a manifest.csv lists its images: nothing written beside it is read as data."""
+    from medclf.bundle import check_out
+    from medclf.errors import ConfigError
+
+    (tmp_path / "manifest.csv").write_text("path,label\nx.png,a\n")
+    check_out(tmp_path / "runs" / "model", [tmp_path])
+    check_out(tmp_path / "runs" / "model", [tmp_path / "manifest.csv"])
+    (tmp_path / "manifest.csv").unlink()  # now a folder medclf scans for images
+    with pytest.raises(ConfigError, match="inside the data source"):
+        check_out(tmp_path / "runs" / "model", [tmp_path])

@@ -864,16 +864,27 @@ def check_out(out: str | Path, sources: list[str | Path] | tuple[str | Path, ...
     p = Path(out).expanduser()
     if p.parent.exists() and not p.parent.is_dir():
         raise ConfigError(f"{p}: {p.parent} is a file, not a folder")
-    if p.exists() and (not p.is_dir() or ((p / MANIFEST).exists() is False and any(p.iterdir()))):
-        raise BundleError(f"{p}: exists and is not a bundle; refusing to overwrite it")
+    _refuse_non_bundle(p)
     targets = [p.resolve(), p.with_name(p.name + ".ckpt").resolve()]
     for source in sources:
         if not isinstance(source, (str, Path)):  # samples already read: no folder of their own to protect
             continue
         src = Path(source).expanduser().resolve()
+        # A folder medclf scans for images (class or plain folders); a manifest folder lists its images.
+        scanned = src.is_dir() and not (src / "manifest.csv").is_file()
         for t in targets:
-            if t == src or (src.is_dir() and t.is_relative_to(src)):
+            if t == src or (scanned and t.is_relative_to(src)):
                 raise ConfigError(f"--out {p}: inside the data source {source}; write the bundle elsewhere")
+
+
+def _refuse_non_bundle(out: Path) -> None:
+    """A file, or a folder with contents that is not a bundle, is never replaced by a bundle."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise BundleError(f"{out}: exists and is not a bundle folder; refusing to overwrite it")
+    if (out / MANIFEST).exists() is False and any(out.iterdir()):
+        raise BundleError(f"{out}: exists and is not a bundle; refusing to overwrite it")
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
@@ -881,10 +892,7 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
     if not out.exists():
         os.rename(tmp, out)
         return
-    if not out.is_dir():
-        raise BundleError(f"{out}: exists and is not a bundle folder; refusing to overwrite it")
-    if (out / MANIFEST).exists() is False and any(out.iterdir()):
-        raise BundleError(f"{out}: exists and is not a bundle; refusing to overwrite it")
+    _refuse_non_bundle(out)
     if _rename_exchange(tmp, out):
         shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous bundle
         return
