@@ -116,6 +116,9 @@ report = {
 }
 with open(f"{out}/rank{ctx.rank}.json", "w") as fh:
     json.dump(report, fh)
+# Leave the group before the interpreter tears down DDP's gloo threads (an abort at exit otherwise, rarely).
+del ddp
+ctx.close()
 """
 
 
